@@ -1,0 +1,65 @@
+//! Helpers shared by the integration tests: building the fixture programs.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+
+/// The two ways each fixture is built: cargo's default release profile, and
+/// fat LTO with one codegen unit and `panic = "abort"`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Profile {
+    Release,
+    Lto,
+}
+
+impl Profile {
+    pub const ALL: [Profile; 2] = [Profile::Release, Profile::Lto];
+
+    fn cargo_name(self) -> &'static str {
+        match self {
+            Profile::Release => "release",
+            Profile::Lto => "lto",
+        }
+    }
+}
+
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+}
+
+fn fixtures_dir() -> PathBuf {
+    repo_root().join("tests/fixtures")
+}
+
+/// Builds all fixtures in both profiles (once per test process; cargo's own
+/// lock serialises test processes) and returns the path of one of them.
+pub fn fixture(name: &str, profile: Profile) -> PathBuf {
+    static BUILT: OnceLock<()> = OnceLock::new();
+    BUILT.get_or_init(|| {
+        for profile in Profile::ALL {
+            let status = Command::new(env!("CARGO"))
+                .arg("build")
+                .arg("--quiet")
+                .arg("--profile")
+                .arg(profile.cargo_name())
+                .arg("--manifest-path")
+                .arg(fixtures_dir().join("Cargo.toml"))
+                // The fixtures must be built the way users build: no flags
+                // inherited from whatever runs the tests.
+                .env_remove("RUSTFLAGS")
+                .env_remove("CARGO_ENCODED_RUSTFLAGS")
+                .env_remove("CARGO_TARGET_DIR")
+                .env_remove("CARGO_BUILD_TARGET_DIR")
+                .status()
+                .expect("run cargo to build the fixtures");
+            assert!(status.success(), "building the fixtures ({profile:?}) failed");
+        }
+    });
+    let path = fixtures_dir()
+        .join("target")
+        .join(profile.cargo_name())
+        .join(name);
+    assert!(path.exists(), "fixture {} was not built", path.display());
+    path
+}

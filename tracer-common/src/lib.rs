@@ -1,0 +1,89 @@
+//! Records shared by the eBPF programs (`tracer-ebpf`) and the user-space
+//! tracer (`rt-ebpf-trace`). Everything here is `#[repr(C)]` plain data: the
+//! kernel writes it into the ring buffer and user space reads it back as bytes.
+#![no_std]
+
+/// What happened. Stored as a `u32` in [`Event::kind`].
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EventKind {
+    /// A worker entered `tokio::runtime::task::raw::poll` for a task.
+    PollStart = 1,
+    /// That poll returned.
+    PollEnd = 2,
+    /// A worker entered a park function of its scheduler.
+    ParkStart = 3,
+    /// That park function returned: the worker is running again.
+    ParkEnd = 4,
+}
+
+impl EventKind {
+    pub fn from_u32(raw: u32) -> Option<Self> {
+        Some(match raw {
+            1 => Self::PollStart,
+            2 => Self::PollEnd,
+            3 => Self::ParkStart,
+            4 => Self::ParkEnd,
+            _ => return None,
+        })
+    }
+}
+
+/// One record in the ring buffer.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Event {
+    /// `bpf_ktime_get_ns()`: CLOCK_MONOTONIC in nanoseconds.
+    pub ts_ns: u64,
+    /// The thread (kernel tid) the probe fired on.
+    pub tid: u32,
+    /// An [`EventKind`] as `u32`.
+    pub kind: u32,
+    /// The probe site's index in the tracer's probe plan (the attach cookie),
+    /// so user space knows which `raw::poll<T, S>` instance ran.
+    pub site: u32,
+    pub _pad: u32,
+    /// `PollStart`: the task's header address (tokio's `NonNull<Header>`).
+    pub task: u64,
+    /// `PollStart`: the task's `tokio::task::Id`, or 0 where it could not be read.
+    pub task_id: u64,
+}
+
+/// Size of [`Event`] in bytes, for the ring-buffer sizing arithmetic.
+pub const EVENT_SIZE: usize = core::mem::size_of::<Event>();
+
+/// Where the task id lives, for the tokio version in the target.
+///
+/// tokio (1.23 and later) keeps `id_offset` in the task's vtable:
+/// `header.vtable` is a pointer at `vtable_offset` in the header and
+/// `*(vtable + id_offset_slot * 8)` is the byte offset of the id from the
+/// header. User space sets this from what it knows of the binary; `enabled == 0`
+/// means "don't read ids".
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TaskIdLayout {
+    pub enabled: u32,
+    pub _pad: u32,
+    /// Byte offset of the `vtable` pointer inside tokio's `Header`.
+    pub vtable_offset: u64,
+    /// Index (in 8-byte words) of `id_offset` inside tokio's `Vtable`.
+    pub id_offset_slot: u64,
+}
+
+/// Names of the maps and globals, so both sides spell them the same way.
+pub mod names {
+    pub const EVENTS: &str = "EVENTS";
+    pub const LOST: &str = "LOST";
+    pub const TARGET_TGID: &str = "TARGET_TGID";
+    pub const TASK_ID_LAYOUT: &str = "TASK_ID_LAYOUT";
+}
+
+/// Default size of the ring buffer, in bytes (a power of two, as the kernel wants).
+pub const DEFAULT_RING_BYTES: u32 = 16 * 1024 * 1024;
+
+#[cfg(feature = "user")]
+mod user {
+    // SAFETY: plain `repr(C)` data with no padding holes that matter and no pointers.
+    unsafe impl aya::Pod for super::Event {}
+    unsafe impl aya::Pod for super::TaskIdLayout {}
+}

@@ -1,0 +1,1 @@
+//! Loading, attaching and draining the eBPF side. (Being written.)
