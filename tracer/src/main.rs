@@ -1,1 +1,82 @@
-fn main() {}
+//! The `rt-ebpf-trace` command: a thin layer over the library crates.
+
+mod cli;
+
+use std::io::Write;
+use std::process::ExitCode;
+
+use anyhow::{Result, bail};
+use clap::Parser;
+use rt_ebpf_trace::record::{self, RecordOptions, TargetSpec};
+
+use cli::{Cli, Command, ProbesArgs, RecordArgs};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let level = match cli.verbose {
+        0 => "warn",
+        1 => "info",
+        _ => "debug",
+    };
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(level))
+        .format_timestamp(None)
+        .init();
+
+    let result = match cli.command {
+        Some(Command::Probes(args)) => list_probes(args),
+        None => run_record(cli.record),
+    };
+    match result {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn list_probes(args: ProbesArgs) -> Result<ExitCode> {
+    let binary = match (args.pid, args.binary) {
+        (Some(pid), _) => {
+            let exe = std::path::PathBuf::from(format!("/proc/{pid}/exe"));
+            if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+                bail!("no process with pid {pid}");
+            }
+            exe
+        }
+        (None, Some(binary)) => binary,
+        (None, None) => bail!("give --pid PID or --binary PATH"),
+    };
+    let plan = tracer_probes::discover(&binary)?;
+    let mut stdout = std::io::stdout().lock();
+    tracer_probes::write_table(&plan, &mut stdout)?;
+    for warning in &plan.warnings {
+        writeln!(stdout, "warning: {warning}")?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn run_record(args: RecordArgs) -> Result<ExitCode> {
+    let target = match (args.pid, args.command.is_empty()) {
+        (Some(_), false) => bail!("give either --pid or a command after --, not both"),
+        (Some(pid), true) => TargetSpec::Pid(pid),
+        (None, false) => TargetSpec::Command(args.command),
+        (None, true) => bail!(
+            "nothing to trace: give --pid PID, or a command after -- (see --help)"
+        ),
+    };
+    let options = RecordOptions {
+        target,
+        output: args.output,
+        duration: args.duration,
+        ring_bytes: args.ring_buffer_size,
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let outcome = runtime.block_on(record::record(options))?;
+    println!("{}", outcome.summary);
+    println!("stopped: {}", outcome.stop);
+    if let Some(status) = outcome.command_status {
+        println!("command exited: {status}");
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,1 +1,15 @@
-//! Loading, attaching and draining the eBPF side. (Being written.)
+//! Recording: from "trace this process" to a finished trace file.
+//!
+//! The steps, in order: check privileges and kernel ([`preflight`]); find or
+//! launch the process ([`target`], [`launch`]); find its probe sites
+//! (`tracer_probes`); open the output; load and attach the eBPF programs
+//! ([`loader`]); drain events until told to stop ([`session`]).
+
+pub mod launch;
+pub mod loader;
+pub mod preflight;
+pub mod session;
+pub mod status;
+pub mod target;
+
+pub use session::{Outcome, RecordOptions, StopReason, TargetSpec, record};

@@ -1,0 +1,184 @@
+//! Running the tracer and reading back the trace it wrote. Included by the
+//! tracer package's tests only (it needs the tracer binary's path), next to
+//! `support/mod.rs`.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use crate::support::{self, Profile};
+
+/// The tracer binary under test.
+pub fn tracer() -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_rt-ebpf-trace"));
+    command.env("RUST_LOG", "warn");
+    command
+}
+
+/// Integration tests attach real probes: they need root. Say so plainly
+/// instead of failing later with an obscure error.
+pub fn require_root() {
+    let euid = unsafe { libc_geteuid() };
+    assert_eq!(euid, 0, "the integration tests attach uprobes and must run as root: use `cargo xtask test`");
+}
+
+unsafe extern "C" {
+    #[link_name = "geteuid"]
+    fn libc_geteuid() -> u32;
+}
+
+/// A fixture process, killed when dropped.
+pub struct Fixture {
+    pub child: Child,
+    pub path: PathBuf,
+}
+
+impl Fixture {
+    /// Starts a fixture that runs for `seconds` and waits until its runtime is up.
+    pub fn start(name: &str, profile: Profile, seconds: f64) -> Fixture {
+        let path = support::fixture(name, profile);
+        let mut child = Command::new(&path)
+            .arg(seconds.to_string())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("start fixture");
+        let stdout = child.stdout.take().unwrap();
+        let mut line = String::new();
+        BufReader::new(stdout).read_line(&mut line).expect("read fixture output");
+        assert!(line.starts_with("ready"), "fixture {name} said {line:?}");
+        Fixture { child, path }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for Fixture {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A fresh directory for one test's output files.
+pub fn scratch_dir(test: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("rt-ebpf-trace-test-{}-{test}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// Runs the tracer to completion, with a generous time limit.
+pub fn run(command: &mut Command) -> Output {
+    let child = command.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("start tracer");
+    wait_with_limit(child, Duration::from_secs(120))
+}
+
+pub fn wait_with_limit(mut child: Child, limit: Duration) -> Output {
+    let started = Instant::now();
+    loop {
+        if child.try_wait().unwrap().is_some() {
+            return child.wait_with_output().unwrap();
+        }
+        if started.elapsed() > limit {
+            let _ = child.kill();
+            let output = child.wait_with_output().unwrap();
+            panic!(
+                "tracer did not finish within {limit:?}\nstdout: {}\nstderr: {}",
+                String::from_utf8_lossy(&output.stdout),
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+pub fn describe(output: &Output) -> String {
+    format!(
+        "status: {}\nstdout:\n{}\nstderr:\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    )
+}
+
+/// A slice ("X" event) of the trace.
+#[derive(Debug, Clone)]
+pub struct TraceSlice {
+    pub tid: u64,
+    pub name: String,
+    pub category: String,
+    /// Start and duration in ns.
+    pub start_ns: f64,
+    pub dur_ns: f64,
+    pub args: Value,
+}
+
+impl TraceSlice {
+    pub fn end_ns(&self) -> f64 {
+        self.start_ns + self.dur_ns
+    }
+}
+
+/// A parsed trace file.
+pub struct Trace {
+    pub json: Value,
+}
+
+impl Trace {
+    /// Parses the whole file: a truncated or otherwise invalid file fails here.
+    pub fn load(path: &Path) -> Trace {
+        let text = std::fs::read_to_string(path)
+            .unwrap_or_else(|err| panic!("read trace {}: {err}", path.display()));
+        let json: Value = serde_json::from_str(&text)
+            .unwrap_or_else(|err| panic!("trace {} is not valid JSON: {err}", path.display()));
+        assert!(json["traceEvents"].is_array(), "no traceEvents array");
+        assert!(json["metadata"].is_object(), "no metadata: the trace was not finalized");
+        Trace { json }
+    }
+
+    pub fn events(&self) -> &Vec<Value> {
+        self.json["traceEvents"].as_array().unwrap()
+    }
+
+    pub fn slices(&self, category: &str) -> Vec<TraceSlice> {
+        self.events()
+            .iter()
+            .filter(|e| e["ph"] == "X" && e["cat"] == category)
+            .map(|e| TraceSlice {
+                tid: e["tid"].as_u64().unwrap(),
+                name: e["name"].as_str().unwrap().to_string(),
+                category: category.to_string(),
+                start_ns: e["ts"].as_f64().unwrap() * 1000.0,
+                dur_ns: e["dur"].as_f64().unwrap() * 1000.0,
+                args: e["args"].clone(),
+            })
+            .collect()
+    }
+
+    pub fn polls(&self) -> Vec<TraceSlice> {
+        self.slices("poll")
+    }
+
+    pub fn parks(&self) -> Vec<TraceSlice> {
+        self.slices("park")
+    }
+
+    /// Thread names by tid, from the metadata events.
+    pub fn thread_names(&self) -> Vec<(u64, String)> {
+        self.events()
+            .iter()
+            .filter(|e| e["ph"] == "M" && e["name"] == "thread_name")
+            .map(|e| (e["tid"].as_u64().unwrap(), e["args"]["name"].as_str().unwrap().to_string()))
+            .collect()
+    }
+
+    pub fn metadata(&self) -> &Value {
+        &self.json["metadata"]
+    }
+}

@@ -1,0 +1,73 @@
+//! x86-64 decoding with iced-x86: the instruction a probe replaces, and the
+//! functions a function calls or tail-calls directly.
+
+use iced_x86::{Decoder, DecoderOptions, Formatter, Instruction, IntelFormatter, OpKind};
+
+/// The first instruction of `code` (which starts at virtual address
+/// `address`) in Intel syntax, e.g. `jmp 2EF80h` or `push r15`; `None` if the
+/// bytes don't decode.
+pub fn first_instruction(code: &[u8], address: u64) -> Option<String> {
+    let mut decoder = Decoder::with_ip(64, code, address, DecoderOptions::NONE);
+    let instruction = decoder.decode();
+    if instruction.is_invalid() {
+        return None;
+    }
+    let mut formatter = IntelFormatter::new();
+    // `jmp 2EF80h` rather than `jmp 000000000002EF80h`: a table column, read by people.
+    formatter.options_mut().set_branch_leading_zeros(false);
+    let mut text = String::new();
+    formatter.format(&instruction, &mut text);
+    Some(text)
+}
+
+/// The targets of direct `call`s and `jmp`s in the function `code` (starting
+/// at `address`) that leave the function: its callees and tail-callees.
+/// Branches inside the function are control flow, not calls, and are skipped.
+pub fn direct_call_targets(code: &[u8], address: u64) -> Vec<u64> {
+    let end = address + code.len() as u64;
+    let mut decoder = Decoder::with_ip(64, code, address, DecoderOptions::NONE);
+    let mut instruction = Instruction::default();
+    let mut targets = Vec::new();
+    while decoder.can_decode() {
+        decoder.decode_out(&mut instruction);
+        // A near-branch operand with an immediate target: `call`, `jmp`,
+        // `jcc` (and `loop`/`jrcxz`, whose targets are local and skipped below).
+        // Indirect calls through registers or memory have other operand kinds.
+        if instruction.op0_kind() != OpKind::NearBranch64 {
+            continue;
+        }
+        let target = instruction.near_branch_target();
+        let leaves_function = target < address || target >= end;
+        if leaves_function && !targets.contains(&target) {
+            targets.push(target);
+        }
+    }
+    targets
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn formats_a_relative_jump_with_its_absolute_target() {
+        // jmp rel32 with displacement 0x10 from 0x1000 + 5.
+        let code = [0xE9, 0x10, 0x00, 0x00, 0x00];
+        assert_eq!(
+            first_instruction(&code, 0x1000).as_deref(),
+            Some("jmp 1015h")
+        );
+    }
+
+    #[test]
+    fn undecodable_bytes_give_none() {
+        assert_eq!(first_instruction(&[0x0F], 0x1000), None);
+    }
+
+    #[test]
+    fn collects_calls_leaving_the_function_only() {
+        // call +0x100 ; jmp -2 (to itself, inside) ; ret
+        let code = [0xE8, 0x00, 0x01, 0x00, 0x00, 0xEB, 0xFE, 0xC3];
+        assert_eq!(direct_call_targets(&code, 0x2000), [0x2105]);
+    }
+}

@@ -1,0 +1,205 @@
+//! Reads the target ELF and builds its [`ProbePlan`]: which functions to
+//! probe, where they are in the file, and what task types they poll.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use anyhow::{Context, bail};
+use object::{Architecture, Object};
+
+use crate::image::Image;
+use crate::symbols::{FunctionSymbol, SymbolTable};
+use crate::{ProbePlan, ProbeSite, SiteKind, catalog, disasm, dwarf, naming, version};
+
+/// tokio keeps `id_offset` in the task vtable from this version on.
+const FIRST_VERSION_WITH_ID_IN_VTABLE: (u64, u64, u64) = (1, 23, 0);
+
+/// Finds the probe sites of the tokio program at `binary`.
+pub fn discover(binary: &Path) -> anyhow::Result<ProbePlan> {
+    let data =
+        std::fs::read(binary).with_context(|| format!("cannot read {}", binary.display()))?;
+    let file = parse_x86_64_elf(binary, &data)?;
+    let image = Image::new(&data, &file);
+    let symbols = SymbolTable::read(&file);
+
+    let poll_groups = group_by_address(
+        catalog::POLL_PATHS
+            .iter()
+            .flat_map(|path| symbols.with_path(path)),
+    );
+    if poll_groups.is_empty() {
+        if !symbols.has_symtab {
+            bail!(
+                "{} is stripped: it has no symbol table (.symtab), so tokio's functions can't be found; \
+                 rebuild without `strip` or point at the unstripped binary",
+                binary.display()
+            );
+        }
+        bail!(
+            "{} does not look like a tokio program: no `tokio::runtime::task::raw::poll` among its {} \
+             function symbols (searched .symtab and .dynsym for: {})",
+            binary.display(),
+            symbols.count,
+            catalog::all_paths().join(", ")
+        );
+    }
+
+    let park_paths = catalog::choose_park_paths(|path| symbols.has_path(path));
+    let park_groups = group_by_address(park_paths.iter().flat_map(|path| symbols.with_path(path)));
+
+    let mut warnings = Vec::new();
+    if park_groups.is_empty() {
+        warnings.push(format!(
+            "no scheduler park function found (looked for: {}); polls will be traced but idle time will not",
+            catalog::PARK_FAMILIES
+                .iter()
+                .flat_map(|family| family.alternatives.iter().flat_map(|alternative| alternative.iter()))
+                .copied()
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
+    }
+
+    let dwarf_names = if dwarf::has_debug_info(&file) {
+        dwarf::poll_task_types(&file, &poll_groups.keys().copied().collect::<Vec<_>>())
+    } else {
+        Default::default()
+    };
+
+    let mut sites = Vec::new();
+    for (&address, group) in &poll_groups {
+        let mut site = site(SiteKind::Poll, address, group, &image).with_context(|| {
+            format!(
+                "{}: poll function at {address:#x} is outside the file's sections",
+                binary.display()
+            )
+        })?;
+        site.task_type =
+            naming::name_poll_site(address, group, dwarf_names.get(&address), &symbols, &image);
+        sites.push(site);
+    }
+    for (&address, group) in &park_groups {
+        let site = site(SiteKind::Park, address, group, &image).with_context(|| {
+            format!(
+                "{}: park function at {address:#x} is outside the file's sections",
+                binary.display()
+            )
+        })?;
+        sites.push(site);
+    }
+
+    let tokio_version = image
+        .read_only_data()
+        .find_map(version::scan_tokio_version)
+        .or_else(|| {
+            // Panic locations may sit in a section we didn't classify as read-only.
+            version::scan_tokio_version(&data)
+        });
+    let task_id_layout = task_id_layout(tokio_version.as_deref());
+    if tokio_version.is_none() {
+        warnings.push("tokio version unknown: task ids will not be read".to_string());
+    }
+
+    Ok(ProbePlan {
+        binary: binary.to_path_buf(),
+        stripped: !symbols.has_symtab,
+        tokio_version,
+        sites,
+        task_id_layout,
+        warnings,
+    })
+}
+
+fn parse_x86_64_elf<'data>(
+    binary: &Path,
+    data: &'data [u8],
+) -> anyhow::Result<object::File<'data>> {
+    if !data.starts_with(b"\x7fELF") {
+        bail!(
+            "{} is not an ELF file (it doesn't start with the ELF magic bytes)",
+            binary.display()
+        );
+    }
+    let file = object::File::parse(data)
+        .with_context(|| format!("{} is not a valid ELF file", binary.display()))?;
+    if file.architecture() != Architecture::X86_64 {
+        bail!(
+            "{} is an ELF file for {:?}; only x86_64 binaries are supported",
+            binary.display(),
+            file.architecture()
+        );
+    }
+    Ok(file)
+}
+
+/// One site per distinct address: identical code folding can give several
+/// symbols (e.g. several `raw::poll` instances) the same code.
+fn group_by_address<'a>(
+    symbols: impl Iterator<Item = &'a FunctionSymbol>,
+) -> BTreeMap<u64, Vec<&'a FunctionSymbol>> {
+    let mut groups: BTreeMap<u64, Vec<&FunctionSymbol>> = BTreeMap::new();
+    for symbol in symbols {
+        groups.entry(symbol.address).or_default().push(symbol);
+    }
+    groups
+}
+
+/// A site without a task type; `None` if the address isn't backed by file bytes.
+fn site(
+    kind: SiteKind,
+    address: u64,
+    group: &[&FunctionSymbol],
+    image: &Image,
+) -> Option<ProbeSite> {
+    let file_offset = image.file_offset(address)?;
+    let mut names: Vec<&str> = group.iter().map(|symbol| symbol.name.as_str()).collect();
+    names.sort_unstable();
+    names.dedup();
+    // An x86-64 instruction is at most 15 bytes.
+    let first_instruction = image
+        .bytes(address, 15)
+        .and_then(|code| disasm::first_instruction(code, address))
+        .unwrap_or_else(|| "?".to_string());
+    Some(ProbeSite {
+        kind,
+        symbol: names.join(" | "),
+        address,
+        file_offset,
+        first_instruction,
+        task_type: None,
+    })
+}
+
+/// Where the eBPF side finds the task id, for a tokio version. Unknown
+/// versions read no ids: guessing wrong would report garbage as ids.
+pub fn task_id_layout(tokio_version: Option<&str>) -> tracer_common::TaskIdLayout {
+    match tokio_version.map(version::parse_version) {
+        Some(version) if version >= FIRST_VERSION_WITH_ID_IN_VTABLE => {
+            tracer_common::TaskIdLayout {
+                enabled: 1,
+                _pad: 0,
+                // `Header` is `#[repr(C)] { state, queue_next, vtable, … }`.
+                vtable_offset: 16,
+                // `Vtable { poll, schedule, dealloc, try_read_output,
+                // drop_join_handle_slow, drop_abort_handle, shutdown,
+                // trailer_offset, scheduler_offset, id_offset, … }`.
+                id_offset_slot: 9,
+            }
+        }
+        _ => tracer_common::TaskIdLayout::default(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn task_ids_only_from_tokio_1_23() {
+        assert_eq!(task_id_layout(Some("1.54.1")).enabled, 1);
+        assert_eq!(task_id_layout(Some("1.54.1")).id_offset_slot, 9);
+        assert_eq!(task_id_layout(Some("1.23.0")).enabled, 1);
+        assert_eq!(task_id_layout(Some("1.22.9")).enabled, 0);
+        assert_eq!(task_id_layout(None), tracer_common::TaskIdLayout::default());
+    }
+}

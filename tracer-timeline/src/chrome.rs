@@ -1,0 +1,531 @@
+//! Streams a Chrome trace-event JSON file (the format the Perfetto UI and
+//! `chrome://tracing` open):
+//!
+//! ```text
+//! {"displayTimeUnit":"ns","traceEvents":[
+//! {"ph":"X",...},
+//! ...
+//! ],"metadata":{...}}
+//! ```
+//!
+//! A recording can run for minutes and produce millions of events, so events
+//! are written as they come, one per line, through a single large buffer;
+//! nothing is kept in memory. The file is written to `<path>.partial` and only
+//! renamed to `<path>` by [`ChromeTraceWriter::finish`], so a file at `<path>`
+//! is always complete, valid JSON. A writer dropped without `finish` (an
+//! error, a panic) deletes its `.partial` file.
+
+use std::ffi::OsString;
+use std::fs::{self, File};
+use std::io::{self, BufWriter, Write};
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, anyhow, bail};
+use serde_json::Value;
+
+/// Large enough that writes reach the kernel in big chunks even at millions
+/// of events per second.
+const BUFFER_BYTES: usize = 1 << 20;
+
+const HEADER: &[u8] = br#"{"displayTimeUnit":"ns","traceEvents":["#;
+
+pub struct ChromeTraceWriter {
+    /// Where the finished trace goes.
+    path: PathBuf,
+    /// Where it is written until it is finished.
+    partial_path: PathBuf,
+    out: BufWriter<File>,
+    events_written: u64,
+    /// Set once the rename succeeded, so `Drop` leaves the file alone.
+    finished: bool,
+}
+
+impl ChromeTraceWriter {
+    /// Creates `<path>.partial` now, so an unwritable output fails before any
+    /// probe is attached.
+    pub fn create(path: &Path) -> Result<Self> {
+        if path.is_dir() {
+            bail!(
+                "cannot write trace file {}: it is a directory",
+                path.display()
+            );
+        }
+        let partial_path = partial_path_for(path);
+        let file = File::create(&partial_path)
+            .map_err(|err| anyhow!("cannot create trace file {}: {err}", partial_path.display()))?;
+        let mut writer = Self {
+            path: path.to_owned(),
+            partial_path,
+            out: BufWriter::with_capacity(BUFFER_BYTES, file),
+            events_written: 0,
+            finished: false,
+        };
+        writer.write_with(|out| out.write_all(HEADER))?;
+        Ok(writer)
+    }
+
+    /// Names the process `pid` in the UI.
+    pub fn process_name(&mut self, pid: u32, name: &str) -> Result<()> {
+        self.event(|out| {
+            write!(
+                out,
+                r#"{{"ph":"M","pid":{pid},"tid":0,"name":"process_name","args":{{"name":"#
+            )?;
+            serde_json::to_writer(&mut *out, name)?;
+            out.write_all(b"}}")
+        })
+    }
+
+    /// Names thread `tid` and sets its position among the process's tracks
+    /// (`thread_name` and `thread_sort_index` metadata events).
+    pub fn thread_name(&mut self, pid: u32, tid: u32, name: &str, sort_index: u32) -> Result<()> {
+        self.event(|out| {
+            write!(
+                out,
+                r#"{{"ph":"M","pid":{pid},"tid":{tid},"name":"thread_name","args":{{"name":"#
+            )?;
+            serde_json::to_writer(&mut *out, name)?;
+            out.write_all(b"}}")
+        })?;
+        self.event(|out| {
+            write!(
+                out,
+                r#"{{"ph":"M","pid":{pid},"tid":{tid},"name":"thread_sort_index","args":{{"sort_index":{sort_index}}}}}"#
+            )
+        })
+    }
+
+    /// A complete ("X") event: a slice with a start and a duration. Times are
+    /// ns relative to the trace start. `args` should be a JSON object.
+    #[allow(clippy::too_many_arguments)] // mirrors the fields of the JSON event one to one
+    pub fn complete(
+        &mut self,
+        pid: u32,
+        tid: u32,
+        name: &str,
+        category: &str,
+        start_ns: u64,
+        dur_ns: u64,
+        args: &Value,
+    ) -> Result<()> {
+        self.event(|out| {
+            write!(out, r#"{{"ph":"X","pid":{pid},"tid":{tid},"name":"#)?;
+            serde_json::to_writer(&mut *out, name)?;
+            out.write_all(br#","cat":"#)?;
+            serde_json::to_writer(&mut *out, category)?;
+            write!(
+                out,
+                r#","ts":{},"dur":{},"args":"#,
+                Micros(start_ns),
+                Micros(dur_ns)
+            )?;
+            serde_json::to_writer(&mut *out, args)?;
+            out.write_all(b"}")
+        })
+    }
+
+    /// An instant ("i") event on one thread's track, at `ts_ns` relative to
+    /// the trace start. `args` should be a JSON object.
+    pub fn instant(
+        &mut self,
+        pid: u32,
+        tid: u32,
+        name: &str,
+        category: &str,
+        ts_ns: u64,
+        args: &Value,
+    ) -> Result<()> {
+        self.event(|out| {
+            write!(out, r#"{{"ph":"i","s":"t","pid":{pid},"tid":{tid},"name":"#)?;
+            serde_json::to_writer(&mut *out, name)?;
+            out.write_all(br#","cat":"#)?;
+            serde_json::to_writer(&mut *out, category)?;
+            write!(out, r#","ts":{},"args":"#, Micros(ts_ns))?;
+            serde_json::to_writer(&mut *out, args)?;
+            out.write_all(b"}")
+        })
+    }
+
+    /// Closes the event array, adds a top-level `"metadata"` value (lost
+    /// events, tracer version, target, ...), flushes, fsyncs and renames the
+    /// file to its final path. Returns the size of the file in bytes.
+    pub fn finish(mut self, metadata: &Value) -> Result<u64> {
+        self.write_with(|out| {
+            out.write_all(
+                br#"
+],"metadata":"#,
+            )?;
+            serde_json::to_writer(&mut *out, metadata)?;
+            out.write_all(b"}\n")?;
+            out.flush()?;
+            // The trace is the whole point of the run: make sure it is on
+            // disk before it appears under its final name.
+            out.get_ref().sync_all()
+        })?;
+        let bytes = self
+            .out
+            .get_ref()
+            .metadata()
+            .with_context(|| format!("reading the size of {}", self.partial_path.display()))?
+            .len();
+        fs::rename(&self.partial_path, &self.path).with_context(|| {
+            format!(
+                "renaming {} to {}",
+                self.partial_path.display(),
+                self.path.display()
+            )
+        })?;
+        self.finished = true;
+        Ok(bytes)
+    }
+
+    /// Entries written to `traceEvents` so far, metadata events included
+    /// (`thread_name` counts two: the name and the sort index).
+    pub fn events_written(&self) -> u64 {
+        self.events_written
+    }
+
+    /// Writes one entry of the `traceEvents` array, with the separator that
+    /// goes before it.
+    fn event(
+        &mut self,
+        write_event: impl FnOnce(&mut BufWriter<File>) -> io::Result<()>,
+    ) -> Result<()> {
+        let separator: &[u8] = if self.events_written == 0 {
+            b"\n"
+        } else {
+            b",\n"
+        };
+        self.write_with(|out| {
+            out.write_all(separator)?;
+            write_event(out)
+        })?;
+        self.events_written += 1;
+        Ok(())
+    }
+
+    /// Runs `write` on the output, naming the file in any error.
+    fn write_with(
+        &mut self,
+        write: impl FnOnce(&mut BufWriter<File>) -> io::Result<()>,
+    ) -> Result<()> {
+        write(&mut self.out)
+            .with_context(|| format!("writing trace file {}", self.partial_path.display()))
+    }
+}
+
+impl Drop for ChromeTraceWriter {
+    /// Never leave a half-written trace behind. (Best effort: there is no one
+    /// to report a failure to.)
+    fn drop(&mut self) {
+        if !self.finished {
+            let _ = fs::remove_file(&self.partial_path);
+        }
+    }
+}
+
+/// `<path>.partial`, built on the raw OS string so non-UTF-8 paths work.
+fn partial_path_for(path: &Path) -> PathBuf {
+    let mut partial = OsString::from(path.as_os_str());
+    partial.push(".partial");
+    PathBuf::from(partial)
+}
+
+/// Nanoseconds shown as microseconds with exactly three decimals (the trace
+/// format's unit is µs). Integer arithmetic, so no precision is lost the way
+/// it would be through `f64` for large timestamps.
+struct Micros(u64);
+
+impl std::fmt::Display for Micros {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}.{:03}", self.0 / 1000, self.0 % 1000)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    use serde_json::json;
+
+    use super::*;
+
+    /// A fresh directory under the system temp dir, removed on drop.
+    struct TempDir(PathBuf);
+
+    impl TempDir {
+        fn new() -> Self {
+            static NEXT: AtomicU32 = AtomicU32::new(0);
+            let name = format!(
+                "tracer-timeline-test-{}-{}",
+                std::process::id(),
+                NEXT.fetch_add(1, Ordering::Relaxed)
+            );
+            let dir = std::env::temp_dir().join(name);
+            fs::create_dir_all(&dir).expect("create temp dir");
+            Self(dir)
+        }
+
+        fn join(&self, name: &str) -> PathBuf {
+            self.0.join(name)
+        }
+    }
+
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn read_json(path: &Path) -> Value {
+        let text = fs::read_to_string(path).expect("read trace");
+        serde_json::from_str(&text).expect("trace is valid JSON")
+    }
+
+    #[test]
+    fn writes_a_trace_perfetto_can_read() {
+        let dir = TempDir::new();
+        let path = dir.join("trace.json");
+        let mut writer = ChromeTraceWriter::create(&path).unwrap();
+        writer.process_name(42, "my \"server\"").unwrap();
+        writer
+            .thread_name(42, 43, "tokio-runtime-worker", 1)
+            .unwrap();
+        writer
+            .complete(
+                42,
+                43,
+                "poll handler::run",
+                "poll",
+                1_234_567,
+                890,
+                &json!({"task_id": 5, "task": "0x7f00"}),
+            )
+            .unwrap();
+        writer
+            .instant(
+                42,
+                43,
+                "lost events",
+                "tracer",
+                9_000_000_001,
+                &json!({"count": 3}),
+            )
+            .unwrap();
+        assert_eq!(writer.events_written(), 5);
+        assert!(
+            !path.exists(),
+            "nothing appears at the final path before finish"
+        );
+
+        let bytes = writer
+            .finish(&json!({"lost_events": 0, "tracer": "rt-ebpf-trace"}))
+            .unwrap();
+
+        assert!(!dir.join("trace.json.partial").exists());
+        assert_eq!(bytes, fs::metadata(&path).unwrap().len());
+        let trace = read_json(&path);
+        assert_eq!(trace["displayTimeUnit"], "ns");
+        assert_eq!(trace["metadata"]["tracer"], "rt-ebpf-trace");
+        let events = trace["traceEvents"].as_array().unwrap();
+        assert_eq!(events.len(), 5);
+        assert_eq!(
+            events[0],
+            json!({"ph": "M", "pid": 42, "tid": 0, "name": "process_name", "args": {"name": "my \"server\""}})
+        );
+        assert_eq!(
+            events[1],
+            json!({"ph": "M", "pid": 42, "tid": 43, "name": "thread_name", "args": {"name": "tokio-runtime-worker"}})
+        );
+        assert_eq!(
+            events[2],
+            json!({"ph": "M", "pid": 42, "tid": 43, "name": "thread_sort_index", "args": {"sort_index": 1}})
+        );
+        let poll = &events[2 + 1];
+        assert_eq!(poll["ph"], "X");
+        assert_eq!(
+            (poll["pid"].as_u64(), poll["tid"].as_u64()),
+            (Some(42), Some(43))
+        );
+        assert_eq!(poll["name"], "poll handler::run");
+        assert_eq!(poll["cat"], "poll");
+        assert_eq!(poll["args"], json!({"task_id": 5, "task": "0x7f00"}));
+        let instant = &events[4];
+        assert_eq!(
+            (instant["ph"].as_str(), instant["s"].as_str()),
+            (Some("i"), Some("t"))
+        );
+
+        // Times keep ns precision: check the literal text, not a float.
+        let text = fs::read_to_string(&path).unwrap();
+        assert!(text.contains(r#""ts":1234.567,"dur":0.890,"#), "{text}");
+        assert!(text.contains(r#""ts":9000000.001,"#), "{text}");
+    }
+
+    #[test]
+    fn micros_keep_every_nanosecond() {
+        assert_eq!(Micros(0).to_string(), "0.000");
+        assert_eq!(Micros(7).to_string(), "0.007");
+        assert_eq!(Micros(1_234_567).to_string(), "1234.567");
+        // Far beyond f64's 53-bit mantissa.
+        assert_eq!(Micros(u64::MAX).to_string(), "18446744073709551.615");
+    }
+
+    #[test]
+    fn dropping_without_finish_leaves_no_file() {
+        let dir = TempDir::new();
+        let path = dir.join("trace.json");
+        let mut writer = ChromeTraceWriter::create(&path).unwrap();
+        assert!(
+            dir.join("trace.json.partial").exists(),
+            "create() makes the partial file right away"
+        );
+        writer
+            .complete(1, 1, "poll", "poll", 0, 10, &json!({}))
+            .unwrap();
+        drop(writer);
+        assert!(!path.exists());
+        assert!(!dir.join("trace.json.partial").exists());
+    }
+
+    #[test]
+    fn finish_replaces_an_older_trace() {
+        let dir = TempDir::new();
+        let path = dir.join("trace.json");
+        fs::write(&path, "old").unwrap();
+        let writer = ChromeTraceWriter::create(&path).unwrap();
+        writer.finish(&json!({})).unwrap();
+        let trace = read_json(&path);
+        assert_eq!(trace["traceEvents"], json!([]));
+    }
+
+    #[test]
+    fn create_in_a_missing_directory_names_the_path() {
+        let dir = TempDir::new();
+        let path = dir.join("no-such-dir").join("trace.json");
+        let err = ChromeTraceWriter::create(&path)
+            .err()
+            .expect("cannot create in a missing directory");
+        let message = format!("{err:#}");
+        assert!(message.contains(&path.display().to_string()), "{message}");
+        assert!(message.contains("No such file or directory"), "{message}");
+    }
+
+    #[test]
+    fn create_in_an_unwritable_place_fails() {
+        let dir = TempDir::new();
+        // A regular file used as a directory: fails even when the tests run
+        // as root, which a read-only directory would not.
+        let not_a_dir = dir.join("file");
+        fs::write(&not_a_dir, "").unwrap();
+        let path = not_a_dir.join("trace.json");
+        let message = format!(
+            "{:#}",
+            ChromeTraceWriter::create(&path).err().expect("must fail")
+        );
+        assert!(message.contains(&path.display().to_string()), "{message}");
+        assert!(message.contains("Not a directory"), "{message}");
+
+        let message = format!(
+            "{:#}",
+            ChromeTraceWriter::create(&dir.0)
+                .err()
+                .expect("a directory is not a trace file")
+        );
+        assert!(message.contains(&dir.0.display().to_string()), "{message}");
+    }
+
+    #[test]
+    fn a_million_events_stream_to_disk() {
+        const EVENTS: u64 = 1_000_000;
+        let dir = TempDir::new();
+        let path = dir.join("big.json");
+        let mut writer = ChromeTraceWriter::create(&path).unwrap();
+        let args = json!({"task_id": 1});
+        for i in 0..EVENTS {
+            writer
+                .complete(1, (i % 16) as u32, "poll", "poll", i * 1_000, 500, &args)
+                .unwrap();
+        }
+        assert_eq!(writer.events_written(), EVENTS);
+        writer.finish(&json!({"events": EVENTS})).unwrap();
+
+        let shape = TraceShape::read(&path);
+        assert_eq!(shape.events, EVENTS);
+        assert_eq!(shape.metadata, json!({"events": EVENTS}));
+    }
+
+    /// A trace checked for validity without holding its events in memory:
+    /// parsing a million events into a `Value` takes far longer than writing them.
+    #[derive(Default)]
+    struct TraceShape {
+        events: u64,
+        metadata: Value,
+    }
+
+    impl TraceShape {
+        fn read(path: &Path) -> Self {
+            let text = fs::read(path).expect("read trace");
+            serde_json::from_slice(&text).expect("trace is valid JSON")
+        }
+    }
+
+    impl<'de> serde::Deserialize<'de> for TraceShape {
+        fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+            deserializer.deserialize_map(TraceShapeVisitor)
+        }
+    }
+
+    struct TraceShapeVisitor;
+
+    impl<'de> serde::de::Visitor<'de> for TraceShapeVisitor {
+        type Value = TraceShape;
+
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a Chrome trace object")
+        }
+
+        fn visit_map<A: serde::de::MapAccess<'de>>(
+            self,
+            mut map: A,
+        ) -> Result<TraceShape, A::Error> {
+            let mut shape = TraceShape::default();
+            while let Some(key) = map.next_key::<String>()? {
+                match key.as_str() {
+                    "traceEvents" => shape.events = map.next_value::<EventCount>()?.0,
+                    "metadata" => shape.metadata = map.next_value()?,
+                    _ => map.next_value::<serde::de::IgnoredAny>().map(drop)?,
+                }
+            }
+            Ok(shape)
+        }
+    }
+
+    /// The length of a JSON array whose elements are parsed and discarded.
+    struct EventCount(u64);
+
+    impl<'de> serde::Deserialize<'de> for EventCount {
+        fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+            struct CountVisitor;
+            impl<'de> serde::de::Visitor<'de> for CountVisitor {
+                type Value = EventCount;
+
+                fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                    f.write_str("an array of trace events")
+                }
+
+                fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                    self,
+                    mut seq: A,
+                ) -> Result<EventCount, A::Error> {
+                    let mut count = 0;
+                    while seq.next_element::<serde::de::IgnoredAny>()?.is_some() {
+                        count += 1;
+                    }
+                    Ok(EventCount(count))
+                }
+            }
+            deserializer.deserialize_seq(CountVisitor)
+        }
+    }
+}

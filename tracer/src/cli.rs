@@ -1,0 +1,130 @@
+//! Command-line arguments.
+
+use std::ffi::OsString;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+/// Trace the tokio runtime inside an unmodified, running Rust binary.
+///
+/// Attaches eBPF uprobes to tokio's task poll and worker park functions and
+/// writes a trace that ui.perfetto.dev opens: which worker polled which task,
+/// for how long, and when workers parked. Needs root (or CAP_BPF+CAP_PERFMON).
+#[derive(Parser, Debug)]
+#[command(
+    name = "rt-ebpf-trace",
+    version,
+    args_conflicts_with_subcommands = true,
+    after_help = "Examples:\n  sudo rt-ebpf-trace --pid 1234 -o trace.json\n  sudo rt-ebpf-trace -o trace.json --duration 10s -- ./my-app --flag\n  rt-ebpf-trace probes --binary ./my-app"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+
+    #[command(flatten)]
+    pub record: RecordArgs,
+
+    /// More log output (repeat for more).
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    pub verbose: u8,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// List the probe points found in a binary, without tracing anything.
+    Probes(ProbesArgs),
+}
+
+#[derive(Args, Debug)]
+#[group(required = true, multiple = false)]
+pub struct ProbesArgs {
+    /// The executable of this running process.
+    #[arg(long)]
+    pub pid: Option<u32>,
+    /// This executable file.
+    #[arg(long)]
+    pub binary: Option<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+pub struct RecordArgs {
+    /// Trace this running process.
+    #[arg(short, long)]
+    pub pid: Option<u32>,
+
+    /// Where to write the trace (Chrome JSON; open it at ui.perfetto.dev).
+    #[arg(short, long, default_value = "trace.json")]
+    pub output: PathBuf,
+
+    /// Stop after this long (e.g. 10s, 500ms, 2m); otherwise on Ctrl-C,
+    /// SIGTERM, or when the target exits.
+    #[arg(short, long, value_parser = parse_duration)]
+    pub duration: Option<Duration>,
+
+    /// Size of the kernel-to-tracer ring buffer (e.g. 16M, 64MiB); rounded up
+    /// to a power of two. Raise it if events are lost.
+    #[arg(long, default_value = "16M", value_parser = parse_ring_size)]
+    pub ring_buffer_size: u32,
+
+    /// Launch this command and trace it from its first poll.
+    #[arg(last = true, value_name = "COMMAND")]
+    pub command: Vec<OsString>,
+}
+
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    let duration = match text.parse::<f64>() {
+        Ok(seconds) if seconds.is_finite() && seconds >= 0.0 => Duration::from_secs_f64(seconds),
+        _ => humantime::parse_duration(text).map_err(|err| format!("{err} (try 10s, 500ms, 2m)"))?,
+    };
+    if duration.is_zero() {
+        return Err("the duration must be more than zero".into());
+    }
+    Ok(duration)
+}
+
+/// Parses "16M", "64MiB", "1048576" into a power-of-two byte count that the
+/// kernel accepts for a BPF ring buffer.
+pub fn parse_ring_size(text: &str) -> Result<u32, String> {
+    let text = text.trim();
+    let digits_end = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+    let (number, unit) = text.split_at(digits_end);
+    let number: u64 = number.parse().map_err(|_| format!("'{text}' is not a size (try 16M)"))?;
+    let multiplier: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" | "kib" => 1 << 10,
+        "m" | "mb" | "mib" => 1 << 20,
+        "g" | "gb" | "gib" => 1 << 30,
+        other => return Err(format!("unknown size unit '{other}' (use K, M or G)")),
+    };
+    let bytes = number.saturating_mul(multiplier).next_power_of_two();
+    if !(64 << 10..=1 << 30).contains(&bytes) {
+        return Err(format!("ring buffer size must be between 64K and 1G, not {text}"));
+    }
+    Ok(bytes as u32)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ring_sizes_round_up_to_powers_of_two() {
+        assert_eq!(parse_ring_size("16M"), Ok(16 << 20));
+        assert_eq!(parse_ring_size("64MiB"), Ok(64 << 20));
+        assert_eq!(parse_ring_size("100k"), Ok(128 << 10));
+        assert_eq!(parse_ring_size("1048576"), Ok(1 << 20));
+        assert!(parse_ring_size("1k").is_err());
+        assert!(parse_ring_size("2G").is_err());
+        assert!(parse_ring_size("lots").is_err());
+    }
+
+    #[test]
+    fn durations_take_units_or_seconds() {
+        assert_eq!(parse_duration("10s"), Ok(Duration::from_secs(10)));
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("1.5"), Ok(Duration::from_millis(1500)));
+        assert!(parse_duration("0s").is_err());
+        assert!(parse_duration("soon").is_err());
+    }
+}

@@ -1,0 +1,73 @@
+//! `cargo xtask test`: the test suite, whose integration tests attach uprobes
+//! and so must run as root.
+
+use anyhow::{Context, Result};
+
+use crate::cmd::{self, cargo, step};
+use crate::{ebpf, root};
+
+#[derive(clap::Args)]
+pub struct Options {
+    /// Passed on to `cargo test --workspace`, e.g. `--test trace -- --nocapture`.
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+    pub cargo_args: Vec<String>,
+}
+
+pub fn run(options: &Options) -> Result<()> {
+    let as_root = root::is_root();
+    if !as_root {
+        root::require_sudo("the integration tests")?;
+    }
+
+    ebpf::build(&ebpf::Options {
+        debug: false,
+        reinstall_bpf_linker: false,
+    })?;
+
+    let repo = cmd::repo_root();
+    // The tests build the fixtures themselves, but under sudo that would be
+    // root's cargo writing into the user's tests/fixtures/target and cargo
+    // home. Built here first, as the user, the tests find them up to date.
+    step("building the test fixtures");
+    for profile in ["release", "lto"] {
+        cmd::run(
+            cargo()
+                .args(["build", "--quiet", "--profile", profile])
+                .current_dir(repo.join("tests/fixtures")),
+        )?;
+    }
+
+    let mut test = cargo();
+    test.args(["test", "--workspace"])
+        .args(&options.cargo_args)
+        .current_dir(&repo);
+    if !as_root {
+        // Cargo runs each test binary through this runner (build scripts and
+        // the compiler stay unprivileged). sudo's secure_path would drop
+        // ~/.cargo/bin, which the tests need to build the fixtures, hence
+        // PATH is passed explicitly; cargo splits the runner on whitespace.
+        let path = std::env::var("PATH").unwrap_or_default();
+        let runner = if path.is_empty() || path.contains(char::is_whitespace) {
+            "sudo -E".to_owned()
+        } else {
+            format!("sudo -E env PATH={path}")
+        };
+        test.env(format!("CARGO_TARGET_{}_RUNNER", host_env_name()?), runner);
+        step("running the tests (test binaries through sudo)");
+    } else {
+        step("running the tests");
+    }
+    let status = cmd::status(&mut test)?;
+    // Cargo's status is ours, whatever it is: it already said what failed.
+    std::process::exit(status.code().unwrap_or(1));
+}
+
+/// The host triple as cargo spells it in `CARGO_TARGET_<TRIPLE>_RUNNER`.
+fn host_env_name() -> Result<String> {
+    let info = cmd::output(std::process::Command::new("rustc").arg("-vV"))?;
+    let host = info
+        .lines()
+        .find_map(|line| line.strip_prefix("host: "))
+        .context("`rustc -vV` printed no host line")?;
+    Ok(host.to_uppercase().replace(['-', '.'], "_"))
+}
