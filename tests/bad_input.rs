@@ -13,12 +13,27 @@ use trace::{Fixture, describe, require_root, run, scratch_dir, tracer};
 /// Runs the tracer expecting failure; returns stderr.
 fn expect_failure(command: &mut Command, output: &std::path::Path) -> String {
     let result = run(command);
-    assert!(!result.status.success(), "expected failure\n{}", describe(&result));
+    assert!(
+        !result.status.success(),
+        "expected failure\n{}",
+        describe(&result)
+    );
     let stderr = String::from_utf8_lossy(&result.stderr).into_owned();
-    assert!(stderr.starts_with("error: "), "no clear error:\n{}", describe(&result));
+    assert!(
+        stderr.starts_with("error: "),
+        "no clear error:\n{}",
+        describe(&result)
+    );
     assert!(!stderr.contains("panicked"), "panic:\n{stderr}");
-    assert!(!output.exists(), "a trace file was left at {}", output.display());
-    let partial = output.with_file_name(format!("{}.partial", output.file_name().unwrap().to_string_lossy()));
+    assert!(
+        !output.exists(),
+        "a trace file was left at {}",
+        output.display()
+    );
+    let partial = output.with_file_name(format!(
+        "{}.partial",
+        output.file_name().unwrap().to_string_lossy()
+    ));
     assert!(!partial.exists(), "a partial file was left behind");
     stderr
 }
@@ -29,7 +44,10 @@ fn no_such_pid() {
     let dir = scratch_dir("no-such-pid");
     let output = dir.join("trace.json");
     // pid_max is at most 4194304: this pid can't exist.
-    let stderr = expect_failure(tracer().args(["--pid", "4194304", "-o"]).arg(&output), &output);
+    let stderr = expect_failure(
+        tracer().args(["--pid", "4194304", "-o"]).arg(&output),
+        &output,
+    );
     assert!(stderr.contains("no process with pid 4194304"), "{stderr}");
 }
 
@@ -41,7 +59,11 @@ fn not_root() {
     let output = dir.join("trace.json");
     let fixture = Fixture::start("multi_worker", Profile::Release, 30.0);
     let mut command = tracer();
-    command.args(["--pid", &fixture.pid().to_string(), "-o"]).arg(&output).uid(65534).gid(65534);
+    command
+        .args(["--pid", &fixture.pid().to_string(), "-o"])
+        .arg(&output)
+        .uid(65534)
+        .gid(65534);
     let stderr = expect_failure(&mut command, &output);
     assert!(stderr.contains("needs root"), "{stderr}");
 }
@@ -52,10 +74,18 @@ fn not_a_tokio_program() {
     let mut sleeper = Command::new("sleep").arg("30").spawn().unwrap();
     let dir = scratch_dir("not-tokio");
     let output = dir.join("trace.json");
-    let stderr = expect_failure(tracer().args(["--pid", &sleeper.id().to_string(), "-o"]).arg(&output), &output);
+    let stderr = expect_failure(
+        tracer()
+            .args(["--pid", &sleeper.id().to_string(), "-o"])
+            .arg(&output),
+        &output,
+    );
     sleeper.kill().unwrap();
     sleeper.wait().unwrap();
-    assert!(stderr.contains("does not look like a tokio program") || stderr.contains("stripped"), "{stderr}");
+    assert!(
+        stderr.contains("does not look like a tokio program") || stderr.contains("stripped"),
+        "{stderr}"
+    );
 }
 
 #[test]
@@ -70,9 +100,18 @@ fn stripped_binary() {
         .status()
         .expect("run strip");
     assert!(status.success());
-    let mut target = Command::new(&stripped).arg("30").stdout(std::process::Stdio::null()).spawn().unwrap();
+    let mut target = Command::new(&stripped)
+        .arg("30")
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
     let output = dir.join("trace.json");
-    let stderr = expect_failure(tracer().args(["--pid", &target.id().to_string(), "-o"]).arg(&output), &output);
+    let stderr = expect_failure(
+        tracer()
+            .args(["--pid", &target.id().to_string(), "-o"])
+            .arg(&output),
+        &output,
+    );
     target.kill().unwrap();
     target.wait().unwrap();
     assert!(stderr.contains("stripped"), "{stderr}");
@@ -83,7 +122,12 @@ fn output_not_writable() {
     require_root();
     let fixture = Fixture::start("multi_worker", Profile::Release, 30.0);
     let output = std::path::PathBuf::from("/nonexistent-dir/trace.json");
-    let stderr = expect_failure(tracer().args(["--pid", &fixture.pid().to_string(), "-o"]).arg(&output), &output);
+    let stderr = expect_failure(
+        tracer()
+            .args(["--pid", &fixture.pid().to_string(), "-o"])
+            .arg(&output),
+        &output,
+    );
     assert!(stderr.contains("/nonexistent-dir/trace.json"), "{stderr}");
 }
 
@@ -92,7 +136,14 @@ fn command_that_does_not_exist() {
     require_root();
     let dir = scratch_dir("no-command");
     let output = dir.join("trace.json");
-    let stderr = expect_failure(tracer().arg("-o").arg(&output).arg("--").arg("./no-such-program"), &output);
+    let stderr = expect_failure(
+        tracer()
+            .arg("-o")
+            .arg(&output)
+            .arg("--")
+            .arg("./no-such-program"),
+        &output,
+    );
     assert!(stderr.contains("no-such-program"), "{stderr}");
 }
 
@@ -113,14 +164,20 @@ fn target_exits_during_attach() {
     let fixture = Fixture::start("current_thread", Profile::Release, 0.05);
     let dir = scratch_dir("exit-during-attach");
     let output = dir.join("trace.json");
-    let result = run(tracer().args(["--pid", &fixture.pid().to_string(), "-o"]).arg(&output));
+    let result = run(tracer()
+        .args(["--pid", &fixture.pid().to_string(), "-o"])
+        .arg(&output));
     let stderr = String::from_utf8_lossy(&result.stderr);
     assert!(!stderr.contains("panicked"), "{}", describe(&result));
     assert!(!dir.join("trace.json.partial").exists());
     if result.status.success() {
         trace::Trace::load(&output);
     } else {
-        assert!(stderr.contains("exited") || stderr.contains("no process"), "{}", describe(&result));
+        assert!(
+            stderr.contains("exited") || stderr.contains("no process"),
+            "{}",
+            describe(&result)
+        );
         assert!(!output.exists());
     }
 }

@@ -25,7 +25,10 @@ impl Profile {
 }
 
 pub fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
 }
 
 fn fixtures_dir() -> PathBuf {
@@ -53,7 +56,10 @@ pub fn fixture(name: &str, profile: Profile) -> PathBuf {
                 .env_remove("CARGO_BUILD_TARGET_DIR")
                 .status()
                 .expect("run cargo to build the fixtures");
-            assert!(status.success(), "building the fixtures ({profile:?}) failed");
+            assert!(
+                status.success(),
+                "building the fixtures ({profile:?}) failed"
+            );
         }
     });
     let path = fixtures_dir()

@@ -60,6 +60,28 @@ pub const PARK_FAMILIES: &[ParkFamily] = &[
     },
 ];
 
+/// Blocking-pool "tasks" that are really a runtime thread's whole life: the
+/// multi-thread scheduler starts each worker (and the replacement worker of
+/// `block_in_place`) with `spawn_blocking`, so its `raw::poll` never returns
+/// while the runtime runs and every task poll and park happens inside it.
+/// Probing them would show each worker as one endless poll; they are skipped.
+/// Matched as a prefix of the task type.
+pub const RUNTIME_THREAD_TASKS: &[&str] = &[
+    "tokio::runtime::blocking::task::BlockingTask<tokio::runtime::scheduler::multi_thread::worker::",
+    "tokio::runtime::blocking::task::BlockingTask<tokio::runtime::scheduler::multi_thread_alt::worker::",
+    "tokio::runtime::blocking::task::BlockingTask<tokio::runtime::thread_pool::worker::",
+];
+
+/// Whether a poll site's task type (possibly several joined with " | " where
+/// identical code folding merged instances) only runs runtime threads.
+pub fn is_runtime_thread_body(task_type: &str) -> bool {
+    task_type.split(" | ").all(|one| {
+        RUNTIME_THREAD_TASKS
+            .iter()
+            .any(|prefix| one.trim().starts_with(prefix))
+    })
+}
+
 /// Every path in the catalog, polls first: for error messages.
 pub fn all_paths() -> Vec<&'static str> {
     let parks = PARK_FAMILIES
@@ -119,5 +141,27 @@ mod tests {
         assert_eq!(paths[0], "tokio::runtime::task::raw::poll");
         assert!(paths.contains(&"tokio::runtime::basic_scheduler::Context::park_yield"));
         assert_eq!(paths.len(), 1 + 3 + 1 + 2 + 1 + 2 + 2);
+    }
+}
+
+#[cfg(test)]
+mod runtime_thread_tests {
+    use super::is_runtime_thread_body;
+
+    #[test]
+    fn worker_launch_is_a_runtime_thread_but_user_blocking_work_is_not() {
+        assert!(is_runtime_thread_body(
+            "tokio::runtime::blocking::task::BlockingTask<tokio::runtime::scheduler::multi_thread::worker::Launch::launch::{{closure}}> | \
+             tokio::runtime::blocking::task::BlockingTask<tokio::runtime::scheduler::multi_thread::worker::maybe_move_runtime::{{closure}}::{{closure}}>"
+        ));
+        assert!(!is_runtime_thread_body(
+            "tokio::runtime::blocking::task::BlockingTask<my_app::load::{{closure}}>"
+        ));
+        // Merged with user work: keep it, the user's task matters more.
+        assert!(!is_runtime_thread_body(
+            "tokio::runtime::blocking::task::BlockingTask<tokio::runtime::scheduler::multi_thread::worker::Launch::launch::{{closure}}> | \
+             tokio::runtime::blocking::task::BlockingTask<my_app::load::{{closure}}>"
+        ));
+        assert!(!is_runtime_thread_body("my_app::handler::{{closure}}"));
     }
 }

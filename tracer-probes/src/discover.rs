@@ -67,6 +67,7 @@ pub fn discover(binary: &Path) -> anyhow::Result<ProbePlan> {
     };
 
     let mut sites = Vec::new();
+    let mut skipped = Vec::new();
     for (&address, group) in &poll_groups {
         let mut site = site(SiteKind::Poll, address, group, &image).with_context(|| {
             format!(
@@ -76,6 +77,14 @@ pub fn discover(binary: &Path) -> anyhow::Result<ProbePlan> {
         })?;
         site.task_type =
             naming::name_poll_site(address, group, dwarf_names.get(&address), &symbols, &image);
+        if site
+            .task_type
+            .as_ref()
+            .is_some_and(|t| catalog::is_runtime_thread_body(&t.full))
+        {
+            skipped.push((site, "a runtime worker thread's whole life, not a task"));
+            continue;
+        }
         sites.push(site);
     }
     for (&address, group) in &park_groups {
@@ -105,6 +114,7 @@ pub fn discover(binary: &Path) -> anyhow::Result<ProbePlan> {
         stripped: !symbols.has_symtab,
         tokio_version,
         sites,
+        skipped,
         task_id_layout,
         warnings,
     })

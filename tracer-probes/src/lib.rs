@@ -84,6 +84,9 @@ pub struct ProbePlan {
     pub sites: Vec<ProbeSite>,
     /// Where the eBPF side finds a task's id, for this tokio version.
     pub task_id_layout: tracer_common::TaskIdLayout,
+    /// Poll sites found but not probed, with why (see
+    /// [`catalog::RUNTIME_THREAD_TASKS`]).
+    pub skipped: Vec<(ProbeSite, &'static str)>,
     /// Things the user should know that don't stop tracing (e.g. no park
     /// function found: polls are traced, idle time is not).
     pub warnings: Vec<String>,

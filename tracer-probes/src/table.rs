@@ -35,6 +35,14 @@ pub fn write_table(plan: &ProbePlan, out: &mut dyn Write) -> io::Result<()> {
     for row in &rows {
         write_row(out, row, &widths)?;
     }
+    for (site, why) in &plan.skipped {
+        let task = site.task_type.as_ref().map_or("?", |t| t.short.as_str());
+        writeln!(
+            out,
+            "not probed: {} at {:#x} ({task}): {why}",
+            site.symbol, site.address
+        )?;
+    }
     for warning in &plan.warnings {
         writeln!(out, "warning: {warning}")?;
     }

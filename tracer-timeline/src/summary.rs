@@ -23,6 +23,9 @@ pub struct Summary {
     pub lost_events: u64,
     /// Ends without a start (tracing began mid-poll or mid-park).
     pub unmatched_ends: u64,
+    /// Polls left out because their end event never came (see
+    /// `Timeline::abandoned`).
+    pub abandoned_polls: u64,
     /// The trace file, if one was written.
     pub output: Option<PathBuf>,
     pub trace_bytes: u64,
@@ -87,7 +90,7 @@ impl Summary {
             writeln!(
                 f,
                 "WARNING: {} events were lost because the ring buffer was full, so the trace has gaps; \
-                 raise --ring-buffer-size, or use --min-poll to record fewer polls",
+                 raise --ring-buffer-size",
                 self.lost_events
             )?;
         }
@@ -96,6 +99,13 @@ impl Summary {
                 f,
                 "note: {} end events had no matching start (tracing began mid-poll or mid-park) and were dropped",
                 self.unmatched_ends
+            )?;
+        }
+        if self.abandoned_polls > 0 {
+            writeln!(
+                f,
+                "note: {} polls were left out because their end event never arrived",
+                self.abandoned_polls
             )?;
         }
         Ok(())
@@ -183,6 +193,7 @@ mod tests {
             events: 123_456,
             lost_events,
             unmatched_ends: 0,
+            abandoned_polls: 0,
             output: Some(PathBuf::from("/tmp/out/trace.json")),
             trace_bytes: 4_567_890,
         }
@@ -246,9 +257,7 @@ mod tests {
         let text = summary(77).to_string();
         let warning = line_with(&text, "WARNING");
         assert!(
-            warning.contains("77")
-                && warning.contains("--ring-buffer-size")
-                && warning.contains("--min-poll"),
+            warning.contains("77") && warning.contains("--ring-buffer-size"),
             "{warning}"
         );
     }
@@ -272,6 +281,7 @@ mod tests {
         assert!(!summary(0).to_string().contains("no matching start"));
         let text = Summary {
             unmatched_ends: 4,
+            abandoned_polls: 0,
             ..summary(0)
         }
         .to_string();

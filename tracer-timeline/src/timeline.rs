@@ -80,6 +80,7 @@ pub struct Timeline {
     /// tid -> position in `threads`.
     index_by_tid: HashMap<u32, usize>,
     unmatched_ends: u64,
+    abandoned: u64,
     unknown_kinds: u64,
 }
 
@@ -103,8 +104,15 @@ impl Timeline {
         let (thread, first_seen) = self.thread_mut(ev.tid, ev.ts_ns);
         thread.stats.last_ns = thread.stats.last_ns.max(ev.ts_ns);
 
+        let mut abandoned = 0;
         let matched = match kind {
             EventKind::PollStart => {
+                // A task is never polled inside its own poll: an open poll of
+                // the same task means that poll's end event was lost.
+                if let Some(stale) = thread.open_polls.iter().position(|p| p.task == ev.task) {
+                    abandoned = (thread.open_polls.len() - stale) as u64;
+                    thread.open_polls.truncate(stale);
+                }
                 thread.open_polls.push(OpenPoll {
                     site: ev.site,
                     task: ev.task,
@@ -115,11 +123,16 @@ impl Timeline {
             }
             EventKind::PollEnd => thread.close_poll(ev.tid, ev.ts_ns, false, out),
             EventKind::ParkStart => {
+                // A worker parks only between polls: polls still open here
+                // lost their end events.
+                abandoned = thread.open_polls.len() as u64;
+                thread.open_polls.clear();
                 thread.open_park(ev.ts_ns);
                 true
             }
             EventKind::ParkEnd => thread.close_park(ev.tid, ev.ts_ns, false, out),
         };
+        self.abandoned += abandoned;
         if !matched {
             self.unmatched_ends += 1;
         }
@@ -145,6 +158,12 @@ impl Timeline {
     /// Ends that had no open start on their thread (dropped).
     pub fn unmatched_ends(&self) -> u64 {
         self.unmatched_ends
+    }
+
+    /// Open polls given up on because events showed their end was lost (the
+    /// same task polled again, or the worker parked); they are not written.
+    pub fn abandoned(&self) -> u64 {
+        self.abandoned
     }
 
     /// Events whose `kind` is not a known [`EventKind`] (ignored).
@@ -479,6 +498,7 @@ mod tests {
         );
         assert_eq!(slices, vec![poll(1, 0xa0, 110, 120)]);
         assert_eq!(timeline.unmatched_ends(), 3);
+        assert_eq!(timeline.abandoned(), 0);
         assert_eq!(
             first_seen,
             vec![true, true, false, false, false],
@@ -579,5 +599,26 @@ mod tests {
         assert_eq!(stats.parked_ns, 4_100);
         assert_eq!(stats.longest_poll_ns, 1_000);
         assert_eq!((stats.first_ns, stats.last_ns), (1_000, 7_100));
+    }
+
+    #[test]
+    fn polls_whose_end_was_lost_are_abandoned_not_stretched() {
+        let mut timeline = Timeline::new();
+        let mut out = Vec::new();
+        // Task A's end is lost; A is polled again: the first poll is dropped.
+        timeline.push(&poll_start(100, 1, 0xa), &mut out);
+        timeline.push(&poll_start(200, 1, 0xa), &mut out);
+        timeline.push(&poll_end(250, 1), &mut out);
+        // Task B's end is lost; the worker parks: B's poll is dropped.
+        timeline.push(&poll_start(300, 1, 0xb), &mut out);
+        timeline.push(&park_start(400, 1), &mut out);
+        timeline.push(&park_end(500, 1), &mut out);
+        assert_eq!(timeline.abandoned(), 2);
+        assert_eq!(out.len(), 2, "{out:?}");
+        assert_eq!((out[0].start_ns, out[0].end_ns), (200, 250));
+        assert_eq!(
+            (out[1].kind.clone(), out[1].start_ns, out[1].end_ns),
+            (SliceKind::Park, 400, 500)
+        );
     }
 }

@@ -67,7 +67,8 @@ pub struct RecordArgs {
     #[arg(long, default_value = "16M", value_parser = parse_ring_size)]
     pub ring_buffer_size: u32,
 
-    /// Launch this command and trace it from its first poll.
+    /// Launch this command and trace it from its first poll. If it is still
+    /// running when tracing stops, it is sent SIGTERM.
     #[arg(last = true, value_name = "COMMAND")]
     pub command: Vec<OsString>,
 }
@@ -75,7 +76,9 @@ pub struct RecordArgs {
 fn parse_duration(text: &str) -> Result<Duration, String> {
     let duration = match text.parse::<f64>() {
         Ok(seconds) if seconds.is_finite() && seconds >= 0.0 => Duration::from_secs_f64(seconds),
-        _ => humantime::parse_duration(text).map_err(|err| format!("{err} (try 10s, 500ms, 2m)"))?,
+        _ => {
+            humantime::parse_duration(text).map_err(|err| format!("{err} (try 10s, 500ms, 2m)"))?
+        }
     };
     if duration.is_zero() {
         return Err("the duration must be more than zero".into());
@@ -87,9 +90,13 @@ fn parse_duration(text: &str) -> Result<Duration, String> {
 /// kernel accepts for a BPF ring buffer.
 pub fn parse_ring_size(text: &str) -> Result<u32, String> {
     let text = text.trim();
-    let digits_end = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+    let digits_end = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
     let (number, unit) = text.split_at(digits_end);
-    let number: u64 = number.parse().map_err(|_| format!("'{text}' is not a size (try 16M)"))?;
+    let number: u64 = number
+        .parse()
+        .map_err(|_| format!("'{text}' is not a size (try 16M)"))?;
     let multiplier: u64 = match unit.trim().to_ascii_lowercase().as_str() {
         "" | "b" => 1,
         "k" | "kb" | "kib" => 1 << 10,
@@ -99,7 +106,9 @@ pub fn parse_ring_size(text: &str) -> Result<u32, String> {
     };
     let bytes = number.saturating_mul(multiplier).next_power_of_two();
     if !(64 << 10..=1 << 30).contains(&bytes) {
-        return Err(format!("ring buffer size must be between 64K and 1G, not {text}"));
+        return Err(format!(
+            "ring buffer size must be between 64K and 1G, not {text}"
+        ));
     }
     Ok(bytes as u32)
 }

@@ -50,9 +50,7 @@ fn list_probes(args: ProbesArgs) -> Result<ExitCode> {
     let plan = tracer_probes::discover(&binary)?;
     let mut stdout = std::io::stdout().lock();
     tracer_probes::write_table(&plan, &mut stdout)?;
-    for warning in &plan.warnings {
-        writeln!(stdout, "warning: {warning}")?;
-    }
+    stdout.flush()?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -61,9 +59,9 @@ fn run_record(args: RecordArgs) -> Result<ExitCode> {
         (Some(_), false) => bail!("give either --pid or a command after --, not both"),
         (Some(pid), true) => TargetSpec::Pid(pid),
         (None, false) => TargetSpec::Command(args.command),
-        (None, true) => bail!(
-            "nothing to trace: give --pid PID, or a command after -- (see --help)"
-        ),
+        (None, true) => {
+            bail!("nothing to trace: give --pid PID, or a command after -- (see --help)")
+        }
     };
     let options = RecordOptions {
         target,
@@ -71,7 +69,9 @@ fn run_record(args: RecordArgs) -> Result<ExitCode> {
         duration: args.duration,
         ring_bytes: args.ring_buffer_size,
     };
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     let outcome = runtime.block_on(record::record(options))?;
     println!("{}", outcome.summary);
     println!("stopped: {}", outcome.stop);

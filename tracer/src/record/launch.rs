@@ -31,7 +31,8 @@ impl HeldChild {
     pub fn spawn(program: &Path, args: &[OsString]) -> Result<Self> {
         // Everything the child needs is prepared before fork: after it, only
         // async-signal-safe calls are allowed.
-        let c_program = CString::new(program.as_os_str().as_bytes()).context("command has a NUL byte")?;
+        let c_program =
+            CString::new(program.as_os_str().as_bytes()).context("command has a NUL byte")?;
         let mut c_args = vec![c_program.clone()];
         for arg in args {
             c_args.push(CString::new(arg.as_bytes()).context("argument has a NUL byte")?);
@@ -66,7 +67,11 @@ impl HeldChild {
         }
         drop(go_read);
         drop(error_write);
-        Ok(HeldChild { pid: pid as u32, go: go_write, exec_error: error_read })
+        Ok(HeldChild {
+            pid: pid as u32,
+            go: go_write,
+            exec_error: error_read,
+        })
     }
 
     pub fn pid(&self) -> u32 {
@@ -79,15 +84,28 @@ impl HeldChild {
         // SAFETY: writing one byte from a valid buffer to an fd we own.
         let written = unsafe { libc::write(self.go.as_raw_fd(), (&byte as *const u8).cast(), 1) };
         if written != 1 {
-            return Err(std::io::Error::last_os_error()).context("could not release the launched command");
+            return Err(std::io::Error::last_os_error())
+                .context("could not release the launched command");
         }
         let mut errno = 0i32;
         // SAFETY: reading into a valid 4-byte buffer from an fd we own.
-        let n = unsafe { libc::read(self.exec_error.as_raw_fd(), (&mut errno as *mut i32).cast(), 4) };
-        let mut child = LaunchedChild { pid: self.pid, status: None };
+        let n = unsafe {
+            libc::read(
+                self.exec_error.as_raw_fd(),
+                (&mut errno as *mut i32).cast(),
+                4,
+            )
+        };
+        let mut child = LaunchedChild {
+            pid: self.pid,
+            status: None,
+        };
         if n == 4 {
             let _ = child.wait();
-            bail!("could not run the command: {}", std::io::Error::from_raw_os_error(errno));
+            bail!(
+                "could not run the command: {}",
+                std::io::Error::from_raw_os_error(errno)
+            );
         }
         Ok(child)
     }

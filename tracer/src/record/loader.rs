@@ -8,7 +8,10 @@ use anyhow::{Context, Result, anyhow};
 use aya::{
     Ebpf, EbpfLoader,
     maps::{MapData, PerCpuArray, RingBuf},
-    programs::{UProbe, uprobe::{UProbeAttachLocation, UProbeAttachPoint, UProbeLinkId, UProbeScope}},
+    programs::{
+        UProbe,
+        uprobe::{UProbeAttachLocation, UProbeAttachPoint, UProbeLinkId, UProbeScope},
+    },
 };
 use tracer_common::names;
 use tracer_probes::{ProbePlan, SiteKind};
@@ -44,7 +47,10 @@ pub fn load(plan: &ProbePlan, target_pid: u32, ring_bytes: u32) -> Result<Loaded
             .load()
             .with_context(|| format!("the kernel's verifier refused the eBPF program {name}"))?;
     }
-    Ok(LoadedProbes { ebpf, links: Vec::new() })
+    Ok(LoadedProbes {
+        ebpf,
+        links: Vec::new(),
+    })
 }
 
 impl LoadedProbes {
@@ -83,13 +89,19 @@ impl LoadedProbes {
 
     /// The ring buffer user space drains. Can be taken once.
     pub fn take_events(&mut self) -> Result<RingBuf<MapData>> {
-        let map = self.ebpf.take_map(names::EVENTS).context("the EVENTS map is missing")?;
+        let map = self
+            .ebpf
+            .take_map(names::EVENTS)
+            .context("the EVENTS map is missing")?;
         Ok(RingBuf::try_from(map)?)
     }
 
     /// Events the eBPF side could not write because the ring buffer was full.
     pub fn lost_events(&self) -> Result<u64> {
-        let map = self.ebpf.map(names::LOST).context("the LOST map is missing")?;
+        let map = self
+            .ebpf
+            .map(names::LOST)
+            .context("the LOST map is missing")?;
         let lost: PerCpuArray<&MapData, u64> = PerCpuArray::try_from(map)?;
         Ok(lost.get(&0, 0)?.iter().sum())
     }

@@ -90,11 +90,23 @@ mod tests {
         std::fs::write(&present, "1").unwrap();
         let missing = dir.join("missing");
 
-        let no_btf = check_kernel(&KernelPaths { btf: &missing, uprobe_pmu: &present });
+        let no_btf = check_kernel(&KernelPaths {
+            btf: &missing,
+            uprobe_pmu: &present,
+        });
         assert!(no_btf.unwrap_err().to_string().contains("BTF"));
-        let no_uprobes = check_kernel(&KernelPaths { btf: &present, uprobe_pmu: &missing });
+        let no_uprobes = check_kernel(&KernelPaths {
+            btf: &present,
+            uprobe_pmu: &missing,
+        });
         assert!(no_uprobes.unwrap_err().to_string().contains("uprobe"));
-        assert!(check_kernel(&KernelPaths { btf: &present, uprobe_pmu: &present }).is_ok());
+        assert!(
+            check_kernel(&KernelPaths {
+                btf: &present,
+                uprobe_pmu: &present
+            })
+            .is_ok()
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -94,18 +94,30 @@ pub async fn record(options: RecordOptions) -> Result<Outcome> {
     let attaching = std::time::Instant::now();
     if let Err(err) = probes.attach(&plan, &target.exe, target.pid) {
         if !target.is_alive() {
-            return Err(anyhow!("process {} exited while the probes were being attached", target.pid));
+            return Err(anyhow!(
+                "process {} exited while the probes were being attached",
+                target.pid
+            ));
         }
         return Err(err);
     }
-    log::info!("attached {} probes in {:?}", plan.sites.len() * 2, attaching.elapsed());
+    log::info!(
+        "attached {} probes in {:?}",
+        plan.sites.len() * 2,
+        attaching.elapsed()
+    );
     let _logger = probes.logger();
     // SAFETY: the ring buffer owns its map fd and keeps it open until it is
     // dropped, which happens after the AsyncFd (it is the AsyncFd's inner value).
-    let mut ring = unsafe { AsyncFd::register_with_interest(probes.take_events()?, tokio::io::Interest::READABLE)? };
+    let mut ring = unsafe {
+        AsyncFd::register_with_interest(probes.take_events()?, tokio::io::Interest::READABLE)?
+    };
     target.release()?;
     if !target.launched() && !target.is_alive() {
-        return Err(anyhow!("process {} exited while the probes were being attached", target.pid));
+        return Err(anyhow!(
+            "process {} exited while the probes were being attached",
+            target.pid
+        ));
     }
 
     writer.process_name(target.pid, &format!("{} (pid {})", target.name, target.pid))?;
@@ -144,9 +156,14 @@ pub async fn record(options: RecordOptions) -> Result<Outcome> {
     probes.detach();
     let lost = probes.lost_events()?;
     sink.drain_all(ring.get_mut())?;
-    let command_status = target.exit_status();
     let summary = sink.finish(end_ns, lost, &options.output, &plan)?;
-    Ok(Outcome { summary, stop, command_status })
+    target.terminate_launched(Duration::from_secs(5)).await;
+    let command_status = target.exit_status();
+    Ok(Outcome {
+        summary,
+        stop,
+        command_status,
+    })
 }
 
 /// Where events go: the timeline pairs them into slices, the writer streams
@@ -199,7 +216,9 @@ impl<'a> TraceSink<'a> {
 
     fn drain_one(&mut self, ring: &mut RingBuf<MapData>) -> Result<bool> {
         {
-            let Some(item) = ring.next() else { return Ok(false) };
+            let Some(item) = ring.next() else {
+                return Ok(false);
+            };
             if item.len() < EVENT_SIZE {
                 self.malformed += 1;
                 return Ok(true);
@@ -235,7 +254,11 @@ impl<'a> TraceSink<'a> {
             let start = slice.start_ns.saturating_sub(self.start_ns);
             let duration = slice.end_ns.saturating_sub(slice.start_ns);
             match slice.kind {
-                SliceKind::Poll { site, task, task_id } => {
+                SliceKind::Poll {
+                    site,
+                    task,
+                    task_id,
+                } => {
                     let site = self.sites.get(site as usize);
                     let name = match site.and_then(|s| s.task_type.as_ref()) {
                         Some(task_type) => task_type.short.clone(),
@@ -247,18 +270,26 @@ impl<'a> TraceSink<'a> {
                         "header": format!("{task:#x}"),
                         "truncated": slice.truncated,
                     });
-                    self.writer.complete(self.pid, slice.tid, &name, "poll", start, duration, &args)?;
+                    self.writer
+                        .complete(self.pid, slice.tid, &name, "poll", start, duration, &args)?;
                 }
                 SliceKind::Park => {
                     let args = json!({ "truncated": slice.truncated });
-                    self.writer.complete(self.pid, slice.tid, "park", "park", start, duration, &args)?;
+                    self.writer
+                        .complete(self.pid, slice.tid, "park", "park", start, duration, &args)?;
                 }
             }
         }
         Ok(())
     }
 
-    fn finish(mut self, end_ns: u64, lost: u64, output: &std::path::Path, plan: &ProbePlan) -> Result<Summary> {
+    fn finish(
+        mut self,
+        end_ns: u64,
+        lost: u64,
+        output: &std::path::Path,
+        plan: &ProbePlan,
+    ) -> Result<Summary> {
         self.timeline.finish(end_ns, &mut self.slices);
         self.write_slices()?;
         let workers = self
@@ -266,7 +297,11 @@ impl<'a> TraceSink<'a> {
             .threads()
             .map(|(tid, stats)| WorkerSummary {
                 tid,
-                name: self.thread_names.get(&tid).cloned().unwrap_or_else(|| format!("tid {tid}")),
+                name: self
+                    .thread_names
+                    .get(&tid)
+                    .cloned()
+                    .unwrap_or_else(|| format!("tid {tid}")),
                 stats: stats.clone(),
             })
             .collect();
@@ -279,6 +314,7 @@ impl<'a> TraceSink<'a> {
             "lost_events": lost,
             "malformed_events": self.malformed,
             "unmatched_ends": self.timeline.unmatched_ends(),
+            "abandoned_polls": self.timeline.abandoned(),
             "duration_ns": end_ns.saturating_sub(self.start_ns),
         });
         let trace_bytes = self.writer.finish(&metadata)?;
@@ -288,6 +324,7 @@ impl<'a> TraceSink<'a> {
             events: self.events,
             lost_events: lost,
             unmatched_ends: self.timeline.unmatched_ends(),
+            abandoned_polls: self.timeline.abandoned(),
             output: Some(output.to_path_buf()),
             trace_bytes,
         })
@@ -296,7 +333,10 @@ impl<'a> TraceSink<'a> {
 
 /// CLOCK_MONOTONIC in ns: the clock `bpf_ktime_get_ns` reads.
 fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
     // SAFETY: valid out-pointer.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64

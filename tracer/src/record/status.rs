@@ -32,8 +32,14 @@ impl StatusLine {
         self.last_tick = now;
         self.events_at_last_tick = events;
         let elapsed = now.duration_since(self.started).as_secs_f64();
-        let lost = if lost == 0 { "0 lost".to_string() } else { format!("{lost} LOST") };
-        eprint!("\r\x1b[2Krecording {elapsed:6.1} s  {rate:>10.0} events/s  {events:>10} events  {lost}  (Ctrl-C to stop)");
+        let lost = if lost == 0 {
+            "0 lost".to_string()
+        } else {
+            format!("{lost} LOST")
+        };
+        eprint!(
+            "\r\x1b[2Krecording {elapsed:6.1} s  {rate:>10.0} events/s  {events:>10} events  {lost}  (Ctrl-C to stop)"
+        );
         let _ = std::io::stderr().flush();
     }
 

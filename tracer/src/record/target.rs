@@ -36,8 +36,14 @@ impl Target {
         if pid == 0 || !proc_dir.exists() {
             bail!("no process with pid {pid}");
         }
+        if process_state(pid).is_some_and(|state| state == 'Z' || state == 'X') {
+            bail!("process {pid} has exited (it is a zombie, waiting for its parent to reap it)");
+        }
         let exe = proc_dir.join("exe");
         if let Err(err) = std::fs::read_link(&exe) {
+            if !proc_dir.exists() {
+                bail!("process {pid} exited before tracing could start");
+            }
             bail!(
                 "can't read the executable of process {pid} ({}: {err}): \
                  it is a kernel thread, it is exiting, or you lack permission",
@@ -46,7 +52,13 @@ impl Target {
         }
         let name = read_comm(&proc_dir.join("comm")).unwrap_or_else(|| format!("pid {pid}"));
         let exit = pidfd(pid).with_context(|| format!("can't watch process {pid}"))?;
-        Ok(Target { pid, exe, name, child: None, exit })
+        Ok(Target {
+            pid,
+            exe,
+            name,
+            child: None,
+            exit,
+        })
     }
 
     /// Starts `command` but holds it before `exec`, so that probes can be
@@ -56,18 +68,27 @@ impl Target {
         let exe = find_program(Path::new(program))?;
         let held = HeldChild::spawn(&exe, args)?;
         let pid = held.pid();
-        let exit = pidfd(pid).with_context(|| format!("can't watch the launched command (pid {pid})"))?;
+        let exit =
+            pidfd(pid).with_context(|| format!("can't watch the launched command (pid {pid})"))?;
         let name = exe
             .file_name()
             .map(|name| name.to_string_lossy().into_owned())
             .unwrap_or_else(|| format!("pid {pid}"));
-        Ok(Target { pid, exe, name, child: Some(Child::Held(held)), exit })
+        Ok(Target {
+            pid,
+            exe,
+            name,
+            child: Some(Child::Held(held)),
+            exit,
+        })
     }
 
     /// Lets a held command go (a no-op for an existing process).
     pub fn release(&mut self) -> Result<()> {
         if let Some(Child::Held(_)) = &self.child {
-            let Some(Child::Held(held)) = self.child.take() else { unreachable!() };
+            let Some(Child::Held(held)) = self.child.take() else {
+                unreachable!()
+            };
             self.child = Some(Child::Running(held.release()?));
         }
         Ok(())
@@ -75,7 +96,11 @@ impl Target {
 
     pub fn is_alive(&self) -> bool {
         // The pidfd turns readable when the process exits (even before it is reaped).
-        let mut poll = libc::pollfd { fd: std::os::fd::AsRawFd::as_raw_fd(self.exit.get_ref()), events: libc::POLLIN, revents: 0 };
+        let mut poll = libc::pollfd {
+            fd: std::os::fd::AsRawFd::as_raw_fd(self.exit.get_ref()),
+            events: libc::POLLIN,
+            revents: 0,
+        };
         // SAFETY: one valid pollfd, zero timeout.
         let ready = unsafe { libc::poll(&mut poll, 1, 0) };
         ready == 0
@@ -96,6 +121,21 @@ impl Target {
         }
     }
 
+    /// Ends a command we launched that is still running when tracing stops:
+    /// SIGTERM, then SIGKILL if it has not exited after `grace`. We started
+    /// it to trace it, so it must not outlive the tracer as an orphan.
+    pub async fn terminate_launched(&mut self, grace: std::time::Duration) {
+        if !matches!(self.child, Some(Child::Running(_))) || !self.is_alive() {
+            return;
+        }
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.pid as libc::pid_t, libc::SIGTERM) };
+        if tokio::time::timeout(grace, self.exited()).await.is_err() {
+            unsafe { libc::kill(self.pid as libc::pid_t, libc::SIGKILL) };
+            self.exited().await;
+        }
+    }
+
     /// Whether we started the process (and so own its lifetime).
     pub fn launched(&self) -> bool {
         self.child.is_some()
@@ -110,6 +150,13 @@ impl Drop for Target {
             self.child = None;
         }
     }
+}
+
+/// The state letter of /proc/PID/stat (R, S, D, Z, …).
+fn process_state(pid: u32) -> Option<char> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name in parentheses may contain spaces; the state follows the last ')'.
+    stat.rsplit_once(')')?.1.trim_start().chars().next()
 }
 
 fn read_comm(path: &Path) -> Option<String> {
@@ -139,7 +186,9 @@ fn pidfd(pid: u32) -> Result<AsyncFd<OwnedFd>> {
 fn find_program(program: &Path) -> Result<PathBuf> {
     let is_executable = |path: &Path| {
         use std::os::unix::fs::PermissionsExt;
-        path.metadata().map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0).unwrap_or(false)
+        path.metadata()
+            .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+            .unwrap_or(false)
     };
     if program.components().count() > 1 || program.to_string_lossy().contains('/') {
         if !program.exists() {
@@ -148,13 +197,17 @@ fn find_program(program: &Path) -> Result<PathBuf> {
         if !is_executable(program) {
             bail!("{}: not an executable file", program.display());
         }
-        return program.canonicalize().with_context(|| format!("{}", program.display()));
+        return program
+            .canonicalize()
+            .with_context(|| format!("{}", program.display()));
     }
     let path = std::env::var_os("PATH").unwrap_or_default();
     for dir in std::env::split_paths(&path) {
         let candidate = dir.join(program);
         if is_executable(&candidate) {
-            return candidate.canonicalize().with_context(|| format!("{}", candidate.display()));
+            return candidate
+                .canonicalize()
+                .with_context(|| format!("{}", candidate.display()));
         }
     }
     bail!("{}: command not found in $PATH", program.display())
