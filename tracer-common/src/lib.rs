@@ -15,6 +15,21 @@ pub enum EventKind {
     ParkStart = 3,
     /// That park function returned: the worker is running again.
     ParkEnd = 4,
+    /// A task was spawned (bound to its runtime's task list): `task` and
+    /// `task_id` are the new task, `other_task_id` the task that spawned it
+    /// (0 when not spawned from a task), `addr` the address `spawn` was called
+    /// from (0 when unknown).
+    Spawn = 5,
+    /// A task's waker was called: `task`/`task_id` are the woken task,
+    /// `other_task_id` the task running on the waking thread (0 when none:
+    /// the I/O driver or timer inside a park, or a thread outside the runtime).
+    Wake = 6,
+    /// A task ended (tokio released it from its task list, or freed it):
+    /// `task`/`task_id`.
+    TaskEnd = 7,
+    /// A parked worker was unparked; `other_task_id` is the task running on
+    /// the unparking thread (0 when none).
+    Unpark = 8,
 }
 
 impl EventKind {
@@ -24,6 +39,10 @@ impl EventKind {
             2 => Self::PollEnd,
             3 => Self::ParkStart,
             4 => Self::ParkEnd,
+            5 => Self::Spawn,
+            6 => Self::Wake,
+            7 => Self::TaskEnd,
+            8 => Self::Unpark,
             _ => return None,
         })
     }
@@ -43,10 +62,15 @@ pub struct Event {
     /// so user space knows which `raw::poll<T, S>` instance ran.
     pub site: u32,
     pub _pad: u32,
-    /// `PollStart`: the task's header address (tokio's `NonNull<Header>`).
+    /// The task's header address (tokio's `NonNull<Header>`), for kinds
+    /// about a task.
     pub task: u64,
-    /// `PollStart`: the task's `tokio::task::Id`, or 0 where it could not be read.
+    /// That task's `tokio::task::Id`, or 0 where it could not be read.
     pub task_id: u64,
+    /// Another task involved (the waker, the spawner), by id; 0 for none.
+    pub other_task_id: u64,
+    /// An instruction address in the target, for kinds that say so.
+    pub addr: u64,
 }
 
 /// Size of [`Event`] in bytes, for the ring-buffer sizing arithmetic.
@@ -76,6 +100,8 @@ pub mod names {
     pub const LOST: &str = "LOST";
     pub const TARGET_TGID: &str = "TARGET_TGID";
     pub const TASK_ID_LAYOUT: &str = "TASK_ID_LAYOUT";
+    pub const MIN_POLL_NS: &str = "MIN_POLL_NS";
+    pub const SHORT_POLLS: &str = "SHORT_POLLS";
 }
 
 /// Default size of the ring buffer, in bytes (a power of two, as the kernel wants).

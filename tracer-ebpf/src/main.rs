@@ -10,7 +10,7 @@ use aya_ebpf::{
     EbpfContext,
     helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_user, bpf_get_attach_cookie},
     macros::{map, uprobe, uretprobe},
-    maps::{PerCpuArray, RingBuf},
+    maps::{LruHashMap, PerCpuArray, RingBuf},
     programs::{ProbeContext, RetProbeContext},
 };
 use tracer_common::{DEFAULT_RING_BYTES, Event, EventKind, TaskIdLayout};
@@ -29,9 +29,36 @@ static TASK_ID_LAYOUT: TaskIdLayout = TaskIdLayout {
     id_offset_slot: 0,
 };
 
+/// `--min-poll`: when non-zero, a poll is recorded only if it lasted at least
+/// this long; shorter ones are only counted (`SHORT_POLLS`). The filter runs
+/// here, in the kernel, so that short polls cost no ring-buffer traffic.
+#[unsafe(no_mangle)]
+static MIN_POLL_NS: u64 = 0;
+
+/// A poll in progress, kept per thread while `MIN_POLL_NS` filters.
+#[derive(Clone, Copy)]
+struct OpenPoll {
+    start_ns: u64,
+    header: u64,
+    task_id: u64,
+    site: u32,
+}
+
+#[map(name = "OPEN_POLL")]
+static OPEN_POLL: LruHashMap<u32, OpenPoll> = LruHashMap::with_max_entries(16384, 0);
+
+/// Polls shorter than `MIN_POLL_NS`, counted but not recorded, per CPU.
+#[map(name = "SHORT_POLLS")]
+static SHORT_POLLS: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
 /// Resized by user space (`--ring-buffer-size`).
 #[map(name = "EVENTS")]
 static EVENTS: RingBuf = RingBuf::with_byte_size(DEFAULT_RING_BYTES, 0);
+
+/// The task each thread of the target is polling right now (thread id →
+/// task id), so that a wake or spawn can say which task caused it.
+#[map(name = "CURRENT_TASK")]
+static CURRENT_TASK: LruHashMap<u32, u64> = LruHashMap::with_max_entries(16384, 0);
 
 /// Events dropped because the ring buffer was full, per CPU.
 #[map(name = "LOST")]
@@ -86,20 +113,40 @@ fn read_task_id(header: u64) -> u64 {
     unsafe { bpf_probe_read_user((header + id_offset) as *const u64) }.unwrap_or(0)
 }
 
+/// The fields of an event besides its kind, time and thread.
+#[derive(Default)]
+struct Detail {
+    site: u32,
+    task: u64,
+    task_id: u64,
+    other_task_id: u64,
+}
+
 #[inline(always)]
-fn emit(kind: EventKind, tid: u32, site: u32, task: u64, task_id: u64) {
+fn min_poll_ns() -> u64 {
+    unsafe { core::ptr::read_volatile(&MIN_POLL_NS) }
+}
+
+#[inline(always)]
+fn emit(kind: EventKind, tid: u32, detail: Detail) {
     // Stamp before reserving so the time is as close to the probe hit as possible.
-    let ts_ns = unsafe { bpf_ktime_get_ns() };
+    emit_at(unsafe { bpf_ktime_get_ns() }, kind, tid, detail)
+}
+
+#[inline(always)]
+fn emit_at(ts_ns: u64, kind: EventKind, tid: u32, detail: Detail) {
     match EVENTS.reserve::<Event>(0) {
         Some(mut entry) => {
             entry.write(Event {
                 ts_ns,
                 tid,
                 kind: kind as u32,
-                site,
+                site: detail.site,
                 _pad: 0,
-                task,
-                task_id,
+                task: detail.task,
+                task_id: detail.task_id,
+                other_task_id: detail.other_task_id,
+                addr: 0,
             });
             entry.submit(0);
         }
@@ -116,7 +163,17 @@ fn emit(kind: EventKind, tid: u32, site: u32, task: u64, task_id: u64) {
 pub fn poll_start(ctx: ProbeContext) -> u32 {
     let Some(tid) = target_thread() else { return 0 };
     let header: u64 = ctx.arg(0).unwrap_or(0);
-    emit(EventKind::PollStart, tid, attach_cookie(&ctx), header, read_task_id(header));
+    let task_id = read_task_id(header);
+    // Failing to record the current task only costs the waker attribution.
+    let _ = CURRENT_TASK.insert(&tid, &task_id, 0);
+    let site = attach_cookie(&ctx);
+    if min_poll_ns() > 0 {
+        // Decide at the end, when the duration is known.
+        let open = OpenPoll { start_ns: unsafe { bpf_ktime_get_ns() }, header, task_id, site };
+        let _ = OPEN_POLL.insert(&tid, &open, 0);
+        return 0;
+    }
+    emit(EventKind::PollStart, tid, Detail { site, task: header, task_id, ..Detail::default() });
     0
 }
 
@@ -124,7 +181,27 @@ pub fn poll_start(ctx: ProbeContext) -> u32 {
 #[uretprobe]
 pub fn poll_end(ctx: RetProbeContext) -> u32 {
     let Some(tid) = target_thread() else { return 0 };
-    emit(EventKind::PollEnd, tid, attach_cookie(&ctx), 0, 0);
+    let _ = CURRENT_TASK.remove(&tid);
+    let site = attach_cookie(&ctx);
+    let min_poll = min_poll_ns();
+    if min_poll > 0 {
+        let Some(open) = (unsafe { OPEN_POLL.get(&tid) }).copied() else { return 0 };
+        let _ = OPEN_POLL.remove(&tid);
+        let end_ns = unsafe { bpf_ktime_get_ns() };
+        if end_ns.saturating_sub(open.start_ns) < min_poll {
+            if let Some(count) = SHORT_POLLS.get_ptr_mut(0) {
+                unsafe { *count += 1 };
+            }
+            return 0;
+        }
+        // A long poll: both ends at once, in order, so user space sees the
+        // same pair it sees without the filter.
+        let start = Detail { site: open.site, task: open.header, task_id: open.task_id, ..Detail::default() };
+        emit_at(open.start_ns, EventKind::PollStart, tid, start);
+        emit_at(end_ns, EventKind::PollEnd, tid, Detail { site, ..Detail::default() });
+        return 0;
+    }
+    emit(EventKind::PollEnd, tid, Detail { site, ..Detail::default() });
     0
 }
 
@@ -132,7 +209,7 @@ pub fn poll_end(ctx: RetProbeContext) -> u32 {
 #[uprobe]
 pub fn park_start(ctx: ProbeContext) -> u32 {
     let Some(tid) = target_thread() else { return 0 };
-    emit(EventKind::ParkStart, tid, attach_cookie(&ctx), 0, 0);
+    emit(EventKind::ParkStart, tid, Detail { site: attach_cookie(&ctx), ..Detail::default() });
     0
 }
 
@@ -140,7 +217,54 @@ pub fn park_start(ctx: ProbeContext) -> u32 {
 #[uretprobe]
 pub fn park_end(ctx: RetProbeContext) -> u32 {
     let Some(tid) = target_thread() else { return 0 };
-    emit(EventKind::ParkEnd, tid, attach_cookie(&ctx), 0, 0);
+    emit(EventKind::ParkEnd, tid, Detail { site: attach_cookie(&ctx), ..Detail::default() });
+    0
+}
+
+/// The task running on this thread, by id (0 when none).
+#[inline(always)]
+fn current_task(tid: u32) -> u64 {
+    unsafe { CURRENT_TASK.get(&tid) }.copied().unwrap_or(0)
+}
+
+/// The scheduler events (spawn, wake, task end, unpark) share programs: the
+/// attach cookie carries the event kind in its high half and the site index
+/// in its low half, and the program is chosen by which register holds the
+/// task's header (or none).
+#[inline(always)]
+fn task_event(cookie: u64, header: u64) {
+    let Some(tid) = target_thread() else { return };
+    let Some(kind) = EventKind::from_u32((cookie >> 32) as u32) else { return };
+    let detail = Detail {
+        site: cookie as u32,
+        task: header,
+        task_id: read_task_id(header),
+        other_task_id: current_task(tid),
+    };
+    emit(kind, tid, detail);
+}
+
+/// A scheduler event whose task header is the first argument (RDI).
+#[uprobe]
+pub fn task_event_arg0(ctx: ProbeContext) -> u32 {
+    let cookie = unsafe { bpf_get_attach_cookie(ctx.as_ptr()) };
+    task_event(cookie, ctx.arg(0).unwrap_or(0));
+    0
+}
+
+/// A scheduler event whose task header is the second argument (RSI).
+#[uprobe]
+pub fn task_event_arg1(ctx: ProbeContext) -> u32 {
+    let cookie = unsafe { bpf_get_attach_cookie(ctx.as_ptr()) };
+    task_event(cookie, ctx.arg(1).unwrap_or(0));
+    0
+}
+
+/// A scheduler event about no task in particular (an unpark).
+#[uprobe]
+pub fn thread_event(ctx: ProbeContext) -> u32 {
+    let cookie = unsafe { bpf_get_attach_cookie(ctx.as_ptr()) };
+    task_event(cookie, 0);
     0
 }
 

@@ -1,9 +1,14 @@
 //! THE table of tokio functions we probe, for every tokio version we know.
 //!
 //! Matching is exact equality on the demangled path with the hash, any
-//! `.llvm.NNN` suffix and any `::<…>` generic arguments removed (see
-//! `symbols::match_path`). Adding support for another tokio version means
+//! `.llvm.NNN` suffix and every generic argument list removed (see
+//! `generics::strip_generic_args`): legacy mangling prints the impl's
+//! parameters literally (`OwnedTasks<S>::bind_inner`), v0 prints the real
+//! types (`<OwnedTasks<Arc<…>>>::bind_inner`); both match the catalog's
+//! `OwnedTasks::bind_inner`. Adding support for another tokio version means
 //! adding a line here and nothing else.
+
+use crate::{SiteKind, TaskArg};
 
 /// Functions that poll one task: one instance per future type (`raw::poll::<T, S>`).
 /// Every tokio 1.x has this one.
@@ -60,6 +65,102 @@ pub const PARK_FAMILIES: &[ParkFamily] = &[
     },
 ];
 
+/// One function whose entry marks a scheduler event, and where its eBPF
+/// program finds the task.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EventFunction {
+    pub path: &'static str,
+    pub task_arg: TaskArg,
+}
+
+/// The functions that mark one kind of event, as ordered alternatives like a
+/// [`ParkFamily`]'s: the first alternative with a symbol present wins.
+#[derive(Clone, Copy, Debug)]
+pub struct EventFamily {
+    pub kind: SiteKind,
+    /// What goes untraced when no alternative is present (for the warning).
+    pub untraced: &'static str,
+    pub alternatives: &'static [&'static [EventFunction]],
+}
+
+const fn event(path: &'static str, task_arg: TaskArg) -> EventFunction {
+    EventFunction { path, task_arg }
+}
+
+/// The scheduler events the tracer marks, one family per [`SiteKind`] other
+/// than poll and park. Versions are those whose source we checked (1.54.1,
+/// the fixtures'); older lines are kept where the layout is known.
+pub const EVENT_FAMILIES: &[EventFamily] = &[
+    EventFamily {
+        kind: SiteKind::Spawn,
+        untraced: "spawns",
+        alternatives: &[
+            // tokio 1.54: `unsafe fn bind_inner(&self, task: Task<S>, notified:
+            // Notified<S>)`; `Task<S>` is one `NonNull<Header>`, so RSI is the
+            // header. Called by every `bind`/`bind_local` (spawn, spawn_local,
+            // spawn_blocking does not use it).
+            &[event("tokio::runtime::task::list::OwnedTasks::bind_inner", TaskArg::Rsi)],
+            // Older tokio: `bind<T>(&self, task: T, …) -> (JoinHandle, Option<Notified>)`
+            // creates the task itself, so no argument holds a header on entry
+            // (the future is argument 1 and the big return value goes through
+            // RDI): spawns are counted, not attributed.
+            &[event("tokio::runtime::task::list::OwnedTasks::bind", TaskArg::None)],
+        ],
+    },
+    EventFamily {
+        kind: SiteKind::Wake,
+        untraced: "wakes",
+        // Every tokio 1.x: the task waker's vtable functions, `ptr` = the
+        // header (RDI). Neither calls the other. Tasks tokio schedules
+        // without a waker (a new spawn, `yield_now`'s deferral) don't pass here.
+        alternatives: &[&[
+            event("tokio::runtime::task::waker::wake_by_val", TaskArg::Rdi),
+            event("tokio::runtime::task::waker::wake_by_ref", TaskArg::Rdi),
+        ]],
+    },
+    EventFamily {
+        kind: SiteKind::TaskEnd,
+        untraced: "task ends",
+        // Every tokio 1.x: `dealloc::<T, S>(ptr: NonNull<Header>)`, one
+        // instance per future type; the header (RDI) is still readable on
+        // entry, it is freed inside.
+        alternatives: &[&[event("tokio::runtime::task::raw::dealloc", TaskArg::Rdi)]],
+    },
+    EventFamily {
+        kind: SiteKind::Unpark,
+        untraced: "worker unparks",
+        alternatives: &[
+            // tokio ≥ 1.2x (`scheduler/`): `Unparker::unpark(&self, driver)`.
+            &[event(
+                "tokio::runtime::scheduler::multi_thread::park::Unparker::unpark",
+                TaskArg::None,
+            )],
+            // tokio 1.8-era multi_thread (not checked against a binary).
+            &[event("tokio::runtime::thread_pool::park::Unparker::unpark", TaskArg::None)],
+        ],
+    },
+];
+
+/// Picks the functions of `family` to probe: those of its first alternative
+/// that `is_present` says the binary has.
+pub fn choose_event_functions(
+    family: &EventFamily,
+    is_present: impl Fn(&str) -> bool,
+) -> Vec<EventFunction> {
+    family
+        .alternatives
+        .iter()
+        .find(|alternative| alternative.iter().any(|function| is_present(function.path)))
+        .map(|alternative| {
+            alternative
+                .iter()
+                .copied()
+                .filter(|function| is_present(function.path))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 /// Blocking-pool "tasks" that are really a runtime thread's whole life: the
 /// multi-thread scheduler starts each worker (and the replacement worker of
 /// `block_in_place`) with `spawn_blocking`, so its `raw::poll` never returns
@@ -82,13 +183,18 @@ pub fn is_runtime_thread_body(task_type: &str) -> bool {
     })
 }
 
-/// Every path in the catalog, polls first: for error messages.
+/// Every path in the catalog, polls first, then parks, then events: for
+/// error messages.
 pub fn all_paths() -> Vec<&'static str> {
     let parks = PARK_FAMILIES
         .iter()
         .flat_map(|family| family.alternatives.iter())
         .flat_map(|alternative| alternative.iter().copied());
-    POLL_PATHS.iter().copied().chain(parks).collect()
+    let events = EVENT_FAMILIES
+        .iter()
+        .flat_map(|family| family.alternatives.iter())
+        .flat_map(|alternative| alternative.iter().map(|function| function.path));
+    POLL_PATHS.iter().copied().chain(parks).chain(events).collect()
 }
 
 /// Picks the park functions to probe: for each family, the paths of the first
@@ -140,7 +246,44 @@ mod tests {
         let paths = all_paths();
         assert_eq!(paths[0], "tokio::runtime::task::raw::poll");
         assert!(paths.contains(&"tokio::runtime::basic_scheduler::Context::park_yield"));
-        assert_eq!(paths.len(), 1 + 3 + 1 + 2 + 1 + 2 + 2);
+        assert!(paths.contains(&"tokio::runtime::task::waker::wake_by_ref"));
+        assert_eq!(paths.len(), 1 + 3 + 1 + 2 + 1 + 2 + 2 + (2 + 2 + 1 + 2));
+    }
+
+    #[test]
+    fn catalog_paths_are_already_generic_free() {
+        // A path with generics could never equal a stripped symbol path.
+        for path in all_paths() {
+            assert_eq!(crate::generics::strip_generic_args(path), path);
+        }
+    }
+
+    #[test]
+    fn every_event_kind_has_a_family_and_no_family_is_a_span() {
+        for kind in [SiteKind::Spawn, SiteKind::Wake, SiteKind::TaskEnd, SiteKind::Unpark] {
+            assert_eq!(
+                EVENT_FAMILIES.iter().filter(|family| family.kind == kind).count(),
+                1,
+                "{kind:?}"
+            );
+            assert!(!kind.needs_return_probe());
+        }
+    }
+
+    #[test]
+    fn bind_inner_wins_over_bind_and_carries_the_header_in_rsi() {
+        let spawn = &EVENT_FAMILIES[0];
+        let both = [
+            "tokio::runtime::task::list::OwnedTasks::bind_inner",
+            "tokio::runtime::task::list::OwnedTasks::bind",
+        ];
+        let chosen = choose_event_functions(spawn, |p| both.contains(&p));
+        assert_eq!(chosen.len(), 1);
+        assert_eq!(chosen[0].path, both[0]);
+        assert_eq!(chosen[0].task_arg, TaskArg::Rsi);
+        let old = choose_event_functions(spawn, |p| p == both[1]);
+        assert_eq!(old[0].task_arg, TaskArg::None);
+        assert!(choose_event_functions(spawn, |_| false).is_empty());
     }
 }
 

@@ -9,7 +9,9 @@ use object::{Architecture, Object};
 
 use crate::image::Image;
 use crate::symbols::{FunctionSymbol, SymbolTable};
-use crate::{ProbePlan, ProbeSite, SiteKind, catalog, disasm, dwarf, naming, version};
+use crate::{
+    ProbePlan, ProbeSite, SiteKind, TaskArg, catalog, disasm, dwarf, naming, placement, version,
+};
 
 /// tokio keeps `id_offset` in the task vtable from this version on.
 const FIRST_VERSION_WITH_ID_IN_VTABLE: (u64, u64, u64) = (1, 23, 0);
@@ -69,7 +71,8 @@ pub fn discover(binary: &Path) -> anyhow::Result<ProbePlan> {
     let mut sites = Vec::new();
     let mut skipped = Vec::new();
     for (&address, group) in &poll_groups {
-        let mut site = site(SiteKind::Poll, address, group, &image).with_context(|| {
+        // `raw::poll(ptr: NonNull<Header>)`: the header is argument 0.
+        let mut site = site(SiteKind::Poll, TaskArg::Rdi, address, group, &image).with_context(|| {
             format!(
                 "{}: poll function at {address:#x} is outside the file's sections",
                 binary.display()
@@ -88,13 +91,33 @@ pub fn discover(binary: &Path) -> anyhow::Result<ProbePlan> {
         sites.push(site);
     }
     for (&address, group) in &park_groups {
-        let site = site(SiteKind::Park, address, group, &image).with_context(|| {
+        let site = site(SiteKind::Park, TaskArg::None, address, group, &image).with_context(|| {
             format!(
                 "{}: park function at {address:#x} is outside the file's sections",
                 binary.display()
             )
         })?;
         sites.push(site);
+    }
+    for family in catalog::EVENT_FAMILIES {
+        let functions = catalog::choose_event_functions(family, |path| symbols.has_path(path));
+        if functions.is_empty() {
+            warnings.push(missing_event_warning(family));
+        }
+        for function in functions {
+            let groups = group_by_address(symbols.with_path(function.path));
+            for (&address, group) in &groups {
+                let site = site(family.kind, function.task_arg, address, group, &image)
+                    .with_context(|| {
+                        format!(
+                            "{}: {} function at {address:#x} is outside the file's sections",
+                            binary.display(),
+                            family.kind.name()
+                        )
+                    })?;
+                sites.push(site);
+            }
+        }
     }
 
     let tokio_version = image
@@ -154,9 +177,26 @@ fn group_by_address<'a>(
     groups
 }
 
-/// A site without a task type; `None` if the address isn't backed by file bytes.
+/// "no wake function found (looked for: …): wakes will not be traced".
+fn missing_event_warning(family: &catalog::EventFamily) -> String {
+    let paths: Vec<&str> = family
+        .alternatives
+        .iter()
+        .flat_map(|alternative| alternative.iter().map(|function| function.path))
+        .collect();
+    format!(
+        "no {} function found (looked for: {}); {} will not be traced",
+        family.kind.name(),
+        paths.join(", "),
+        family.untraced
+    )
+}
+
+/// A site without a task type, its entry probe placed; `None` if the address
+/// isn't backed by file bytes.
 fn site(
     kind: SiteKind,
+    task_arg: TaskArg,
     address: u64,
     group: &[&FunctionSymbol],
     image: &Image,
@@ -170,12 +210,30 @@ fn site(
         .bytes(address, 15)
         .and_then(|code| disasm::first_instruction(code, address))
         .unwrap_or_else(|| "?".to_string());
+    // Folded symbols share their code; the largest size covers all of it.
+    let size = group.iter().map(|symbol| symbol.size).max().unwrap_or(15);
+    let needs_return_probe = kind.needs_return_probe();
+    let placement = image
+        .bytes(address, size)
+        .and_then(|code| {
+            placement::place_entry(code, address, task_arg.probe_inputs(), !needs_return_probe)
+        })
+        .unwrap_or(placement::Placement {
+            address,
+            instruction: "?".to_string(),
+            cost: placement::Cost::SingleStep,
+        });
     Some(ProbeSite {
         kind,
         symbol: names.join(" | "),
         address,
         file_offset,
         first_instruction,
+        probe_offset: file_offset + (placement.address - address),
+        probe_instruction: placement.instruction,
+        cost: placement.cost,
+        needs_return_probe,
+        task_arg,
         task_type: None,
     })
 }

@@ -89,11 +89,14 @@ pub fn first_args_of(name: &str, type_path: &str) -> Vec<String> {
 }
 
 /// Removes generic arguments from a demangled function path so it can be
-/// compared with the catalog: v0's turbofish `::<…>` segments, and v0's
-/// `<Type>::method` form of an inherent method (not `<A as Trait>::method`).
+/// compared with the catalog: v0's turbofish `::<…>` segments, the argument
+/// list of a generic type in the path (legacy's literal `OwnedTasks<S>`, v0's
+/// `OwnedTasks<alloc::sync::Arc<…>>`), and v0's `<Type>::method` form of an
+/// inherent method (not `<A as Trait>::method`).
 ///
 /// `tokio::runtime::task::raw::poll::<F, S>` → `tokio::runtime::task::raw::poll`;
-/// `<tokio::…::Context>::park` → `tokio::…::Context::park`.
+/// `<tokio::…::Context>::park` → `tokio::…::Context::park`;
+/// `tokio::…::OwnedTasks<S>::bind_inner` → `tokio::…::OwnedTasks::bind_inner`.
 pub fn strip_generic_args(path: &str) -> String {
     let mut path = path.to_string();
     // `<Type>::rest` → `Type::rest`, for inherent impls.
@@ -109,6 +112,17 @@ pub fn strip_generic_args(path: &str) -> String {
     while i < path.len() {
         if path[i..].starts_with("::<")
             && let Some(close) = matching_close(&path, i + 2)
+        {
+            i = close + 1;
+            continue;
+        }
+        let after_type_name = out
+            .chars()
+            .next_back()
+            .is_some_and(|c| c.is_alphanumeric() || c == '_');
+        if path[i..].starts_with('<')
+            && after_type_name
+            && let Some(close) = matching_close(&path, i)
         {
             i = close + 1;
             continue;
@@ -222,6 +236,21 @@ mod tests {
         );
         let trait_method = "<a::B as core::future::Future>::poll";
         assert_eq!(strip_generic_args(trait_method), trait_method);
+        // A generic type's parameters, legacy (literal) and v0 (real types).
+        assert_eq!(
+            strip_generic_args("tokio::runtime::task::list::OwnedTasks<S>::bind_inner"),
+            "tokio::runtime::task::list::OwnedTasks::bind_inner"
+        );
+        assert_eq!(
+            strip_generic_args(
+                "<tokio::runtime::task::list::OwnedTasks<alloc::sync::Arc<tokio::runtime::scheduler::multi_thread::handle::Handle>>>::bind_inner"
+            ),
+            "tokio::runtime::task::list::OwnedTasks::bind_inner"
+        );
+        assert_eq!(
+            strip_generic_args("<a::B<T> as core::future::Future>::poll"),
+            trait_method
+        );
         assert_eq!(
             strip_generic_args("tokio::runtime::task::raw::poll"),
             "tokio::runtime::task::raw::poll"

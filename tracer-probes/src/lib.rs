@@ -3,14 +3,16 @@
 //!
 //! The flow, in [`discover()`]: read the ELF's function symbols, match them
 //! against the [`catalog`] of tokio functions, work out each site's file offset
-//! (what the kernel's uprobe attach wants), decode its first instruction, and
-//! name the `T` of each `tokio::runtime::task::raw::poll::<T, S>` instance
+//! (what the kernel's uprobe attach wants), choose the instruction its entry
+//! probe replaces so the kernel can emulate it ([`placement`]), and name the
+//! `T` of each `tokio::runtime::task::raw::poll::<T, S>` instance
 //! ([`naming`]), from DWARF when the binary has it, else from its symbols.
 
 pub mod catalog;
 pub mod disasm;
 pub mod discover;
 pub mod naming;
+pub mod placement;
 
 mod dwarf;
 mod generics;
@@ -20,16 +22,75 @@ mod table;
 mod version;
 
 pub use discover::discover;
+pub use placement::Cost;
 pub use table::write_table;
 
-/// Which kind of tokio function a probe site is. Each site gets an entry
-/// uprobe and a uretprobe.
+/// Which kind of tokio function a probe site is. Poll and park sites get an
+/// entry uprobe and a uretprobe (they measure a span); the others get an
+/// entry uprobe only (they mark an instant).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum SiteKind {
     /// `tokio::runtime::task::raw::poll`: one task is polled once.
     Poll,
     /// A scheduler's park function: the worker has nothing to do and sleeps.
     Park,
+    /// A new task joins the runtime's owned-task list (`OwnedTasks::bind_inner`).
+    Spawn,
+    /// A task's waker is woken (`task::waker::wake_by_val` / `wake_by_ref`).
+    Wake,
+    /// A task's memory is freed (`task::raw::dealloc`): the task is gone.
+    TaskEnd,
+    /// A sleeping multi-thread worker is woken (`park::Unparker::unpark`).
+    Unpark,
+}
+
+impl SiteKind {
+    /// Does this kind measure a span, with a uretprobe at the function's return?
+    pub fn needs_return_probe(self) -> bool {
+        matches!(self, SiteKind::Poll | SiteKind::Park)
+    }
+
+    /// The lower-case name used in tables and messages.
+    pub fn name(self) -> &'static str {
+        match self {
+            SiteKind::Poll => "poll",
+            SiteKind::Park => "park",
+            SiteKind::Spawn => "spawn",
+            SiteKind::Wake => "wake",
+            SiteKind::TaskEnd => "task end",
+            SiteKind::Unpark => "unpark",
+        }
+    }
+}
+
+/// Which argument register holds the task's `Header` pointer when the entry
+/// probe fires: what the eBPF program for the site must read (System V
+/// x86-64 calling convention: argument 0 in RDI, argument 1 in RSI).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum TaskArg {
+    /// No argument identifies a task (park, unpark).
+    None,
+    /// Argument 0.
+    Rdi,
+    /// Argument 1.
+    Rsi,
+}
+
+impl TaskArg {
+    /// The registers an entry probe reading this argument depends on: where
+    /// [`placement`] must not let the probe move past a write.
+    pub fn probe_inputs(self) -> placement::ProbeInputs {
+        use iced_x86::Register;
+        let registers: &'static [Register] = match self {
+            TaskArg::None => &[],
+            TaskArg::Rdi => &[Register::RDI],
+            TaskArg::Rsi => &[Register::RSI],
+        };
+        placement::ProbeInputs {
+            registers,
+            reads_stack: false,
+        }
+    }
 }
 
 /// The future type `T` of one `raw::poll::<T, S>` instance.
@@ -61,12 +122,24 @@ pub struct ProbeSite {
     /// Demangled, without the hash. When identical code folding gave several
     /// symbols the same address, their names joined with " | ".
     pub symbol: String,
-    /// ELF virtual address (`st_value`).
+    /// ELF virtual address (`st_value`) of the function.
     pub address: u64,
-    /// Offset in the file: what the kernel's uprobe attach wants.
+    /// Offset in the file of the function's first instruction: where the
+    /// uretprobe attaches (see [`ProbeSite::needs_return_probe`]).
     pub file_offset: u64,
     /// The first instruction in Intel syntax, e.g. `jmp 2EF80h`; "?" if undecodable.
     pub first_instruction: String,
+    /// Offset in the file where the entry uprobe goes: `file_offset` or, for
+    /// an entry-only site, a cheaper instruction further on (see [`placement`]).
+    pub probe_offset: u64,
+    /// The instruction at `probe_offset` in Intel syntax; "?" if undecodable.
+    pub probe_instruction: String,
+    /// Whether the kernel emulates or single-steps the probed instruction.
+    pub cost: Cost,
+    /// Poll and park sites: a uretprobe at `file_offset` too.
+    pub needs_return_probe: bool,
+    /// Which register the entry probe's eBPF program reads the task from.
+    pub task_arg: TaskArg,
     /// Poll sites only; `None` when nothing named it (shown as `task@<address>`).
     pub task_type: Option<TaskType>,
 }
@@ -80,7 +153,8 @@ pub struct ProbePlan {
     /// The tokio version compiled in, e.g. "1.54.1", if the binary says.
     pub tokio_version: Option<String>,
     /// The attach cookie of a site is its index here. Poll sites come first,
-    /// then park sites, each in address order.
+    /// then park, spawn, wake, task end and unpark sites, each kind in address
+    /// order.
     pub sites: Vec<ProbeSite>,
     /// Where the eBPF side finds a task's id, for this tokio version.
     pub task_id_layout: tracer_common::TaskIdLayout,

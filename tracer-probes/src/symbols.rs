@@ -12,7 +12,8 @@ pub struct FunctionSymbol {
     /// Demangled without the hash (`rustc_demangle`'s `{:#}`), generics kept:
     /// `core::ptr::drop_in_place<tokio::runtime::task::core::Stage<…>>`.
     pub name: String,
-    /// `name` with v0's generic arguments removed: what the catalog matches.
+    /// `name` with every generic argument list removed (legacy's literal
+    /// `OwnedTasks<S>` as well as v0's real types): what the catalog matches.
     pub path: String,
     pub address: u64,
     pub size: u64,

@@ -2,19 +2,27 @@
 
 use std::io::{self, Write};
 
-use crate::{NameSource, ProbePlan, ProbeSite, SiteKind};
+use crate::{Cost, NameSource, ProbePlan, ProbeSite, SiteKind, TaskArg};
 
-const HEADERS: [&str; 6] = [
+const COLUMNS: usize = 8;
+
+const HEADERS: [&str; COLUMNS] = [
     "KIND",
     "SYMBOL",
     "ADDRESS",
     "FILE OFFSET",
-    "FIRST INSTRUCTION",
-    "TASK TYPE",
+    "PROBE AT",
+    "PROBED INSTRUCTION",
+    "COST",
+    "TASK",
 ];
 
 /// Writes a summary line, one row per site (kind, symbol, address, file
-/// offset, first instruction, task type), then any warnings.
+/// offset of the function, where its entry probe goes (`+0x0` = the first
+/// instruction; `+ret` marks a uretprobe too), the probed instruction, its
+/// cost class, and the task type or the register the task is read from),
+/// then a warning per single-stepped probe, the skipped sites and the plan's
+/// warnings.
 pub fn write_table(plan: &ProbePlan, out: &mut dyn Write) -> io::Result<()> {
     writeln!(
         out,
@@ -24,7 +32,7 @@ pub fn write_table(plan: &ProbePlan, out: &mut dyn Write) -> io::Result<()> {
         plan.sites.len(),
         if plan.stripped { " (no .symtab)" } else { "" }
     )?;
-    let rows: Vec<[String; 6]> = plan.sites.iter().map(row).collect();
+    let rows: Vec<[String; COLUMNS]> = plan.sites.iter().map(row).collect();
     let mut widths = HEADERS.map(str::len);
     for row in &rows {
         for (width, cell) in widths.iter_mut().zip(row) {
@@ -34,6 +42,21 @@ pub fn write_table(plan: &ProbePlan, out: &mut dyn Write) -> io::Result<()> {
     write_row(out, &HEADERS.map(String::from), &widths)?;
     for row in &rows {
         write_row(out, row, &widths)?;
+    }
+    for site in plan.sites.iter().filter(|site| site.cost == Cost::SingleStep) {
+        writeln!(
+            out,
+            "warning: {} probe on {} at {:#x} single-steps `{}` (~20x the cost of an emulated probe){}",
+            site.kind.name(),
+            site.symbol,
+            site.address + (site.probe_offset - site.file_offset),
+            site.probe_instruction,
+            if site.needs_return_probe {
+                ": a return-probed site must stay on its first instruction"
+            } else {
+                ": no emulated instruction is safe to probe before the first branch"
+            }
+        )?;
     }
     for (site, why) in &plan.skipped {
         let task = site.task_type.as_ref().map_or("?", |t| t.short.as_str());
@@ -49,13 +72,9 @@ pub fn write_table(plan: &ProbePlan, out: &mut dyn Write) -> io::Result<()> {
     Ok(())
 }
 
-fn row(site: &ProbeSite) -> [String; 6] {
-    let kind = match site.kind {
-        SiteKind::Poll => "poll",
-        SiteKind::Park => "park",
-    };
-    let task_type = match (&site.task_type, site.kind) {
-        (Some(task), _) => {
+fn row(site: &ProbeSite) -> [String; COLUMNS] {
+    let task = match (&site.task_type, site.kind, site.task_arg) {
+        (Some(task), _, _) => {
             let source = match task.source {
                 NameSource::Dwarf => "dwarf",
                 NameSource::Symbols => "symbols",
@@ -63,20 +82,37 @@ fn row(site: &ProbeSite) -> [String; 6] {
             };
             format!("{} ({source})", task.short)
         }
-        (None, SiteKind::Poll) => format!("task@{:#x}", site.address),
-        (None, SiteKind::Park) => "-".to_string(),
+        (None, SiteKind::Poll, _) => format!("task@{:#x}", site.address),
+        (None, _, TaskArg::Rdi) => "header in rdi".to_string(),
+        (None, _, TaskArg::Rsi) => "header in rsi".to_string(),
+        (None, _, TaskArg::None) => "-".to_string(),
+    };
+    let probe_at = format!(
+        "+{:#x}{}",
+        site.probe_offset - site.file_offset,
+        if site.needs_return_probe { " +ret" } else { "" }
+    );
+    let cost = match site.cost {
+        Cost::Emulated => "emulated",
+        Cost::SingleStep => "SINGLE-STEP",
     };
     [
-        kind.to_string(),
+        site.kind.name().to_string(),
         site.symbol.clone(),
         format!("{:#x}", site.address),
         format!("{:#x}", site.file_offset),
-        site.first_instruction.clone(),
-        task_type,
+        probe_at,
+        site.probe_instruction.clone(),
+        cost.to_string(),
+        task,
     ]
 }
 
-fn write_row(out: &mut dyn Write, cells: &[String; 6], widths: &[usize; 6]) -> io::Result<()> {
+fn write_row(
+    out: &mut dyn Write,
+    cells: &[String; COLUMNS],
+    widths: &[usize; COLUMNS],
+) -> io::Result<()> {
     let line: Vec<String> = cells
         .iter()
         .zip(widths)

@@ -62,6 +62,17 @@ pub struct RecordArgs {
     #[arg(short, long, value_parser = parse_duration)]
     pub duration: Option<Duration>,
 
+    /// What to record: `full` (every poll and park, plus spawns, wakes and
+    /// task ends) or `light` (parks and polls longer than --min-poll, default
+    /// 1ms, for always-on use).
+    #[arg(long, value_enum, default_value_t = ModeArg::Full)]
+    pub mode: ModeArg,
+
+    /// Record only polls at least this long (e.g. 100us, 1ms); shorter ones
+    /// are counted in the kernel and cost no ring-buffer traffic.
+    #[arg(long, value_parser = parse_duration)]
+    pub min_poll: Option<Duration>,
+
     /// Size of the kernel-to-tracer ring buffer (e.g. 16M, 64MiB); rounded up
     /// to a power of two. Raise it if events are lost.
     #[arg(long, default_value = "16M", value_parser = parse_ring_size)]
@@ -71,6 +82,12 @@ pub struct RecordArgs {
     /// running when tracing stops, it is sent SIGTERM.
     #[arg(last = true, value_name = "COMMAND")]
     pub command: Vec<OsString>,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ModeArg {
+    Full,
+    Light,
 }
 
 fn parse_duration(text: &str) -> Result<Duration, String> {

@@ -7,9 +7,9 @@ use std::process::ExitCode;
 
 use anyhow::{Result, bail};
 use clap::Parser;
-use rt_ebpf_trace::record::{self, RecordOptions, TargetSpec};
+use rt_ebpf_trace::record::{self, Mode, RecordOptions, Settings, TargetSpec};
 
-use cli::{Cli, Command, ProbesArgs, RecordArgs};
+use cli::{Cli, Command, ModeArg, ProbesArgs, RecordArgs};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -63,11 +63,24 @@ fn run_record(args: RecordArgs) -> Result<ExitCode> {
             bail!("nothing to trace: give --pid PID, or a command after -- (see --help)")
         }
     };
+    let mode = match args.mode {
+        ModeArg::Full => Mode::Full,
+        ModeArg::Light => Mode::Light,
+    };
+    // Light mode is for always-on use: only polls long enough to matter.
+    let default_min_poll = match mode {
+        Mode::Full => std::time::Duration::ZERO,
+        Mode::Light => std::time::Duration::from_millis(1),
+    };
     let options = RecordOptions {
         target,
         output: args.output,
         duration: args.duration,
-        ring_bytes: args.ring_buffer_size,
+        mode,
+        settings: Settings {
+            ring_bytes: args.ring_buffer_size,
+            min_poll: args.min_poll.unwrap_or(default_min_poll),
+        },
     };
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()

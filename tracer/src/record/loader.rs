@@ -25,6 +25,14 @@ const POLL_END: &str = "poll_end";
 const PARK_START: &str = "park_start";
 const PARK_END: &str = "park_end";
 
+/// How the eBPF side is configured for one recording.
+pub struct Settings {
+    /// Ring buffer size in bytes (a power of two, a multiple of the page size).
+    pub ring_bytes: u32,
+    /// Polls shorter than this are counted, not recorded (zero: record all).
+    pub min_poll: std::time::Duration,
+}
+
 pub struct LoadedProbes {
     ebpf: Ebpf,
     /// Every attachment, by program, so they can be detached while the maps
@@ -34,11 +42,13 @@ pub struct LoadedProbes {
 
 /// Loads the programs and maps, configured for one target process. Nothing is
 /// attached yet.
-pub fn load(plan: &ProbePlan, target_pid: u32, ring_bytes: u32) -> Result<LoadedProbes> {
+pub fn load(plan: &ProbePlan, target_pid: u32, settings: &Settings) -> Result<LoadedProbes> {
+    let min_poll_ns = settings.min_poll.as_nanos() as u64;
     let mut ebpf = EbpfLoader::new()
         .override_global(names::TARGET_TGID, &target_pid, true)
         .override_global(names::TASK_ID_LAYOUT, &plan.task_id_layout, true)
-        .map_max_entries(names::EVENTS, ring_bytes)
+        .override_global(names::MIN_POLL_NS, &min_poll_ns, true)
+        .map_max_entries(names::EVENTS, settings.ring_bytes)
         .load(EBPF_OBJECT)
         .context("the kernel refused to load the eBPF programs")?;
     for name in [POLL_START, POLL_END, PARK_START, PARK_END] {
@@ -104,6 +114,13 @@ impl LoadedProbes {
             .context("the LOST map is missing")?;
         let lost: PerCpuArray<&MapData, u64> = PerCpuArray::try_from(map)?;
         Ok(lost.get(&0, 0)?.iter().sum())
+    }
+
+    /// Polls shorter than `--min-poll`, counted in the kernel and not recorded.
+    pub fn short_polls(&self) -> Result<u64> {
+        let map = self.ebpf.map(names::SHORT_POLLS).context("the SHORT_POLLS map is missing")?;
+        let short: PerCpuArray<&MapData, u64> = PerCpuArray::try_from(map)?;
+        Ok(short.get(&0, 0)?.iter().sum())
     }
 
     /// Starts forwarding the eBPF side's log messages (aya-log) to `log`.

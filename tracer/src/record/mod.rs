@@ -12,4 +12,5 @@ pub mod session;
 pub mod status;
 pub mod target;
 
-pub use session::{Outcome, RecordOptions, StopReason, TargetSpec, record};
+pub use loader::Settings;
+pub use session::{Mode, Outcome, RecordOptions, StopReason, TargetSpec, record};

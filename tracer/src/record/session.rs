@@ -30,12 +30,22 @@ pub enum TargetSpec {
     Command(Vec<OsString>),
 }
 
+/// What to record.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// Every poll and park, and the scheduler's events (spawns, wakes, task
+    /// ends, unparks).
+    Full,
+    /// For always-on use: parks and long polls only.
+    Light,
+}
+
 pub struct RecordOptions {
     pub target: TargetSpec,
     pub output: PathBuf,
     pub duration: Option<Duration>,
-    /// Ring buffer size in bytes (a power of two, a multiple of the page size).
-    pub ring_bytes: u32,
+    pub mode: Mode,
+    pub settings: loader::Settings,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -88,7 +98,7 @@ pub async fn record(options: RecordOptions) -> Result<Outcome> {
     let mut writer = ChromeTraceWriter::create(&options.output)?;
 
     let loading = std::time::Instant::now();
-    let mut probes = loader::load(&plan, target.pid, options.ring_bytes)?;
+    let mut probes = loader::load(&plan, target.pid, &options.settings)?;
     log::info!("loaded the eBPF programs in {:?}", loading.elapsed());
     let start_ns = monotonic_ns();
     let attaching = std::time::Instant::now();
@@ -155,8 +165,15 @@ pub async fn record(options: RecordOptions) -> Result<Outcome> {
     // Whatever is still in the ring buffer happened before the stop.
     probes.detach();
     let lost = probes.lost_events()?;
+    let short_polls = probes.short_polls()?;
     sink.drain_all(ring.get_mut())?;
     let summary = sink.finish(end_ns, lost, &options.output, &plan)?;
+    if short_polls > 0 {
+        println!(
+            "{short_polls} polls shorter than --min-poll {} were counted in the kernel and not recorded",
+            humantime::format_duration(options.settings.min_poll)
+        );
+    }
     target.terminate_launched(Duration::from_secs(5)).await;
     let command_status = target.exit_status();
     Ok(Outcome {

@@ -1,0 +1,485 @@
+//! Where in a probed function the entry uprobe goes, and what it costs.
+//!
+//! A uprobe replaces one instruction with `int3`. When it fires, the kernel
+//! runs the eBPF program and then has to execute the instruction it replaced.
+//! For a few kinds of instruction it EMULATES that (it updates the saved
+//! registers itself: ~0.3–0.6 µs per hit on the VM we measured on); for every
+//! other kind it copies the instruction to a scratch page and SINGLE-STEPS it
+//! there, a second trap (~11 µs per hit). On a function that runs once per
+//! wake or spawn, that is the difference between noise and a slowed program.
+//!
+//! So an entry-only probe may move from the function's first instruction to a
+//! cheaper one further on, as long as it still fires exactly once per call and
+//! sees the same argument values. That holds for an instruction on the
+//! function's *straight-line prefix* — the instructions from the entry up to
+//! and including the first control-flow instruction, which every call runs in
+//! order — provided that:
+//! - no branch in the function lands inside the prefix at or before it (a loop
+//!   head there would make it fire once per iteration), and
+//! - no instruction before it writes a register the eBPF program reads there,
+//!   nor (for programs that read the stack) moves RSP or stores to the stack.
+//!
+//! A site with a return probe cannot move: the uretprobe's entry breakpoint
+//! must be the function's first instruction, because it swaps the return
+//! address at `[rsp]`, which is only there before the prologue runs.
+
+use iced_x86::{
+    Code, Decoder, DecoderOptions, FlowControl, Formatter, Instruction, InstructionInfoFactory,
+    IntelFormatter, OpAccess, OpKind, Register,
+};
+
+/// What the kernel does with the instruction a uprobe replaced.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Cost {
+    /// Emulated in the kernel's trap handler: cheap.
+    Emulated,
+    /// Executed out of line with a single-step trap: about 20 times dearer.
+    SingleStep,
+}
+
+/// What the eBPF program attached at a site reads from the probed thread.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ProbeInputs {
+    /// Registers read (full 64-bit registers, e.g. `Register::RDI`).
+    pub registers: &'static [Register],
+    /// Reads memory at or above RSP (e.g. the caller's address at `[rsp]`).
+    pub reads_stack: bool,
+}
+
+impl ProbeInputs {
+    pub const NOTHING: ProbeInputs = ProbeInputs {
+        registers: &[],
+        reads_stack: false,
+    };
+}
+
+/// Where a site's entry probe goes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Placement {
+    /// Virtual address of the probed instruction.
+    pub address: u64,
+    /// That instruction in Intel syntax; "?" if it did not decode.
+    pub instruction: String,
+    pub cost: Cost,
+}
+
+/// How the kernel (x86-64, `arch/x86/kernel/uprobes.c`,
+/// `arch_uprobe_analyze_insn`) handles a probed instruction: `Emulated` for
+/// the kinds it emulates on Linux 6.x, `SingleStep` for everything else.
+///
+/// Emulated (`branch_setup_xol_ops`, `push_setup_xol_ops`):
+/// - `call rel32` (E8), `jmp rel8`/`jmp rel32` (EB/E9), `jcc rel8`/`jcc rel32`
+///   (70–7F, 0F 80–8F): the branch emulation every 6.x kernel has;
+/// - `nop` (90) and `66 90`: treated as a jump by 0 in every 6.x kernel;
+/// - the multi-byte NOPs of the kernel's own `x86_nops[]` table (`0F 1F …`
+///   in its exact 3- to 8-byte forms, e.g. the 5-byte `nopl [rax+rax*1+0]`):
+///   emulated since the 2025 NOP emulation (Linux 6.16); older kernels
+///   single-step them;
+/// - `push r64` (50–57, or 41 50–57 for r8–r15): emulated since the 2024
+///   push emulation; older kernels single-step it.
+///
+/// Deliberately `SingleStep` although some kernel might do better: any other
+/// NOP form (e.g. padding with segment or repeated 66 prefixes — the kernel
+/// refuses segment-prefixed instructions outright, so a probe must never be
+/// moved onto one), indirect calls and jumps, `ret`, and `mov reg,reg` (only
+/// proposed for emulation, as of late 2025).
+///
+/// Limits of deciding from the decoded instruction rather than its bytes: a
+/// branch with a 66 prefix (which the kernel refuses) and a REX.W `push`
+/// (49 5x, which it single-steps) look like their plain forms here. No
+/// compiler emits either.
+pub fn cost_class(instruction: &Instruction) -> Cost {
+    let emulated = is_relative_branch(instruction)
+        || is_kernel_nop(instruction)
+        || is_emulated_push(instruction);
+    if emulated {
+        Cost::Emulated
+    } else {
+        Cost::SingleStep
+    }
+}
+
+/// `call rel32`, `jmp rel8/rel32`, `jcc rel8/rel32`, in 64-bit code, without
+/// prefixes the kernel rejects.
+fn is_relative_branch(instruction: &Instruction) -> bool {
+    let relative = instruction.is_call_near()
+        || instruction.is_jmp_short_or_near()
+        || instruction.is_jcc_short_or_near();
+    relative
+        && instruction.op0_kind() == OpKind::NearBranch64
+        && instruction.segment_prefix() == Register::None
+}
+
+/// The NOPs the kernel emulates: `90`, `66 90`, and the multi-byte forms of
+/// its `x86_nops[]` table (all `nop [rax(+rax*1)+0]` with an exact length).
+fn is_kernel_nop(instruction: &Instruction) -> bool {
+    if instruction.has_segment_prefix() || instruction.has_lock_prefix() {
+        return false;
+    }
+    match instruction.code() {
+        Code::Nopd => instruction.len() == 1,
+        Code::Nopw => instruction.len() == 2,
+        Code::Nopd_rm32 | Code::Nopw_rm16 => is_table_nopl(instruction),
+        _ => false,
+    }
+}
+
+/// `x86_nops[3..=8]`: (has `66` prefix, has SIB index, displacement bytes, length).
+const TABLE_NOPLS: [(bool, bool, u32, usize); 6] = [
+    (false, false, 0, 3), // 0f 1f 00
+    (false, false, 1, 4), // 0f 1f 40 00
+    (false, true, 1, 5),  // 0f 1f 44 00 00
+    (true, true, 1, 6),   // 66 0f 1f 44 00 00
+    (false, false, 4, 7), // 0f 1f 80 00 00 00 00
+    (false, true, 4, 8),  // 0f 1f 84 00 00 00 00 00
+];
+
+fn is_table_nopl(instruction: &Instruction) -> bool {
+    if instruction.op0_kind() != OpKind::Memory
+        || instruction.memory_base() != Register::RAX
+        || instruction.memory_displacement64() != 0
+    {
+        return false;
+    }
+    let has_index = match instruction.memory_index() {
+        Register::None => false,
+        Register::RAX if instruction.memory_index_scale() == 1 => true,
+        _ => return false,
+    };
+    let form = (
+        instruction.code() == Code::Nopw_rm16,
+        has_index,
+        instruction.memory_displ_size(),
+        instruction.len(),
+    );
+    TABLE_NOPLS.contains(&form)
+}
+
+/// `push r64` in its one- or two-byte form.
+fn is_emulated_push(instruction: &Instruction) -> bool {
+    instruction.code() == Code::Push_r64 && instruction.len() <= 2
+}
+
+/// Decodes the function's straight-line prefix: from `address` up to and
+/// including the first control-flow instruction, or up to the end of `code`
+/// or the first undecodable bytes.
+pub fn straight_line_prefix(code: &[u8], address: u64) -> Vec<Instruction> {
+    let mut decoder = Decoder::with_ip(64, code, address, DecoderOptions::NONE);
+    let mut prefix = Vec::new();
+    while decoder.can_decode() {
+        let instruction = decoder.decode();
+        if instruction.is_invalid() {
+            break;
+        }
+        let ends_prefix = instruction.flow_control() != FlowControl::Next;
+        prefix.push(instruction);
+        if ends_prefix {
+            break;
+        }
+    }
+    prefix
+}
+
+/// The targets of the direct branches in `code` (one whole function at
+/// `address`) that land inside it.
+pub fn branch_targets_inside(code: &[u8], address: u64) -> Vec<u64> {
+    let end = address + code.len() as u64;
+    let mut decoder = Decoder::with_ip(64, code, address, DecoderOptions::NONE);
+    let mut instruction = Instruction::default();
+    let mut targets = Vec::new();
+    while decoder.can_decode() {
+        decoder.decode_out(&mut instruction);
+        if instruction.op0_kind() == OpKind::NearBranch64 {
+            let target = instruction.near_branch_target();
+            if (address..end).contains(&target) {
+                targets.push(target);
+            }
+        }
+    }
+    targets
+}
+
+/// Does running `instruction` change something the eBPF program reads: one of
+/// its registers (any part of it: writing EDI changes RDI), or, for a program
+/// that reads the stack, RSP or memory addressed from RSP?
+pub fn clobbers(instruction: &Instruction, inputs: ProbeInputs) -> bool {
+    let mut factory = InstructionInfoFactory::new();
+    let info = factory.info(instruction);
+    let writes = |access: OpAccess| {
+        matches!(
+            access,
+            OpAccess::Write | OpAccess::CondWrite | OpAccess::ReadWrite | OpAccess::ReadCondWrite
+        )
+    };
+    let writes_input_register = info.used_registers().iter().any(|used| {
+        writes(used.access())
+            && inputs
+                .registers
+                .iter()
+                .any(|&read| used.register().full_register() == read.full_register())
+    });
+    if writes_input_register {
+        return true;
+    }
+    if !inputs.reads_stack {
+        return false;
+    }
+    let moves_rsp = info
+        .used_registers()
+        .iter()
+        .any(|used| writes(used.access()) && used.register().full_register() == Register::RSP);
+    let stores_to_stack = info
+        .used_memory()
+        .iter()
+        .any(|memory| writes(memory.access()) && memory.base().full_register() == Register::RSP);
+    moves_rsp || stores_to_stack
+}
+
+/// Chooses where the entry probe of the function `code` (its whole body,
+/// starting at virtual `address`) goes. A site that `may_move` gets the first
+/// emulated instruction of the straight-line prefix that is safe for
+/// `inputs`; otherwise, or when there is none, the first instruction.
+/// Returns `None` if the first instruction does not decode.
+pub fn place_entry(
+    code: &[u8],
+    address: u64,
+    inputs: ProbeInputs,
+    may_move: bool,
+) -> Option<Placement> {
+    let prefix = straight_line_prefix(code, address);
+    let first = prefix.first()?;
+    let chosen = if may_move {
+        let targets = branch_targets_inside(code, address);
+        first_safe_emulated(&prefix, &targets, inputs).unwrap_or(first)
+    } else {
+        first
+    };
+    Some(Placement {
+        address: chosen.ip(),
+        instruction: format_instruction(chosen),
+        cost: cost_class(chosen),
+    })
+}
+
+/// The first emulated instruction of `prefix` that only the entry reaches by
+/// falling through and before which nothing clobbers `inputs`.
+fn first_safe_emulated<'a>(
+    prefix: &'a [Instruction],
+    branch_targets: &[u64],
+    inputs: ProbeInputs,
+) -> Option<&'a Instruction> {
+    for (index, instruction) in prefix.iter().enumerate() {
+        // A branch landing here (a loop head) would fire the probe again.
+        if index > 0 && branch_targets.contains(&instruction.ip()) {
+            return None;
+        }
+        // The probe fires before its instruction runs, so the instruction
+        // itself may clobber the inputs; only the ones before it must not.
+        if cost_class(instruction) == Cost::Emulated {
+            return Some(instruction);
+        }
+        if clobbers(instruction, inputs) {
+            return None;
+        }
+    }
+    None
+}
+
+/// Intel syntax, branch targets without leading zeros (`call 4C460h`).
+pub fn format_instruction(instruction: &Instruction) -> String {
+    let mut formatter = IntelFormatter::new();
+    formatter.options_mut().set_branch_leading_zeros(false);
+    let mut text = String::new();
+    formatter.format(instruction, &mut text);
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const RDI_ONLY: ProbeInputs = ProbeInputs {
+        registers: &[Register::RDI],
+        reads_stack: false,
+    };
+    const STACK_ONLY: ProbeInputs = ProbeInputs {
+        registers: &[],
+        reads_stack: true,
+    };
+
+    fn decode_one(bytes: &[u8]) -> Instruction {
+        let instruction = Decoder::with_ip(64, bytes, 0x1000, DecoderOptions::NONE).decode();
+        assert!(!instruction.is_invalid(), "{bytes:02x?} did not decode");
+        assert_eq!(instruction.len(), bytes.len(), "{bytes:02x?} is not one instruction");
+        instruction
+    }
+
+    fn cost_of(bytes: &[u8]) -> Cost {
+        cost_class(&decode_one(bytes))
+    }
+
+    #[test]
+    fn relative_branches_are_emulated() {
+        for bytes in [
+            &[0xE8, 0x10, 0x00, 0x00, 0x00][..],       // call rel32
+            &[0xE9, 0x10, 0x00, 0x00, 0x00],           // jmp rel32
+            &[0xEB, 0x10],                             // jmp rel8
+            &[0x74, 0x10],                             // je rel8
+            &[0x0F, 0x85, 0x10, 0x00, 0x00, 0x00],     // jne rel32
+            &[0xF2, 0xE8, 0x10, 0x00, 0x00, 0x00],     // bnd call
+        ] {
+            assert_eq!(cost_of(bytes), Cost::Emulated, "{bytes:02x?}");
+        }
+    }
+
+    #[test]
+    fn pushes_of_general_registers_are_emulated() {
+        assert_eq!(cost_of(&[0x55]), Cost::Emulated); // push rbp
+        assert_eq!(cost_of(&[0x53]), Cost::Emulated); // push rbx
+        assert_eq!(cost_of(&[0x41, 0x57]), Cost::Emulated); // push r15
+        // push imm8 and push [rdi] are other instructions.
+        assert_eq!(cost_of(&[0x6A, 0x01]), Cost::SingleStep);
+        assert_eq!(cost_of(&[0xFF, 0x37]), Cost::SingleStep);
+    }
+
+    #[test]
+    fn only_the_kernels_own_nops_are_emulated() {
+        let table: [&[u8]; 8] = [
+            &[0x90],
+            &[0x66, 0x90],
+            &[0x0F, 0x1F, 0x00],
+            &[0x0F, 0x1F, 0x40, 0x00],
+            &[0x0F, 0x1F, 0x44, 0x00, 0x00],
+            &[0x66, 0x0F, 0x1F, 0x44, 0x00, 0x00],
+            &[0x0F, 0x1F, 0x80, 0x00, 0x00, 0x00, 0x00],
+            &[0x0F, 0x1F, 0x84, 0x00, 0x00, 0x00, 0x00, 0x00],
+        ];
+        for bytes in table {
+            assert_eq!(cost_of(bytes), Cost::Emulated, "{bytes:02x?}");
+        }
+        for bytes in [
+            // cs nopw [rax+rax*1+0]: loop-alignment padding; the kernel refuses the prefix.
+            &[0x66, 0x2E, 0x0F, 0x1F, 0x84, 0x00, 0x00, 0x00, 0x00, 0x00][..],
+            &[0x0F, 0x1F, 0x44, 0x08, 0x00], // nopl [rax+rcx*1+0]
+            &[0x0F, 0x1F, 0x04, 0x00],       // nopl [rax+rax*1]: not the table's 4-byte nop
+            &[0x41, 0x90],                   // xchg r8d,eax, not a nop
+            &[0xF3, 0x90],                   // pause
+        ] {
+            assert_eq!(cost_of(bytes), Cost::SingleStep, "{bytes:02x?}");
+        }
+    }
+
+    #[test]
+    fn other_instructions_single_step() {
+        for bytes in [
+            &[0x48, 0x83, 0xEC, 0x18][..], // sub rsp,18h
+            &[0x48, 0x8B, 0x07],           // mov rax,[rdi]
+            &[0x48, 0x89, 0xFB],           // mov rbx,rdi
+            &[0x48, 0x8D, 0x4C, 0x24, 0x08], // lea rcx,[rsp+8]
+            &[0xC3],                       // ret
+            &[0xFF, 0xD0],                 // call rax
+            &[0xFF, 0xE0],                 // jmp rax
+        ] {
+            assert_eq!(cost_of(bytes), Cost::SingleStep, "{bytes:02x?}");
+        }
+    }
+
+    #[test]
+    fn prefix_ends_with_the_first_control_flow_instruction() {
+        // push rbx; mov rbx,rdi; call +0; test al,al; ret
+        let code = [0x53, 0x48, 0x89, 0xFB, 0xE8, 0, 0, 0, 0, 0x84, 0xC0, 0xC3];
+        let prefix = straight_line_prefix(&code, 0x1000);
+        let addresses: Vec<u64> = prefix.iter().map(Instruction::ip).collect();
+        assert_eq!(addresses, [0x1000, 0x1001, 0x1004]);
+    }
+
+    #[test]
+    fn writes_to_any_part_of_a_read_register_clobber_it() {
+        let writes_edi = decode_one(&[0x31, 0xFF]); // xor edi,edi
+        let writes_dil = decode_one(&[0x40, 0xB7, 0x01]); // mov dil,1
+        let reads_rdi = decode_one(&[0x48, 0x8B, 0x07]); // mov rax,[rdi]
+        let moves_rsp = decode_one(&[0x48, 0x83, 0xEC, 0x18]); // sub rsp,18h
+        let push = decode_one(&[0x53]); // push rbx
+        let stack_store = decode_one(&[0x48, 0x89, 0x3C, 0x24]); // mov [rsp],rdi
+        assert!(clobbers(&writes_edi, RDI_ONLY));
+        assert!(clobbers(&writes_dil, RDI_ONLY));
+        assert!(!clobbers(&reads_rdi, RDI_ONLY));
+        assert!(!clobbers(&moves_rsp, RDI_ONLY));
+        assert!(clobbers(&moves_rsp, STACK_ONLY));
+        assert!(clobbers(&push, STACK_ONLY));
+        assert!(clobbers(&stack_store, STACK_ONLY));
+        assert!(!clobbers(&reads_rdi, STACK_ONLY));
+        assert!(!clobbers(&moves_rsp, ProbeInputs::NOTHING));
+    }
+
+    /// `sub rsp,18h; mov rax,[rdi]; lea rcx,[rsp+8]; call +0; ret`.
+    const WAKE_LIKE: [u8; 18] = [
+        0x48, 0x83, 0xEC, 0x18, 0x48, 0x8B, 0x07, 0x48, 0x8D, 0x4C, 0x24, 0x08, 0xE8, 0, 0, 0, 0,
+        0xC3,
+    ];
+
+    #[test]
+    fn entry_only_probe_moves_to_the_call_when_rdi_survives() {
+        let placement = place_entry(&WAKE_LIKE, 0x1000, RDI_ONLY, true).unwrap();
+        assert_eq!(placement.address, 0x100C);
+        assert_eq!(placement.cost, Cost::Emulated);
+        assert_eq!(placement.instruction, "call 1011h");
+    }
+
+    #[test]
+    fn return_probed_sites_stay_on_the_first_instruction() {
+        let placement = place_entry(&WAKE_LIKE, 0x1000, RDI_ONLY, false).unwrap();
+        assert_eq!(placement.address, 0x1000);
+        assert_eq!(placement.cost, Cost::SingleStep);
+        assert_eq!(placement.instruction, "sub rsp,18h");
+    }
+
+    #[test]
+    fn stack_reading_probe_cannot_pass_an_rsp_change() {
+        let placement = place_entry(&WAKE_LIKE, 0x1000, STACK_ONLY, true).unwrap();
+        assert_eq!(placement.address, 0x1000);
+        assert_eq!(placement.cost, Cost::SingleStep);
+    }
+
+    #[test]
+    fn probe_does_not_pass_a_write_to_its_register() {
+        // mov rax,[rdi]; mov rdi,rax; call +0
+        let code = [0x48, 0x8B, 0x07, 0x48, 0x89, 0xC7, 0xE8, 0, 0, 0, 0];
+        let placement = place_entry(&code, 0x1000, RDI_ONLY, true).unwrap();
+        assert_eq!(placement.address, 0x1000);
+        // But a probe that reads nothing may.
+        let placement = place_entry(&code, 0x1000, ProbeInputs::NOTHING, true).unwrap();
+        assert_eq!(placement.address, 0x1006);
+    }
+
+    #[test]
+    fn probe_does_not_pass_a_loop_head() {
+        // 1000: mov rax,[rdi]
+        // 1003: mov rcx,rax        <- loop head, target of the jne below
+        // 1006: je 100Ah
+        // 1008: jne 1003h
+        // 100A: ret
+        let code = [
+            0x48, 0x8B, 0x07, 0x48, 0x89, 0xC1, 0x74, 0x02, 0x75, 0xF9, 0xC3,
+        ];
+        assert!(branch_targets_inside(&code, 0x1000).contains(&0x1003));
+        let placement = place_entry(&code, 0x1000, RDI_ONLY, true).unwrap();
+        assert_eq!(placement.address, 0x1000);
+        assert_eq!(placement.cost, Cost::SingleStep);
+    }
+
+    #[test]
+    fn an_emulated_first_instruction_stays() {
+        // push rbx; mov rbx,rdi; call +0
+        let code = [0x53, 0x48, 0x89, 0xFB, 0xE8, 0, 0, 0, 0];
+        let placement = place_entry(&code, 0x1000, RDI_ONLY, true).unwrap();
+        assert_eq!(placement.address, 0x1000);
+        assert_eq!(placement.cost, Cost::Emulated);
+        assert_eq!(placement.instruction, "push rbx");
+    }
+
+    #[test]
+    fn undecodable_entry_gives_none() {
+        assert_eq!(place_entry(&[0x0F], 0x1000, RDI_ONLY, true), None);
+    }
+}

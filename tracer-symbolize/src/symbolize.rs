@@ -1,0 +1,351 @@
+//! Turns code addresses into function names, source lines and inline chains.
+//!
+//! Per module, in order of preference:
+//! 1. DWARF (in the binary, or a separate debug file, see [`crate::debuginfo`])
+//!    through addr2line: file, line, and the functions inlined at the address;
+//! 2. the ELF symbol table (`.symtab`, else `.dynsym`): the function name only.
+//!
+//! Modules are loaded on first use, and every answer is cached: a profile
+//! repeats the same few thousand addresses many times.
+
+use std::collections::HashMap;
+use std::ops::Range;
+use std::path::PathBuf;
+
+use anyhow::Context as _;
+use object::{Object, ObjectSymbol};
+
+use crate::debuginfo::{DebugFile, DebugInfoLocator};
+use crate::maps::{ProcessMaps, load_bias};
+
+/// One function at an address; an address gives several when functions were
+/// inlined into each other.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Frame {
+    /// The address asked about (the return address itself, not minus one).
+    pub address: u64,
+    /// Demangled, without the `::h0123…` hash. `None` when neither DWARF nor
+    /// a symbol covers the address.
+    pub function: Option<String>,
+    pub file: Option<String>,
+    pub line: Option<u32>,
+    /// This function was inlined into the next frame of the chain.
+    pub inlined: bool,
+    /// Path of the file the address is in (as the process sees it),
+    /// `[vdso]`, `[uprobes]`, or empty when in no known module.
+    pub module: String,
+}
+
+/// Symbolizes addresses of one process.
+pub struct Symbolizer {
+    maps: ProcessMaps,
+    locator: DebugInfoLocator,
+    /// Sorted by address range start.
+    modules: Vec<ModuleEntry>,
+    cache: HashMap<(u64, bool), Vec<Frame>>,
+}
+
+struct ModuleEntry {
+    name: String,
+    avma_range: Range<u64>,
+    source: Source,
+    /// `None` until first used. A module that failed keeps its error, so
+    /// that it is tried once, not once per address.
+    loaded: Option<Result<ModuleSymbols, String>>,
+}
+
+enum Source {
+    File {
+        open_path: PathBuf,
+        first_mapping_start: u64,
+        first_mapping_offset: u64,
+    },
+    Vdso,
+}
+
+struct ModuleSymbols {
+    /// Added to the file's addresses (SVMAs) to get the process's.
+    bias: u64,
+    symbols: SymbolTable,
+    dwarf: Option<addr2line::Loader>,
+}
+
+impl Symbolizer {
+    /// Prepares to symbolize addresses of the process `maps` describes.
+    /// Nothing is read until an address needs it.
+    pub fn new(maps: &ProcessMaps) -> Self {
+        Self::with_debug_info_locator(maps, DebugInfoLocator::default())
+    }
+
+    /// Like [`Self::new`], with other places to find separate debug files.
+    pub fn with_debug_info_locator(maps: &ProcessMaps, locator: DebugInfoLocator) -> Self {
+        let mut modules: Vec<ModuleEntry> = maps
+            .modules()
+            .into_iter()
+            .map(|m| ModuleEntry {
+                name: m.path,
+                avma_range: m.avma_range,
+                source: Source::File {
+                    open_path: m.open_path,
+                    first_mapping_start: m.first_mapping_start,
+                    first_mapping_offset: m.first_mapping_offset,
+                },
+                loaded: None,
+            })
+            .collect();
+        if let Some(range) = maps.vdso() {
+            modules.push(ModuleEntry {
+                name: "[vdso]".into(),
+                avma_range: range,
+                source: Source::Vdso,
+                loaded: None,
+            });
+        }
+        modules.sort_by_key(|m| m.avma_range.start);
+        Symbolizer {
+            maps: maps.clone(),
+            locator,
+            modules,
+            cache: HashMap::new(),
+        }
+    }
+
+    /// The functions at `address`, innermost (most deeply inlined) first; the
+    /// last one is the function whose machine code this is. Always at least
+    /// one frame. For a return address, the call instruction before it is
+    /// looked up: the return address can already be the next line, or even
+    /// the next function when the call does not return.
+    pub fn symbolize(&mut self, address: u64, is_return_address: bool) -> Vec<Frame> {
+        if let Some(frames) = self.cache.get(&(address, is_return_address)) {
+            return frames.clone();
+        }
+        let frames = self.lookup(address, is_return_address);
+        self.cache.insert((address, is_return_address), frames.clone());
+        frames
+    }
+
+    /// Why a module's symbols could not be loaded, if they could not; e.g.
+    /// to warn once per module. Loads the module if not yet loaded.
+    pub fn module_error(&mut self, address: u64) -> Option<String> {
+        let i = self.module_index(address)?;
+        self.load(i).err()
+    }
+
+    fn lookup(&mut self, address: u64, is_return_address: bool) -> Vec<Frame> {
+        let probe = if is_return_address {
+            address.saturating_sub(1)
+        } else {
+            address
+        };
+        let bare = |module: &str| Frame {
+            address,
+            function: None,
+            file: None,
+            line: None,
+            inlined: false,
+            module: module.to_owned(),
+        };
+        if self
+            .maps
+            .uprobes_trampoline()
+            .is_some_and(|t| t.contains(&probe))
+        {
+            return vec![bare("[uprobes]")];
+        }
+        let Some(i) = self.module_index(probe) else {
+            return vec![bare("")];
+        };
+        if self.load(i).is_err() {
+            return vec![bare(&self.modules[i].name)];
+        }
+        let module = &self.modules[i];
+        let Some(Ok(symbols)) = &module.loaded else {
+            unreachable!("loaded above");
+        };
+        let svma = probe.wrapping_sub(symbols.bias);
+
+        let mut frames = Vec::new();
+        if let Some(dwarf) = &symbols.dwarf {
+            dwarf_frames(dwarf, svma, &mut |function, file, line| {
+                frames.push(Frame {
+                    address,
+                    function,
+                    file,
+                    line,
+                    inlined: true,
+                    module: module.name.clone(),
+                })
+            });
+        }
+        match frames.last_mut() {
+            Some(outermost) => {
+                outermost.inlined = false;
+                // DWARF without a name for the outer function (e.g. code from
+                // a unit compiled without debug info): the symbol knows.
+                if outermost.function.is_none() {
+                    outermost.function = symbols.symbols.lookup(svma).map(demangle);
+                }
+            }
+            None => frames.push(Frame {
+                function: symbols.symbols.lookup(svma).map(demangle),
+                ..bare(&module.name)
+            }),
+        }
+        frames
+    }
+
+    fn module_index(&self, address: u64) -> Option<usize> {
+        let i = self
+            .modules
+            .partition_point(|m| m.avma_range.start <= address)
+            .checked_sub(1)?;
+        self.modules[i].avma_range.contains(&address).then_some(i)
+    }
+
+    /// Loads module `i` if not done yet; the error says why it failed.
+    fn load(&mut self, i: usize) -> Result<(), String> {
+        if self.modules[i].loaded.is_none() {
+            let module = &self.modules[i];
+            let loaded = match &module.source {
+                Source::File {
+                    open_path,
+                    first_mapping_start,
+                    first_mapping_offset,
+                } => self.load_file(
+                    &module.name,
+                    open_path,
+                    *first_mapping_start,
+                    *first_mapping_offset,
+                ),
+                Source::Vdso => load_vdso(&self.maps, module.avma_range.start),
+            };
+            self.modules[i].loaded = Some(loaded.map_err(|e| format!("{e:#}")));
+        }
+        match &self.modules[i].loaded {
+            Some(Ok(_)) => Ok(()),
+            Some(Err(e)) => Err(e.clone()),
+            None => unreachable!("loaded above"),
+        }
+    }
+
+    fn load_file(
+        &self,
+        name: &str,
+        open_path: &PathBuf,
+        mapping_start: u64,
+        mapping_offset: u64,
+    ) -> anyhow::Result<ModuleSymbols> {
+        let file = std::fs::File::open(open_path).with_context(|| format!("open {open_path:?}"))?;
+        // Mapped, not read: a binary with debug info can be hundreds of MiB
+        // and we only touch its headers and symbol table here.
+        let data = unsafe { memmap2::Mmap::map(&file) }.with_context(|| format!("map {open_path:?}"))?;
+        let elf = object::File::parse(&*data).with_context(|| format!("parse {name}"))?;
+        let bias = load_bias(&elf, mapping_start, mapping_offset)
+            .with_context(|| format!("{name}: no segment at the mapping's file offset"))?;
+        use DebugFile::{Itself, Separate};
+        let debug_file = self
+            .locator
+            .find(name.as_ref(), &data, &|p| self.maps.path_in_process_root(p));
+        let mut symbols = SymbolTable::new(&elf);
+        if symbols.is_empty()
+            && let Some(Separate(path)) = &debug_file
+        {
+            // A fully stripped binary: the debug file kept the symbol table.
+            if let Ok(data) = std::fs::File::open(path).and_then(|f| unsafe { memmap2::Mmap::map(&f) })
+                && let Ok(debug_elf) = object::File::parse(&*data)
+            {
+                symbols = SymbolTable::new(&debug_elf);
+            }
+        }
+        // A broken debug file costs file:line, not the function names.
+        let dwarf = match debug_file {
+            Some(Itself) => addr2line::Loader::new(open_path).ok(),
+            Some(Separate(path)) => addr2line::Loader::new(path).ok(),
+            None => None,
+        };
+        Ok(ModuleSymbols {
+            bias,
+            symbols,
+            dwarf,
+        })
+    }
+}
+
+fn load_vdso(maps: &ProcessMaps, start: u64) -> anyhow::Result<ModuleSymbols> {
+    let image = maps.read_vdso_image().context("vDSO image not readable")?;
+    let elf = object::File::parse(&*image).context("parse vDSO")?;
+    Ok(ModuleSymbols {
+        bias: load_bias(&elf, start, 0).context("vDSO has no loaded segment")?,
+        symbols: SymbolTable::new(&elf),
+        dwarf: None,
+    })
+}
+
+/// Calls `push(function, file, line)` for each frame DWARF has at `svma`,
+/// innermost first. Errors end the chain: what was found is still right.
+fn dwarf_frames(
+    dwarf: &addr2line::Loader,
+    svma: u64,
+    push: &mut dyn FnMut(Option<String>, Option<String>, Option<u32>),
+) {
+    let Ok(mut iter) = dwarf.find_frames(svma) else {
+        return;
+    };
+    while let Ok(Some(frame)) = iter.next() {
+        let function = frame
+            .function
+            .as_ref()
+            .and_then(|f| f.raw_name().ok())
+            .map(|name| demangle(&name));
+        let (file, line) = match frame.location {
+            Some(loc) => (loc.file.map(str::to_owned), loc.line),
+            None => (None, None),
+        };
+        push(function, file, line);
+    }
+}
+
+/// Rust names without the hash (`{:#}`); other names as they are.
+fn demangle(name: &str) -> String {
+    match rustc_demangle::try_demangle(name) {
+        Ok(demangled) => format!("{demangled:#}"),
+        Err(_) => name.to_owned(),
+    }
+}
+
+/// Function symbols of one file, sorted by address, owning their names so the
+/// file need not stay mapped.
+struct SymbolTable {
+    /// (address, size, mangled name)
+    entries: Vec<(u64, u64, String)>,
+}
+
+impl SymbolTable {
+    fn new(elf: &object::File) -> Self {
+        let text = |s: &object::Symbol| {
+            s.kind() == object::SymbolKind::Text && s.is_definition() && s.address() != 0
+        };
+        let mut entries: Vec<(u64, u64, String)> = elf
+            .symbols()
+            .filter(text)
+            .chain(elf.dynamic_symbols().filter(text))
+            .filter_map(|s| Some((s.address(), s.size(), s.name().ok()?.to_owned())))
+            .collect();
+        entries.sort();
+        // .symtab and .dynsym repeat each other; keep one per address, and
+        // prefer a sized entry (an alias without size says less).
+        entries.dedup_by(|later, kept| later.0 == kept.0);
+        SymbolTable { entries }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    fn lookup(&self, svma: u64) -> Option<&str> {
+        let i = self.entries.partition_point(|e| e.0 <= svma).checked_sub(1)?;
+        let (address, size, name) = &self.entries[i];
+        // A size of 0 (hand-written assembly) gives no end: trust the nearest.
+        (*size == 0 || svma < address + size).then_some(name.as_str())
+    }
+}
