@@ -50,6 +50,11 @@ impl Args {
         self.number(name, default as f64) as u64
     }
 
+    /// The text given as `--name`, if any.
+    pub fn text(&self, name: &str) -> Option<&str> {
+        self.values.get(name).map(String::as_str)
+    }
+
     pub fn has(&self, name: &str) -> bool {
         self.values.contains_key(name)
     }

@@ -260,6 +260,28 @@ pub fn task_event_arg1(ctx: ProbeContext) -> u32 {
     0
 }
 
+/// A scheduler event whose second argument (RSI) points at the task's header
+/// pointer (`&Task<S>`).
+#[uprobe]
+pub fn task_event_arg1_deref(ctx: ProbeContext) -> u32 {
+    let cookie = unsafe { bpf_get_attach_cookie(ctx.as_ptr()) };
+    let pointer: u64 = ctx.arg(1).unwrap_or(0);
+    let header = unsafe { bpf_probe_read_user(pointer as *const u64) }.unwrap_or(0);
+    task_event(cookie, header);
+    0
+}
+
+/// A scheduler event whose task comes back in the return value: a pair of
+/// pointers to the task in RAX and RDX (either may be a null `None`).
+#[uretprobe]
+pub fn task_event_ret(ctx: RetProbeContext) -> u32 {
+    let cookie = unsafe { bpf_get_attach_cookie(ctx.as_ptr()) };
+    let regs = unsafe { &*ctx.regs };
+    let header = if regs.rax != 0 { regs.rax } else { regs.rdx };
+    task_event(cookie, header);
+    0
+}
+
 /// A scheduler event about no task in particular (an unpark).
 #[uprobe]
 pub fn thread_event(ctx: ProbeContext) -> u32 {

@@ -99,12 +99,31 @@ pub const EVENT_FAMILIES: &[EventFamily] = &[
             // Notified<S>)`; `Task<S>` is one `NonNull<Header>`, so RSI is the
             // header. Called by every `bind`/`bind_local` (spawn, spawn_local,
             // spawn_blocking does not use it).
-            &[event("tokio::runtime::task::list::OwnedTasks::bind_inner", TaskArg::Rsi)],
-            // Older tokio: `bind<T>(&self, task: T, …) -> (JoinHandle, Option<Notified>)`
-            // creates the task itself, so no argument holds a header on entry
-            // (the future is argument 1 and the big return value goes through
-            // RDI): spawns are counted, not attributed.
-            &[event("tokio::runtime::task::list::OwnedTasks::bind", TaskArg::None)],
+            &[event(
+                "tokio::runtime::task::list::OwnedTasks::bind_inner",
+                TaskArg::Rsi,
+            )],
+            // Where `bind_inner` was inlined: the schedulers' spawn functions
+            // return the new task's `JoinHandle`, one pointer to its header,
+            // in RAX.
+            &[
+                event(
+                    "tokio::runtime::scheduler::multi_thread::handle::Handle::bind_new_task",
+                    TaskArg::ReturnValue,
+                ),
+                event(
+                    "tokio::runtime::scheduler::current_thread::Handle::spawn",
+                    TaskArg::ReturnValue,
+                ),
+            ],
+            // Older tokio: `bind<T>(&self, task: T, …) -> (JoinHandle,
+            // Option<Notified>)` creates the task itself, so no argument holds
+            // a header on entry; both halves of the returned pair point at the
+            // new task.
+            &[event(
+                "tokio::runtime::task::list::OwnedTasks::bind",
+                TaskArg::ReturnValue,
+            )],
         ],
     },
     EventFamily {
@@ -121,10 +140,21 @@ pub const EVENT_FAMILIES: &[EventFamily] = &[
     EventFamily {
         kind: SiteKind::TaskEnd,
         untraced: "task ends",
-        // Every tokio 1.x: `dealloc::<T, S>(ptr: NonNull<Header>)`, one
-        // instance per future type; the header (RDI) is still readable on
-        // entry, it is freed inside.
-        alternatives: &[&[event("tokio::runtime::task::raw::dealloc", TaskArg::Rdi)]],
+        alternatives: &[
+            // A task that completes (or is cancelled) is released from its
+            // runtime's list: `OwnedTasks::remove(&self, task: &Task<S>)`,
+            // RSI points at the header pointer. Every owned task passes here.
+            &[event(
+                "tokio::runtime::task::list::OwnedTasks::remove",
+                TaskArg::RsiDeref,
+            )],
+            // Where `remove` was inlined (fat LTO): `raw::dealloc::<T, S>(ptr:
+            // NonNull<Header>)`, one instance per future type; the header
+            // (RDI) is still readable on entry, it is freed inside. Only the
+            // frees that go through the task vtable pass here: those that
+            // tokio's harness inlines (a JoinHandle dropped last) do not.
+            &[event("tokio::runtime::task::raw::dealloc", TaskArg::Rdi)],
+        ],
     },
     EventFamily {
         kind: SiteKind::Unpark,
@@ -136,7 +166,10 @@ pub const EVENT_FAMILIES: &[EventFamily] = &[
                 TaskArg::None,
             )],
             // tokio 1.8-era multi_thread (not checked against a binary).
-            &[event("tokio::runtime::thread_pool::park::Unparker::unpark", TaskArg::None)],
+            &[event(
+                "tokio::runtime::thread_pool::park::Unparker::unpark",
+                TaskArg::None,
+            )],
         ],
     },
 ];
@@ -177,9 +210,12 @@ pub const RUNTIME_THREAD_TASKS: &[&str] = &[
 /// identical code folding merged instances) only runs runtime threads.
 pub fn is_runtime_thread_body(task_type: &str) -> bool {
     task_type.split(" | ").all(|one| {
+        // v0 spells the inherent method `<…::worker::Launch>::launch`:
+        // `BlockingTask<<tokio::…` where legacy has `BlockingTask<tokio::…`.
+        let one = one.trim().replacen("BlockingTask<<", "BlockingTask<", 1);
         RUNTIME_THREAD_TASKS
             .iter()
-            .any(|prefix| one.trim().starts_with(prefix))
+            .any(|prefix| one.starts_with(prefix))
     })
 }
 
@@ -194,7 +230,12 @@ pub fn all_paths() -> Vec<&'static str> {
         .iter()
         .flat_map(|family| family.alternatives.iter())
         .flat_map(|alternative| alternative.iter().map(|function| function.path));
-    POLL_PATHS.iter().copied().chain(parks).chain(events).collect()
+    POLL_PATHS
+        .iter()
+        .copied()
+        .chain(parks)
+        .chain(events)
+        .collect()
 }
 
 /// Picks the park functions to probe: for each family, the paths of the first
@@ -247,7 +288,7 @@ mod tests {
         assert_eq!(paths[0], "tokio::runtime::task::raw::poll");
         assert!(paths.contains(&"tokio::runtime::basic_scheduler::Context::park_yield"));
         assert!(paths.contains(&"tokio::runtime::task::waker::wake_by_ref"));
-        assert_eq!(paths.len(), 1 + 3 + 1 + 2 + 1 + 2 + 2 + (2 + 2 + 1 + 2));
+        assert_eq!(paths.len(), 1 + 3 + 1 + 2 + 1 + 2 + 2 + (4 + 2 + 2 + 2));
     }
 
     #[test]
@@ -260,9 +301,17 @@ mod tests {
 
     #[test]
     fn every_event_kind_has_a_family_and_no_family_is_a_span() {
-        for kind in [SiteKind::Spawn, SiteKind::Wake, SiteKind::TaskEnd, SiteKind::Unpark] {
+        for kind in [
+            SiteKind::Spawn,
+            SiteKind::Wake,
+            SiteKind::TaskEnd,
+            SiteKind::Unpark,
+        ] {
             assert_eq!(
-                EVENT_FAMILIES.iter().filter(|family| family.kind == kind).count(),
+                EVENT_FAMILIES
+                    .iter()
+                    .filter(|family| family.kind == kind)
+                    .count(),
                 1,
                 "{kind:?}"
             );
@@ -282,7 +331,7 @@ mod tests {
         assert_eq!(chosen[0].path, both[0]);
         assert_eq!(chosen[0].task_arg, TaskArg::Rsi);
         let old = choose_event_functions(spawn, |p| p == both[1]);
-        assert_eq!(old[0].task_arg, TaskArg::None);
+        assert_eq!(old[0].task_arg, TaskArg::ReturnValue);
         assert!(choose_event_functions(spawn, |_| false).is_empty());
     }
 }
@@ -306,5 +355,9 @@ mod runtime_thread_tests {
              tokio::runtime::blocking::task::BlockingTask<my_app::load::{{closure}}>"
         ));
         assert!(!is_runtime_thread_body("my_app::handler::{{closure}}"));
+        // v0 demangling.
+        assert!(is_runtime_thread_body(
+            "tokio::runtime::blocking::task::BlockingTask<<tokio::runtime::scheduler::multi_thread::worker::Launch>::launch::{closure#0}>"
+        ));
     }
 }

@@ -72,12 +72,13 @@ pub fn discover(binary: &Path) -> anyhow::Result<ProbePlan> {
     let mut skipped = Vec::new();
     for (&address, group) in &poll_groups {
         // `raw::poll(ptr: NonNull<Header>)`: the header is argument 0.
-        let mut site = site(SiteKind::Poll, TaskArg::Rdi, address, group, &image).with_context(|| {
-            format!(
-                "{}: poll function at {address:#x} is outside the file's sections",
-                binary.display()
-            )
-        })?;
+        let mut site =
+            site(SiteKind::Poll, TaskArg::Rdi, address, group, &image).with_context(|| {
+                format!(
+                    "{}: poll function at {address:#x} is outside the file's sections",
+                    binary.display()
+                )
+            })?;
         site.task_type =
             naming::name_poll_site(address, group, dwarf_names.get(&address), &symbols, &image);
         if site
@@ -91,12 +92,13 @@ pub fn discover(binary: &Path) -> anyhow::Result<ProbePlan> {
         sites.push(site);
     }
     for (&address, group) in &park_groups {
-        let site = site(SiteKind::Park, TaskArg::None, address, group, &image).with_context(|| {
-            format!(
-                "{}: park function at {address:#x} is outside the file's sections",
-                binary.display()
-            )
-        })?;
+        let site =
+            site(SiteKind::Park, TaskArg::None, address, group, &image).with_context(|| {
+                format!(
+                    "{}: park function at {address:#x} is outside the file's sections",
+                    binary.display()
+                )
+            })?;
         sites.push(site);
     }
     for family in catalog::EVENT_FAMILIES {
@@ -212,7 +214,7 @@ fn site(
         .unwrap_or_else(|| "?".to_string());
     // Folded symbols share their code; the largest size covers all of it.
     let size = group.iter().map(|symbol| symbol.size).max().unwrap_or(15);
-    let needs_return_probe = kind.needs_return_probe();
+    let needs_return_probe = kind.needs_return_probe() || task_arg == TaskArg::ReturnValue;
     let placement = image
         .bytes(address, size)
         .and_then(|code| {

@@ -74,6 +74,13 @@ pub enum TaskArg {
     Rdi,
     /// Argument 1.
     Rsi,
+    /// Argument 1 points at the header pointer (`&Task<S>`).
+    RsiDeref,
+    /// Not on entry: the header is in the return value (RAX, or RDX when RAX
+    /// is null), read by a return probe. For `OwnedTasks::bind`, which
+    /// returns `(JoinHandle, Option<Notified>)` — two pointers to the new
+    /// task, in registers.
+    ReturnValue,
 }
 
 impl TaskArg {
@@ -82,9 +89,9 @@ impl TaskArg {
     pub fn probe_inputs(self) -> placement::ProbeInputs {
         use iced_x86::Register;
         let registers: &'static [Register] = match self {
-            TaskArg::None => &[],
+            TaskArg::None | TaskArg::ReturnValue => &[],
             TaskArg::Rdi => &[Register::RDI],
-            TaskArg::Rsi => &[Register::RSI],
+            TaskArg::Rsi | TaskArg::RsiDeref => &[Register::RSI],
         };
         placement::ProbeInputs {
             registers,

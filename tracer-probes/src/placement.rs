@@ -119,7 +119,7 @@ fn is_kernel_nop(instruction: &Instruction) -> bool {
     match instruction.code() {
         Code::Nopd => instruction.len() == 1,
         Code::Nopw => instruction.len() == 2,
-        Code::Nopd_rm32 | Code::Nopw_rm16 => is_table_nopl(instruction),
+        Code::Nop_rm32 | Code::Nop_rm16 => is_table_nopl(instruction),
         _ => false,
     }
 }
@@ -146,10 +146,15 @@ fn is_table_nopl(instruction: &Instruction) -> bool {
         Register::RAX if instruction.memory_index_scale() == 1 => true,
         _ => return false,
     };
+    // iced reports a disp32 of 64-bit addressing as 8 bytes (it is sign-extended).
+    let displacement_bytes = match instruction.memory_displ_size() {
+        8 => 4,
+        size => size,
+    };
     let form = (
-        instruction.code() == Code::Nopw_rm16,
+        instruction.code() == Code::Nop_rm16,
         has_index,
-        instruction.memory_displ_size(),
+        displacement_bytes,
         instruction.len(),
     );
     TABLE_NOPLS.contains(&form)
@@ -310,7 +315,11 @@ mod tests {
     fn decode_one(bytes: &[u8]) -> Instruction {
         let instruction = Decoder::with_ip(64, bytes, 0x1000, DecoderOptions::NONE).decode();
         assert!(!instruction.is_invalid(), "{bytes:02x?} did not decode");
-        assert_eq!(instruction.len(), bytes.len(), "{bytes:02x?} is not one instruction");
+        assert_eq!(
+            instruction.len(),
+            bytes.len(),
+            "{bytes:02x?} is not one instruction"
+        );
         instruction
     }
 
@@ -321,12 +330,12 @@ mod tests {
     #[test]
     fn relative_branches_are_emulated() {
         for bytes in [
-            &[0xE8, 0x10, 0x00, 0x00, 0x00][..],       // call rel32
-            &[0xE9, 0x10, 0x00, 0x00, 0x00],           // jmp rel32
-            &[0xEB, 0x10],                             // jmp rel8
-            &[0x74, 0x10],                             // je rel8
-            &[0x0F, 0x85, 0x10, 0x00, 0x00, 0x00],     // jne rel32
-            &[0xF2, 0xE8, 0x10, 0x00, 0x00, 0x00],     // bnd call
+            &[0xE8, 0x10, 0x00, 0x00, 0x00][..],   // call rel32
+            &[0xE9, 0x10, 0x00, 0x00, 0x00],       // jmp rel32
+            &[0xEB, 0x10],                         // jmp rel8
+            &[0x74, 0x10],                         // je rel8
+            &[0x0F, 0x85, 0x10, 0x00, 0x00, 0x00], // jne rel32
+            &[0xF2, 0xE8, 0x10, 0x00, 0x00, 0x00], // bnd call
         ] {
             assert_eq!(cost_of(bytes), Cost::Emulated, "{bytes:02x?}");
         }
@@ -372,13 +381,13 @@ mod tests {
     #[test]
     fn other_instructions_single_step() {
         for bytes in [
-            &[0x48, 0x83, 0xEC, 0x18][..], // sub rsp,18h
-            &[0x48, 0x8B, 0x07],           // mov rax,[rdi]
-            &[0x48, 0x89, 0xFB],           // mov rbx,rdi
+            &[0x48, 0x83, 0xEC, 0x18][..],   // sub rsp,18h
+            &[0x48, 0x8B, 0x07],             // mov rax,[rdi]
+            &[0x48, 0x89, 0xFB],             // mov rbx,rdi
             &[0x48, 0x8D, 0x4C, 0x24, 0x08], // lea rcx,[rsp+8]
-            &[0xC3],                       // ret
-            &[0xFF, 0xD0],                 // call rax
-            &[0xFF, 0xE0],                 // jmp rax
+            &[0xC3],                         // ret
+            &[0xFF, 0xD0],                   // call rax
+            &[0xFF, 0xE0],                   // jmp rax
         ] {
             assert_eq!(cost_of(bytes), Cost::SingleStep, "{bytes:02x?}");
         }

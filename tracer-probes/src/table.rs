@@ -43,7 +43,11 @@ pub fn write_table(plan: &ProbePlan, out: &mut dyn Write) -> io::Result<()> {
     for row in &rows {
         write_row(out, row, &widths)?;
     }
-    for site in plan.sites.iter().filter(|site| site.cost == Cost::SingleStep) {
+    for site in plan
+        .sites
+        .iter()
+        .filter(|site| site.cost == Cost::SingleStep)
+    {
         writeln!(
             out,
             "warning: {} probe on {} at {:#x} single-steps `{}` (~20x the cost of an emulated probe){}",
@@ -54,7 +58,7 @@ pub fn write_table(plan: &ProbePlan, out: &mut dyn Write) -> io::Result<()> {
             if site.needs_return_probe {
                 ": a return-probed site must stay on its first instruction"
             } else {
-                ": no emulated instruction is safe to probe before the first branch"
+                ": no emulated instruction on its straight-line prefix is safe to probe"
             }
         )?;
     }
@@ -85,7 +89,9 @@ fn row(site: &ProbeSite) -> [String; COLUMNS] {
         (None, SiteKind::Poll, _) => format!("task@{:#x}", site.address),
         (None, _, TaskArg::Rdi) => "header in rdi".to_string(),
         (None, _, TaskArg::Rsi) => "header in rsi".to_string(),
+        (None, _, TaskArg::RsiDeref) => "header at [rsi]".to_string(),
         (None, _, TaskArg::None) => "-".to_string(),
+        (None, _, TaskArg::ReturnValue) => "header returned".to_string(),
     };
     let probe_at = format!(
         "+{:#x}{}",

@@ -55,7 +55,10 @@ impl DebugInfoLocator {
         if let Some(id) = build_id.filter(|id| id.len() >= 2) {
             let hex: String = id.iter().map(|b| format!("{b:02x}")).collect();
             for dir in &self.debug_dirs {
-                let file = dir.join(".build-id").join(&hex[..2]).join(format!("{}.debug", &hex[2..]));
+                let file = dir
+                    .join(".build-id")
+                    .join(&hex[..2])
+                    .join(format!("{}.debug", &hex[2..]));
                 candidates.push((file, Check::BuildId));
             }
         }
@@ -128,13 +131,17 @@ pub(crate) fn crc32(data: &[u8]) -> u32 {
     let table: [u32; 256] = std::array::from_fn(|i| {
         let mut c = i as u32;
         for _ in 0..8 {
-            c = if c & 1 != 0 { 0xEDB8_8320 ^ (c >> 1) } else { c >> 1 };
+            c = if c & 1 != 0 {
+                0xEDB8_8320 ^ (c >> 1)
+            } else {
+                c >> 1
+            };
         }
         c
     });
-    !data
-        .iter()
-        .fold(!0u32, |c, &b| table[((c ^ b as u32) & 0xff) as usize] ^ (c >> 8))
+    !data.iter().fold(!0u32, |c, &b| {
+        table[((c ^ b as u32) & 0xff) as usize] ^ (c >> 8)
+    })
 }
 
 #[cfg(test)]

@@ -38,7 +38,11 @@ pub use unwind::{CapturedStack, Unwinder};
 /// Stacks unwound by [`Unwinder::unwind_through_uretprobes`] need no repair;
 /// this is for stacks unwound elsewhere (or by [`Unwinder::unwind`], which
 /// stops right after the trampoline).
-pub fn restore_uretprobe_returns(addresses: &mut [u64], trampoline: Range<u64>, real_returns: &[u64]) {
+pub fn restore_uretprobe_returns(
+    addresses: &mut [u64],
+    trampoline: Range<u64>,
+    real_returns: &[u64],
+) {
     let mut real_returns = real_returns.iter();
     for address in addresses.iter_mut().filter(|a| trampoline.contains(a)) {
         match real_returns.next() {
@@ -55,7 +59,13 @@ mod tests {
     #[test]
     fn restores_trampoline_returns_in_order() {
         let trampoline = 0x7fff_ffff_e000..0x7fff_ffff_f000;
-        let mut stack = [0x1000, 0x7fff_ffff_e000, 0x2000, 0x7fff_ffff_e000, 0x7fff_ffff_e000];
+        let mut stack = [
+            0x1000,
+            0x7fff_ffff_e000,
+            0x2000,
+            0x7fff_ffff_e000,
+            0x7fff_ffff_e000,
+        ];
         restore_uretprobe_returns(&mut stack, trampoline, &[0xaaaa, 0xbbbb]);
         // The third trampoline frame has no real return left: kept as is.
         assert_eq!(stack, [0x1000, 0xaaaa, 0x2000, 0xbbbb, 0x7fff_ffff_e000]);

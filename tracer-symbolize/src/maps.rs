@@ -60,8 +60,8 @@ impl ProcessMaps {
     /// Reads `/proc/PID/maps`. Needs the same access as ptrace (root will do).
     pub fn read(pid: u32) -> anyhow::Result<Self> {
         let maps_path = format!("/proc/{pid}/maps");
-        let text = std::fs::read_to_string(&maps_path)
-            .with_context(|| format!("reading {maps_path}"))?;
+        let text =
+            std::fs::read_to_string(&maps_path).with_context(|| format!("reading {maps_path}"))?;
         Ok(Self::parse_for_pid(&text, Some(pid)))
     }
 
@@ -238,13 +238,13 @@ fn choose_open_path(pid: u32, start: u64, end: u64, path: &str) -> PathBuf {
 /// `mapping_start`, which maps the file from `mapping_offset` on: the PT_LOAD
 /// segment it maps starts `p_offset - mapping_offset` bytes in (the kernel
 /// maps whole pages), at `p_vaddr + bias`.
-pub(crate) fn load_bias(elf: &object::File, mapping_start: u64, mapping_offset: u64) -> Option<u64> {
-    use object::{Object, ObjectSegment, SegmentFlags};
+pub(crate) fn load_bias(
+    elf: &object::File,
+    mapping_start: u64,
+    mapping_offset: u64,
+) -> Option<u64> {
+    use object::{Object, ObjectSegment};
     const PAGE: u64 = 4096;
-    let executable = |flags: SegmentFlags| match flags {
-        SegmentFlags::Elf { p_flags } => p_flags & object::elf::PF_X != 0,
-        _ => false,
-    };
     // Prefer the executable segment; any segment mapped there gives the same
     // answer but a file can have non-executable ones in the same page.
     let mut candidates: Vec<_> = elf
@@ -254,7 +254,7 @@ pub(crate) fn load_bias(elf: &object::File, mapping_start: u64, mapping_offset: 
             p_offset >= mapping_offset && p_offset < mapping_offset + PAGE
         })
         .collect();
-    candidates.sort_by_key(|s| !executable(s.flags()));
+    candidates.sort_by_key(|s| !is_executable(s));
     let segment = candidates.first()?;
     let (p_offset, _) = segment.file_range();
     Some(
@@ -262,6 +262,14 @@ pub(crate) fn load_bias(elf: &object::File, mapping_start: u64, mapping_offset: 
             .wrapping_add(p_offset - mapping_offset)
             .wrapping_sub(segment.address()),
     )
+}
+
+/// Whether an ELF segment holds code (PF_X).
+pub(crate) fn is_executable<'data>(segment: &impl object::ObjectSegment<'data>) -> bool {
+    match segment.flags() {
+        object::SegmentFlags::Elf { p_flags, .. } => p_flags.0 & object::elf::PF_X.0 != 0,
+        _ => false,
+    }
 }
 
 #[cfg(test)]
@@ -308,7 +316,10 @@ ffffffffff600000-ffffffffff601000 --xp 00000000 00:00 0                  [vsysca
     #[test]
     fn finds_kernel_code_mappings() {
         let maps = ProcessMaps::parse(MAPS);
-        assert_eq!(maps.uprobes_trampoline(), Some(0x7fffffffe000..0x7ffffffff000));
+        assert_eq!(
+            maps.uprobes_trampoline(),
+            Some(0x7fffffffe000..0x7ffffffff000)
+        );
         assert_eq!(maps.vdso(), Some(0x7ffd1c7f8000..0x7ffd1c7fa000));
         // Parsed text has no pid, so no memory to read the vDSO from.
         assert_eq!(maps.read_vdso_image(), None);
@@ -317,8 +328,14 @@ ffffffffff600000-ffffffffff601000 --xp 00000000 00:00 0                  [vsysca
     #[test]
     fn find_looks_up_by_address() {
         let maps = ProcessMaps::parse(MAPS);
-        assert_eq!(maps.find(0x7f1c4a028000).unwrap().path, "/usr/lib/x86_64-linux-gnu/libc.so.6");
-        assert_eq!(maps.find(0x7f1c4a1bcfff).unwrap().path, "/usr/lib/x86_64-linux-gnu/libc.so.6");
+        assert_eq!(
+            maps.find(0x7f1c4a028000).unwrap().path,
+            "/usr/lib/x86_64-linux-gnu/libc.so.6"
+        );
+        assert_eq!(
+            maps.find(0x7f1c4a1bcfff).unwrap().path,
+            "/usr/lib/x86_64-linux-gnu/libc.so.6"
+        );
         assert!(maps.find(0x7f1c4a1bd000).is_none());
         assert!(maps.find(0x5581a2c00000).is_none(), "not executable");
         assert!(maps.find(0).is_none());
@@ -345,7 +362,9 @@ ffffffffff600000-ffffffffff601000 --xp 00000000 00:00 0                  [vsysca
     #[test]
     fn reads_own_maps_with_openable_paths() {
         let maps = ProcessMaps::read(std::process::id()).unwrap();
-        let here = maps.find(reads_own_maps_with_openable_paths as usize as u64).unwrap();
+        let here = maps
+            .find(reads_own_maps_with_openable_paths as *const () as u64)
+            .unwrap();
         assert_eq!(
             std::fs::canonicalize(&here.path).unwrap(),
             std::env::current_exe().unwrap().canonicalize().unwrap()

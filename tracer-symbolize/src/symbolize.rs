@@ -10,7 +10,7 @@
 
 use std::collections::HashMap;
 use std::ops::Range;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::Context as _;
 use object::{Object, ObjectSymbol};
@@ -120,7 +120,8 @@ impl Symbolizer {
             return frames.clone();
         }
         let frames = self.lookup(address, is_return_address);
-        self.cache.insert((address, is_return_address), frames.clone());
+        self.cache
+            .insert((address, is_return_address), frames.clone());
         frames
     }
 
@@ -128,7 +129,8 @@ impl Symbolizer {
     /// to warn once per module. Loads the module if not yet loaded.
     pub fn module_error(&mut self, address: u64) -> Option<String> {
         let i = self.module_index(address)?;
-        self.load(i).err()
+        self.load(i);
+        self.modules[i].loaded.as_ref()?.as_ref().err().cloned()
     }
 
     fn lookup(&mut self, address: u64, is_return_address: bool) -> Vec<Frame> {
@@ -155,12 +157,11 @@ impl Symbolizer {
         let Some(i) = self.module_index(probe) else {
             return vec![bare("")];
         };
-        if self.load(i).is_err() {
-            return vec![bare(&self.modules[i].name)];
-        }
+        self.load(i);
         let module = &self.modules[i];
         let Some(Ok(symbols)) = &module.loaded else {
-            unreachable!("loaded above");
+            // Could not be read: the module name is all we know.
+            return vec![bare(&module.name)];
         };
         let svma = probe.wrapping_sub(symbols.bias);
 
@@ -202,8 +203,8 @@ impl Symbolizer {
         self.modules[i].avma_range.contains(&address).then_some(i)
     }
 
-    /// Loads module `i` if not done yet; the error says why it failed.
-    fn load(&mut self, i: usize) -> Result<(), String> {
+    /// Loads module `i` if not done yet, keeping the error if it fails.
+    fn load(&mut self, i: usize) {
         if self.modules[i].loaded.is_none() {
             let module = &self.modules[i];
             let loaded = match &module.source {
@@ -221,24 +222,20 @@ impl Symbolizer {
             };
             self.modules[i].loaded = Some(loaded.map_err(|e| format!("{e:#}")));
         }
-        match &self.modules[i].loaded {
-            Some(Ok(_)) => Ok(()),
-            Some(Err(e)) => Err(e.clone()),
-            None => unreachable!("loaded above"),
-        }
     }
 
     fn load_file(
         &self,
         name: &str,
-        open_path: &PathBuf,
+        open_path: &Path,
         mapping_start: u64,
         mapping_offset: u64,
     ) -> anyhow::Result<ModuleSymbols> {
         let file = std::fs::File::open(open_path).with_context(|| format!("open {open_path:?}"))?;
         // Mapped, not read: a binary with debug info can be hundreds of MiB
         // and we only touch its headers and symbol table here.
-        let data = unsafe { memmap2::Mmap::map(&file) }.with_context(|| format!("map {open_path:?}"))?;
+        let data =
+            unsafe { memmap2::Mmap::map(&file) }.with_context(|| format!("map {open_path:?}"))?;
         let elf = object::File::parse(&*data).with_context(|| format!("parse {name}"))?;
         let bias = load_bias(&elf, mapping_start, mapping_offset)
             .with_context(|| format!("{name}: no segment at the mapping's file offset"))?;
@@ -247,11 +244,13 @@ impl Symbolizer {
             .locator
             .find(name.as_ref(), &data, &|p| self.maps.path_in_process_root(p));
         let mut symbols = SymbolTable::new(&elf);
-        if symbols.is_empty()
+        if elf.symbol_table().is_none()
             && let Some(Separate(path)) = &debug_file
         {
-            // A fully stripped binary: the debug file kept the symbol table.
-            if let Ok(data) = std::fs::File::open(path).and_then(|f| unsafe { memmap2::Mmap::map(&f) })
+            // A fully stripped binary has only .dynsym (the exported
+            // functions); the debug file kept the full symbol table.
+            if let Ok(data) =
+                std::fs::File::open(path).and_then(|f| unsafe { memmap2::Mmap::map(&f) })
                 && let Ok(debug_elf) = object::File::parse(&*data)
             {
                 symbols = SymbolTable::new(&debug_elf);
@@ -338,14 +337,47 @@ impl SymbolTable {
         SymbolTable { entries }
     }
 
-    fn is_empty(&self) -> bool {
-        self.entries.is_empty()
-    }
-
     fn lookup(&self, svma: u64) -> Option<&str> {
-        let i = self.entries.partition_point(|e| e.0 <= svma).checked_sub(1)?;
+        let i = self
+            .entries
+            .partition_point(|e| e.0 <= svma)
+            .checked_sub(1)?;
         let (address, size, name) = &self.entries[i];
         // A size of 0 (hand-written assembly) gives no end: trust the nearest.
         (*size == 0 || svma < address + size).then_some(name.as_str())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unreadable_module_gives_its_name_and_why() {
+        let maps = ProcessMaps::parse("1000-2000 r-xp 00000000 08:01 7 /nonexistent/lib.so\n");
+        let mut symbolizer = Symbolizer::new(&maps);
+        let frames = symbolizer.symbolize(0x1800, true);
+        assert_eq!(frames.len(), 1);
+        assert_eq!(frames[0].module, "/nonexistent/lib.so");
+        assert_eq!(
+            (frames[0].address, frames[0].function.as_deref()),
+            (0x1800, None)
+        );
+        let error = symbolizer.module_error(0x1800).unwrap();
+        assert!(error.contains("open"), "{error}");
+        assert_eq!(symbolizer.module_error(0x3000), None, "in no module");
+    }
+
+    #[test]
+    fn demangles_without_hash() {
+        assert_eq!(
+            demangle("_ZN8fixtures8spin_for17h0123456789abcdefE"),
+            "fixtures::spin_for"
+        );
+        assert_eq!(
+            demangle("_RNvCs1234_8fixtures8spin_for"),
+            "fixtures::spin_for"
+        );
+        assert_eq!(demangle("clock_gettime"), "clock_gettime");
     }
 }

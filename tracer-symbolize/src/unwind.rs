@@ -13,7 +13,7 @@ use framehop::x86_64::{CacheX86_64, UnwindRegsX86_64, UnwinderX86_64};
 use framehop::{ExplicitModuleSectionInfo, FrameAddress, Unwinder as _};
 use object::{Object, ObjectSection, ObjectSegment};
 
-use crate::maps::{ProcessMaps, load_bias};
+use crate::maps::{ProcessMaps, is_executable, load_bias};
 
 /// Deeper than any real stack; stops a corrupt one from looping forever.
 const MAX_FRAMES: usize = 1024;
@@ -32,7 +32,10 @@ impl CapturedStack<'_> {
     /// The 8 bytes at `address`, if the copy holds them.
     fn read_u64(&self, address: u64) -> Result<u64, ()> {
         let offset = usize::try_from(address.checked_sub(self.sp).ok_or(())?).map_err(|_| ())?;
-        let bytes = self.stack.get(offset..offset.checked_add(8).ok_or(())?).ok_or(())?;
+        let bytes = self
+            .stack
+            .get(offset..offset.checked_add(8).ok_or(())?)
+            .ok_or(())?;
         Ok(u64::from_le_bytes(bytes.try_into().unwrap()))
     }
 }
@@ -76,7 +79,9 @@ impl Unwinder {
                     unwinder.inner.add_module(m);
                     loaded += 1;
                 }
-                Err(e) => unwinder.skipped.push((module.path.clone(), format!("{e:#}"))),
+                Err(e) => unwinder
+                    .skipped
+                    .push((module.path.clone(), format!("{e:#}"))),
             }
         }
         // The vDSO has no file; its image is in the process's memory.
@@ -87,7 +92,10 @@ impl Unwinder {
             }
         }
         if loaded == 0 {
-            bail!("no executable module of the process could be loaded: {:?}", unwinder.skipped);
+            bail!(
+                "no executable module of the process could be loaded: {:?}",
+                unwinder.skipped
+            );
         }
         Ok(unwinder)
     }
@@ -125,9 +133,9 @@ impl Unwinder {
         let mut frames = vec![stack.ip];
         let mut address = FrameAddress::from_instruction_pointer(stack.ip);
         while frames.len() < MAX_FRAMES {
-            let next = self
-                .inner
-                .unwind_frame(address, &mut regs, &mut self.cache, &mut read_stack);
+            let next =
+                self.inner
+                    .unwind_frame(address, &mut regs, &mut self.cache, &mut read_stack);
             // Err: the copy ended, or no rule for this address. Either way
             // the frames so far are right, and that is all we can know.
             let Ok(Some(mut return_address)) = next else {
@@ -181,10 +189,7 @@ fn framehop_module(
     // framehop reads instructions around an address to tell prologues and
     // epilogues apart, where CFI alone can be off by an instruction. Give it
     // the whole executable segment (.init, .plt, .text, …), not just .text.
-    let code_segment = elf.segments().find(|s| match s.flags() {
-        object::SegmentFlags::Elf { p_flags } => p_flags & object::elf::PF_X != 0,
-        _ => false,
-    });
+    let code_segment = elf.segments().find(is_executable);
     let (text_svma, text) = match code_segment {
         Some(s) => (
             Some(s.address()..s.address() + s.size()),
@@ -208,5 +213,10 @@ fn framehop_module(
     if info.eh_frame.is_none() && info.debug_frame.is_none() {
         bail!("no .eh_frame or .debug_frame");
     }
-    Ok(framehop::Module::new(name.to_owned(), avma_range, bias, info))
+    Ok(framehop::Module::new(
+        name.to_owned(),
+        avma_range,
+        bias,
+        info,
+    ))
 }

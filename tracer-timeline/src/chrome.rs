@@ -146,6 +146,86 @@ impl ChromeTraceWriter {
         })
     }
 
+    /// Starts flow `id` (a Chrome flow event v1, "ph":"s") at `ts_ns` on
+    /// thread `tid`. Perfetto binds it to the slice open on that thread at
+    /// that time (the topmost one), so there must be one: the slice the flow
+    /// comes from, or an instant written just before at the same time.
+    pub fn flow_start(
+        &mut self,
+        pid: u32,
+        tid: u32,
+        name: &str,
+        category: &str,
+        id: u64,
+        ts_ns: u64,
+    ) -> Result<()> {
+        self.flow_event(b's', pid, tid, name, category, id, ts_ns)
+    }
+
+    /// Ends flow `id` ("ph":"f") at `ts_ns` on thread `tid`, bound to the
+    /// enclosing slice ("bp":"e"). Put `ts_ns` at the target slice's start:
+    /// at equal timestamps Perfetto orders JSON "X" slices before flow
+    /// events, so the slice is open when the end is bound.
+    pub fn flow_end(
+        &mut self,
+        pid: u32,
+        tid: u32,
+        name: &str,
+        category: &str,
+        id: u64,
+        ts_ns: u64,
+    ) -> Result<()> {
+        self.flow_event(b'f', pid, tid, name, category, id, ts_ns)
+    }
+
+    /// A counter sample ("ph":"C") on a process-wide track named
+    /// "`name` `series`" in Perfetto.
+    pub fn counter(
+        &mut self,
+        pid: u32,
+        name: &str,
+        series: &str,
+        ts_ns: u64,
+        value: u64,
+    ) -> Result<()> {
+        self.event(|out| {
+            // `tid` only says which process the counter belongs to.
+            write!(out, r#"{{"ph":"C","pid":{pid},"tid":{pid},"name":"#)?;
+            serde_json::to_writer(&mut *out, name)?;
+            write!(out, r#","ts":{},"args":{{"#, Micros(ts_ns))?;
+            serde_json::to_writer(&mut *out, series)?;
+            write!(out, ":{value}}}}}")
+        })
+    }
+
+    #[allow(clippy::too_many_arguments)] // mirrors the fields of the JSON event one to one
+    fn flow_event(
+        &mut self,
+        phase: u8,
+        pid: u32,
+        tid: u32,
+        name: &str,
+        category: &str,
+        id: u64,
+        ts_ns: u64,
+    ) -> Result<()> {
+        self.event(|out| {
+            write!(
+                out,
+                r#"{{"ph":"{}","pid":{pid},"tid":{tid},"name":"#,
+                phase as char
+            )?;
+            serde_json::to_writer(&mut *out, name)?;
+            out.write_all(br#","cat":"#)?;
+            serde_json::to_writer(&mut *out, category)?;
+            write!(out, r#","id":{id},"ts":{}"#, Micros(ts_ns))?;
+            if phase == b'f' {
+                out.write_all(br#","bp":"e""#)?;
+            }
+            out.write_all(b"}")
+        })
+    }
+
     /// Closes the event array, adds a top-level `"metadata"` value (lost
     /// events, tracer version, target, ...), flushes, fsyncs and renames the
     /// file to its final path. Returns the size of the file in bytes.
@@ -244,38 +324,10 @@ impl std::fmt::Display for Micros {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::atomic::{AtomicU32, Ordering};
-
     use serde_json::json;
 
     use super::*;
-
-    /// A fresh directory under the system temp dir, removed on drop.
-    struct TempDir(PathBuf);
-
-    impl TempDir {
-        fn new() -> Self {
-            static NEXT: AtomicU32 = AtomicU32::new(0);
-            let name = format!(
-                "tracer-timeline-test-{}-{}",
-                std::process::id(),
-                NEXT.fetch_add(1, Ordering::Relaxed)
-            );
-            let dir = std::env::temp_dir().join(name);
-            fs::create_dir_all(&dir).expect("create temp dir");
-            Self(dir)
-        }
-
-        fn join(&self, name: &str) -> PathBuf {
-            self.0.join(name)
-        }
-    }
-
-    impl Drop for TempDir {
-        fn drop(&mut self) {
-            let _ = fs::remove_dir_all(&self.0);
-        }
-    }
+    use crate::test_util::TempDir;
 
     fn read_json(path: &Path) -> Value {
         let text = fs::read_to_string(path).expect("read trace");
@@ -428,11 +480,14 @@ mod tests {
 
         let message = format!(
             "{:#}",
-            ChromeTraceWriter::create(&dir.0)
+            ChromeTraceWriter::create(dir.path())
                 .err()
                 .expect("a directory is not a trace file")
         );
-        assert!(message.contains(&dir.0.display().to_string()), "{message}");
+        assert!(
+            message.contains(&dir.path().display().to_string()),
+            "{message}"
+        );
     }
 
     #[test]

@@ -105,7 +105,9 @@ impl RateLimitedCounter {
     fn emit(&mut self, ts_ns: u64, value: u64, out: &mut Vec<CounterSample>) {
         // Never step back in time: other threads' events may arrive a little
         // out of timestamp order.
-        let ts_ns = self.shown.map_or(ts_ns, |(shown_ns, _)| ts_ns.max(shown_ns));
+        let ts_ns = self
+            .shown
+            .map_or(ts_ns, |(shown_ns, _)| ts_ns.max(shown_ns));
         self.shown = Some((ts_ns, value));
         out.push(CounterSample {
             counter: self.counter,

@@ -3,7 +3,22 @@
 use std::fmt;
 use std::path::PathBuf;
 
-use crate::timeline::ThreadStats;
+use crate::histogram::Histogram;
+use crate::render::task_label;
+use crate::task_types::TaskTypes;
+use crate::tasks::{LongPoll, TaskTotals, TaskTypeStats};
+use crate::timeline::{ThreadStats, Timeline};
+
+/// A worker doing more than this share of all workers' busy time (in
+/// per-mille) is flagged as an imbalance...
+pub const IMBALANCE_BUSY_SHARE_PERMILLE: u128 = 700;
+/// ...when there are at least this many workers...
+pub const IMBALANCE_MIN_WORKERS: usize = 2;
+/// ...and it was busy at least this share of the recording (per-mille): a
+/// mostly idle runtime is not worth a warning.
+pub const IMBALANCE_MIN_BUSY_PERMILLE: u128 = 100;
+/// A single poll longer than this held its worker hostage: flagged as a hog.
+pub const HOG_POLL_NS: u64 = 10_000_000;
 
 /// One traced thread, as shown in the summary table.
 pub struct WorkerSummary {
@@ -13,7 +28,11 @@ pub struct WorkerSummary {
 }
 
 /// Everything the end-of-run report shows. Its `Display` is the report.
+#[derive(Default)]
 pub struct Summary {
+    /// When recording started (CLOCK_MONOTONIC ns): times in the summary are
+    /// shown relative to it, as in the trace.
+    pub start_ns: u64,
     /// How long recording ran; the denominator of the busy percentages.
     pub duration_ns: u64,
     pub workers: Vec<WorkerSummary>,
@@ -29,12 +48,72 @@ pub struct Summary {
     /// The trace file, if one was written.
     pub output: Option<PathBuf>,
     pub trace_bytes: u64,
+    /// Tasks, wakes and scheduling delay.
+    pub scheduler: SchedulerSummary,
+}
+
+/// The scheduler's part of the report, with task types already named.
+#[derive(Default)]
+pub struct SchedulerSummary {
+    pub totals: TaskTotals,
+    pub tasks_alive_at_end: u64,
+    /// Busiest type first.
+    pub task_types: Vec<TaskTypeSummary>,
+    /// Longest first (see `Timeline::longest_polls`).
+    pub longest_polls: Vec<LongPollSummary>,
+}
+
+pub struct TaskTypeSummary {
+    pub name: String,
+    pub stats: TaskTypeStats,
+}
+
+pub struct LongPollSummary {
+    /// The task's type name.
+    pub name: String,
+    pub poll: LongPoll,
+}
+
+impl SchedulerSummary {
+    /// Collects what the report needs from a finished timeline.
+    pub fn from_timeline(timeline: &Timeline, types: &TaskTypes) -> Self {
+        let mut task_types: Vec<TaskTypeSummary> = timeline
+            .task_types()
+            .map(|(site, stats)| TaskTypeSummary {
+                name: types.short_name(site),
+                stats: stats.clone(),
+            })
+            .collect();
+        task_types.sort_by(|a, b| {
+            b.stats
+                .busy_ns
+                .cmp(&a.stats.busy_ns)
+                .then_with(|| a.name.cmp(&b.name))
+        });
+        let longest_polls = timeline
+            .longest_polls()
+            .map(|poll| LongPollSummary {
+                name: types.short_name(Some(poll.site)),
+                poll: poll.clone(),
+            })
+            .collect();
+        Self {
+            totals: timeline.task_totals().clone(),
+            tasks_alive_at_end: timeline.tasks_alive() as u64,
+            task_types,
+            longest_polls,
+        }
+    }
 }
 
 impl fmt::Display for Summary {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(f, "recorded {}", human_duration(self.duration_ns))?;
         self.fmt_worker_table(f)?;
+        self.fmt_imbalance(f)?;
+        self.fmt_tasks(f)?;
+        self.fmt_longest_polls(f)?;
+        self.fmt_scheduling_delay(f)?;
         self.fmt_event_counts(f)?;
         match &self.output {
             Some(path) => {
@@ -56,32 +135,203 @@ impl Summary {
         if self.workers.is_empty() {
             return writeln!(f, "no worker activity seen");
         }
-        let name_width = self
-            .workers
-            .iter()
-            .map(|w| w.name.chars().count())
-            .max()
-            .unwrap_or(0)
-            .max("worker".len());
-        writeln!(
-            f,
-            "  {:<name_width$}  {:>8}  {:>10}  {:>10}  {:>7}  {:>12}",
-            "worker", "tid", "polls", "parks", "busy", "longest poll"
-        )?;
+        // Shares are among runtime workers; blocking-pool threads are meant
+        // to block and would only blur the picture.
+        let workers = || self.workers.iter().filter(|w| is_runtime_worker(&w.stats));
+        let all_polls: u64 = workers().map(|w| w.stats.polls).sum();
+        let all_busy: u64 = workers().map(|w| w.stats.busy_ns).sum();
+        let mut table = Table::new(&[
+            "worker",
+            "tid",
+            "polls",
+            "parks",
+            "busy",
+            "longest poll",
+            "poll share",
+            "busy share",
+        ]);
         for worker in &self.workers {
             let stats = &worker.stats;
-            writeln!(
-                f,
-                "  {:<name_width$}  {:>8}  {:>10}  {:>10}  {:>7}  {:>12}",
-                worker.name,
-                worker.tid,
-                stats.polls,
-                stats.parks,
+            let (poll_share, busy_share) = if is_runtime_worker(stats) {
+                (
+                    busy_percent(stats.polls, all_polls),
+                    busy_percent(stats.busy_ns, all_busy),
+                )
+            } else {
+                ("-".to_owned(), "-".to_owned())
+            };
+            table.row(vec![
+                worker.name.clone(),
+                worker.tid.to_string(),
+                stats.polls.to_string(),
+                stats.parks.to_string(),
                 busy_percent(stats.busy_ns, self.duration_ns),
                 human_duration(stats.longest_poll_ns),
+                poll_share,
+                busy_share,
+            ]);
+        }
+        table.write(f, 2)
+    }
+
+    /// One worker doing most of the work while the others sit parked.
+    fn fmt_imbalance(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let workers: Vec<&WorkerSummary> = self
+            .workers
+            .iter()
+            .filter(|w| is_runtime_worker(&w.stats))
+            .collect();
+        if workers.len() < IMBALANCE_MIN_WORKERS || self.duration_ns == 0 {
+            return Ok(());
+        }
+        let all_busy: u64 = workers.iter().map(|w| w.stats.busy_ns).sum();
+        let Some(busiest) = workers.iter().max_by_key(|w| w.stats.busy_ns) else {
+            return Ok(());
+        };
+        let busy = u128::from(busiest.stats.busy_ns);
+        let share = permille(busy, u128::from(all_busy));
+        let of_recording = permille(busy, u128::from(self.duration_ns));
+        if share <= IMBALANCE_BUSY_SHARE_PERMILLE || of_recording < IMBALANCE_MIN_BUSY_PERMILLE {
+            return Ok(());
+        }
+        let others = workers.len() as u128 - 1;
+        let others_parked: u128 = workers
+            .iter()
+            .filter(|w| w.tid != busiest.tid)
+            .map(|w| u128::from(w.stats.parked_ns))
+            .sum();
+        let parked = permille(others_parked, others * u128::from(self.duration_ns));
+        writeln!(
+            f,
+            "IMBALANCE: worker {} did {} of the busy time while others were parked {} of the time",
+            busiest.name,
+            format_permille(share),
+            format_permille(parked)
+        )
+    }
+
+    fn fmt_tasks(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let scheduler = &self.scheduler;
+        let totals = &scheduler.totals;
+        let wakes = totals.wakes_by_task + totals.wakes_by_driver + totals.wakes_by_thread;
+        if totals.spawned == 0 && totals.ended == 0 && wakes == 0 && scheduler.task_types.is_empty()
+        {
+            return Ok(());
+        }
+        writeln!(
+            f,
+            "tasks: {} spawned, {} ended, {} alive at the end; {} wakes ({} by tasks, {} by the driver, {} by other threads)",
+            totals.spawned,
+            totals.ended,
+            scheduler.tasks_alive_at_end,
+            wakes,
+            totals.wakes_by_task,
+            totals.wakes_by_driver,
+            totals.wakes_by_thread
+        )?;
+        if scheduler.task_types.is_empty() {
+            return Ok(());
+        }
+        let mut table = Table::new(&[
+            "task type",
+            "tasks",
+            "polls",
+            "busy",
+            "longest poll",
+            "woken",
+        ]);
+        for task_type in &scheduler.task_types {
+            let stats = &task_type.stats;
+            table.row(vec![
+                task_type.name.clone(),
+                stats.tasks.to_string(),
+                stats.polls.to_string(),
+                human_duration(stats.busy_ns),
+                human_duration(stats.longest_poll_ns),
+                stats.times_woken.to_string(),
+            ]);
+        }
+        table.write(f, 2)
+    }
+
+    fn fmt_longest_polls(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let polls = &self.scheduler.longest_polls;
+        if polls.is_empty() {
+            return Ok(());
+        }
+        writeln!(f, "longest polls:")?;
+        let mut table = Table::new(&["task", "type", "poll", "worker", "at"]);
+        for long in polls {
+            let poll = &long.poll;
+            let mut duration = human_duration(poll.duration_ns);
+            if poll.truncated {
+                duration.push_str(" (still running)");
+            }
+            table.row(vec![
+                task_label(poll.task_id, poll.task),
+                long.name.clone(),
+                duration,
+                self.thread_name(poll.tid),
+                format!("+{}", human_duration(poll.start_ns.saturating_sub(self.start_ns))),
+            ]);
+        }
+        table.write(f, 2)?;
+        for long in polls
+            .iter()
+            .filter(|long| long.poll.duration_ns > HOG_POLL_NS)
+        {
+            writeln!(
+                f,
+                "HOG: {} {} held worker {} for {} in one poll",
+                task_label(long.poll.task_id, long.poll.task),
+                long.name,
+                self.thread_name(long.poll.tid),
+                human_duration(long.poll.duration_ns)
             )?;
         }
         Ok(())
+    }
+
+    fn fmt_scheduling_delay(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let by_type = self
+            .scheduler
+            .task_types
+            .iter()
+            .map(|t| (t.name.clone(), &t.stats.scheduling_delay));
+        let by_worker = self
+            .workers
+            .iter()
+            .map(|w| (w.name.clone(), &w.stats.scheduling_delay));
+        let rows: Vec<(&str, String, &Histogram)> = by_type
+            .map(|(name, h)| ("type", name, h))
+            .chain(by_worker.map(|(name, h)| ("worker", name, h)))
+            .filter(|(_, _, h)| h.count() > 0)
+            .collect();
+        if rows.is_empty() {
+            return Ok(());
+        }
+        writeln!(f, "scheduling delay (wake or spawn to poll):")?;
+        let mut table = Table::new(&["by", "", "polls", "p50", "p90", "p99", "max"]);
+        for (by, name, histogram) in rows {
+            let percentile = |p| human_duration(histogram.percentile(p).unwrap_or(0));
+            table.row(vec![
+                by.to_owned(),
+                name,
+                histogram.count().to_string(),
+                percentile(50),
+                percentile(90),
+                percentile(99),
+                human_duration(histogram.max()),
+            ]);
+        }
+        table.write(f, 2)
+    }
+
+    fn thread_name(&self, tid: u32) -> String {
+        self.workers
+            .iter()
+            .find(|w| w.tid == tid)
+            .map_or_else(|| format!("tid {tid}"), |w| w.name.clone())
     }
 
     fn fmt_event_counts(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -112,13 +362,74 @@ impl Summary {
     }
 }
 
-/// `busy_ns` as a share of the recording, e.g. "45.2%"; "-" for an empty recording.
-fn busy_percent(busy_ns: u64, duration_ns: u64) -> String {
-    if duration_ns == 0 {
+/// A thread of the runtime proper: it polled or parked, and not only
+/// `spawn_blocking` work.
+fn is_runtime_worker(stats: &ThreadStats) -> bool {
+    stats.ran_tasks_or_parked() && !stats.is_blocking_pool()
+}
+
+/// `part` as a share of `whole`, e.g. "45.2%"; "-" when `whole` is 0.
+fn busy_percent(part: u64, whole: u64) -> String {
+    if whole == 0 {
         return "-".to_owned();
     }
-    let permille = div_round(u128::from(busy_ns) * 1000, u128::from(duration_ns));
+    format_permille(permille(u128::from(part), u128::from(whole)))
+}
+
+/// `part / whole` in thousandths, rounded; 0 when `whole` is 0.
+fn permille(part: u128, whole: u128) -> u128 {
+    if whole == 0 {
+        return 0;
+    }
+    div_round(part * 1000, whole)
+}
+
+fn format_permille(permille: u128) -> String {
     format!("{}.{}%", permille / 10, permille % 10)
+}
+
+/// A text table whose columns line up: the first column left-aligned, the
+/// others right-aligned.
+struct Table {
+    rows: Vec<Vec<String>>,
+}
+
+impl Table {
+    fn new(header: &[&str]) -> Self {
+        Self {
+            rows: vec![header.iter().map(|h| (*h).to_owned()).collect()],
+        }
+    }
+
+    fn row(&mut self, cells: Vec<String>) {
+        self.rows.push(cells);
+    }
+
+    fn write(&self, f: &mut fmt::Formatter<'_>, indent: usize) -> fmt::Result {
+        let columns = self.rows[0].len();
+        let widths: Vec<usize> = (0..columns)
+            .map(|column| {
+                self.rows
+                    .iter()
+                    .map(|row| row.get(column).map_or(0, |cell| cell.chars().count()))
+                    .max()
+                    .unwrap_or(0)
+            })
+            .collect();
+        for row in &self.rows {
+            write!(f, "{:indent$}", "")?;
+            for (column, width) in widths.iter().enumerate() {
+                let cell = row.get(column).map_or("", String::as_str);
+                if column == 0 {
+                    write!(f, "{cell:<width$}")?;
+                } else {
+                    write!(f, "  {cell:>width$}")?;
+                }
+            }
+            writeln!(f)?;
+        }
+        Ok(())
+    }
 }
 
 /// A duration in the largest unit that keeps it readable:
@@ -196,6 +507,7 @@ mod tests {
             abandoned_polls: 0,
             output: Some(PathBuf::from("/tmp/out/trace.json")),
             trace_bytes: 4_567_890,
+            scheduler: SchedulerSummary::default(),
         }
     }
 

@@ -27,7 +27,10 @@ impl TaskTypes {
     pub fn new(names: Vec<Option<TaskName>>) -> Self {
         let blocking = names
             .iter()
-            .map(|name| name.as_ref().is_some_and(|name| is_blocking_type(&name.full)))
+            .map(|name| {
+                name.as_ref()
+                    .is_some_and(|name| is_blocking_type(&name.full))
+            })
             .collect();
         Self { names, blocking }
     }
@@ -50,7 +53,8 @@ impl TaskTypes {
 
     /// The full type name, when known.
     pub fn full_name(&self, site: Option<u32>) -> Option<&str> {
-        site.and_then(|site| self.name(site)).map(|name| name.full.as_str())
+        site.and_then(|site| self.name(site))
+            .map(|name| name.full.as_str())
     }
 
     /// Whether the site polls `spawn_blocking` work.

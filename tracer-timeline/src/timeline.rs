@@ -1,4 +1,6 @@
-//! Pairs start/end events into [`Slice`]s, one thread at a time.
+//! Pairs start/end events into [`Slice`]s, one thread at a time, and tells
+//! the scheduler's story around them: spawns, wakes (and who woke whom),
+//! scheduling delay, task ends, unparks and counters.
 //!
 //! The eBPF side only reports "entered" and "returned" for polls and parks.
 //! Each thread's events arrive in order (the ring buffer keeps per-CPU order
@@ -16,45 +18,34 @@
 //!   counted in [`Timeline::unmatched_ends`] and dropped.
 //! - [`Timeline::finish`] closes whatever is still open and marks it
 //!   `truncated`.
+//!
+//! Who woke a task is decided from the waking thread's state at the wake:
+//! the task the eBPF side saw running there, else the innermost poll open on
+//! that thread, else the driver if the thread is parked (the I/O driver and
+//! the timer run inside park), else "a thread". Per-task work is in
+//! [`crate::tasks`], counters in [`crate::counters`].
+//!
+//! Memory: per thread, per live task, per task type; nothing grows with the
+//! number of events, so the caller can stream outputs to disk as they come.
 
 use std::collections::HashMap;
 
 use tracer_common::{Event, EventKind};
 
-/// What a slice of a thread's time was spent on.
-#[derive(Clone, Debug, PartialEq)]
-pub enum SliceKind {
-    /// Polling one task. `site` is the probe site index (which
-    /// `raw::poll<T, S>` instance), `task` the task header address and
-    /// `task_id` the tokio task id, or 0 when it could not be read.
-    Poll { site: u32, task: u64, task_id: u64 },
-    /// The worker was parked (idle, waiting for work or I/O).
-    Park,
-}
-
-/// A closed interval of one thread's time. Times are raw `CLOCK_MONOTONIC` ns.
-#[derive(Clone, Debug, PartialEq)]
-pub struct Slice {
-    pub tid: u32,
-    pub kind: SliceKind,
-    pub start_ns: u64,
-    pub end_ns: u64,
-    /// The slice was still open when recording ended; `end_ns` is the end of
-    /// the recording, not the real end.
-    pub truncated: bool,
-}
-
-impl Slice {
-    pub fn duration_ns(&self) -> u64 {
-        self.end_ns.saturating_sub(self.start_ns)
-    }
-}
+use crate::counters::{Counter, CounterSample, RateLimitedCounter};
+use crate::histogram::Histogram;
+pub use crate::output::{Slice, SliceKind};
+use crate::output::{TaskEnd, TimelineOutput, Unpark, Waker};
+use crate::task_types::TaskTypes;
+use crate::tasks::{ClosedPoll, LongPoll, TaskStats, TaskTotals, TaskTracker, TaskTypeStats};
 
 /// Per-thread totals, updated as slices close.
 #[derive(Clone, Debug, Default)]
 pub struct ThreadStats {
     /// Poll slices closed, nested ones included.
     pub polls: u64,
+    /// Of those, polls of `spawn_blocking` tasks.
+    pub blocking_polls: u64,
     /// Outermost park slices closed.
     pub parks: u64,
     /// Time spent in outermost polls (a nested poll's time is already inside
@@ -63,6 +54,8 @@ pub struct ThreadStats {
     /// Time spent in outermost parks.
     pub parked_ns: u64,
     pub longest_poll_ns: u64,
+    /// Scheduling delay of the polls that started on this thread.
+    pub scheduling_delay: Histogram,
     /// Timestamp of the thread's first event.
     pub first_ns: u64,
     /// Latest timestamp seen on the thread: its last event, or the end of
@@ -70,82 +63,144 @@ pub struct ThreadStats {
     pub last_ns: u64,
 }
 
-/// The pairing state machine for all threads. Feed it events with
+impl ThreadStats {
+    /// The thread only ran `spawn_blocking` work: a blocking-pool thread,
+    /// not a runtime worker.
+    pub fn is_blocking_pool(&self) -> bool {
+        self.polls > 0 && self.blocking_polls == self.polls && self.parks == 0
+    }
+
+    /// The thread polled or parked: part of the runtime (a worker or a
+    /// `block_on` thread), not only a thread that woke or spawned tasks.
+    pub fn ran_tasks_or_parked(&self) -> bool {
+        self.polls > 0 || self.parks > 0
+    }
+}
+
+/// The state machine for all threads and tasks. Feed it events with
 /// [`push`](Self::push), then call [`finish`](Self::finish) once.
 #[derive(Default)]
 pub struct Timeline {
+    types: TaskTypes,
     /// Threads in the order their first event arrived, so reports list them
     /// in a stable, meaningful order.
     threads: Vec<(u32, ThreadState)>,
     /// tid -> position in `threads`.
     index_by_tid: HashMap<u32, usize>,
+    tasks: TaskTracker,
+    counters: Counters,
     unmatched_ends: u64,
     abandoned: u64,
     unknown_kinds: u64,
+    /// Scratch space reused across events.
+    ended: Vec<TaskEnd>,
+    samples: Vec<CounterSample>,
 }
 
 impl Timeline {
+    /// A timeline that knows no task types: no poll counts as blocking-pool work.
     pub fn new() -> Self {
         Self::default()
     }
 
-    /// Feeds one event; completed slices are appended to `out`.
+    /// A timeline that knows which sites poll `spawn_blocking` work, to tell
+    /// blocking-pool threads from workers.
+    pub fn with_task_types(types: TaskTypes) -> Self {
+        Self {
+            types,
+            ..Self::default()
+        }
+    }
+
+    /// Feeds one event; what it completes or reveals is appended to `out`.
     ///
     /// Returns true if this is the first event seen from `ev.tid`, so the
     /// caller can look up and record the thread's name while it still runs.
     /// Events of an unknown kind are counted in
     /// [`unknown_kinds`](Self::unknown_kinds) and otherwise ignored (they do
     /// not register a thread).
-    pub fn push(&mut self, ev: &Event, out: &mut Vec<Slice>) -> bool {
+    pub fn push(&mut self, ev: &Event, out: &mut Vec<TimelineOutput>) -> bool {
         let Some(kind) = EventKind::from_u32(ev.kind) else {
             self.unknown_kinds += 1;
             return false;
         };
-        let (thread, first_seen) = self.thread_mut(ev.tid, ev.ts_ns);
-        thread.stats.last_ns = thread.stats.last_ns.max(ev.ts_ns);
+        let (index, first_seen) = self.thread_index(ev.tid, ev.ts_ns);
+        let stats = &mut self.threads[index].1.stats;
+        stats.last_ns = stats.last_ns.max(ev.ts_ns);
+        let activity_before = self.threads[index].1.activity(&self.types);
 
-        let mut abandoned = 0;
-        let matched = match kind {
-            EventKind::PollStart => {
-                // A task is never polled inside its own poll: an open poll of
-                // the same task means that poll's end event was lost.
-                if let Some(stale) = thread.open_polls.iter().position(|p| p.task == ev.task) {
-                    abandoned = (thread.open_polls.len() - stale) as u64;
-                    thread.open_polls.truncate(stale);
+        match kind {
+            EventKind::PollStart => self.poll_start(index, ev, out),
+            EventKind::PollEnd => {
+                if !self.close_poll(index, ev.ts_ns, false, out) {
+                    self.unmatched_ends += 1;
                 }
-                thread.open_polls.push(OpenPoll {
-                    site: ev.site,
-                    task: ev.task,
-                    task_id: ev.task_id,
-                    start_ns: ev.ts_ns,
-                });
-                true
             }
-            EventKind::PollEnd => thread.close_poll(ev.tid, ev.ts_ns, false, out),
             EventKind::ParkStart => {
                 // A worker parks only between polls: polls still open here
                 // lost their end events.
-                abandoned = thread.open_polls.len() as u64;
-                thread.open_polls.clear();
-                thread.open_park(ev.ts_ns);
-                true
+                self.abandon_polls_from(index, 0, out);
+                self.threads[index].1.open_park(ev.ts_ns);
             }
-            EventKind::ParkEnd => thread.close_park(ev.tid, ev.ts_ns, false, out),
-        };
-        self.abandoned += abandoned;
-        if !matched {
-            self.unmatched_ends += 1;
+            EventKind::ParkEnd => {
+                if !self.threads[index]
+                    .1
+                    .close_park(ev.tid, ev.ts_ns, false, out)
+                {
+                    self.unmatched_ends += 1;
+                }
+            }
+            EventKind::Spawn => {
+                let spawn = self.tasks.spawn(ev, &mut self.ended);
+                self.flush_ended(out);
+                out.push(TimelineOutput::Spawn(spawn));
+            }
+            EventKind::Wake => {
+                let (waker, in_poll) = self.who_acts(index, ev);
+                let wake = self.tasks.wake(ev, waker, in_poll, &mut self.ended);
+                self.flush_ended(out);
+                out.push(TimelineOutput::Wake(wake));
+            }
+            EventKind::TaskEnd => {
+                self.threads[index].1.last_task_end = Some((ev.task, ev.ts_ns));
+                self.tasks.task_end(ev, &mut self.ended);
+                self.flush_ended(out);
+            }
+            EventKind::Unpark => {
+                let (unparker, _) = self.who_acts(index, ev);
+                out.push(TimelineOutput::Unpark(Unpark {
+                    tid: ev.tid,
+                    ts_ns: ev.ts_ns,
+                    unparker,
+                }));
+            }
         }
+
+        let activity_after = self.threads[index].1.activity(&self.types);
+        self.counters
+            .thread_changed(activity_before, activity_after);
+        self.counters.tasks_alive = self.tasks.alive() as u64;
+        self.counters.sample(ev.ts_ns, &mut self.samples);
+        out.extend(self.samples.drain(..).map(TimelineOutput::Counter));
         first_seen
     }
 
-    /// Closes every open slice at `end_ns`, marked `truncated`. Innermost
-    /// polls come out first, then the park, per thread in first-seen order.
-    pub fn finish(&mut self, end_ns: u64, out: &mut Vec<Slice>) {
-        for (tid, thread) in &mut self.threads {
-            while thread.close_poll(*tid, end_ns, true, out) {}
-            thread.close_park(*tid, end_ns, true, out);
+    /// Closes every open slice at `end_ns`, marked `truncated`, and emits the
+    /// counters' last values. Innermost polls come out first, then the park,
+    /// per thread in first-seen order.
+    pub fn finish(&mut self, end_ns: u64, out: &mut Vec<TimelineOutput>) {
+        for index in 0..self.threads.len() {
+            let before = self.threads[index].1.activity(&self.types);
+            while self.close_poll(index, end_ns, true, out) {}
+            let tid = self.threads[index].0;
+            self.threads[index].1.close_park(tid, end_ns, true, out);
+            let after = self.threads[index].1.activity(&self.types);
+            self.counters.thread_changed(before, after);
         }
+        self.counters.tasks_alive = self.tasks.alive() as u64;
+        self.counters.sample(end_ns, &mut self.samples);
+        self.counters.finish(&mut self.samples);
+        out.extend(self.samples.drain(..).map(TimelineOutput::Counter));
     }
 
     /// Per-thread statistics, in first-seen order.
@@ -153,6 +208,42 @@ impl Timeline {
         self.threads
             .iter()
             .map(|(tid, thread)| (*tid, &thread.stats))
+    }
+
+    /// Whether `tid` ran only `spawn_blocking` work (so the caller can name
+    /// its track "blocking #n"). Known for sure only once recording ended.
+    pub fn is_blocking_pool_thread(&self, tid: u32) -> bool {
+        self.index_by_tid
+            .get(&tid)
+            .is_some_and(|&index| self.threads[index].1.stats.is_blocking_pool())
+    }
+
+    /// Totals of the tasks alive now (ended tasks were reported in
+    /// [`TimelineOutput::TaskEnd`] and are folded into the per-type totals).
+    pub fn task_stats(&self) -> impl Iterator<Item = &TaskStats> {
+        self.tasks.live_tasks()
+    }
+
+    /// Totals per task type, by probe site (`None`: tasks that ended
+    /// without ever being polled). In no particular order.
+    pub fn task_types(&self) -> impl Iterator<Item = (Option<u32>, &TaskTypeStats)> {
+        self.tasks.by_type()
+    }
+
+    /// The longest polls of runtime work (not `spawn_blocking`), one per
+    /// task, longest first, at most [`crate::tasks::LONGEST_POLLS_KEPT`].
+    pub fn longest_polls(&self) -> impl Iterator<Item = &LongPoll> {
+        self.tasks.longest_polls()
+    }
+
+    /// Spawns, ends and wakes over the whole trace.
+    pub fn task_totals(&self) -> &TaskTotals {
+        self.tasks.totals()
+    }
+
+    /// Tasks seen and not yet ended.
+    pub fn tasks_alive(&self) -> usize {
+        self.tasks.alive()
     }
 
     /// Ends that had no open start on their thread (dropped).
@@ -171,9 +262,119 @@ impl Timeline {
         self.unknown_kinds
     }
 
-    /// The state for `tid`, created on first sight. The bool is true if it
-    /// was just created.
-    fn thread_mut(&mut self, tid: u32, first_ns: u64) -> (&mut ThreadState, bool) {
+    fn poll_start(&mut self, index: usize, ev: &Event, out: &mut Vec<TimelineOutput>) {
+        // A task is never polled inside its own poll: an open poll of the
+        // same task means that poll's end event was lost.
+        let thread = &self.threads[index].1;
+        if let Some(stale) = thread.open_polls.iter().position(|p| p.task == ev.task) {
+            self.abandon_polls_from(index, stale, out);
+        }
+        // With `--min-poll` a poll's start arrives at its end, after the task
+        // end that happened inside it: that task is already finished, so the
+        // poll is drawn but not counted again.
+        let thread = &mut self.threads[index].1;
+        let after_task_end = thread
+            .last_task_end
+            .is_some_and(|(task, end_ns)| task == ev.task && ev.ts_ns <= end_ns);
+        thread.open_polls.push(OpenPoll {
+            site: ev.site,
+            task: ev.task,
+            task_id: ev.task_id,
+            start_ns: ev.ts_ns,
+            after_task_end,
+        });
+        if after_task_end {
+            return;
+        }
+        let woken = self.tasks.poll_start(ev, &mut self.ended);
+        self.flush_ended(out);
+        if let Some(woken) = woken {
+            self.threads[index]
+                .1
+                .stats
+                .scheduling_delay
+                .record(woken.delay_ns);
+            out.push(TimelineOutput::WokenPoll(woken));
+        }
+    }
+
+    /// Closes the innermost open poll of thread `index`. Returns false if
+    /// none was open.
+    fn close_poll(
+        &mut self,
+        index: usize,
+        end_ns: u64,
+        truncated: bool,
+        out: &mut Vec<TimelineOutput>,
+    ) -> bool {
+        let (tid, thread) = &mut self.threads[index];
+        let blocking = |site| self.types.is_blocking(site);
+        let Some((slice, after_task_end)) = thread.close_poll(*tid, end_ns, truncated, blocking)
+        else {
+            return false;
+        };
+        let SliceKind::Poll { site, task, .. } = slice.kind else {
+            unreachable!("close_poll only makes poll slices")
+        };
+        let closed = ClosedPoll {
+            tid: slice.tid,
+            task,
+            site,
+            start_ns: slice.start_ns,
+            end_ns: slice.end_ns,
+            truncated,
+            blocking: self.types.is_blocking(site),
+        };
+        out.push(TimelineOutput::Slice(slice));
+        if !after_task_end {
+            self.tasks.poll_end(&closed, &mut self.ended);
+        }
+        self.flush_ended(out);
+        true
+    }
+
+    /// Drops the open polls of thread `index` from position `from` up: their
+    /// end events were lost.
+    fn abandon_polls_from(&mut self, index: usize, from: usize, out: &mut Vec<TimelineOutput>) {
+        let thread = &mut self.threads[index].1;
+        if from >= thread.open_polls.len() {
+            return;
+        }
+        for poll in thread.open_polls.drain(from..) {
+            self.abandoned += 1;
+            self.tasks.poll_abandoned(poll.task, &mut self.ended);
+        }
+        self.flush_ended(out);
+    }
+
+    /// Who is acting on thread `index` at `ev`: see the module docs. The
+    /// bool is true when the thread is inside a poll slice.
+    fn who_acts(&self, index: usize, ev: &Event) -> (Waker, bool) {
+        let thread = &self.threads[index].1;
+        let innermost = thread.open_polls.last();
+        let waker = if ev.other_task_id != 0 {
+            Waker::Task {
+                task_id: ev.other_task_id,
+            }
+        } else if let Some(poll) = innermost {
+            Waker::Task {
+                task_id: poll.task_id,
+            }
+        } else if thread.open_park.is_some() {
+            Waker::Driver
+        } else {
+            Waker::Thread
+        };
+        (waker, innermost.is_some())
+    }
+
+    fn flush_ended(&mut self, out: &mut Vec<TimelineOutput>) {
+        out.extend(self.ended.drain(..).map(TimelineOutput::TaskEnd));
+    }
+
+    /// The position of `tid` in `threads`, created on first sight. The bool
+    /// is true if it was just created.
+    fn thread_index(&mut self, tid: u32, first_ns: u64) -> (usize, bool) {
         let mut first_seen = false;
         let index = *self.index_by_tid.entry(tid).or_insert_with(|| {
             first_seen = true;
@@ -184,7 +385,76 @@ impl Timeline {
             state.stats.first_ns = first_ns;
             self.threads.push((tid, state));
         }
-        (&mut self.threads[index].1, first_seen)
+        (index, first_seen)
+    }
+}
+
+/// What a thread is doing, for the busy counters.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Activity {
+    Idle,
+    /// Inside a poll of runtime work.
+    Worker,
+    /// Inside a poll of `spawn_blocking` work.
+    Blocking,
+}
+
+/// The counters' current values and their samplers.
+struct Counters {
+    tasks_alive: u64,
+    workers_busy: u64,
+    blocking_busy: u64,
+    tasks_alive_track: RateLimitedCounter,
+    workers_busy_track: RateLimitedCounter,
+    blocking_busy_track: RateLimitedCounter,
+}
+
+impl Default for Counters {
+    fn default() -> Self {
+        Self {
+            tasks_alive: 0,
+            workers_busy: 0,
+            blocking_busy: 0,
+            tasks_alive_track: RateLimitedCounter::new(Counter::TasksAlive),
+            workers_busy_track: RateLimitedCounter::new(Counter::WorkersBusy),
+            blocking_busy_track: RateLimitedCounter::new(Counter::BlockingBusy),
+        }
+    }
+}
+
+impl Counters {
+    fn thread_changed(&mut self, before: Activity, after: Activity) {
+        if before == after {
+            return;
+        }
+        match before {
+            Activity::Worker => self.workers_busy -= 1,
+            Activity::Blocking => self.blocking_busy -= 1,
+            Activity::Idle => {}
+        }
+        match after {
+            Activity::Worker => self.workers_busy += 1,
+            Activity::Blocking => self.blocking_busy += 1,
+            Activity::Idle => {}
+        }
+    }
+
+    /// Offers the current values at `now_ns` (each sampler decides whether
+    /// to emit, see [`crate::counters`]).
+    fn sample(&mut self, now_ns: u64, out: &mut Vec<CounterSample>) {
+        self.tasks_alive_track.set(now_ns, self.tasks_alive, out);
+        self.workers_busy_track.set(now_ns, self.workers_busy, out);
+        self.blocking_busy_track
+            .set(now_ns, self.blocking_busy, out);
+        self.tasks_alive_track.tick(now_ns, out);
+        self.workers_busy_track.tick(now_ns, out);
+        self.blocking_busy_track.tick(now_ns, out);
+    }
+
+    fn finish(&mut self, out: &mut Vec<CounterSample>) {
+        self.tasks_alive_track.finish(out);
+        self.workers_busy_track.finish(out);
+        self.blocking_busy_track.finish(out);
     }
 }
 
@@ -194,6 +464,8 @@ struct OpenPoll {
     task: u64,
     task_id: u64,
     start_ns: u64,
+    /// The task's end was seen before this poll's start (see `poll_start`).
+    after_task_end: bool,
 }
 
 /// The outermost park that has started but not yet ended.
@@ -209,9 +481,19 @@ struct ThreadState {
     stats: ThreadStats,
     open_polls: Vec<OpenPoll>,
     open_park: Option<OpenPark>,
+    /// The last task end seen on this thread: (header, timestamp).
+    last_task_end: Option<(u64, u64)>,
 }
 
 impl ThreadState {
+    fn activity(&self, types: &TaskTypes) -> Activity {
+        match self.open_polls.first() {
+            None => Activity::Idle,
+            Some(outermost) if types.is_blocking(outermost.site) => Activity::Blocking,
+            Some(_) => Activity::Worker,
+        }
+    }
+
     fn open_park(&mut self, start_ns: u64) {
         match &mut self.open_park {
             Some(park) => park.depth += 1,
@@ -219,11 +501,16 @@ impl ThreadState {
         }
     }
 
-    /// Closes the innermost open poll. Returns false if none was open.
-    fn close_poll(&mut self, tid: u32, end_ns: u64, truncated: bool, out: &mut Vec<Slice>) -> bool {
-        let Some(poll) = self.open_polls.pop() else {
-            return false;
-        };
+    /// Closes the innermost open poll, if any, and returns its slice and
+    /// whether the poll belongs to a task that had already ended.
+    fn close_poll(
+        &mut self,
+        tid: u32,
+        end_ns: u64,
+        truncated: bool,
+        is_blocking: impl Fn(u32) -> bool,
+    ) -> Option<(Slice, bool)> {
+        let poll = self.open_polls.pop()?;
         let slice = Slice {
             tid,
             kind: SliceKind::Poll {
@@ -241,18 +528,26 @@ impl ThreadState {
         let outermost = self.open_polls.is_empty();
         let stats = &mut self.stats;
         stats.polls += 1;
+        if is_blocking(poll.site) {
+            stats.blocking_polls += 1;
+        }
         stats.longest_poll_ns = stats.longest_poll_ns.max(duration);
         if outermost {
             stats.busy_ns += duration;
         }
         stats.last_ns = stats.last_ns.max(slice.end_ns);
-        out.push(slice);
-        true
+        Some((slice, poll.after_task_end))
     }
 
     /// Leaves one level of park; emits a slice when the outermost level ends.
     /// Returns false if no park was open.
-    fn close_park(&mut self, tid: u32, end_ns: u64, truncated: bool, out: &mut Vec<Slice>) -> bool {
+    fn close_park(
+        &mut self,
+        tid: u32,
+        end_ns: u64,
+        truncated: bool,
+        out: &mut Vec<TimelineOutput>,
+    ) -> bool {
         let Some(park) = &mut self.open_park else {
             return false;
         };
@@ -273,7 +568,7 @@ impl ThreadState {
         self.stats.parks += 1;
         self.stats.parked_ns += slice.duration_ns();
         self.stats.last_ns = self.stats.last_ns.max(slice.end_ns);
-        out.push(slice);
+        out.push(TimelineOutput::Slice(slice));
         true
     }
 }
@@ -338,12 +633,30 @@ mod tests {
 
     /// Feeds all events, returning the slices and which pushes reported a new thread.
     fn run(timeline: &mut Timeline, events: &[Event]) -> (Vec<Slice>, Vec<bool>) {
-        let mut slices = Vec::new();
+        let mut outputs = Vec::new();
         let first_seen = events
             .iter()
-            .map(|ev| timeline.push(ev, &mut slices))
+            .map(|ev| timeline.push(ev, &mut outputs))
             .collect();
-        (slices, first_seen)
+        (slices_in(outputs), first_seen)
+    }
+
+    /// The slices among `outputs`, in order.
+    fn slices_in(outputs: Vec<TimelineOutput>) -> Vec<Slice> {
+        outputs
+            .into_iter()
+            .filter_map(|output| match output {
+                TimelineOutput::Slice(slice) => Some(slice),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Runs `finish` and returns the slices it closed.
+    fn finish(timeline: &mut Timeline, end_ns: u64) -> Vec<Slice> {
+        let mut outputs = Vec::new();
+        timeline.finish(end_ns, &mut outputs);
+        slices_in(outputs)
     }
 
     fn stats_of(timeline: &Timeline, tid: u32) -> ThreadStats {
@@ -528,7 +841,7 @@ mod tests {
     #[test]
     fn finish_truncates_open_slices() {
         let mut timeline = Timeline::new();
-        let (mut slices, _) = run(
+        let (_, _) = run(
             &mut timeline,
             &[
                 park_start(100, 1),
@@ -539,8 +852,7 @@ mod tests {
                 poll_end(350, 3),
             ],
         );
-        slices.clear();
-        timeline.finish(1000, &mut slices);
+        let slices = finish(&mut timeline, 1000);
         let truncated = |mut slice: Slice| {
             slice.truncated = true;
             slice
@@ -557,18 +869,15 @@ mod tests {
         assert_eq!(stats_of(&timeline, 2).last_ns, 1000);
 
         // Everything is closed now: finishing again adds nothing.
-        slices.clear();
-        timeline.finish(2000, &mut slices);
-        assert!(slices.is_empty());
+        assert!(finish(&mut timeline, 2000).is_empty());
     }
 
     #[test]
     fn finish_before_a_start_never_yields_negative_durations() {
         let mut timeline = Timeline::new();
         let (_, _) = run(&mut timeline, &[poll_start(500, 1, 0xa0)]);
-        let mut slices = Vec::new();
         // The end time came from another thread's slightly earlier clock reading.
-        timeline.finish(490, &mut slices);
+        let slices = finish(&mut timeline, 490);
         assert_eq!(slices[0].start_ns, 500);
         assert_eq!(slices[0].end_ns, 500);
         assert_eq!(slices[0].duration_ns(), 0);
@@ -614,6 +923,7 @@ mod tests {
         timeline.push(&park_start(400, 1), &mut out);
         timeline.push(&park_end(500, 1), &mut out);
         assert_eq!(timeline.abandoned(), 2);
+        let out = slices_in(out);
         assert_eq!(out.len(), 2, "{out:?}");
         assert_eq!((out[0].start_ns, out[0].end_ns), (200, 250));
         assert_eq!(

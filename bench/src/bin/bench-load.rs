@@ -17,10 +17,7 @@ const REQUEST: &[u8] = b"GET / HTTP/1.1\r\nHost: bench\r\n\r\n";
 fn main() {
     let args = Args::from_env();
     let address: SocketAddr = args
-        .positional
-        .first()
-        .cloned()
-        .or_else(|| std::env::args().skip_while(|a| a != "--address").nth(1))
+        .text("address")
         .unwrap_or_default()
         .parse()
         .unwrap_or_else(|_| fail("give --address 127.0.0.1:PORT"));

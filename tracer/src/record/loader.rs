@@ -13,8 +13,8 @@ use aya::{
         uprobe::{UProbeAttachLocation, UProbeAttachPoint, UProbeLinkId, UProbeScope},
     },
 };
-use tracer_common::names;
-use tracer_probes::{ProbePlan, SiteKind};
+use tracer_common::{EventKind, names};
+use tracer_probes::{ProbePlan, ProbeSite, SiteKind, TaskArg};
 
 /// The eBPF object built by `cargo xtask build-ebpf` (see build.rs).
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(env!("TRACER_EBPF_OBJECT"));
@@ -24,6 +24,22 @@ const POLL_START: &str = "poll_start";
 const POLL_END: &str = "poll_end";
 const PARK_START: &str = "park_start";
 const PARK_END: &str = "park_end";
+const TASK_EVENT_ARG0: &str = "task_event_arg0";
+const TASK_EVENT_ARG1: &str = "task_event_arg1";
+const TASK_EVENT_ARG1_DEREF: &str = "task_event_arg1_deref";
+const TASK_EVENT_RET: &str = "task_event_ret";
+const THREAD_EVENT: &str = "thread_event";
+const PROGRAMS: [&str; 9] = [
+    POLL_START,
+    POLL_END,
+    PARK_START,
+    PARK_END,
+    TASK_EVENT_ARG0,
+    TASK_EVENT_ARG1,
+    TASK_EVENT_ARG1_DEREF,
+    TASK_EVENT_RET,
+    THREAD_EVENT,
+];
 
 /// How the eBPF side is configured for one recording.
 pub struct Settings {
@@ -51,7 +67,7 @@ pub fn load(plan: &ProbePlan, target_pid: u32, settings: &Settings) -> Result<Lo
         .map_max_entries(names::EVENTS, settings.ring_bytes)
         .load(EBPF_OBJECT)
         .context("the kernel refused to load the eBPF programs")?;
-    for name in [POLL_START, POLL_END, PARK_START, PARK_END] {
+    for name in PROGRAMS {
         let program: &mut UProbe = program(&mut ebpf, name)?;
         program
             .load()
@@ -64,37 +80,33 @@ pub fn load(plan: &ProbePlan, target_pid: u32, settings: &Settings) -> Result<Lo
 }
 
 impl LoadedProbes {
-    /// Attaches an entry and a return probe to every site of the plan, for
-    /// `pid` only. `binary` is the file the uprobes are placed in.
-    pub fn attach(&mut self, plan: &ProbePlan, binary: &Path, pid: u32) -> Result<usize> {
+    /// Attaches the probes of every site of the plan, for `pid` only:
+    /// `binary` is the file the uprobes are placed in. With
+    /// `scheduler_events` false, only polls and parks are probed.
+    pub fn attach(&mut self, plan: &ProbePlan, binary: &Path, pid: u32, scheduler_events: bool) -> Result<()> {
         let scope = UProbeScope::OneProcess(NonZeroU32::new(pid).ok_or_else(|| anyhow!("pid 0"))?);
-        let mut attached = 0;
         for (index, site) in plan.sites.iter().enumerate() {
-            let (entry, exit) = match site.kind {
-                SiteKind::Poll => (POLL_START, POLL_END),
-                SiteKind::Park => (PARK_START, PARK_END),
-            };
-            for name in [entry, exit] {
+            for Probe { program: name, offset, cookie } in probes_for(site, index as u64, scheduler_events) {
                 let point = UProbeAttachPoint {
-                    location: UProbeAttachLocation::AbsoluteOffset(site.file_offset),
-                    // The cookie tells the program which site fired.
-                    cookie: Some(index as u64),
+                    location: UProbeAttachLocation::AbsoluteOffset(offset),
+                    cookie: Some(cookie),
                 };
-                let link = program(&mut self.ebpf, name)?
-                    .attach(point, binary, scope)
-                    .with_context(|| {
-                        format!(
-                            "could not attach {name} to {} at file offset {:#x} in {}",
-                            site.symbol,
-                            site.file_offset,
-                            binary.display()
-                        )
-                    })?;
+                let link = program(&mut self.ebpf, name)?.attach(point, binary, scope).with_context(|| {
+                    format!(
+                        "could not attach {name} to {} at file offset {offset:#x} in {}",
+                        site.symbol,
+                        binary.display()
+                    )
+                })?;
                 self.links.push((name, link));
-                attached += 1;
             }
         }
-        Ok(attached)
+        Ok(())
+    }
+
+    /// How many probes are attached.
+    pub fn attached(&self) -> usize {
+        self.links.len()
     }
 
     /// The ring buffer user space drains. Can be taken once.
@@ -137,6 +149,55 @@ impl LoadedProbes {
                 let _ = program.detach(link);
             }
         }
+    }
+}
+
+/// One uprobe to attach: which program, where in the file, with what cookie.
+struct Probe {
+    program: &'static str,
+    offset: u64,
+    cookie: u64,
+}
+
+/// The probes a site gets. Polls and parks: an entry and a return probe,
+/// both carrying the site index. Scheduler events: one entry probe whose
+/// program is chosen by the register holding the task header, and whose
+/// cookie carries the event kind (high half) and the site index (low half).
+fn probes_for(site: &ProbeSite, index: u64, scheduler_events: bool) -> Vec<Probe> {
+    let entry_and_return = |entry, exit| {
+        vec![
+            Probe { program: entry, offset: site.probe_offset, cookie: index },
+            Probe { program: exit, offset: site.file_offset, cookie: index },
+        ]
+    };
+    match site.kind {
+        SiteKind::Poll => entry_and_return(POLL_START, POLL_END),
+        SiteKind::Park => entry_and_return(PARK_START, PARK_END),
+        SiteKind::Spawn | SiteKind::Wake | SiteKind::TaskEnd | SiteKind::Unpark if scheduler_events => {
+            let cookie = ((event_kind(site.kind) as u64) << 32) | index;
+            let (program, offset) = match site.task_arg {
+                TaskArg::Rdi => (TASK_EVENT_ARG0, site.probe_offset),
+                TaskArg::Rsi => (TASK_EVENT_ARG1, site.probe_offset),
+                TaskArg::RsiDeref => (TASK_EVENT_ARG1_DEREF, site.probe_offset),
+                // A uretprobe: attached at the function's entry.
+                TaskArg::ReturnValue => (TASK_EVENT_RET, site.file_offset),
+                TaskArg::None => (THREAD_EVENT, site.probe_offset),
+            };
+            vec![Probe { program, offset, cookie }]
+        }
+        _ => Vec::new(),
+    }
+}
+
+/// The event a scheduler site reports.
+fn event_kind(kind: SiteKind) -> EventKind {
+    match kind {
+        SiteKind::Poll => EventKind::PollStart,
+        SiteKind::Park => EventKind::ParkStart,
+        SiteKind::Spawn => EventKind::Spawn,
+        SiteKind::Wake => EventKind::Wake,
+        SiteKind::TaskEnd => EventKind::TaskEnd,
+        SiteKind::Unpark => EventKind::Unpark,
     }
 }
 

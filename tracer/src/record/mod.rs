@@ -9,6 +9,7 @@ pub mod launch;
 pub mod loader;
 pub mod preflight;
 pub mod session;
+pub mod sink;
 pub mod status;
 pub mod target;
 

@@ -1,25 +1,20 @@
 //! One recording session: attach, drain the ring buffer into the trace file
 //! until a stop condition, then finalize.
 
-use std::collections::HashMap;
 use std::ffi::OsString;
 use std::path::PathBuf;
 use std::process::ExitStatus;
 use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow};
-use aya::maps::{MapData, RingBuf};
-use serde_json::json;
 use tokio::io::unix::AsyncFd;
 use tokio::signal::unix::{SignalKind, signal};
-use tracer_common::{EVENT_SIZE, Event};
-use tracer_probes::{ProbePlan, ProbeSite};
 use tracer_timeline::chrome::ChromeTraceWriter;
-use tracer_timeline::summary::{Summary, WorkerSummary};
-use tracer_timeline::timeline::{Slice, SliceKind, Timeline};
+use tracer_timeline::summary::Summary;
 
 use super::loader;
 use super::preflight::{self, KernelPaths};
+use super::sink::TraceSink;
 use super::status::StatusLine;
 use super::target::Target;
 
@@ -102,7 +97,7 @@ pub async fn record(options: RecordOptions) -> Result<Outcome> {
     log::info!("loaded the eBPF programs in {:?}", loading.elapsed());
     let start_ns = monotonic_ns();
     let attaching = std::time::Instant::now();
-    if let Err(err) = probes.attach(&plan, &target.exe, target.pid) {
+    if let Err(err) = probes.attach(&plan, &target.exe, target.pid, options.mode == Mode::Full) {
         if !target.is_alive() {
             return Err(anyhow!(
                 "process {} exited while the probes were being attached",
@@ -159,15 +154,17 @@ pub async fn record(options: RecordOptions) -> Result<Outcome> {
             _ = status_tick.tick() => status.update(sink.events, probes.lost_events().unwrap_or(0)),
         }
     };
-    let end_ns = monotonic_ns();
     status.clear();
 
-    // Whatever is still in the ring buffer happened before the stop.
+    // Detaching takes a while (each uprobe's removal waits for the kernel);
+    // probes keep firing until then, so the recording ends when that is done.
     probes.detach();
+    let end_ns = monotonic_ns();
     let lost = probes.lost_events()?;
     let short_polls = probes.short_polls()?;
+    // Whatever is still in the ring buffer happened before the end.
     sink.drain_all(ring.get_mut())?;
-    let summary = sink.finish(end_ns, lost, &options.output, &plan)?;
+    let summary = sink.finish(end_ns, lost, &options.output)?;
     if short_polls > 0 {
         println!(
             "{short_polls} polls shorter than --min-poll {} were counted in the kernel and not recorded",
@@ -181,171 +178,6 @@ pub async fn record(options: RecordOptions) -> Result<Outcome> {
         stop,
         command_status,
     })
-}
-
-/// Where events go: the timeline pairs them into slices, the writer streams
-/// the slices to disk.
-struct TraceSink<'a> {
-    sites: &'a [ProbeSite],
-    pid: u32,
-    start_ns: u64,
-    writer: ChromeTraceWriter,
-    timeline: Timeline,
-    slices: Vec<Slice>,
-    thread_names: HashMap<u32, String>,
-    events: u64,
-    malformed: u64,
-}
-
-impl<'a> TraceSink<'a> {
-    fn new(plan: &'a ProbePlan, pid: u32, start_ns: u64, writer: ChromeTraceWriter) -> Self {
-        TraceSink {
-            sites: &plan.sites,
-            pid,
-            start_ns,
-            writer,
-            timeline: Timeline::new(),
-            slices: Vec::new(),
-            thread_names: HashMap::new(),
-            events: 0,
-            malformed: 0,
-        }
-    }
-
-    /// Reads at most `MAX_BATCH` events, so that a busy target can't keep
-    /// the loop from noticing Ctrl-C or the deadline. Returns true when the
-    /// ring buffer may hold more.
-    fn drain_batch(&mut self, ring: &mut RingBuf<MapData>) -> Result<bool> {
-        const MAX_BATCH: usize = 16 * 1024;
-        for _ in 0..MAX_BATCH {
-            if !self.drain_one(ring)? {
-                return Ok(false);
-            }
-        }
-        Ok(true)
-    }
-
-    /// Reads everything left in the ring buffer.
-    fn drain_all(&mut self, ring: &mut RingBuf<MapData>) -> Result<()> {
-        while self.drain_one(ring)? {}
-        Ok(())
-    }
-
-    fn drain_one(&mut self, ring: &mut RingBuf<MapData>) -> Result<bool> {
-        {
-            let Some(item) = ring.next() else {
-                return Ok(false);
-            };
-            if item.len() < EVENT_SIZE {
-                self.malformed += 1;
-                return Ok(true);
-            }
-            // SAFETY: the eBPF side writes whole `Event`s; read_unaligned
-            // copes with the ring buffer's 8-byte alignment.
-            let event: Event = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
-            drop(item);
-            self.events += 1;
-            if self.timeline.push(&event, &mut self.slices) {
-                self.name_thread(event.tid)?;
-            }
-        }
-        self.write_slices()?;
-        Ok(true)
-    }
-
-    /// Names a worker's track from its `comm`, plus its index among the
-    /// threads seen, since tokio's workers all share one name.
-    fn name_thread(&mut self, tid: u32) -> Result<()> {
-        let index = self.thread_names.len() as u32;
-        let comm = std::fs::read_to_string(format!("/proc/{}/task/{tid}/comm", self.pid))
-            .map(|comm| comm.trim_end().to_string())
-            .unwrap_or_else(|_| "thread".to_string());
-        let name = format!("{comm} #{index}");
-        self.writer.thread_name(self.pid, tid, &name, index)?;
-        self.thread_names.insert(tid, name);
-        Ok(())
-    }
-
-    fn write_slices(&mut self) -> Result<()> {
-        for slice in self.slices.drain(..) {
-            let start = slice.start_ns.saturating_sub(self.start_ns);
-            let duration = slice.end_ns.saturating_sub(slice.start_ns);
-            match slice.kind {
-                SliceKind::Poll {
-                    site,
-                    task,
-                    task_id,
-                } => {
-                    let site = self.sites.get(site as usize);
-                    let name = match site.and_then(|s| s.task_type.as_ref()) {
-                        Some(task_type) => task_type.short.clone(),
-                        None => format!("task@{:#x}", site.map_or(0, |s| s.address)),
-                    };
-                    let args = json!({
-                        "task_id": (task_id != 0).then_some(task_id),
-                        "task_type": site.and_then(|s| s.task_type.as_ref()).map(|t| t.full.as_str()),
-                        "header": format!("{task:#x}"),
-                        "truncated": slice.truncated,
-                    });
-                    self.writer
-                        .complete(self.pid, slice.tid, &name, "poll", start, duration, &args)?;
-                }
-                SliceKind::Park => {
-                    let args = json!({ "truncated": slice.truncated });
-                    self.writer
-                        .complete(self.pid, slice.tid, "park", "park", start, duration, &args)?;
-                }
-            }
-        }
-        Ok(())
-    }
-
-    fn finish(
-        mut self,
-        end_ns: u64,
-        lost: u64,
-        output: &std::path::Path,
-        plan: &ProbePlan,
-    ) -> Result<Summary> {
-        self.timeline.finish(end_ns, &mut self.slices);
-        self.write_slices()?;
-        let workers = self
-            .timeline
-            .threads()
-            .map(|(tid, stats)| WorkerSummary {
-                tid,
-                name: self
-                    .thread_names
-                    .get(&tid)
-                    .cloned()
-                    .unwrap_or_else(|| format!("tid {tid}")),
-                stats: stats.clone(),
-            })
-            .collect();
-        let metadata = json!({
-            "tracer": concat!("rt-ebpf-trace ", env!("CARGO_PKG_VERSION")),
-            "target_pid": self.pid,
-            "binary": plan.binary.display().to_string(),
-            "tokio_version": plan.tokio_version,
-            "events": self.events,
-            "lost_events": lost,
-            "malformed_events": self.malformed,
-            "unmatched_ends": self.timeline.unmatched_ends(),
-            "abandoned_polls": self.timeline.abandoned(),
-            "duration_ns": end_ns.saturating_sub(self.start_ns),
-        });
-        let trace_bytes = self.writer.finish(&metadata)?;
-        Ok(Summary {
-            duration_ns: end_ns.saturating_sub(self.start_ns),
-            workers,
-            events: self.events,
-            lost_events: lost,
-            unmatched_ends: self.timeline.unmatched_ends(),
-            abandoned_polls: self.timeline.abandoned(),
-            output: Some(output.to_path_buf()),
-            trace_bytes,
-        })
-    }
 }
 
 /// CLOCK_MONOTONIC in ns: the clock `bpf_ktime_get_ns` reads.

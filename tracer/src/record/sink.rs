@@ -1,0 +1,176 @@
+//! Where drained events go: the timeline turns them into slices, wakes,
+//! spawns and counters; the renderer streams those into the trace file.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use anyhow::Result;
+use aya::maps::{MapData, RingBuf};
+use serde_json::json;
+use tracer_common::{EVENT_SIZE, Event};
+use tracer_probes::ProbePlan;
+use tracer_timeline::chrome::ChromeTraceWriter;
+use tracer_timeline::render::TraceRenderer;
+use tracer_timeline::summary::{SchedulerSummary, Summary, WorkerSummary};
+use tracer_timeline::task_types::{TaskName, TaskTypes};
+use tracer_timeline::output::TimelineOutput;
+use tracer_timeline::timeline::Timeline;
+
+pub struct TraceSink<'a> {
+    plan: &'a ProbePlan,
+    pid: u32,
+    start_ns: u64,
+    writer: ChromeTraceWriter,
+    timeline: Timeline,
+    renderer: TraceRenderer,
+    outputs: Vec<TimelineOutput>,
+    thread_names: HashMap<u32, String>,
+    pub events: u64,
+    malformed: u64,
+}
+
+impl<'a> TraceSink<'a> {
+    pub fn new(plan: &'a ProbePlan, pid: u32, start_ns: u64, writer: ChromeTraceWriter) -> Self {
+        let types = task_types(plan);
+        TraceSink {
+            plan,
+            pid,
+            start_ns,
+            writer,
+            timeline: Timeline::with_task_types(types.clone()),
+            renderer: TraceRenderer::new(pid, start_ns, types),
+            outputs: Vec::new(),
+            thread_names: HashMap::new(),
+            events: 0,
+            malformed: 0,
+        }
+    }
+
+    /// Reads at most `MAX_BATCH` events, so that a busy target can't keep
+    /// the loop from noticing Ctrl-C or the deadline. Returns true when the
+    /// ring buffer may hold more.
+    pub fn drain_batch(&mut self, ring: &mut RingBuf<MapData>) -> Result<bool> {
+        const MAX_BATCH: usize = 16 * 1024;
+        for _ in 0..MAX_BATCH {
+            if !self.drain_one(ring)? {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+
+    /// Reads everything left in the ring buffer.
+    pub fn drain_all(&mut self, ring: &mut RingBuf<MapData>) -> Result<()> {
+        while self.drain_one(ring)? {}
+        Ok(())
+    }
+
+    fn drain_one(&mut self, ring: &mut RingBuf<MapData>) -> Result<bool> {
+        let event = {
+            let Some(item) = ring.next() else {
+                return Ok(false);
+            };
+            if item.len() < EVENT_SIZE {
+                self.malformed += 1;
+                return Ok(true);
+            }
+            // SAFETY: the eBPF side writes whole `Event`s; read_unaligned
+            // copes with the ring buffer's 8-byte alignment.
+            unsafe { std::ptr::read_unaligned::<Event>(item.as_ptr().cast()) }
+        };
+        self.events += 1;
+        if self.timeline.push(&event, &mut self.outputs) {
+            self.name_thread(event.tid)?;
+        }
+        self.renderer.write_all(&mut self.outputs, &mut self.writer)?;
+        Ok(true)
+    }
+
+    /// Names a thread's track from its `comm` plus its index among the
+    /// threads seen, since tokio's workers all share one name.
+    fn name_thread(&mut self, tid: u32) -> Result<()> {
+        let index = self.thread_names.len() as u32;
+        let comm = std::fs::read_to_string(format!("/proc/{}/task/{tid}/comm", self.pid))
+            .map(|comm| comm.trim_end().to_string())
+            .unwrap_or_else(|_| "thread".to_string());
+        let name = format!("{comm} #{index}");
+        self.writer.thread_name(self.pid, tid, &name, index)?;
+        self.thread_names.insert(tid, name);
+        Ok(())
+    }
+
+    /// Closes what is still open at `end_ns`, writes the trace's last
+    /// events and metadata, and returns the summary.
+    pub fn finish(mut self, end_ns: u64, lost: u64, output: &Path) -> Result<Summary> {
+        self.timeline.finish(end_ns, &mut self.outputs);
+        self.renderer.write_all(&mut self.outputs, &mut self.writer)?;
+
+        // Whether a thread only ran `spawn_blocking` work is certain only now;
+        // a later thread_name event renames its track.
+        let mut blocking = 0;
+        let blocking_threads: Vec<u32> = self
+            .timeline
+            .threads()
+            .map(|(tid, _)| tid)
+            .filter(|&tid| self.timeline.is_blocking_pool_thread(tid))
+            .collect();
+        for tid in blocking_threads {
+            let name = format!("blocking #{blocking}");
+            let index = 1000 + blocking;
+            self.writer.thread_name(self.pid, tid, &name, index)?;
+            self.thread_names.insert(tid, name);
+            blocking += 1;
+        }
+
+        let workers = self
+            .timeline
+            .threads()
+            .map(|(tid, stats)| WorkerSummary {
+                tid,
+                name: self.thread_names.get(&tid).cloned().unwrap_or_else(|| format!("tid {tid}")),
+                stats: stats.clone(),
+            })
+            .collect();
+        let duration_ns = end_ns.saturating_sub(self.start_ns);
+        let metadata = json!({
+            "tracer": concat!("rt-ebpf-trace ", env!("CARGO_PKG_VERSION")),
+            "target_pid": self.pid,
+            "binary": self.plan.binary.display().to_string(),
+            "tokio_version": self.plan.tokio_version,
+            "events": self.events,
+            "lost_events": lost,
+            "malformed_events": self.malformed,
+            "unmatched_ends": self.timeline.unmatched_ends(),
+            "abandoned_polls": self.timeline.abandoned(),
+            "duration_ns": duration_ns,
+        });
+        let scheduler = SchedulerSummary::from_timeline(&self.timeline, self.renderer.task_types());
+        let trace_bytes = self.writer.finish(&metadata)?;
+        Ok(Summary {
+            start_ns: self.start_ns,
+            duration_ns,
+            workers,
+            events: self.events,
+            lost_events: lost,
+            unmatched_ends: self.timeline.unmatched_ends(),
+            abandoned_polls: self.timeline.abandoned(),
+            output: Some(output.to_path_buf()),
+            trace_bytes,
+            scheduler,
+        })
+    }
+}
+
+/// The task type of each probe site, by site index (the cookie the eBPF side
+/// reports); unnamed poll sites are called after their address.
+fn task_types(plan: &ProbePlan) -> TaskTypes {
+    let names = plan
+        .sites
+        .iter()
+        .map(|site| match &site.task_type {
+            Some(task_type) => Some(TaskName { short: task_type.short.clone(), full: task_type.full.clone() }),
+            None => Some(TaskName { short: format!("task@{:#x}", site.address), full: String::new() }),
+        })
+        .collect();
+    TaskTypes::new(names)
+}
