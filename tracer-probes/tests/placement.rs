@@ -221,9 +221,18 @@ fn scheduler_event_sites_are_found_with_their_task_register() {
         }
         assert!(wakes.iter().all(|site| site.task_arg == TaskArg::Rdi));
 
+        // Task ends: `OwnedTasks::remove` (RSI points at the header pointer)
+        // where it exists, else the `raw::dealloc` instances (RDI).
         let ends = sites_of(plan, SiteKind::TaskEnd);
-        assert!(!ends.is_empty(), "{label}: no dealloc site");
-        assert!(ends.iter().all(|site| site.task_arg == TaskArg::Rdi));
+        assert!(!ends.is_empty(), "{label}: no task-end site");
+        for site in &ends {
+            let expected = if site.symbol.ends_with("::remove") {
+                TaskArg::RsiDeref
+            } else {
+                TaskArg::Rdi
+            };
+            assert_eq!(site.task_arg, expected, "{label}: {}", site.symbol);
+        }
 
         let unparks = sites_of(plan, SiteKind::Unpark);
         assert_eq!(unparks.len(), 1, "{label}");
@@ -232,7 +241,8 @@ fn scheduler_event_sites_are_found_with_their_task_register() {
         for site in &plan.sites {
             assert_eq!(
                 site.needs_return_probe,
-                matches!(site.kind, SiteKind::Poll | SiteKind::Park),
+                matches!(site.kind, SiteKind::Poll | SiteKind::Park)
+                    || site.task_arg == TaskArg::ReturnValue,
                 "{label}: {site:?}"
             );
         }

@@ -272,7 +272,10 @@ impl Summary {
                 long.name.clone(),
                 duration,
                 self.thread_name(poll.tid),
-                format!("+{}", human_duration(poll.start_ns.saturating_sub(self.start_ns))),
+                format!(
+                    "+{}",
+                    human_duration(poll.start_ns.saturating_sub(self.start_ns))
+                ),
             ]);
         }
         table.write(f, 2)?;

@@ -83,21 +83,34 @@ impl LoadedProbes {
     /// Attaches the probes of every site of the plan, for `pid` only:
     /// `binary` is the file the uprobes are placed in. With
     /// `scheduler_events` false, only polls and parks are probed.
-    pub fn attach(&mut self, plan: &ProbePlan, binary: &Path, pid: u32, scheduler_events: bool) -> Result<()> {
+    pub fn attach(
+        &mut self,
+        plan: &ProbePlan,
+        binary: &Path,
+        pid: u32,
+        scheduler_events: bool,
+    ) -> Result<()> {
         let scope = UProbeScope::OneProcess(NonZeroU32::new(pid).ok_or_else(|| anyhow!("pid 0"))?);
         for (index, site) in plan.sites.iter().enumerate() {
-            for Probe { program: name, offset, cookie } in probes_for(site, index as u64, scheduler_events) {
+            for Probe {
+                program: name,
+                offset,
+                cookie,
+            } in probes_for(site, index as u64, scheduler_events)
+            {
                 let point = UProbeAttachPoint {
                     location: UProbeAttachLocation::AbsoluteOffset(offset),
                     cookie: Some(cookie),
                 };
-                let link = program(&mut self.ebpf, name)?.attach(point, binary, scope).with_context(|| {
-                    format!(
-                        "could not attach {name} to {} at file offset {offset:#x} in {}",
-                        site.symbol,
-                        binary.display()
-                    )
-                })?;
+                let link = program(&mut self.ebpf, name)?
+                    .attach(point, binary, scope)
+                    .with_context(|| {
+                        format!(
+                            "could not attach {name} to {} at file offset {offset:#x} in {}",
+                            site.symbol,
+                            binary.display()
+                        )
+                    })?;
                 self.links.push((name, link));
             }
         }
@@ -130,7 +143,10 @@ impl LoadedProbes {
 
     /// Polls shorter than `--min-poll`, counted in the kernel and not recorded.
     pub fn short_polls(&self) -> Result<u64> {
-        let map = self.ebpf.map(names::SHORT_POLLS).context("the SHORT_POLLS map is missing")?;
+        let map = self
+            .ebpf
+            .map(names::SHORT_POLLS)
+            .context("the SHORT_POLLS map is missing")?;
         let short: PerCpuArray<&MapData, u64> = PerCpuArray::try_from(map)?;
         Ok(short.get(&0, 0)?.iter().sum())
     }
@@ -166,14 +182,24 @@ struct Probe {
 fn probes_for(site: &ProbeSite, index: u64, scheduler_events: bool) -> Vec<Probe> {
     let entry_and_return = |entry, exit| {
         vec![
-            Probe { program: entry, offset: site.probe_offset, cookie: index },
-            Probe { program: exit, offset: site.file_offset, cookie: index },
+            Probe {
+                program: entry,
+                offset: site.probe_offset,
+                cookie: index,
+            },
+            Probe {
+                program: exit,
+                offset: site.file_offset,
+                cookie: index,
+            },
         ]
     };
     match site.kind {
         SiteKind::Poll => entry_and_return(POLL_START, POLL_END),
         SiteKind::Park => entry_and_return(PARK_START, PARK_END),
-        SiteKind::Spawn | SiteKind::Wake | SiteKind::TaskEnd | SiteKind::Unpark if scheduler_events => {
+        SiteKind::Spawn | SiteKind::Wake | SiteKind::TaskEnd | SiteKind::Unpark
+            if scheduler_events =>
+        {
             let cookie = ((event_kind(site.kind) as u64) << 32) | index;
             let (program, offset) = match site.task_arg {
                 TaskArg::Rdi => (TASK_EVENT_ARG0, site.probe_offset),
@@ -183,7 +209,11 @@ fn probes_for(site: &ProbeSite, index: u64, scheduler_events: bool) -> Vec<Probe
                 TaskArg::ReturnValue => (TASK_EVENT_RET, site.file_offset),
                 TaskArg::None => (THREAD_EVENT, site.probe_offset),
             };
-            vec![Probe { program, offset, cookie }]
+            vec![Probe {
+                program,
+                offset,
+                cookie,
+            }]
         }
         _ => Vec::new(),
     }

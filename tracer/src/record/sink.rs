@@ -10,10 +10,10 @@ use serde_json::json;
 use tracer_common::{EVENT_SIZE, Event};
 use tracer_probes::ProbePlan;
 use tracer_timeline::chrome::ChromeTraceWriter;
+use tracer_timeline::output::TimelineOutput;
 use tracer_timeline::render::TraceRenderer;
 use tracer_timeline::summary::{SchedulerSummary, Summary, WorkerSummary};
 use tracer_timeline::task_types::{TaskName, TaskTypes};
-use tracer_timeline::output::TimelineOutput;
 use tracer_timeline::timeline::Timeline;
 
 pub struct TraceSink<'a> {
@@ -82,7 +82,8 @@ impl<'a> TraceSink<'a> {
         if self.timeline.push(&event, &mut self.outputs) {
             self.name_thread(event.tid)?;
         }
-        self.renderer.write_all(&mut self.outputs, &mut self.writer)?;
+        self.renderer
+            .write_all(&mut self.outputs, &mut self.writer)?;
         Ok(true)
     }
 
@@ -103,7 +104,8 @@ impl<'a> TraceSink<'a> {
     /// events and metadata, and returns the summary.
     pub fn finish(mut self, end_ns: u64, lost: u64, output: &Path) -> Result<Summary> {
         self.timeline.finish(end_ns, &mut self.outputs);
-        self.renderer.write_all(&mut self.outputs, &mut self.writer)?;
+        self.renderer
+            .write_all(&mut self.outputs, &mut self.writer)?;
 
         // Whether a thread only ran `spawn_blocking` work is certain only now;
         // a later thread_name event renames its track.
@@ -127,7 +129,11 @@ impl<'a> TraceSink<'a> {
             .threads()
             .map(|(tid, stats)| WorkerSummary {
                 tid,
-                name: self.thread_names.get(&tid).cloned().unwrap_or_else(|| format!("tid {tid}")),
+                name: self
+                    .thread_names
+                    .get(&tid)
+                    .cloned()
+                    .unwrap_or_else(|| format!("tid {tid}")),
                 stats: stats.clone(),
             })
             .collect();
@@ -168,8 +174,14 @@ fn task_types(plan: &ProbePlan) -> TaskTypes {
         .sites
         .iter()
         .map(|site| match &site.task_type {
-            Some(task_type) => Some(TaskName { short: task_type.short.clone(), full: task_type.full.clone() }),
-            None => Some(TaskName { short: format!("task@{:#x}", site.address), full: String::new() }),
+            Some(task_type) => Some(TaskName {
+                short: task_type.short.clone(),
+                full: task_type.full.clone(),
+            }),
+            None => Some(TaskName {
+                short: format!("task@{:#x}", site.address),
+                full: String::new(),
+            }),
         })
         .collect();
     TaskTypes::new(names)

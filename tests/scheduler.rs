@@ -1,0 +1,229 @@
+//! The scheduler's story, end to end: spawns, wakes (who woke whom), task
+//! ends, the blocking pool, and the summary's flags, on real fixture
+//! programs launched under the tracer.
+
+mod support;
+#[path = "support/trace.rs"]
+mod trace;
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde_json::Value;
+use support::Profile;
+use trace::{Fixture, Trace, TraceSlice, describe, require_root, run, scratch_dir, tracer};
+
+/// Launches `fixture args…` under the tracer until it exits; returns the
+/// trace and the tracer's stdout.
+fn trace_command(name: &str, profile: Profile, args: &[&str]) -> (Trace, String) {
+    require_root();
+    let dir = scratch_dir(&format!("sched-{name}-{profile:?}"));
+    let output = dir.join("trace.json");
+    let result = run(tracer()
+        .arg("-o")
+        .arg(&output)
+        .arg("--")
+        .arg(support::fixture(name, profile))
+        .args(args));
+    assert!(result.status.success(), "{}", describe(&result));
+    let stdout = String::from_utf8_lossy(&result.stdout).into_owned();
+    assert!(
+        stdout.contains("command exited: exit status: 0"),
+        "{stdout}"
+    );
+    (Trace::load(&output), stdout)
+}
+
+fn events_with<'a>(trace: &'a Trace, phase: &str, category: &str) -> Vec<&'a Value> {
+    trace
+        .events()
+        .iter()
+        .filter(|e| e["ph"] == phase && e["cat"] == category)
+        .collect()
+}
+
+fn ts_ns(event: &Value) -> f64 {
+    event["ts"].as_f64().unwrap() * 1000.0
+}
+
+fn task_id(slice: &TraceSlice) -> u64 {
+    slice.args["task_id"].as_u64().expect("poll with a task id")
+}
+
+/// The ids of the pinger and ponger tasks, from their polls.
+fn ids_named(polls: &[TraceSlice], function: &str) -> BTreeSet<u64> {
+    polls
+        .iter()
+        .filter(|p| p.name.contains(function))
+        .map(task_id)
+        .collect()
+}
+
+fn check_ping_pong(profile: Profile) {
+    const ROUNDS: usize = 200;
+    let (trace, _) = trace_command("ping_pong", profile, &[&ROUNDS.to_string()]);
+    let polls = trace.polls();
+    let pinger = ids_named(&polls, "fixture_pinger");
+    let ponger = ids_named(&polls, "fixture_ponger");
+    assert_eq!(
+        (pinger.len(), ponger.len()),
+        (1, 1),
+        "pinger {pinger:?}, ponger {ponger:?}"
+    );
+    let (pinger, ponger) = (*pinger.first().unwrap(), *ponger.first().unwrap());
+
+    let mut polls_by_thread: BTreeMap<u64, Vec<&TraceSlice>> = BTreeMap::new();
+    for poll in &polls {
+        polls_by_thread.entry(poll.tid).or_default().push(poll);
+    }
+    // The poll on `tid` that encloses time `ts`, and the one starting at `ts`.
+    let enclosing = |tid: u64, ts: f64| {
+        polls_by_thread
+            .get(&tid)?
+            .iter()
+            .find(|p| p.start_ns <= ts + 1.0 && ts <= p.end_ns() + 1.0)
+            .copied()
+    };
+    let starting = |tid: u64, ts: f64| {
+        polls_by_thread
+            .get(&tid)?
+            .iter()
+            .find(|p| (p.start_ns - ts).abs() < 1.0)
+            .copied()
+    };
+
+    let ends: BTreeMap<u64, &Value> = events_with(&trace, "f", "wake")
+        .into_iter()
+        .map(|e| (e["id"].as_u64().unwrap(), e))
+        .collect();
+    let mut connecting = 0;
+    let mut last_start = f64::MIN;
+    for start in events_with(&trace, "s", "wake") {
+        let id = start["id"].as_u64().unwrap();
+        let end = ends
+            .get(&id)
+            .unwrap_or_else(|| panic!("flow {id} has no end"));
+        let (start_ts, end_ts) = (ts_ns(start), ts_ns(end));
+        assert!(end_ts >= start_ts, "flow {id} ends before it starts");
+        assert!(start_ts >= last_start, "flows out of time order");
+        last_start = start_ts;
+        // Every flow ends at a poll of the task it woke.
+        let woken = starting(end["tid"].as_u64().unwrap(), end_ts)
+            .unwrap_or_else(|| panic!("flow {id} does not end at a poll start: {end}"));
+        let Some(waker) = enclosing(start["tid"].as_u64().unwrap(), start_ts) else {
+            continue;
+        };
+        let pair = (task_id(waker), task_id(woken));
+        if pair == (pinger, ponger) || pair == (ponger, pinger) {
+            connecting += 1;
+        }
+    }
+    assert!(
+        connecting >= ROUNDS,
+        "only {connecting} wake flows connect pinger and ponger ({ROUNDS} rounds)"
+    );
+    assert_eq!(trace.metadata()["lost_events"], 0);
+}
+
+#[test]
+fn ping_pong_wakes_connect_the_right_tasks_release() {
+    check_ping_pong(Profile::Release);
+}
+
+#[test]
+fn ping_pong_wakes_connect_the_right_tasks_fat_lto() {
+    check_ping_pong(Profile::Lto);
+}
+
+#[test]
+fn every_spawned_task_has_a_spawn_and_an_end() {
+    const TASKS: usize = 100;
+    let (trace, stdout) = trace_command("spawner", Profile::Release, &[&TASKS.to_string()]);
+    let polls = trace.polls();
+    let spawned: BTreeSet<u64> = ids_named(&polls, "fixture_short_task");
+    assert_eq!(spawned.len(), TASKS, "distinct short tasks polled");
+
+    let ids_of = |category: &str| -> BTreeSet<u64> {
+        events_with(&trace, "i", category)
+            .iter()
+            .filter_map(|e| e["args"]["task_id"].as_u64())
+            .collect()
+    };
+    let spawns = ids_of("spawn");
+    let ends = ids_of("task_end");
+    assert_eq!(
+        events_with(&trace, "i", "spawn").len(),
+        TASKS,
+        "spawn events"
+    );
+    assert!(
+        spawned.is_subset(&spawns),
+        "tasks polled without a spawn: {:?}",
+        spawned.difference(&spawns)
+    );
+    assert!(
+        spawned.is_subset(&ends),
+        "tasks without an end: {:?}",
+        spawned.difference(&ends)
+    );
+    assert_eq!(trace.metadata()["lost_events"], 0);
+    assert!(
+        stdout.contains(&format!("tasks: {TASKS} spawned, {TASKS} ended, 0 alive")),
+        "{stdout}"
+    );
+}
+
+#[test]
+fn spawn_blocking_work_shows_on_blocking_pool_tracks() {
+    const JOBS: usize = 8;
+    let (trace, _) = trace_command("blocking", Profile::Release, &[&JOBS.to_string()]);
+    let blocking = trace.slices("blocking");
+    assert_eq!(blocking.len(), JOBS, "blocking slices");
+    let names = trace.thread_names();
+    for slice in &blocking {
+        assert!(slice.name.contains("BlockingTask"), "{slice:?}");
+        // Each spawn_blocking closure sleeps 5 ms.
+        assert!(slice.dur_ns >= 4.5e6, "{slice:?}");
+        let track = names
+            .iter()
+            .rev()
+            .find(|(tid, _)| *tid == slice.tid)
+            .map(|(_, n)| n.as_str());
+        assert!(
+            track.is_some_and(|n| n.starts_with("blocking #")),
+            "slice on track {track:?}"
+        );
+    }
+}
+
+#[test]
+fn a_task_hogging_its_worker_is_flagged() {
+    // multi_worker's busy task spins 50 ms per poll on one worker while the
+    // other workers run short polls and park.
+    require_root();
+    let fixture = Fixture::start("multi_worker", Profile::Release, 60.0);
+    let dir = scratch_dir("imbalance");
+    let output = dir.join("trace.json");
+    let result = run(tracer()
+        .args([
+            "--pid",
+            &fixture.pid().to_string(),
+            "--duration",
+            "2s",
+            "-o",
+        ])
+        .arg(&output));
+    assert!(result.status.success(), "{}", describe(&result));
+    let stdout = String::from_utf8_lossy(&result.stdout);
+    assert!(stdout.contains("IMBALANCE: worker"), "{stdout}");
+    assert!(
+        stdout.contains("HOG: task") && stdout.contains("fixture_busy_task"),
+        "{stdout}"
+    );
+}
+
+#[test]
+fn a_balanced_runtime_is_not_flagged() {
+    let (_, stdout) = trace_command("spawner", Profile::Lto, &["2000"]);
+    assert!(!stdout.contains("IMBALANCE"), "{stdout}");
+    assert!(!stdout.contains("HOG:"), "{stdout}");
+}
