@@ -5,22 +5,35 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
 
-/// The two ways each fixture is built: cargo's default release profile, and
-/// fat LTO with one codegen unit and `panic = "abort"`.
+/// The ways each fixture is built: cargo's default release profile, and fat
+/// LTO with one codegen unit and `panic = "abort"`; and the same two with
+/// line tables (`debug = "line-tables-only"`, still no frame pointers) for
+/// the tests that expect file:line in stacks.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Profile {
     Release,
     Lto,
+    ReleaseDebug,
+    LtoDebug,
 }
 
 impl Profile {
+    /// The profiles every test runs in: how users ship, without debug info.
     pub const ALL: [Profile; 2] = [Profile::Release, Profile::Lto];
+    /// The profiles with line tables, built only when a test asks for one.
+    pub const WITH_DEBUG_INFO: [Profile; 2] = [Profile::ReleaseDebug, Profile::LtoDebug];
 
     fn cargo_name(self) -> &'static str {
         match self {
             Profile::Release => "release",
             Profile::Lto => "lto",
+            Profile::ReleaseDebug => "release-debug",
+            Profile::LtoDebug => "lto-debug",
         }
+    }
+
+    fn index(self) -> usize {
+        self as usize
     }
 }
 
@@ -35,32 +48,31 @@ fn fixtures_dir() -> PathBuf {
     repo_root().join("tests/fixtures")
 }
 
-/// Builds all fixtures in both profiles (once per test process; cargo's own
-/// lock serialises test processes) and returns the path of one of them.
+/// Builds all fixtures in `profile` (once per profile and test process, when
+/// first asked for; cargo's own lock serialises builds) and returns the path
+/// of one of them.
 pub fn fixture(name: &str, profile: Profile) -> PathBuf {
-    static BUILT: OnceLock<()> = OnceLock::new();
-    BUILT.get_or_init(|| {
-        for profile in Profile::ALL {
-            let status = Command::new(env!("CARGO"))
-                .arg("build")
-                .arg("--quiet")
-                .arg("--profile")
-                .arg(profile.cargo_name())
-                .arg("--manifest-path")
-                .arg(fixtures_dir().join("Cargo.toml"))
-                // The fixtures must be built the way users build: no flags
-                // inherited from whatever runs the tests.
-                .env_remove("RUSTFLAGS")
-                .env_remove("CARGO_ENCODED_RUSTFLAGS")
-                .env_remove("CARGO_TARGET_DIR")
-                .env_remove("CARGO_BUILD_TARGET_DIR")
-                .status()
-                .expect("run cargo to build the fixtures");
-            assert!(
-                status.success(),
-                "building the fixtures ({profile:?}) failed"
-            );
-        }
+    static BUILT: [OnceLock<()>; 4] = [const { OnceLock::new() }; 4];
+    BUILT[profile.index()].get_or_init(|| {
+        let status = Command::new(env!("CARGO"))
+            .arg("build")
+            .arg("--quiet")
+            .arg("--profile")
+            .arg(profile.cargo_name())
+            .arg("--manifest-path")
+            .arg(fixtures_dir().join("Cargo.toml"))
+            // The fixtures must be built the way users build: no flags
+            // inherited from whatever runs the tests.
+            .env_remove("RUSTFLAGS")
+            .env_remove("CARGO_ENCODED_RUSTFLAGS")
+            .env_remove("CARGO_TARGET_DIR")
+            .env_remove("CARGO_BUILD_TARGET_DIR")
+            .status()
+            .expect("run cargo to build the fixtures");
+        assert!(
+            status.success(),
+            "building the fixtures ({profile:?}) failed"
+        );
     });
     let path = fixtures_dir()
         .join("target")

@@ -30,6 +30,11 @@ pub enum EventKind {
     /// A parked worker was unparked; `other_task_id` is the task running on
     /// the unparking thread (0 when none).
     Unpark = 8,
+    /// The polled task registered its waker (it is about to wait):
+    /// `task_id` is the task, `addr` the await point's key, which names the
+    /// stack captured for it (a [`StackHeader`] with the same key, sent once
+    /// per task and key).
+    AwaitPoint = 9,
 }
 
 impl EventKind {
@@ -43,6 +48,7 @@ impl EventKind {
             6 => Self::Wake,
             7 => Self::TaskEnd,
             8 => Self::Unpark,
+            9 => Self::AwaitPoint,
             _ => return None,
         })
     }
@@ -94,6 +100,43 @@ pub struct TaskIdLayout {
     pub id_offset_slot: u64,
 }
 
+/// Most bytes of user stack one capture copies.
+pub const STACK_BYTES_MAX: usize = 16384;
+
+/// Why a stack was captured. Stored as a `u32` in [`StackHeader::kind`].
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StackKind {
+    /// A task registered its waker: where it waits.
+    AwaitPoint = 1,
+    /// A CPU sample of a thread of the target.
+    Sample = 2,
+}
+
+/// The start of a record in the `STACKS` ring buffer; `len` bytes of user
+/// stack memory, from `sp` upwards, follow it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StackHeader {
+    pub ts_ns: u64,
+    pub tid: u32,
+    /// A [`StackKind`] as `u32`.
+    pub kind: u32,
+    /// The task running on the thread (0 when none).
+    pub task_id: u64,
+    /// `AwaitPoint`: the key an [`EventKind::AwaitPoint`] event refers to.
+    pub key: u64,
+    /// User registers where the stack was taken.
+    pub ip: u64,
+    pub sp: u64,
+    pub bp: u64,
+    /// Bytes of stack that follow (0 when none could be read).
+    pub len: u32,
+    pub _pad: u32,
+}
+
+pub const STACK_HEADER_SIZE: usize = core::mem::size_of::<StackHeader>();
+
 /// Names of the maps and globals, so both sides spell them the same way.
 pub mod names {
     pub const EVENTS: &str = "EVENTS";
@@ -102,6 +145,10 @@ pub mod names {
     pub const TASK_ID_LAYOUT: &str = "TASK_ID_LAYOUT";
     pub const MIN_POLL_NS: &str = "MIN_POLL_NS";
     pub const SHORT_POLLS: &str = "SHORT_POLLS";
+    pub const STACKS: &str = "STACKS";
+    pub const ENABLED: &str = "ENABLED";
+    pub const STACK_BYTES: &str = "STACK_BYTES";
+    pub const KERNEL_SAMPLES: &str = "KERNEL_SAMPLES";
 }
 
 /// Default size of the ring buffer, in bytes (a power of two, as the kernel wants).
@@ -112,4 +159,5 @@ mod user {
     // SAFETY: plain `repr(C)` data with no padding holes that matter and no pointers.
     unsafe impl aya::Pod for super::Event {}
     unsafe impl aya::Pod for super::TaskIdLayout {}
+    unsafe impl aya::Pod for super::StackHeader {}
 }

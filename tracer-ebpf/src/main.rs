@@ -8,12 +8,17 @@
 
 use aya_ebpf::{
     EbpfContext,
-    helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_user, bpf_get_attach_cookie},
-    macros::{map, uprobe, uretprobe},
-    maps::{LruHashMap, PerCpuArray, RingBuf},
-    programs::{ProbeContext, RetProbeContext},
+    helpers::{
+        bpf_get_attach_cookie, bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_user,
+        generated,
+    },
+    macros::{map, perf_event, uprobe, uretprobe},
+    maps::{Array, LruHashMap, PerCpuArray, RingBuf},
+    programs::{PerfEventContext, ProbeContext, RetProbeContext},
 };
-use tracer_common::{DEFAULT_RING_BYTES, Event, EventKind, TaskIdLayout};
+use tracer_common::{
+    DEFAULT_RING_BYTES, Event, EventKind, STACK_BYTES_MAX, StackHeader, StackKind, TaskIdLayout,
+};
 
 /// Only this process is traced (the uprobes are also attached for this pid;
 /// checking here as well keeps other processes that map the same binary out).
@@ -55,14 +60,58 @@ static SHORT_POLLS: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 #[map(name = "EVENTS")]
 static EVENTS: RingBuf = RingBuf::with_byte_size(DEFAULT_RING_BYTES, 0);
 
+/// What a thread of the target is polling right now.
+#[derive(Clone, Copy)]
+struct CurrentTask {
+    task_id: u64,
+    /// The stack pointer at `raw::poll`'s entry: how deep an await point
+    /// sits below it tells await points apart.
+    entry_sp: u64,
+}
+
 /// The task each thread of the target is polling right now (thread id →
-/// task id), so that a wake or spawn can say which task caused it.
+/// task), so that a wake, spawn, await point or sample can say which task.
 #[map(name = "CURRENT_TASK")]
-static CURRENT_TASK: LruHashMap<u32, u64> = LruHashMap::with_max_entries(16384, 0);
+static CURRENT_TASK: LruHashMap<u32, CurrentTask> = LruHashMap::with_max_entries(16384, 0);
+
+/// How many bytes of stack a capture copies (at most `STACK_BYTES_MAX`).
+#[unsafe(no_mangle)]
+static STACK_BYTES: u32 = STACK_BYTES_MAX as u32;
+
+/// A stack capture: header and stack bytes, reserved whole in `STACKS`.
+#[repr(C)]
+struct StackRecord {
+    header: StackHeader,
+    data: [u8; STACK_BYTES_MAX],
+}
+
+/// Stack captures, apart from the small fixed events so that these stay
+/// cheap to drain.
+#[map(name = "STACKS")]
+static STACKS: RingBuf = RingBuf::with_byte_size(32 * 1024 * 1024, 0);
+
+/// Await points whose stack was already captured, by (task id, key): each is
+/// captured once per task.
+#[map(name = "AWAIT_SEEN")]
+static AWAIT_SEEN: LruHashMap<[u64; 2], u8> = LruHashMap::with_max_entries(65536, 0);
+
+/// Samples that hit the target in the kernel (no user stack to show), per CPU.
+#[map(name = "KERNEL_SAMPLES")]
+static KERNEL_SAMPLES: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 
 /// Events dropped because the ring buffer was full, per CPU.
 #[map(name = "LOST")]
 static LOST: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
+/// Slot 0: non-zero while recording. User space clears it to stop at once:
+/// removing the probes themselves takes seconds.
+#[map(name = "ENABLED")]
+static ENABLED: Array<u32> = Array::with_max_entries(1, 0);
+
+#[inline(always)]
+fn enabled() -> bool {
+    ENABLED.get(0).is_some_and(|flag| *flag != 0)
+}
 
 #[inline(always)]
 fn target_tgid() -> u32 {
@@ -79,7 +128,7 @@ fn task_id_layout() -> TaskIdLayout {
 #[inline(always)]
 fn target_thread() -> Option<u32> {
     let pid_tgid = bpf_get_current_pid_tgid();
-    if (pid_tgid >> 32) as u32 != target_tgid() {
+    if (pid_tgid >> 32) as u32 != target_tgid() || !enabled() {
         return None;
     }
     Some(pid_tgid as u32)
@@ -134,6 +183,28 @@ fn emit(kind: EventKind, tid: u32, detail: Detail) {
 }
 
 #[inline(always)]
+fn emit_await(tid: u32, detail: Detail, key: u64) {
+    let ts_ns = unsafe { bpf_ktime_get_ns() };
+    match EVENTS.reserve::<Event>(0) {
+        Some(mut entry) => {
+            entry.write(Event {
+                ts_ns,
+                tid,
+                kind: EventKind::AwaitPoint as u32,
+                site: detail.site,
+                _pad: 0,
+                task: 0,
+                task_id: detail.task_id,
+                other_task_id: 0,
+                addr: key,
+            });
+            entry.submit(0);
+        }
+        None => count(&LOST),
+    }
+}
+
+#[inline(always)]
 fn emit_at(ts_ns: u64, kind: EventKind, tid: u32, detail: Detail) {
     match EVENTS.reserve::<Event>(0) {
         Some(mut entry) => {
@@ -165,7 +236,8 @@ pub fn poll_start(ctx: ProbeContext) -> u32 {
     let header: u64 = ctx.arg(0).unwrap_or(0);
     let task_id = read_task_id(header);
     // Failing to record the current task only costs the waker attribution.
-    let _ = CURRENT_TASK.insert(&tid, &task_id, 0);
+    let entry_sp = unsafe { (*ctx.regs).rsp };
+    let _ = CURRENT_TASK.insert(&tid, &CurrentTask { task_id, entry_sp }, 0);
     let site = attach_cookie(&ctx);
     if min_poll_ns() > 0 {
         // Decide at the end, when the duration is known.
@@ -224,7 +296,96 @@ pub fn park_end(ctx: RetProbeContext) -> u32 {
 /// The task running on this thread, by id (0 when none).
 #[inline(always)]
 fn current_task(tid: u32) -> u64 {
-    unsafe { CURRENT_TASK.get(&tid) }.copied().unwrap_or(0)
+    unsafe { CURRENT_TASK.get(&tid) }.map_or(0, |current| current.task_id)
+}
+
+/// Copies the registers and up to `STACK_BYTES` of user stack from `sp` up
+/// into the `STACKS` ring buffer. Where the copy would run past the top of
+/// the stack (unmapped memory), it is retried shorter.
+#[inline(always)]
+fn capture_stack(kind: StackKind, tid: u32, task_id: u64, key: u64, ip: u64, sp: u64, bp: u64) {
+    let Some(mut record) = STACKS.reserve::<StackRecord>(0) else {
+        count(&LOST);
+        return;
+    };
+    let record_ptr = record.as_mut_ptr();
+    let mut want = unsafe { core::ptr::read_volatile(&STACK_BYTES) } as usize;
+    if want > STACK_BYTES_MAX {
+        want = STACK_BYTES_MAX;
+    }
+    let mut len = 0u32;
+    for _ in 0..6 {
+        if want == 0 {
+            break;
+        }
+        let data = unsafe { core::ptr::addr_of_mut!((*record_ptr).data) };
+        let read = unsafe { generated::bpf_probe_read_user(data.cast(), want as u32, sp as *const _) };
+        if read == 0 {
+            len = want as u32;
+            break;
+        }
+        want /= 2;
+    }
+    unsafe {
+        core::ptr::addr_of_mut!((*record_ptr).header).write(StackHeader {
+            ts_ns: bpf_ktime_get_ns(),
+            tid,
+            kind: kind as u32,
+            task_id,
+            key,
+            ip,
+            sp,
+            bp,
+            len,
+            _pad: 0,
+        });
+    }
+    record.submit(0);
+}
+
+#[inline(always)]
+fn count(counter: &PerCpuArray<u64>) {
+    if let Some(value) = counter.get_ptr_mut(0) {
+        unsafe { *value += 1 };
+    }
+}
+
+/// A polled task clones its waker (`task::waker::clone_waker`): it is about
+/// to wait. Records the await point, and the first time this task waits
+/// here, the stack that says where.
+#[uprobe]
+pub fn await_point(ctx: ProbeContext) -> u32 {
+    let Some(tid) = target_thread() else { return 0 };
+    let Some(current) = (unsafe { CURRENT_TASK.get(&tid) }).copied() else { return 0 };
+    let regs = unsafe { &*ctx.regs };
+    // The caller's address and the depth below the poll's entry tell await
+    // points apart without unwinding here.
+    let caller: u64 = unsafe { bpf_probe_read_user(regs.rsp as *const u64) }.unwrap_or(0);
+    let depth = current.entry_sp.wrapping_sub(regs.rsp) & 0xffff;
+    let key = caller ^ (depth << 48);
+    let detail = Detail { site: attach_cookie(&ctx), task_id: current.task_id, ..Detail::default() };
+    emit_await(tid, detail, key);
+    let seen_key = [current.task_id, key];
+    if unsafe { AWAIT_SEEN.get(&seen_key) }.is_none() {
+        let _ = AWAIT_SEEN.insert(&seen_key, &1, 0);
+        capture_stack(StackKind::AwaitPoint, tid, current.task_id, key, regs.rip, regs.rsp, regs.rbp);
+    }
+    0
+}
+
+/// A CPU sample (perf event, every CPU): if it hit the target in user mode,
+/// capture the stack for the task running there.
+#[perf_event]
+pub fn sample(ctx: PerfEventContext) -> u32 {
+    let Some(tid) = target_thread() else { return 0 };
+    let regs = unsafe { &(*ctx.ctx).regs };
+    if regs.cs & 3 == 0 {
+        // In the kernel: the user registers are not at hand here.
+        count(&KERNEL_SAMPLES);
+        return 0;
+    }
+    capture_stack(StackKind::Sample, tid, current_task(tid), 0, regs.rip, regs.rsp, regs.rbp);
+    0
 }
 
 /// The scheduler events (spawn, wake, task end, unpark) share programs: the

@@ -172,6 +172,19 @@ pub const EVENT_FAMILIES: &[EventFamily] = &[
             )],
         ],
     },
+    EventFamily {
+        kind: SiteKind::AwaitPoint,
+        untraced: "await points (where tasks wait)",
+        // Every tokio 1.x: a future that returns Pending keeps a clone of its
+        // task's waker (timers, `Notify`, channels and I/O all do, through
+        // `AtomicWaker` or their own lists), so cloning the waker inside a
+        // poll marks where the task waits. The probe reads the caller's
+        // address at [rsp], so it stays on the first instruction.
+        alternatives: &[&[event(
+            "tokio::runtime::task::waker::clone_waker",
+            TaskArg::None,
+        )]],
+    },
 ];
 
 /// Picks the functions of `family` to probe: those of its first alternative
@@ -288,7 +301,7 @@ mod tests {
         assert_eq!(paths[0], "tokio::runtime::task::raw::poll");
         assert!(paths.contains(&"tokio::runtime::basic_scheduler::Context::park_yield"));
         assert!(paths.contains(&"tokio::runtime::task::waker::wake_by_ref"));
-        assert_eq!(paths.len(), 1 + 3 + 1 + 2 + 1 + 2 + 2 + (4 + 2 + 2 + 2));
+        assert_eq!(paths.len(), 1 + 3 + 1 + 2 + 1 + 2 + 2 + (4 + 2 + 2 + 2 + 1));
     }
 
     #[test]

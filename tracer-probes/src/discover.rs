@@ -218,7 +218,9 @@ fn site(
     let placement = image
         .bytes(address, size)
         .and_then(|code| {
-            placement::place_entry(code, address, task_arg.probe_inputs(), !needs_return_probe)
+            // Await probes read the caller's address at [rsp]: they stay put.
+            let may_move = !needs_return_probe && kind != SiteKind::AwaitPoint;
+            placement::place_entry(code, address, task_arg.probe_inputs(), may_move)
         })
         .unwrap_or(placement::Placement {
             address,

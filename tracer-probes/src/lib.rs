@@ -42,6 +42,8 @@ pub enum SiteKind {
     TaskEnd,
     /// A sleeping multi-thread worker is woken (`park::Unparker::unpark`).
     Unpark,
+    /// A polled task clones its waker: where it waits (`waker::clone_waker`).
+    AwaitPoint,
 }
 
 impl SiteKind {
@@ -59,6 +61,7 @@ impl SiteKind {
             SiteKind::Wake => "wake",
             SiteKind::TaskEnd => "task end",
             SiteKind::Unpark => "unpark",
+            SiteKind::AwaitPoint => "await",
         }
     }
 }

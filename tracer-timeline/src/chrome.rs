@@ -38,7 +38,15 @@ pub struct ChromeTraceWriter {
     events_written: u64,
     /// Set once the rename succeeded, so `Drop` leaves the file alone.
     finished: bool,
+    /// Whether any [`deferred`](Self::deferred) value was written, so that
+    /// `finish_resolving` must rewrite the file.
+    has_deferred: bool,
 }
+
+/// Marks a value written now and resolved at the end (see
+/// [`ChromeTraceWriter::deferred`]). Not something a real name contains.
+const DEFERRED_OPEN: &str = "@@deferred:";
+const DEFERRED_CLOSE: &str = "@@";
 
 impl ChromeTraceWriter {
     /// Creates `<path>.partial` now, so an unwritable output fails before any
@@ -59,6 +67,7 @@ impl ChromeTraceWriter {
             out: BufWriter::with_capacity(BUFFER_BYTES, file),
             events_written: 0,
             finished: false,
+            has_deferred: false,
         };
         writer.write_with(|out| out.write_all(HEADER))?;
         Ok(writer)
@@ -259,6 +268,49 @@ impl ChromeTraceWriter {
         Ok(bytes)
     }
 
+    /// A placeholder for a value only known after recording (a symbolized
+    /// stack: symbolization never runs while the target is traced). Put it in
+    /// an event's args; [`finish_resolving`](Self::finish_resolving) replaces
+    /// it with what its resolver returns for `key`.
+    pub fn deferred(&mut self, key: &str) -> Value {
+        self.has_deferred = true;
+        Value::String(format!("{DEFERRED_OPEN}{key}{DEFERRED_CLOSE}"))
+    }
+
+    /// Like [`finish`](Self::finish), but first replaces every
+    /// [`deferred`](Self::deferred) placeholder with `resolve(key)`, in one
+    /// streaming pass over the written events (memory stays flat).
+    pub fn finish_resolving(
+        mut self,
+        metadata: &Value,
+        resolve: &mut dyn FnMut(&str) -> Value,
+    ) -> Result<u64> {
+        if !self.has_deferred {
+            return self.finish(metadata);
+        }
+        self.write_with(|out| out.flush())?;
+        let resolved_path = {
+            let mut path = OsString::from(self.partial_path.as_os_str());
+            path.push("2");
+            PathBuf::from(path)
+        };
+        let result = resolve_deferred(&self.partial_path, &resolved_path, resolve);
+        if let Err(err) = result {
+            let _ = fs::remove_file(&resolved_path);
+            return Err(err);
+        }
+        // The resolved copy becomes the file `finish` completes and renames.
+        let file = fs::OpenOptions::new()
+            .append(true)
+            .open(&resolved_path)
+            .with_context(|| format!("reopening {}", resolved_path.display()))?;
+        let _ = fs::remove_file(&self.partial_path);
+        self.partial_path = resolved_path;
+        self.out = BufWriter::with_capacity(BUFFER_BYTES, file);
+        self.has_deferred = false;
+        self.finish(metadata)
+    }
+
     /// Entries written to `traceEvents` so far, metadata events included
     /// (`thread_name` counts two: the name and the sort index).
     pub fn events_written(&self) -> u64 {
@@ -304,6 +356,33 @@ impl Drop for ChromeTraceWriter {
     }
 }
 
+/// Copies `from` to `to` line by line, replacing each `"@@deferred:KEY@@"`
+/// JSON string with the JSON of `resolve(KEY)`.
+fn resolve_deferred(from: &Path, to: &Path, resolve: &mut dyn FnMut(&str) -> Value) -> Result<()> {
+    use std::io::BufRead;
+    let input = io::BufReader::with_capacity(BUFFER_BYTES, File::open(from)?);
+    let mut output = BufWriter::with_capacity(BUFFER_BYTES, File::create(to)?);
+    let open = format!("\"{DEFERRED_OPEN}");
+    let close = format!("{DEFERRED_CLOSE}\"");
+    for line in input.split(b'\n') {
+        let line = line?;
+        let mut rest = String::from_utf8(line).context("trace line is not UTF-8")?;
+        while let Some(start) = rest.find(&open) {
+            let key_start = start + open.len();
+            let Some(key_len) = rest[key_start..].find(&close) else {
+                break;
+            };
+            output.write_all(rest[..start].as_bytes())?;
+            serde_json::to_writer(&mut output, &resolve(&rest[key_start..key_start + key_len]))?;
+            rest = rest[key_start + key_len + close.len()..].to_string();
+        }
+        output.write_all(rest.as_bytes())?;
+        output.write_all(b"\n")?;
+    }
+    output.flush()?;
+    Ok(())
+}
+
 /// `<path>.partial`, built on the raw OS string so non-UTF-8 paths work.
 fn partial_path_for(path: &Path) -> PathBuf {
     let mut partial = OsString::from(path.as_os_str());
@@ -332,6 +411,40 @@ mod tests {
     fn read_json(path: &Path) -> Value {
         let text = fs::read_to_string(path).expect("read trace");
         serde_json::from_str(&text).expect("trace is valid JSON")
+    }
+
+    #[test]
+    fn deferred_values_are_resolved_at_the_end() {
+        let dir = TempDir::new();
+        let path = dir.join("trace.json");
+        let mut writer = ChromeTraceWriter::create(&path).unwrap();
+        for key in ["a", "b", "a"] {
+            let stack = writer.deferred(key);
+            let args = serde_json::json!({ "stack": stack, "other": "@@not deferred" });
+            writer.instant(1, 2, "sample", "sample", 10, &args).unwrap();
+        }
+        let mut asked = Vec::new();
+        writer
+            .finish_resolving(&serde_json::json!({}), &mut |key| {
+                asked.push(key.to_string());
+                serde_json::json!([format!("frame of {key}"), "main"])
+            })
+            .unwrap();
+        assert_eq!(asked, ["a", "b", "a"]);
+        let trace: Value = serde_json::from_str(&fs::read_to_string(&path).unwrap()).unwrap();
+        let stacks: Vec<&Value> = trace["traceEvents"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| &e["args"]["stack"])
+            .collect();
+        assert_eq!(stacks[1], &serde_json::json!(["frame of b", "main"]));
+        assert_eq!(trace["traceEvents"][0]["args"]["other"], "@@not deferred");
+        let leftovers: Vec<_> = fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(leftovers.len(), 1, "{leftovers:?}");
     }
 
     #[test]

@@ -37,6 +37,9 @@ pub struct TraceRenderer {
     start_ns: u64,
     types: TaskTypes,
     call_site_namer: Option<CallSiteNamer>,
+    /// Extra args for the poll now running on a thread, by tid: (task id,
+    /// args object), merged into that poll's slice when it is written.
+    poll_annotations: std::collections::HashMap<u32, (u64, Value)>,
 }
 
 impl TraceRenderer {
@@ -46,7 +49,16 @@ impl TraceRenderer {
             start_ns,
             types,
             call_site_namer: None,
+            poll_annotations: Default::default(),
         }
+    }
+
+    /// Adds `args` (a JSON object) to the slice of the poll of `task_id`
+    /// running on `tid`, written when it ends. A later annotation of the same
+    /// poll replaces an earlier one: the last await point of a poll is where
+    /// the task waits.
+    pub fn annotate_poll(&mut self, tid: u32, task_id: u64, args: Value) {
+        self.poll_annotations.insert(tid, (task_id, args));
     }
 
     /// Names spawn call sites in the spawn instants' args (shown as hex
@@ -100,7 +112,7 @@ impl TraceRenderer {
         }
     }
 
-    fn write_slice(&self, slice: &Slice, writer: &mut ChromeTraceWriter) -> Result<()> {
+    fn write_slice(&mut self, slice: &Slice, writer: &mut ChromeTraceWriter) -> Result<()> {
         let start = self.relative(slice.start_ns);
         let duration = slice.duration_ns();
         match slice.kind {
@@ -114,12 +126,21 @@ impl TraceRenderer {
                 } else {
                     "poll"
                 };
-                let args = json!({
+                let mut args = json!({
                     "task_id": nonzero(task_id),
                     "task_type": self.types.full_name(Some(site)),
                     "header": format!("{task:#x}"),
                     "truncated": slice.truncated,
                 });
+                if let Some((annotated_task, Value::Object(extra))) =
+                    self.poll_annotations.remove(&slice.tid)
+                {
+                    if annotated_task == task_id {
+                        args.as_object_mut()
+                            .expect("args is an object")
+                            .extend(extra);
+                    }
+                }
                 let name = self.types.short_name(Some(site));
                 writer.complete(self.pid, slice.tid, &name, category, start, duration, &args)
             }

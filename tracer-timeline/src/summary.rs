@@ -499,6 +499,7 @@ mod tests {
 
     fn summary(lost_events: u64) -> Summary {
         Summary {
+            start_ns: 0,
             duration_ns: 2_000_000_000,
             workers: vec![
                 worker(101, "tokio-runtime-worker", 500_000_000, 12_345_678),

@@ -73,6 +73,25 @@ pub struct RecordArgs {
     #[arg(long, value_parser = parse_duration)]
     pub min_poll: Option<Duration>,
 
+    /// CPU samples per second (per CPU) of the target's threads, each with
+    /// its user stack, attributed to the task running at that moment.
+    #[arg(long, default_value_t = 999, value_parser = clap::value_parser!(u64).range(1..=10_000))]
+    pub sample_hz: u64,
+
+    /// Take no CPU samples.
+    #[arg(long)]
+    pub no_samples: bool,
+
+    /// Bytes of user stack copied per capture (at most 16K); deeper frames
+    /// are cut off.
+    #[arg(long, default_value = "16K", value_parser = parse_stack_size)]
+    pub stack_size: u32,
+
+    /// Also write the CPU samples as folded stacks
+    /// (`task;frame;…;frame count`), for flamegraph tools.
+    #[arg(long, value_name = "FILE")]
+    pub folded: Option<PathBuf>,
+
     /// Size of the kernel-to-tracer ring buffer (e.g. 16M, 64MiB); rounded up
     /// to a power of two. Raise it if events are lost.
     #[arg(long, default_value = "16M", value_parser = parse_ring_size)]
@@ -82,6 +101,27 @@ pub struct RecordArgs {
     /// running when tracing stops, it is sent SIGTERM.
     #[arg(last = true, value_name = "COMMAND")]
     pub command: Vec<OsString>,
+}
+
+/// Parses a stack capture size: 512 bytes to 16K, a multiple of 8.
+fn parse_stack_size(text: &str) -> Result<u32, String> {
+    let text = text.trim();
+    let (number, multiplier) = match text.strip_suffix(['k', 'K']) {
+        Some(number) => (number, 1024),
+        None => (text, 1),
+    };
+    let bytes = number
+        .parse::<u32>()
+        .ok()
+        .and_then(|n| n.checked_mul(multiplier))
+        .ok_or_else(|| format!("'{text}' is not a size (try 16K)"))?;
+    let max = tracer_common::STACK_BYTES_MAX as u32;
+    if !(512..=max).contains(&bytes) {
+        return Err(format!(
+            "the stack size must be between 512 and {max} bytes"
+        ));
+    }
+    Ok(bytes & !7)
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]

@@ -80,7 +80,10 @@ fn run_record(args: RecordArgs) -> Result<ExitCode> {
         settings: Settings {
             ring_bytes: args.ring_buffer_size,
             min_poll: args.min_poll.unwrap_or(default_min_poll),
+            stack_bytes: args.stack_size,
         },
+        sample_hz: (!args.no_samples).then_some(args.sample_hz),
+        folded: args.folded,
     };
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -91,5 +94,8 @@ fn run_record(args: RecordArgs) -> Result<ExitCode> {
     if let Some(status) = outcome.command_status {
         println!("command exited: {status}");
     }
+    // The trace is complete; the probes are still being removed.
+    let _ = std::io::stdout().flush();
+    let _ = outcome.detaching.join();
     Ok(ExitCode::SUCCESS)
 }

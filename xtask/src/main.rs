@@ -1,5 +1,6 @@
 //! The project's dev commands: `cargo xtask <command>` (see `cargo xtask --help`).
 
+mod bench;
 mod cmd;
 mod demo;
 mod ebpf;
@@ -21,6 +22,9 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Measure the tracer's overhead on real tokio workloads (as root) and
+    /// write the results into BENCHMARKS.md.
+    Bench(bench::Options),
     /// Build the eBPF object, first installing what it needs (nightly
     /// toolchain, rust-src, bpf-linker) if missing.
     BuildEbpf(ebpf::Options),
@@ -48,6 +52,7 @@ fn run(command: Command) -> anyhow::Result<()> {
             println!("{}", object.display());
             Ok(())
         }
+        Command::Bench(options) => bench::run(&options),
         Command::Demo(options) => demo::run(&options),
         Command::Test(options) => test::run(&options),
     }

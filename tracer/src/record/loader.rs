@@ -7,9 +7,12 @@ use std::path::Path;
 use anyhow::{Context, Result, anyhow};
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{MapData, PerCpuArray, RingBuf},
+    maps::{Array, MapData, PerCpuArray, RingBuf},
     programs::{
-        UProbe,
+        PerfEvent, UProbe,
+        perf_event::{
+            PerfEventConfig, PerfEventLinkId, PerfEventScope, SamplePolicy, SoftwareEvent,
+        },
         uprobe::{UProbeAttachLocation, UProbeAttachPoint, UProbeLinkId, UProbeScope},
     },
 };
@@ -29,7 +32,9 @@ const TASK_EVENT_ARG1: &str = "task_event_arg1";
 const TASK_EVENT_ARG1_DEREF: &str = "task_event_arg1_deref";
 const TASK_EVENT_RET: &str = "task_event_ret";
 const THREAD_EVENT: &str = "thread_event";
-const PROGRAMS: [&str; 9] = [
+const AWAIT_POINT: &str = "await_point";
+const SAMPLE: &str = "sample";
+const UPROBE_PROGRAMS: [&str; 10] = [
     POLL_START,
     POLL_END,
     PARK_START,
@@ -39,6 +44,7 @@ const PROGRAMS: [&str; 9] = [
     TASK_EVENT_ARG1_DEREF,
     TASK_EVENT_RET,
     THREAD_EVENT,
+    AWAIT_POINT,
 ];
 
 /// How the eBPF side is configured for one recording.
@@ -47,6 +53,8 @@ pub struct Settings {
     pub ring_bytes: u32,
     /// Polls shorter than this are counted, not recorded (zero: record all).
     pub min_poll: std::time::Duration,
+    /// Bytes of user stack each capture copies (at most `STACK_BYTES_MAX`).
+    pub stack_bytes: u32,
 }
 
 pub struct LoadedProbes {
@@ -54,6 +62,7 @@ pub struct LoadedProbes {
     /// Every attachment, by program, so they can be detached while the maps
     /// stay readable.
     links: Vec<(&'static str, UProbeLinkId)>,
+    sampling: Vec<PerfEventLinkId>,
 }
 
 /// Loads the programs and maps, configured for one target process. Nothing is
@@ -64,18 +73,23 @@ pub fn load(plan: &ProbePlan, target_pid: u32, settings: &Settings) -> Result<Lo
         .override_global(names::TARGET_TGID, &target_pid, true)
         .override_global(names::TASK_ID_LAYOUT, &plan.task_id_layout, true)
         .override_global(names::MIN_POLL_NS, &min_poll_ns, true)
+        .override_global(names::STACK_BYTES, &settings.stack_bytes, true)
         .map_max_entries(names::EVENTS, settings.ring_bytes)
         .load(EBPF_OBJECT)
         .context("the kernel refused to load the eBPF programs")?;
-    for name in PROGRAMS {
+    for name in UPROBE_PROGRAMS {
         let program: &mut UProbe = program(&mut ebpf, name)?;
         program
             .load()
             .with_context(|| format!("the kernel's verifier refused the eBPF program {name}"))?;
     }
+    sampler(&mut ebpf)?
+        .load()
+        .with_context(|| format!("the kernel's verifier refused the eBPF program {SAMPLE}"))?;
     Ok(LoadedProbes {
         ebpf,
         links: Vec::new(),
+        sampling: Vec::new(),
     })
 }
 
@@ -111,10 +125,54 @@ impl LoadedProbes {
                             binary.display()
                         )
                     })?;
+                log::debug!(
+                    "attached {name} to {} at file offset {offset:#x} (cookie {cookie:#x})",
+                    site.symbol
+                );
                 self.links.push((name, link));
             }
         }
         Ok(())
+    }
+
+    /// Samples every CPU `hz` times a second; the program keeps the samples
+    /// that hit the target. Per CPU rather than per thread so that threads
+    /// the target starts later are sampled too.
+    pub fn start_sampling(&mut self, hz: u64) -> Result<()> {
+        let cpus =
+            aya::util::online_cpus().map_err(|(path, err)| anyhow!("can't read {path}: {err}"))?;
+        let sampler = sampler(&mut self.ebpf)?;
+        for cpu in cpus {
+            let link = sampler
+                .attach(
+                    PerfEventConfig::Software(SoftwareEvent::CpuClock),
+                    PerfEventScope::AllProcessesOneCpu { cpu },
+                    SamplePolicy::Frequency(hz),
+                    false,
+                )
+                .with_context(|| format!("could not start sampling CPU {cpu}"))?;
+            self.sampling.push(link);
+        }
+        Ok(())
+    }
+
+    /// The stack-capture ring buffer. Can be taken once.
+    pub fn take_stacks(&mut self) -> Result<RingBuf<MapData>> {
+        let map = self
+            .ebpf
+            .take_map(names::STACKS)
+            .context("the STACKS map is missing")?;
+        Ok(RingBuf::try_from(map)?)
+    }
+
+    /// Samples that hit the target while it was in the kernel (no user stack).
+    pub fn kernel_samples(&self) -> Result<u64> {
+        let map = self
+            .ebpf
+            .map(names::KERNEL_SAMPLES)
+            .context("the KERNEL_SAMPLES map is missing")?;
+        let samples: PerCpuArray<&MapData, u64> = PerCpuArray::try_from(map)?;
+        Ok(samples.get(&0, 0)?.iter().sum())
     }
 
     /// How many probes are attached.
@@ -157,14 +215,56 @@ impl LoadedProbes {
         aya_log::EbpfLogger::init(&mut self.ebpf).ok()
     }
 
+    /// Turns event recording on or off, at once, for every probe.
+    pub fn set_enabled(&mut self, enabled: bool) -> Result<()> {
+        let map = self
+            .ebpf
+            .map_mut(names::ENABLED)
+            .context("the ENABLED map is missing")?;
+        let mut flag: Array<&mut MapData, u32> = Array::try_from(map)?;
+        flag.set(0, u32::from(enabled), 0)?;
+        Ok(())
+    }
+
+    /// Detaches the probes on a thread of its own, after recording was
+    /// turned off: it takes seconds and the results need not wait for it.
+    pub fn detach_in_background(mut self) -> std::thread::JoinHandle<()> {
+        std::thread::spawn(move || {
+            self.detach();
+            drop(self);
+        })
+    }
+
     /// Detaches every probe; the maps stay readable.
+    ///
+    /// Removing a uprobe waits for an RCU grace period (~100 ms here), one
+    /// after the other when done in turn: 30 probes took 4.5 s. Dropped from
+    /// one thread each, the waits overlap.
     pub fn detach(&mut self) {
+        let mut uprobe_links = Vec::new();
         for (name, link) in self.links.drain(..) {
-            if let Ok(program) = program(&mut self.ebpf, name) {
-                // A link that fails to detach is closed when `ebpf` drops.
-                let _ = program.detach(link);
+            if let Ok(program) = program(&mut self.ebpf, name)
+                && let Ok(link) = program.take_link(link)
+            {
+                uprobe_links.push(link);
             }
         }
+        let mut sampling_links = Vec::new();
+        if let Ok(sampler) = sampler(&mut self.ebpf) {
+            for link in std::mem::take(&mut self.sampling) {
+                if let Ok(link) = sampler.take_link(link) {
+                    sampling_links.push(link);
+                }
+            }
+        }
+        std::thread::scope(|scope| {
+            for link in uprobe_links {
+                scope.spawn(move || drop(link));
+            }
+            for link in sampling_links {
+                scope.spawn(move || drop(link));
+            }
+        });
     }
 }
 
@@ -197,6 +297,12 @@ fn probes_for(site: &ProbeSite, index: u64, scheduler_events: bool) -> Vec<Probe
     match site.kind {
         SiteKind::Poll => entry_and_return(POLL_START, POLL_END),
         SiteKind::Park => entry_and_return(PARK_START, PARK_END),
+        // The probe reads the caller's address at [rsp]: on the first instruction.
+        SiteKind::AwaitPoint if scheduler_events => vec![Probe {
+            program: AWAIT_POINT,
+            offset: site.file_offset,
+            cookie: index,
+        }],
         SiteKind::Spawn | SiteKind::Wake | SiteKind::TaskEnd | SiteKind::Unpark
             if scheduler_events =>
         {
@@ -228,7 +334,15 @@ fn event_kind(kind: SiteKind) -> EventKind {
         SiteKind::Wake => EventKind::Wake,
         SiteKind::TaskEnd => EventKind::TaskEnd,
         SiteKind::Unpark => EventKind::Unpark,
+        SiteKind::AwaitPoint => EventKind::AwaitPoint,
     }
+}
+
+fn sampler(ebpf: &mut Ebpf) -> Result<&mut PerfEvent> {
+    ebpf.program_mut(SAMPLE)
+        .with_context(|| format!("the eBPF object has no program {SAMPLE}"))?
+        .try_into()
+        .with_context(|| format!("the eBPF program {SAMPLE} is not a perf event program"))
 }
 
 fn program<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut UProbe> {

@@ -10,6 +10,7 @@ pub mod loader;
 pub mod preflight;
 pub mod session;
 pub mod sink;
+pub mod stacks;
 pub mod status;
 pub mod target;
 

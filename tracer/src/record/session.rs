@@ -41,6 +41,10 @@ pub struct RecordOptions {
     pub duration: Option<Duration>,
     pub mode: Mode,
     pub settings: loader::Settings,
+    /// CPU samples per second per CPU; None for no sampling.
+    pub sample_hz: Option<u64>,
+    /// Where to write the samples as folded stacks, if anywhere.
+    pub folded: Option<PathBuf>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -67,6 +71,8 @@ pub struct Outcome {
     pub stop: StopReason,
     /// The exit status of a command we launched, if it exited.
     pub command_status: Option<ExitStatus>,
+    /// The probes being removed; join before exiting.
+    pub detaching: std::thread::JoinHandle<()>,
 }
 
 /// Records one process into `options.output`. On any error after the output
@@ -91,6 +97,9 @@ pub async fn record(options: RecordOptions) -> Result<Outcome> {
         log::warn!("{warning}");
     }
     let mut writer = ChromeTraceWriter::create(&options.output)?;
+    if let Some(folded) = &options.folded {
+        check_writable_dir(folded)?;
+    }
 
     let loading = std::time::Instant::now();
     let mut probes = loader::load(&plan, target.pid, &options.settings)?;
@@ -112,8 +121,16 @@ pub async fn record(options: RecordOptions) -> Result<Outcome> {
         attaching.elapsed()
     );
     let _logger = probes.logger();
+    probes.set_enabled(true)?;
     // SAFETY: the ring buffer owns its map fd and keeps it open until it is
     // dropped, which happens after the AsyncFd (it is the AsyncFd's inner value).
+    if let Some(hz) = options.sample_hz {
+        probes.start_sampling(hz)?;
+    }
+    // SAFETY: as for the events ring buffer below.
+    let mut stack_ring = unsafe {
+        AsyncFd::register_with_interest(probes.take_stacks()?, tokio::io::Interest::READABLE)?
+    };
     let mut ring = unsafe {
         AsyncFd::register_with_interest(probes.take_events()?, tokio::io::Interest::READABLE)?
     };
@@ -146,6 +163,11 @@ pub async fn record(options: RecordOptions) -> Result<Outcome> {
                     guard.clear_ready();
                 }
             }
+            guard = stack_ring.readable_mut() => {
+                let mut guard = guard?;
+                sink.drain_stacks(guard.get_inner_mut())?;
+                guard.clear_ready();
+            }
             _ = interrupt.recv() => break StopReason::Interrupted,
             _ = terminate.recv() => break StopReason::Terminated,
             _ = hangup.recv() => break StopReason::Terminated,
@@ -158,26 +180,47 @@ pub async fn record(options: RecordOptions) -> Result<Outcome> {
 
     // Detaching takes a while (each uprobe's removal waits for the kernel);
     // probes keep firing until then, so the recording ends when that is done.
-    probes.detach();
+    // Recording stops now; the probes themselves are removed later, in the
+    // background (that takes seconds).
+    probes.set_enabled(false)?;
     let end_ns = monotonic_ns();
     let lost = probes.lost_events()?;
     let short_polls = probes.short_polls()?;
     // Whatever is still in the ring buffer happened before the end.
     sink.drain_all(ring.get_mut())?;
-    let summary = sink.finish(end_ns, lost, &options.output)?;
+    sink.drain_stacks(stack_ring.get_mut())?;
+    let summary = sink.finish(end_ns, lost, &options.output, options.folded.as_deref())?;
     if short_polls > 0 {
         println!(
             "{short_polls} polls shorter than --min-poll {} were counted in the kernel and not recorded",
             humantime::format_duration(options.settings.min_poll)
         );
     }
+    let detaching = probes.detach_in_background();
     target.terminate_launched(Duration::from_secs(5)).await;
     let command_status = target.exit_status();
     Ok(Outcome {
         summary,
         stop,
         command_status,
+        detaching,
     })
+}
+
+/// Fails early, before anything is attached, if `path` can't be created.
+fn check_writable_dir(path: &std::path::Path) -> Result<()> {
+    let dir = match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir,
+        _ => std::path::Path::new("."),
+    };
+    if !dir.is_dir() {
+        return Err(anyhow!(
+            "cannot write {}: {} is not a directory",
+            path.display(),
+            dir.display()
+        ));
+    }
+    Ok(())
 }
 
 /// CLOCK_MONOTONIC in ns: the clock `bpf_ktime_get_ns` reads.

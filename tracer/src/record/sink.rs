@@ -7,7 +7,7 @@ use std::path::Path;
 use anyhow::Result;
 use aya::maps::{MapData, RingBuf};
 use serde_json::json;
-use tracer_common::{EVENT_SIZE, Event};
+use tracer_common::{EVENT_SIZE, Event, EventKind};
 use tracer_probes::ProbePlan;
 use tracer_timeline::chrome::ChromeTraceWriter;
 use tracer_timeline::output::TimelineOutput;
@@ -15,6 +15,8 @@ use tracer_timeline::render::TraceRenderer;
 use tracer_timeline::summary::{SchedulerSummary, Summary, WorkerSummary};
 use tracer_timeline::task_types::{TaskName, TaskTypes};
 use tracer_timeline::timeline::Timeline;
+
+use super::stacks::{Capture, StackTable};
 
 pub struct TraceSink<'a> {
     plan: &'a ProbePlan,
@@ -25,6 +27,10 @@ pub struct TraceSink<'a> {
     renderer: TraceRenderer,
     outputs: Vec<TimelineOutput>,
     thread_names: HashMap<u32, String>,
+    stacks: StackTable,
+    /// The task type (probe site) of each live task, learned from its polls:
+    /// samples and stacks carry only the task id.
+    task_sites: HashMap<u64, u32>,
     pub events: u64,
     malformed: u64,
 }
@@ -41,6 +47,8 @@ impl<'a> TraceSink<'a> {
             renderer: TraceRenderer::new(pid, start_ns, types),
             outputs: Vec::new(),
             thread_names: HashMap::new(),
+            stacks: StackTable::new(pid),
+            task_sites: HashMap::new(),
             events: 0,
             malformed: 0,
         }
@@ -79,12 +87,58 @@ impl<'a> TraceSink<'a> {
             unsafe { std::ptr::read_unaligned::<Event>(item.as_ptr().cast()) }
         };
         self.events += 1;
+        match EventKind::from_u32(event.kind) {
+            Some(EventKind::PollStart) if event.task_id != 0 => {
+                self.task_sites.insert(event.task_id, event.site);
+            }
+            Some(EventKind::TaskEnd) => {
+                self.task_sites.remove(&event.task_id);
+            }
+            Some(EventKind::AwaitPoint) => {
+                // Where the polled task waits; resolved to frames at the end.
+                let (waits_at, await_stack) = StackTable::await_keys(event.task_id, event.addr);
+                let args = json!({
+                    "waits_at": self.writer.deferred(&waits_at),
+                    "await_stack": self.writer.deferred(&await_stack),
+                });
+                self.renderer.annotate_poll(event.tid, event.task_id, args);
+                return Ok(true);
+            }
+            _ => {}
+        }
         if self.timeline.push(&event, &mut self.outputs) {
             self.name_thread(event.tid)?;
         }
         self.renderer
             .write_all(&mut self.outputs, &mut self.writer)?;
         Ok(true)
+    }
+
+    /// Reads every stack capture waiting in the `STACKS` ring buffer.
+    pub fn drain_stacks(&mut self, ring: &mut RingBuf<MapData>) -> Result<()> {
+        while let Some(record) = ring.next() {
+            let Some(capture) = Capture::parse(&record) else {
+                self.malformed += 1;
+                continue;
+            };
+            let header = capture.header;
+            let site = self.task_sites.get(&header.task_id).copied();
+            let Some(stack) = self.stacks.add(&capture, site) else {
+                continue;
+            };
+            drop(record);
+            if header.kind == tracer_common::StackKind::Sample as u32 {
+                let args = json!({
+                    "task_id": (header.task_id != 0).then_some(header.task_id),
+                    "task_type": site.and_then(|site| self.renderer.task_types().full_name(Some(site))),
+                    "stack": self.writer.deferred(&StackTable::stack_key(stack)),
+                });
+                let ts = header.ts_ns.saturating_sub(self.start_ns);
+                self.writer
+                    .instant(self.pid, header.tid, "sample", "sample", ts, &args)?;
+            }
+        }
+        Ok(())
     }
 
     /// Names a thread's track from its `comm` plus its index among the
@@ -102,7 +156,13 @@ impl<'a> TraceSink<'a> {
 
     /// Closes what is still open at `end_ns`, writes the trace's last
     /// events and metadata, and returns the summary.
-    pub fn finish(mut self, end_ns: u64, lost: u64, output: &Path) -> Result<Summary> {
+    pub fn finish(
+        mut self,
+        end_ns: u64,
+        lost: u64,
+        output: &Path,
+        folded: Option<&Path>,
+    ) -> Result<Summary> {
         self.timeline.finish(end_ns, &mut self.outputs);
         self.renderer
             .write_all(&mut self.outputs, &mut self.writer)?;
@@ -149,9 +209,19 @@ impl<'a> TraceSink<'a> {
             "unmatched_ends": self.timeline.unmatched_ends(),
             "abandoned_polls": self.timeline.abandoned(),
             "duration_ns": duration_ns,
+            "samples": self.stacks.samples,
+            "await_stacks": self.stacks.await_captures,
+            "stack_captures_without_stack": self.stacks.empty_captures,
         });
         let scheduler = SchedulerSummary::from_timeline(&self.timeline, self.renderer.task_types());
-        let trace_bytes = self.writer.finish(&metadata)?;
+        let types = self.renderer.task_types().clone();
+        let symbolized = self.stacks.symbolize(&|site| types.short_name(site));
+        let trace_bytes = self
+            .writer
+            .finish_resolving(&metadata, &mut |key| symbolized.resolve(key))?;
+        if let Some(folded) = folded {
+            symbolized.write_folded(folded)?;
+        }
         Ok(Summary {
             start_ns: self.start_ns,
             duration_ns,
