@@ -161,12 +161,15 @@ fn target_exits_during_attach() {
     // A target that lives only a moment: depending on timing the tracer
     // either sees it go while attaching (a clear error, no file) or right
     // after (a complete, possibly empty trace). Never a panic or a partial file.
+    let _turn = trace::tracer_turn();
     let fixture = Fixture::start("current_thread", Profile::Release, 0.05);
     let dir = scratch_dir("exit-during-attach");
     let output = dir.join("trace.json");
-    let result = run(tracer()
-        .args(["--pid", &fixture.pid().to_string(), "-o"])
-        .arg(&output));
+    let result = trace::run_holding_turn(
+        tracer()
+            .args(["--pid", &fixture.pid().to_string(), "-o"])
+            .arg(&output),
+    );
     let stderr = String::from_utf8_lossy(&result.stderr);
     assert!(!stderr.contains("panicked"), "{}", describe(&result));
     assert!(!dir.join("trace.json.partial").exists());

@@ -287,14 +287,17 @@ fn ctrl_c_ends_with_a_complete_trace() {
 #[test]
 fn target_exit_ends_with_a_complete_trace() {
     require_root();
+    let _turn = trace::tracer_turn();
     let fixture = Fixture::start("current_thread", Profile::Release, 2.0);
     let dir = scratch_dir("target-exit");
     let output = dir.join("trace.json");
-    let result = run(tracer()
-        .arg("--pid")
-        .arg(fixture.pid().to_string())
-        .arg("-o")
-        .arg(&output));
+    let result = trace::run_holding_turn(
+        tracer()
+            .arg("--pid")
+            .arg(fixture.pid().to_string())
+            .arg("-o")
+            .arg(&output),
+    );
     assert!(result.status.success(), "{}", describe(&result));
     assert!(String::from_utf8_lossy(&result.stdout).contains("target exited"));
     let trace = Trace::load(&output);

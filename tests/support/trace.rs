@@ -103,6 +103,12 @@ pub fn tracer_turn() -> TracerTurn {
 /// Runs the tracer to completion, with a generous time limit.
 pub fn run(command: &mut Command) -> Output {
     let _turn = tracer_turn();
+    run_holding_turn(command)
+}
+
+/// [`run`] for a test that already holds its [`tracer_turn`] (a target
+/// whose lifetime must not tick away while waiting for the turn).
+pub fn run_holding_turn(command: &mut Command) -> Output {
     let child = command
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

@@ -218,9 +218,13 @@ fn site(
     let placement = image
         .bytes(address, size)
         .and_then(|code| {
-            // Await probes read the caller's address at [rsp]: they stay put.
-            let may_move = !needs_return_probe && kind != SiteKind::AwaitPoint;
-            placement::place_entry(code, address, task_arg.probe_inputs(), may_move)
+            // Await probes read the caller's address at [rsp]: they may move
+            // only past instructions that leave RSP and the stack alone.
+            let mut inputs = task_arg.probe_inputs();
+            if kind == SiteKind::AwaitPoint {
+                inputs.reads_stack = true;
+            }
+            placement::place_entry(code, address, inputs, !needs_return_probe)
         })
         .unwrap_or(placement::Placement {
             address,

@@ -261,9 +261,9 @@ impl Condition {
 struct Plan {
     runs: usize,
     conditions: Vec<Condition>,
-    /// bench-work batches for a flat-out run.
-    batches: u64,
-    /// Length of the HTTP and fixed-load runs.
+    /// Length of every run. Flat-out runs are timed too, not a fixed amount
+    /// of work: tracing slows the micro workloads down many times over, and
+    /// fixed work would make the whole benchmark last as long.
     seconds: f64,
 }
 
@@ -280,15 +280,10 @@ impl Plan {
                 .map(Condition::Tracer),
         );
         conditions.push(Condition::Bpftrace);
-        let (batches, seconds) = if options.quick {
-            (250, 1.0)
-        } else {
-            (800, 2.5)
-        };
+        let seconds = if options.quick { 1.0 } else { 2.0 };
         Ok(Plan {
             runs,
             conditions,
-            batches,
             seconds,
         })
     }
@@ -529,16 +524,12 @@ fn spawn_workload(
             let mut command = Command::new(&tools.work);
             command
                 .arg(workload.name())
-                .args(["--batch", &workload.batch().to_string()]);
-            match offered {
-                None => command.args(["--batches", &plan.batches.to_string()]),
-                Some(ops_per_second) => command.args([
-                    "--rate",
-                    &(ops_per_second / workload.batch() as f64).to_string(),
-                    "--seconds",
-                    &plan.seconds.to_string(),
-                ]),
-            };
+                .args(["--batch", &workload.batch().to_string()])
+                .args(["--seconds", &plan.seconds.to_string()]);
+            if let Some(ops_per_second) = offered {
+                let batches_per_second = ops_per_second / workload.batch() as f64;
+                command.args(["--rate", &batches_per_second.to_string()]);
+            }
             command
         }
     };
@@ -892,7 +883,7 @@ fn bpftrace_figures(output: &TracerOutput) -> TracerSample {
                 .parse::<f64>()
                 .ok()
         })
-        .sum();
+        .fold(0.0, |sum, lost| sum + lost);
     let polls = output
         .text
         .lines()
@@ -1152,21 +1143,11 @@ struct Effect {
     added_cpu_ns: f64,
 }
 
-fn effect(traced: &[Sample], untraced: &[Sample], flat_out: bool) -> Effect {
+fn effect(traced: &[Sample], untraced: &[Sample], polls_per_op: f64, flat_out: bool) -> Effect {
     let med = |samples: &[Sample], f: &dyn Fn(&Sample) -> f64| median(samples.iter().map(f));
     let throughput = |s: &Sample| s.throughput();
     let p99 = |s: &Sample| s.p99_ns;
     let cpu_per_op = |s: &Sample| s.workload_cpu / s.ops;
-    // Polls per op from the traced runs' own counts, else the workload's.
-    let polls_per_op = med(traced, &|s| {
-        let traced_polls = s.tracer.as_ref().map_or(0.0, |t| t.polls);
-        let polls = if traced_polls > 0.0 {
-            traced_polls
-        } else {
-            s.workload_polls
-        };
-        polls / s.ops
-    });
     let wall_per_op = 1.0 / med(traced, &throughput) - 1.0 / med(untraced, &throughput);
     Effect {
         throughput_ratio: med(traced, &throughput) / med(untraced, &throughput),
@@ -1174,6 +1155,23 @@ fn effect(traced: &[Sample], untraced: &[Sample], flat_out: bool) -> Effect {
         added_wall_ns: flat_out.then(|| wall_per_op / polls_per_op * 1e9),
         added_cpu_ns: (med(traced, &cpu_per_op) - med(untraced, &cpu_per_op)) / polls_per_op * 1e9,
     }
+}
+
+/// Task polls per op of a workload at a load: the most any condition saw.
+/// A tracer that sees every poll (full mode, bpftrace) counts them all, a
+/// light mode only some; the workload's own estimate is the fallback.
+fn polls_per_op(all: &[Measured], of: &Measured) -> f64 {
+    let per_op = |samples: &[Sample], polls: &dyn Fn(&Sample) -> f64| {
+        median(samples.iter().map(|s| polls(s) / s.ops))
+    };
+    all.iter()
+        .filter(|m| m.workload == of.workload && m.load == of.load)
+        .map(|m| {
+            let traced = per_op(&m.samples, &|s| s.tracer.as_ref().map_or(0.0, |t| t.polls));
+            traced.max(per_op(&m.samples, &|s| s.workload_polls))
+        })
+        .filter(|p| p.is_finite())
+        .fold(0.0, f64::max)
 }
 
 struct Machine {
@@ -1285,12 +1283,8 @@ impl Report {
                     spread(&r.samples, |s| s.p99_ns, ns)
                 );
             } else {
-                let e = effect(&r.samples, untraced, r.load == Load::FlatOut);
-                let polls_per_op = median(
-                    r.samples
-                        .iter()
-                        .map(|s| s.tracer.as_ref().map_or(0.0, |t| t.polls) / s.ops),
-                );
+                let polls_per_op = polls_per_op(&self.results, r);
+                let e = effect(&r.samples, untraced, polls_per_op, r.load == Load::FlatOut);
                 let _ = write!(
                     row,
                     "{:.3} | {} | {:.2} | {} | {:.0} | {:.1} |",

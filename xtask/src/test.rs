@@ -29,7 +29,7 @@ pub fn run(options: &Options) -> Result<()> {
     // root's cargo writing into the user's tests/fixtures/target and cargo
     // home. Built here first, as the user, the tests find them up to date.
     step("building the test fixtures");
-    for profile in ["release", "lto"] {
+    for profile in ["release", "lto", "release-debug", "lto-debug"] {
         cmd::run(
             cargo()
                 .args(["build", "--quiet", "--profile", profile])

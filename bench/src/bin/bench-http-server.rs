@@ -22,7 +22,9 @@ fn main() {
         let listener = TcpListener::bind("127.0.0.1:0")
             .await
             .unwrap_or_else(|err| fail(&format!("cannot listen on 127.0.0.1: {err}")));
-        let address = listener.local_addr().expect("a bound socket has an address");
+        let address = listener
+            .local_addr()
+            .expect("a bound socket has an address");
         println!("ready {address}");
         // The accept loop is a task of its own, as in a real server, so its
         // polls are traced like the connections'.

@@ -1,7 +1,7 @@
 //! The scheduler-bound workloads: `bench-work yield|pingpong|spawn`, each
-//! done in batches, flat out (`--batches N`) or at a fixed offered load
-//! (`--rate BATCHES_PER_S --seconds S`). Options: `--workers W` (runtime
-//! workers, default 1), `--batch B` (ops per batch).
+//! done in batches for `--seconds S`, flat out or at a fixed offered load of
+//! `--rate R` batches a second. Options: `--workers W` (runtime workers,
+//! default 1), `--batch B` (ops per batch).
 //!
 //! Each prints `ready`, waits for a line on stdin, does its work, and prints
 //! one `result ...` line (see `bench_workloads::print_result`). All the work
@@ -38,7 +38,7 @@ type Report = (u64, Duration, u64, Latencies);
 /// with the least work per poll.
 async fn yield_loop(args: &Args) -> Report {
     let batch = args.count("batch", 4000);
-    let load = Load::from_args(args, 250);
+    let load = Load::from_args(args);
     let (elapsed, latencies) = tokio::spawn(drive(load, (), move |()| async move {
         tokio::spawn(async move {
             for _ in 0..batch {
@@ -61,7 +61,7 @@ async fn yield_loop(args: &Args) -> Report {
 /// pipelines inside a service.
 async fn ping_pong(args: &Args) -> Report {
     let batch = args.count("batch", 2000);
-    let load = Load::from_args(args, 250);
+    let load = Load::from_args(args);
     let (to_pong, mut pong_inbox) = mpsc::channel::<u64>(1);
     let (to_ping, ping_inbox) = mpsc::channel::<u64>(1);
     tokio::spawn(async move {
@@ -91,7 +91,7 @@ async fn ping_pong(args: &Args) -> Report {
 /// spawn-heavy pattern of a server that spawns a task per request.
 async fn spawn_many(args: &Args) -> Report {
     let batch = args.count("batch", 1000);
-    let load = Load::from_args(args, 250);
+    let load = Load::from_args(args);
     let (elapsed, latencies) = tokio::spawn(drive(load, (), move |()| async move {
         let handles: Vec<_> = (0..batch)
             .map(|i| tokio::spawn(async move { std::hint::black_box(i) * 2 }))

@@ -297,10 +297,11 @@ fn probes_for(site: &ProbeSite, index: u64, scheduler_events: bool) -> Vec<Probe
     match site.kind {
         SiteKind::Poll => entry_and_return(POLL_START, POLL_END),
         SiteKind::Park => entry_and_return(PARK_START, PARK_END),
-        // The probe reads the caller's address at [rsp]: on the first instruction.
+        // Placed where [rsp] still holds the caller's address (see
+        // tracer-probes' placement).
         SiteKind::AwaitPoint if scheduler_events => vec![Probe {
             program: AWAIT_POINT,
-            offset: site.file_offset,
+            offset: site.probe_offset,
             cookie: index,
         }],
         SiteKind::Spawn | SiteKind::Wake | SiteKind::TaskEnd | SiteKind::Unpark
