@@ -13,7 +13,7 @@ use aya_ebpf::{
         generated,
     },
     macros::{map, perf_event, uprobe, uretprobe},
-    maps::{Array, LruHashMap, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
     programs::{PerfEventContext, ProbeContext, RetProbeContext},
 };
 use tracer_common::{
@@ -50,11 +50,16 @@ struct OpenPoll {
 }
 
 #[map(name = "OPEN_POLL")]
-static OPEN_POLL: LruHashMap<u32, OpenPoll> = LruHashMap::with_max_entries(16384, 0);
+static OPEN_POLL: HashMap<u32, OpenPoll> = HashMap::with_max_entries(16384, 0);
 
 /// Polls shorter than `MIN_POLL_NS`, counted but not recorded, per CPU.
 #[map(name = "SHORT_POLLS")]
 static SHORT_POLLS: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
+/// `BPF_RB_NO_WAKEUP`: records are committed without waking the tracer.
+/// Waking it costs the probed thread an interrupt per event; the tracer
+/// drains on a timer instead (every few milliseconds).
+const NO_WAKEUP: u64 = 1;
 
 /// Resized by user space (`--ring-buffer-size`).
 #[map(name = "EVENTS")]
@@ -72,7 +77,7 @@ struct CurrentTask {
 /// The task each thread of the target is polling right now (thread id →
 /// task), so that a wake, spawn, await point or sample can say which task.
 #[map(name = "CURRENT_TASK")]
-static CURRENT_TASK: LruHashMap<u32, CurrentTask> = LruHashMap::with_max_entries(16384, 0);
+static CURRENT_TASK: HashMap<u32, CurrentTask> = HashMap::with_max_entries(16384, 0);
 
 /// How many bytes of stack a capture copies (at most `STACK_BYTES_MAX`).
 #[unsafe(no_mangle)]
@@ -198,7 +203,7 @@ fn emit_await(tid: u32, detail: Detail, key: u64) {
                 other_task_id: 0,
                 addr: key,
             });
-            entry.submit(0);
+            entry.submit(NO_WAKEUP);
         }
         None => count(&LOST),
     }
@@ -219,7 +224,7 @@ fn emit_at(ts_ns: u64, kind: EventKind, tid: u32, detail: Detail) {
                 other_task_id: detail.other_task_id,
                 addr: 0,
             });
-            entry.submit(0);
+            entry.submit(NO_WAKEUP);
         }
         None => {
             if let Some(lost) = LOST.get_ptr_mut(0) {
@@ -340,7 +345,7 @@ fn capture_stack(kind: StackKind, tid: u32, task_id: u64, key: u64, ip: u64, sp:
             _pad: 0,
         });
     }
-    record.submit(0);
+    record.submit(NO_WAKEUP);
 }
 
 #[inline(always)]

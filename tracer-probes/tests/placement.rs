@@ -259,6 +259,7 @@ fn sites_keep_their_kind_order() {
         SiteKind::Wake,
         SiteKind::TaskEnd,
         SiteKind::Unpark,
+        SiteKind::AwaitPoint,
     ];
     for fixture in fixtures() {
         let ranks: Vec<usize> = fixture
