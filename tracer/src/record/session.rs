@@ -118,7 +118,11 @@ pub async fn record(options: RecordOptions) -> Result<Outcome> {
         }
         return Err(err);
     }
-    log::info!("attached {} probes in {:?}", probes.attached(), attaching.elapsed());
+    log::info!(
+        "attached {} probes in {:?}",
+        probes.attached(),
+        attaching.elapsed()
+    );
     let _logger = probes.logger();
     probes.set_enabled(true)?;
     if let Some(hz) = options.sample_hz {
