@@ -372,7 +372,7 @@ fn resolve_deferred(from: &Path, to: &Path, resolve: &mut dyn FnMut(&str) -> Val
             let Some(key_len) = rest[key_start..].find(&close) else {
                 break;
             };
-            output.write_all(rest[..start].as_bytes())?;
+            output.write_all(&rest.as_bytes()[..start])?;
             serde_json::to_writer(&mut output, &resolve(&rest[key_start..key_start + key_len]))?;
             rest = rest[key_start + key_len + close.len()..].to_string();
         }

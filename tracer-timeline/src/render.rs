@@ -134,12 +134,11 @@ impl TraceRenderer {
                 });
                 if let Some((annotated_task, Value::Object(extra))) =
                     self.poll_annotations.remove(&slice.tid)
+                    && annotated_task == task_id
                 {
-                    if annotated_task == task_id {
-                        args.as_object_mut()
-                            .expect("args is an object")
-                            .extend(extra);
-                    }
+                    args.as_object_mut()
+                        .expect("args is an object")
+                        .extend(extra);
                 }
                 let name = self.types.short_name(Some(site));
                 writer.complete(self.pid, slice.tid, &name, category, start, duration, &args)

@@ -169,19 +169,18 @@ impl<'a> TraceSink<'a> {
 
         // Whether a thread only ran `spawn_blocking` work is certain only now;
         // a later thread_name event renames its track.
-        let mut blocking = 0;
         let blocking_threads: Vec<u32> = self
             .timeline
             .threads()
             .map(|(tid, _)| tid)
             .filter(|&tid| self.timeline.is_blocking_pool_thread(tid))
             .collect();
-        for tid in blocking_threads {
+        for (blocking, tid) in blocking_threads.into_iter().enumerate() {
             let name = format!("blocking #{blocking}");
-            let index = 1000 + blocking;
+            // After the runtime's own threads.
+            let index = 1000 + blocking as u32;
             self.writer.thread_name(self.pid, tid, &name, index)?;
             self.thread_names.insert(tid, name);
-            blocking += 1;
         }
 
         let workers = self

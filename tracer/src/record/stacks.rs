@@ -374,7 +374,7 @@ impl Progress {
     fn update(&self, done: usize) {
         if self.enabled
             && self.started.elapsed().as_millis() > 300
-            && (done % 64 == 0 || done == self.total)
+            && (done.is_multiple_of(64) || done == self.total)
         {
             let width = 30;
             let filled = done * width / self.total.max(1);
