@@ -6,6 +6,7 @@
 #![no_std]
 #![no_main]
 
+use aya_log_ebpf::warn;
 use aya_ebpf::{
     EbpfContext,
     helpers::{
@@ -144,9 +145,13 @@ fn attach_cookie<C: EbpfContext>(ctx: &C) -> u32 {
     unsafe { bpf_get_attach_cookie(ctx.as_ptr()) as u32 }
 }
 
+/// Set once the task-id layout warning was logged, so it is logged once.
+#[map(name = "WARNED")]
+static WARNED: Array<u32> = Array::with_max_entries(1, 0);
+
 /// Reads tokio's task id: header -> vtable -> id_offset -> id.
 #[inline(always)]
-fn read_task_id(header: u64) -> u64 {
+fn read_task_id<C: EbpfContext>(ctx: &C, header: u64) -> u64 {
     let layout = task_id_layout();
     if layout.enabled == 0 || header == 0 {
         return 0;
@@ -160,8 +165,20 @@ fn read_task_id(header: u64) -> u64 {
             Ok(v) => v,
             Err(_) => return 0,
         };
-    // A task is a few hundred bytes to a few KiB; anything larger is not an offset.
+    // A task is a few hundred bytes to a few KiB; anything larger is not an
+    // offset: this tokio's task layout is not the one user space expected.
     if id_offset == 0 || id_offset > 1 << 16 {
+        if let Some(warned) = WARNED.get_ptr_mut(0)
+            && unsafe { *warned } == 0
+        {
+            unsafe { *warned = 1 };
+            warn!(
+                ctx,
+                "task ids can't be read: the task vtable at {:x} holds {} where id_offset was expected",
+                vtable,
+                id_offset
+            );
+        }
         return 0;
     }
     unsafe { bpf_probe_read_user((header + id_offset) as *const u64) }.unwrap_or(0)
@@ -239,7 +256,7 @@ fn emit_at(ts_ns: u64, kind: EventKind, tid: u32, detail: Detail) {
 pub fn poll_start(ctx: ProbeContext) -> u32 {
     let Some(tid) = target_thread() else { return 0 };
     let header: u64 = ctx.arg(0).unwrap_or(0);
-    let task_id = read_task_id(header);
+    let task_id = read_task_id(&ctx, header);
     // Failing to record the current task only costs the waker attribution.
     let entry_sp = unsafe { (*ctx.regs).rsp };
     let _ = CURRENT_TASK.insert(&tid, &CurrentTask { task_id, entry_sp }, 0);
@@ -398,13 +415,13 @@ pub fn sample(ctx: PerfEventContext) -> u32 {
 /// in its low half, and the program is chosen by which register holds the
 /// task's header (or none).
 #[inline(always)]
-fn task_event(cookie: u64, header: u64) {
+fn task_event<C: EbpfContext>(ctx: &C, cookie: u64, header: u64) {
     let Some(tid) = target_thread() else { return };
     let Some(kind) = EventKind::from_u32((cookie >> 32) as u32) else { return };
     let detail = Detail {
         site: cookie as u32,
         task: header,
-        task_id: read_task_id(header),
+        task_id: read_task_id(ctx, header),
         other_task_id: current_task(tid),
     };
     emit(kind, tid, detail);
@@ -414,7 +431,7 @@ fn task_event(cookie: u64, header: u64) {
 #[uprobe]
 pub fn task_event_arg0(ctx: ProbeContext) -> u32 {
     let cookie = unsafe { bpf_get_attach_cookie(ctx.as_ptr()) };
-    task_event(cookie, ctx.arg(0).unwrap_or(0));
+    task_event(&ctx, cookie, ctx.arg(0).unwrap_or(0));
     0
 }
 
@@ -422,7 +439,7 @@ pub fn task_event_arg0(ctx: ProbeContext) -> u32 {
 #[uprobe]
 pub fn task_event_arg1(ctx: ProbeContext) -> u32 {
     let cookie = unsafe { bpf_get_attach_cookie(ctx.as_ptr()) };
-    task_event(cookie, ctx.arg(1).unwrap_or(0));
+    task_event(&ctx, cookie, ctx.arg(1).unwrap_or(0));
     0
 }
 
@@ -433,7 +450,7 @@ pub fn task_event_arg1_deref(ctx: ProbeContext) -> u32 {
     let cookie = unsafe { bpf_get_attach_cookie(ctx.as_ptr()) };
     let pointer: u64 = ctx.arg(1).unwrap_or(0);
     let header = unsafe { bpf_probe_read_user(pointer as *const u64) }.unwrap_or(0);
-    task_event(cookie, header);
+    task_event(&ctx, cookie, header);
     0
 }
 
@@ -444,7 +461,7 @@ pub fn task_event_ret(ctx: RetProbeContext) -> u32 {
     let cookie = unsafe { bpf_get_attach_cookie(ctx.as_ptr()) };
     let regs = unsafe { &*ctx.regs };
     let header = if regs.rax != 0 { regs.rax } else { regs.rdx };
-    task_event(cookie, header);
+    task_event(&ctx, cookie, header);
     0
 }
 
@@ -452,7 +469,7 @@ pub fn task_event_ret(ctx: RetProbeContext) -> u32 {
 #[uprobe]
 pub fn thread_event(ctx: ProbeContext) -> u32 {
     let cookie = unsafe { bpf_get_attach_cookie(ctx.as_ptr()) };
-    task_event(cookie, 0);
+    task_event(&ctx, cookie, 0);
     0
 }
 

@@ -90,6 +90,12 @@ fn run_record(args: RecordArgs) -> Result<ExitCode> {
         .build()?;
     let outcome = runtime.block_on(record::record(options))?;
     println!("{}", outcome.summary);
+    if outcome.short_polls > 0 {
+        println!(
+            "{} polls shorter than --min-poll were counted in the kernel and not recorded",
+            outcome.short_polls
+        );
+    }
     println!("stopped: {}", outcome.stop);
     if let Some(status) = outcome.command_status {
         println!("command exited: {status}");

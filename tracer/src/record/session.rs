@@ -74,6 +74,8 @@ pub struct Outcome {
     pub stop: StopReason,
     /// The exit status of a command we launched, if it exited.
     pub command_status: Option<ExitStatus>,
+    /// Polls shorter than `--min-poll`, counted in the kernel, not recorded.
+    pub short_polls: u64,
     /// The probes being removed; join before exiting.
     pub detaching: std::thread::JoinHandle<()>,
 }
@@ -123,7 +125,8 @@ pub async fn record(options: RecordOptions) -> Result<Outcome> {
         probes.attached(),
         attaching.elapsed()
     );
-    let _logger = probes.logger();
+    // What the eBPF programs log (aya-log), shown through `log`.
+    let mut ebpf_logger = probes.logger();
     probes.set_enabled(true)?;
     if let Some(hz) = options.sample_hz {
         probes.start_sampling(hz)?;
@@ -164,6 +167,9 @@ pub async fn record(options: RecordOptions) -> Result<Outcome> {
                     drain_tick.reset_immediately();
                 }
                 sink.drain_stacks(&mut stack_ring)?;
+                if let Some(logger) = &mut ebpf_logger {
+                    logger.flush();
+                }
             }
             _ = interrupt.recv() => break StopReason::Interrupted,
             _ = terminate.recv() => break StopReason::Terminated,
@@ -184,13 +190,13 @@ pub async fn record(options: RecordOptions) -> Result<Outcome> {
     // Whatever is still in the ring buffer happened before the end.
     sink.drain_all(&mut ring)?;
     sink.drain_stacks(&mut stack_ring)?;
-    let summary = sink.finish(end_ns, lost, &options.output, options.folded.as_deref())?;
-    if short_polls > 0 {
-        println!(
-            "{short_polls} polls shorter than --min-poll {} were counted in the kernel and not recorded",
-            humantime::format_duration(options.settings.min_poll)
-        );
-    }
+    let summary = sink.finish(
+        end_ns,
+        lost,
+        short_polls,
+        &options.output,
+        options.folded.as_deref(),
+    )?;
     let detaching = probes.detach_in_background();
     target.terminate_launched(Duration::from_secs(5)).await;
     let command_status = target.exit_status();
@@ -198,6 +204,7 @@ pub async fn record(options: RecordOptions) -> Result<Outcome> {
         summary,
         stop,
         command_status,
+        short_polls,
         detaching,
     })
 }

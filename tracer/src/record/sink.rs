@@ -160,6 +160,7 @@ impl<'a> TraceSink<'a> {
         mut self,
         end_ns: u64,
         lost: u64,
+        short_polls: u64,
         output: &Path,
         folded: Option<&Path>,
     ) -> Result<Summary> {
@@ -204,6 +205,7 @@ impl<'a> TraceSink<'a> {
             "tokio_version": self.plan.tokio_version,
             "events": self.events,
             "lost_events": lost,
+            "short_polls_not_recorded": short_polls,
             "malformed_events": self.malformed,
             "unmatched_ends": self.timeline.unmatched_ends(),
             "abandoned_polls": self.timeline.abandoned(),
