@@ -148,7 +148,14 @@ pub const EVENT_FAMILIES: &[EventFamily] = &[
                 "tokio::runtime::task::list::OwnedTasks::remove",
                 TaskArg::RsiDeref,
             )],
-            // Where `remove` was inlined (fat LTO): `raw::dealloc::<T, S>(ptr:
+            // Where `remove` was inlined: every task that completes (or is
+            // cancelled) goes through `State::transition_to_complete(&self)`,
+            // and `State` is the header's first field, so RDI is the header.
+            &[event(
+                "tokio::runtime::task::state::State::transition_to_complete",
+                TaskArg::Rdi,
+            )],
+            // Where both were inlined (fat LTO): `raw::dealloc::<T, S>(ptr:
             // NonNull<Header>)`, one instance per future type; the header
             // (RDI) is still readable on entry, it is freed inside. Only the
             // frees that go through the task vtable pass here: those that
@@ -301,7 +308,7 @@ mod tests {
         assert_eq!(paths[0], "tokio::runtime::task::raw::poll");
         assert!(paths.contains(&"tokio::runtime::basic_scheduler::Context::park_yield"));
         assert!(paths.contains(&"tokio::runtime::task::waker::wake_by_ref"));
-        assert_eq!(paths.len(), 1 + 3 + 1 + 2 + 1 + 2 + 2 + (4 + 2 + 2 + 2 + 1));
+        assert_eq!(paths.len(), 1 + 3 + 1 + 2 + 1 + 2 + 2 + (4 + 2 + 3 + 2 + 1));
     }
 
     #[test]
