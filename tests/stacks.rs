@@ -405,6 +405,27 @@ fn check_folded(profile: Profile) {
         in_hot_function * 2 > total,
         "{in_hot_function} of {total} samples of fixture_hot_task go fixture_hot_task → fixture_hot_function:\n{text}"
     );
+
+    // `raw::poll`'s uretprobe replaced its return address with the kernel's
+    // trampoline; restored, the unwinding goes on through the worker's loop
+    // to the thread's start, and no frame is the trampoline's bare address.
+    let through_worker: u64 = of_hot_task
+        .iter()
+        .filter(|(frames, _)| {
+            frames
+                .iter()
+                .any(|f| f.contains("start_thread") || f.contains("clone"))
+        })
+        .map(|(_, count)| count)
+        .sum();
+    assert!(
+        through_worker * 2 > total,
+        "{through_worker} of {total} hot samples unwound to the thread's start:\n{text}"
+    );
+    assert!(
+        !text.contains(";0x7fff"),
+        "a frame is a bare trampoline address:\n{text}"
+    );
 }
 
 #[test]

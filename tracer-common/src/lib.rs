@@ -133,6 +133,10 @@ pub struct StackHeader {
     /// Bytes of stack that follow (0 when none could be read).
     pub len: u32,
     pub _pad: u32,
+    /// The real return address of the task poll running on the thread (0
+    /// when none): its uretprobe replaced it on the stack with the kernel's
+    /// trampoline, and unwinding needs it back.
+    pub poll_return: u64,
 }
 
 pub const STACK_HEADER_SIZE: usize = core::mem::size_of::<StackHeader>();

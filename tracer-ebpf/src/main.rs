@@ -73,6 +73,9 @@ struct CurrentTask {
     /// The stack pointer at `raw::poll`'s entry: how deep an await point
     /// sits below it tells await points apart.
     entry_sp: u64,
+    /// `raw::poll`'s return address, read at its entry before the
+    /// uretprobe replaces it: stack captures need it to unwind past the poll.
+    poll_return: u64,
 }
 
 /// The task each thread of the target is polling right now (thread id →
@@ -259,7 +262,9 @@ pub fn poll_start(ctx: ProbeContext) -> u32 {
     let task_id = read_task_id(&ctx, header);
     // Failing to record the current task only costs the waker attribution.
     let entry_sp = unsafe { (*ctx.regs).rsp };
-    let _ = CURRENT_TASK.insert(&tid, &CurrentTask { task_id, entry_sp }, 0);
+    let poll_return = unsafe { bpf_probe_read_user(entry_sp as *const u64) }.unwrap_or(0);
+    let current = CurrentTask { task_id, entry_sp, poll_return };
+    let _ = CURRENT_TASK.insert(&tid, &current, 0);
     let site = attach_cookie(&ctx);
     if min_poll_ns() > 0 {
         // Decide at the end, when the duration is known.
@@ -325,7 +330,7 @@ fn current_task(tid: u32) -> u64 {
 /// into the `STACKS` ring buffer. Where the copy would run past the top of
 /// the stack (unmapped memory), it is retried shorter.
 #[inline(always)]
-fn capture_stack(kind: StackKind, tid: u32, task_id: u64, key: u64, ip: u64, sp: u64, bp: u64) {
+fn capture_stack(kind: StackKind, tid: u32, current: Option<CurrentTask>, key: u64, ip: u64, sp: u64, bp: u64) {
     let Some(mut record) = STACKS.reserve::<StackRecord>(0) else {
         count(&LOST);
         return;
@@ -353,13 +358,14 @@ fn capture_stack(kind: StackKind, tid: u32, task_id: u64, key: u64, ip: u64, sp:
             ts_ns: bpf_ktime_get_ns(),
             tid,
             kind: kind as u32,
-            task_id,
+            task_id: current.map_or(0, |c| c.task_id),
             key,
             ip,
             sp,
             bp,
             len,
             _pad: 0,
+            poll_return: current.map_or(0, |c| c.poll_return),
         });
     }
     record.submit(NO_WAKEUP);
@@ -390,7 +396,7 @@ pub fn await_point(ctx: ProbeContext) -> u32 {
     let seen_key = [current.task_id, key];
     if unsafe { AWAIT_SEEN.get(&seen_key) }.is_none() {
         let _ = AWAIT_SEEN.insert(&seen_key, &1, 0);
-        capture_stack(StackKind::AwaitPoint, tid, current.task_id, key, regs.rip, regs.rsp, regs.rbp);
+        capture_stack(StackKind::AwaitPoint, tid, Some(current), key, regs.rip, regs.rsp, regs.rbp);
     }
     0
 }
@@ -406,7 +412,8 @@ pub fn sample(ctx: PerfEventContext) -> u32 {
         count(&KERNEL_SAMPLES);
         return 0;
     }
-    capture_stack(StackKind::Sample, tid, current_task(tid), 0, regs.rip, regs.rsp, regs.rbp);
+    let current = unsafe { CURRENT_TASK.get(&tid) }.copied();
+    capture_stack(StackKind::Sample, tid, current, 0, regs.rip, regs.rsp, regs.rbp);
     0
 }
 

@@ -101,6 +101,13 @@ impl Unwinder {
     }
 
     /// Modules whose unwind info could not be loaded, with the reason.
+    /// Sets where the kernel's `[uprobes]` trampoline is mapped. The kernel
+    /// maps it at a process's first uretprobe hit, which can come after the
+    /// unwinder was made.
+    pub fn set_uprobes_trampoline(&mut self, trampoline: Range<u64>) {
+        self.uprobes_trampoline = Some(trampoline);
+    }
+
     pub fn skipped_modules(&self) -> &[(String, String)] {
         &self.skipped
     }

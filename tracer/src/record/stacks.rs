@@ -23,6 +23,9 @@ pub type StackId = u32;
 /// program's libraries are only mapped by then).
 struct Unwinding {
     unwinder: Unwinder,
+    /// The kernel's uretprobe trampoline: a frame there whose real return
+    /// address is unknown (a probed park function's) is cut, not shown.
+    trampoline: Option<std::ops::Range<u64>>,
     /// The maps as read then, to reopen the files by path once the process
     /// is gone.
     maps_text: String,
@@ -118,13 +121,40 @@ impl StackTable {
         }
         let unwinding = self.unwinding.as_mut()?;
         let header = &capture.header;
+        if unwinding.trampoline.is_none() && header.poll_return != 0 {
+            // A poll's uretprobe has fired, so the trampoline is mapped now.
+            unwinding.trampoline = ProcessMaps::read(self.pid)
+                .ok()
+                .and_then(|maps| maps.uprobes_trampoline());
+            if let Some(trampoline) = &unwinding.trampoline {
+                unwinding
+                    .unwinder
+                    .set_uprobes_trampoline(trampoline.clone());
+            }
+        }
         let stack = CapturedStack {
             ip: header.ip,
             sp: header.sp,
             bp: header.bp,
             stack: capture.data,
         };
-        let addresses = unwinding.unwinder.unwind(&stack);
+        // The running poll's uretprobe put the kernel's trampoline where its
+        // return address was; the probe recorded the real one.
+        let real_returns: &[u64] = if header.poll_return != 0 {
+            &[header.poll_return]
+        } else {
+            &[]
+        };
+        let mut addresses = unwinding
+            .unwinder
+            .unwind_through_uretprobes(&stack, real_returns);
+        if let Some(trampoline) = &unwinding.trampoline
+            && let Some(cut) = addresses
+                .iter()
+                .position(|address| trampoline.contains(address))
+        {
+            addresses.truncate(cut);
+        }
         let next_id = self.stacks.len() as StackId;
         let id = *self.ids.entry(addresses.clone()).or_insert(next_id);
         if id == next_id {
@@ -198,6 +228,7 @@ fn start_unwinding(pid: u32) -> Result<Unwinding> {
     }
     Ok(Unwinding {
         unwinder,
+        trampoline: maps.uprobes_trampoline(),
         maps_text,
     })
 }
