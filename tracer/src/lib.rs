@@ -6,7 +6,8 @@
 //! - `tracer-probes` reads the target's ELF and decides where to attach (and
 //!   what each polled task is called);
 //! - [`record`] loads the eBPF programs, attaches them, and drains events;
-//! - `tracer-timeline` turns events into slices and writes the
-//!   Perfetto-readable file and the summary.
+//! - `tracer-timeline` turns events into slices, flows and counters and
+//!   writes the Perfetto-readable file and the summary;
+//! - `tracer-symbolize` unwinds the captured stacks and names their frames.
 
 pub mod record;

@@ -3,7 +3,9 @@
 //! The steps, in order: check privileges and kernel ([`preflight`]); find or
 //! launch the process ([`target`], [`launch`]); find its probe sites
 //! (`tracer_probes`); open the output; load and attach the eBPF programs
-//! ([`loader`]); drain events until told to stop ([`session`]).
+//! ([`loader`]); drain events until told to stop ([`session`]), into the
+//! trace ([`sink`]) with the stacks unwound as they come and symbolized at
+//! the end ([`stacks`]).
 
 pub mod launch;
 pub mod loader;
