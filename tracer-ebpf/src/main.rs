@@ -1,8 +1,11 @@
 //! The eBPF side of rt-ebpf-trace: uprobes on tokio's task poll and worker
-//! park functions. Each probe stamps the time and thread, filters on the target
-//! process, and writes one [`Event`] into the `EVENTS` ring buffer. Everything
-//! else (pairing starts with ends, naming tasks, writing traces) happens in user
-//! space, after the fact, where it costs the target nothing.
+//! park functions, on its spawn, wake, task-end and unpark functions, on
+//! waker clones inside a poll (where a task waits), and a CPU-sampling perf
+//! event. Each probe filters on the target process, stamps the time and
+//! thread, and writes one [`Event`] into the `EVENTS` ring buffer; await
+//! points and samples also copy the user stack into `STACKS`. Everything else
+//! (pairing starts with ends, naming tasks, unwinding, writing traces)
+//! happens in user space, where it costs the target nothing.
 #![no_std]
 #![no_main]
 
