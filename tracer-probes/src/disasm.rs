@@ -20,25 +20,32 @@ pub fn first_instruction(code: &[u8], address: u64) -> Option<String> {
     Some(text)
 }
 
+/// The targets of every direct near branch (`call`, `jmp`, `jcc`, and
+/// `loop`/`jrcxz`) in the function `code` starting at `address`, in
+/// instruction order. Indirect branches through registers or memory have
+/// other operand kinds and are not included.
+pub fn near_branch_targets(code: &[u8], address: u64) -> impl Iterator<Item = u64> + '_ {
+    let mut decoder = Decoder::with_ip(64, code, address, DecoderOptions::NONE);
+    let mut instruction = Instruction::default();
+    std::iter::from_fn(move || {
+        while decoder.can_decode() {
+            decoder.decode_out(&mut instruction);
+            if instruction.op0_kind() == OpKind::NearBranch64 {
+                return Some(instruction.near_branch_target());
+            }
+        }
+        None
+    })
+}
+
 /// The targets of direct `call`s and `jmp`s in the function `code` (starting
 /// at `address`) that leave the function: its callees and tail-callees.
 /// Branches inside the function are control flow, not calls, and are skipped.
 pub fn direct_call_targets(code: &[u8], address: u64) -> Vec<u64> {
-    let end = address + code.len() as u64;
-    let mut decoder = Decoder::with_ip(64, code, address, DecoderOptions::NONE);
-    let mut instruction = Instruction::default();
+    let inside = address..address + code.len() as u64;
     let mut targets = Vec::new();
-    while decoder.can_decode() {
-        decoder.decode_out(&mut instruction);
-        // A near-branch operand with an immediate target: `call`, `jmp`,
-        // `jcc` (and `loop`/`jrcxz`, whose targets are local and skipped below).
-        // Indirect calls through registers or memory have other operand kinds.
-        if instruction.op0_kind() != OpKind::NearBranch64 {
-            continue;
-        }
-        let target = instruction.near_branch_target();
-        let leaves_function = target < address || target >= end;
-        if leaves_function && !targets.contains(&target) {
+    for target in near_branch_targets(code, address) {
+        if !inside.contains(&target) && !targets.contains(&target) {
             targets.push(target);
         }
     }

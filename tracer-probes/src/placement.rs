@@ -188,20 +188,10 @@ pub fn straight_line_prefix(code: &[u8], address: u64) -> Vec<Instruction> {
 /// The targets of the direct branches in `code` (one whole function at
 /// `address`) that land inside it.
 pub fn branch_targets_inside(code: &[u8], address: u64) -> Vec<u64> {
-    let end = address + code.len() as u64;
-    let mut decoder = Decoder::with_ip(64, code, address, DecoderOptions::NONE);
-    let mut instruction = Instruction::default();
-    let mut targets = Vec::new();
-    while decoder.can_decode() {
-        decoder.decode_out(&mut instruction);
-        if instruction.op0_kind() == OpKind::NearBranch64 {
-            let target = instruction.near_branch_target();
-            if (address..end).contains(&target) {
-                targets.push(target);
-            }
-        }
-    }
-    targets
+    let inside = address..address + code.len() as u64;
+    crate::disasm::near_branch_targets(code, address)
+        .filter(|target| inside.contains(target))
+        .collect()
 }
 
 /// Does running `instruction` change something the eBPF program reads: one of
