@@ -57,6 +57,17 @@ pub struct Settings {
     pub stack_bytes: u32,
 }
 
+/// What the eBPF side counted instead of recording.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Counters {
+    /// Events and stack captures dropped because a ring buffer was full.
+    pub lost_events: u64,
+    /// Polls shorter than `--min-poll`, counted in the kernel.
+    pub short_polls: u64,
+    /// CPU samples that hit the target in the kernel (no user stack to show).
+    pub kernel_samples: u64,
+}
+
 pub struct LoadedProbes {
     ebpf: Ebpf,
     /// Every attachment, by program, so they can be detached while the maps
@@ -156,57 +167,51 @@ impl LoadedProbes {
         Ok(())
     }
 
-    /// The stack-capture ring buffer. Can be taken once.
+    /// The ring buffer of events. Can be taken once.
+    pub fn take_events(&mut self) -> Result<RingBuf<MapData>> {
+        self.take_ring(names::EVENTS)
+    }
+
+    /// The ring buffer of stack captures. Can be taken once.
     pub fn take_stacks(&mut self) -> Result<RingBuf<MapData>> {
+        self.take_ring(names::STACKS)
+    }
+
+    fn take_ring(&mut self, name: &str) -> Result<RingBuf<MapData>> {
         let map = self
             .ebpf
-            .take_map(names::STACKS)
-            .context("the STACKS map is missing")?;
+            .take_map(name)
+            .with_context(|| format!("the {name} map is missing"))?;
         Ok(RingBuf::try_from(map)?)
     }
 
-    /// Samples that hit the target while it was in the kernel (no user stack).
-    pub fn kernel_samples(&self) -> Result<u64> {
+    /// Events the eBPF side could not write because a ring buffer was full.
+    pub fn lost_events(&self) -> Result<u64> {
+        self.per_cpu_total(names::LOST)
+    }
+
+    /// Everything the eBPF side counted instead of recording.
+    pub fn counters(&self) -> Result<Counters> {
+        Ok(Counters {
+            lost_events: self.lost_events()?,
+            short_polls: self.per_cpu_total(names::SHORT_POLLS)?,
+            kernel_samples: self.per_cpu_total(names::KERNEL_SAMPLES)?,
+        })
+    }
+
+    /// The sum over CPUs of slot 0 of a per-CPU counter map.
+    fn per_cpu_total(&self, name: &str) -> Result<u64> {
         let map = self
             .ebpf
-            .map(names::KERNEL_SAMPLES)
-            .context("the KERNEL_SAMPLES map is missing")?;
-        let samples: PerCpuArray<&MapData, u64> = PerCpuArray::try_from(map)?;
-        Ok(samples.get(&0, 0)?.iter().sum())
+            .map(name)
+            .with_context(|| format!("the {name} map is missing"))?;
+        let counter: PerCpuArray<&MapData, u64> = PerCpuArray::try_from(map)?;
+        Ok(counter.get(&0, 0)?.iter().sum())
     }
 
     /// How many probes are attached.
     pub fn attached(&self) -> usize {
         self.links.len()
-    }
-
-    /// The ring buffer user space drains. Can be taken once.
-    pub fn take_events(&mut self) -> Result<RingBuf<MapData>> {
-        let map = self
-            .ebpf
-            .take_map(names::EVENTS)
-            .context("the EVENTS map is missing")?;
-        Ok(RingBuf::try_from(map)?)
-    }
-
-    /// Events the eBPF side could not write because the ring buffer was full.
-    pub fn lost_events(&self) -> Result<u64> {
-        let map = self
-            .ebpf
-            .map(names::LOST)
-            .context("the LOST map is missing")?;
-        let lost: PerCpuArray<&MapData, u64> = PerCpuArray::try_from(map)?;
-        Ok(lost.get(&0, 0)?.iter().sum())
-    }
-
-    /// Polls shorter than `--min-poll`, counted in the kernel and not recorded.
-    pub fn short_polls(&self) -> Result<u64> {
-        let map = self
-            .ebpf
-            .map(names::SHORT_POLLS)
-            .context("the SHORT_POLLS map is missing")?;
-        let short: PerCpuArray<&MapData, u64> = PerCpuArray::try_from(map)?;
-        Ok(short.get(&0, 0)?.iter().sum())
     }
 
     /// Starts forwarding the eBPF side's log messages (aya-log) to `log`.

@@ -185,15 +185,13 @@ pub async fn record(options: RecordOptions) -> Result<Outcome> {
     // background (that takes seconds).
     probes.set_enabled(false)?;
     let end_ns = monotonic_ns();
-    let lost = probes.lost_events()?;
-    let short_polls = probes.short_polls()?;
+    let counters = probes.counters()?;
     // Whatever is still in the ring buffer happened before the end.
     sink.drain_all(&mut ring)?;
     sink.drain_stacks(&mut stack_ring)?;
     let summary = sink.finish(
         end_ns,
-        lost,
-        short_polls,
+        &counters,
         &options.output,
         options.folded.as_deref(),
     )?;
@@ -204,7 +202,7 @@ pub async fn record(options: RecordOptions) -> Result<Outcome> {
         summary,
         stop,
         command_status,
-        short_polls,
+        short_polls: counters.short_polls,
         detaching,
     })
 }

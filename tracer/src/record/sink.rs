@@ -16,6 +16,7 @@ use tracer_timeline::summary::{SchedulerSummary, Summary, WorkerSummary};
 use tracer_timeline::task_types::{TaskName, TaskTypes};
 use tracer_timeline::timeline::Timeline;
 
+use super::loader::Counters;
 use super::stacks::{Capture, StackTable};
 
 pub struct TraceSink<'a> {
@@ -159,8 +160,7 @@ impl<'a> TraceSink<'a> {
     pub fn finish(
         mut self,
         end_ns: u64,
-        lost: u64,
-        short_polls: u64,
+        counters: &Counters,
         output: &Path,
         folded: Option<&Path>,
     ) -> Result<Summary> {
@@ -204,8 +204,9 @@ impl<'a> TraceSink<'a> {
             "binary": self.plan.binary.display().to_string(),
             "tokio_version": self.plan.tokio_version,
             "events": self.events,
-            "lost_events": lost,
-            "short_polls_not_recorded": short_polls,
+            "lost_events": counters.lost_events,
+            "short_polls_not_recorded": counters.short_polls,
+            "kernel_samples_not_shown": counters.kernel_samples,
             "malformed_events": self.malformed,
             "unmatched_ends": self.timeline.unmatched_ends(),
             "abandoned_polls": self.timeline.abandoned(),
@@ -228,7 +229,7 @@ impl<'a> TraceSink<'a> {
             duration_ns,
             workers,
             events: self.events,
-            lost_events: lost,
+            lost_events: counters.lost_events,
             unmatched_ends: self.timeline.unmatched_ends(),
             abandoned_polls: self.timeline.abandoned(),
             output: Some(output.to_path_buf()),
