@@ -136,12 +136,7 @@ fn build(options: &Options) -> Result<Tools> {
                 reinstall_bpf_linker: false,
             })?;
         }
-        step("building the tracer");
-        cmd::run(
-            cargo()
-                .args(["build", "--release", "-p", "rt-ebpf-trace"])
-                .current_dir(&repo),
-        )?;
+        ebpf::build_release_tracer(&repo)?;
         step("building the workloads");
         cmd::run(cargo().args(["build", "--release"]).current_dir(&bench))?;
     }

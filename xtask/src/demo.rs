@@ -24,18 +24,12 @@ pub fn run(options: &Options) -> Result<()> {
     })?;
 
     let repo = cmd::repo_root();
-    step("building the tracer");
-    cmd::run(
-        cargo()
-            .args(["build", "--release", "-p", "rt-ebpf-trace"])
-            .current_dir(&repo),
-    )?;
+    let tracer = ebpf::build_release_tracer(&repo)?;
 
     step("building the demo service");
     let demo_dir = repo.join("demo");
     cmd::run(cargo().args(["build", "--release"]).current_dir(&demo_dir))?;
 
-    let tracer = repo.join("target/release/rt-ebpf-trace");
     let demo = demo_dir.join("target/release/demo-service");
     for built in [&tracer, &demo] {
         if !built.is_file() {

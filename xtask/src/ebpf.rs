@@ -256,3 +256,15 @@ fn find_libllvm(lib_dir: &Path) -> Result<(PathBuf, u32)> {
         )
     })
 }
+
+/// Builds the `rt-ebpf-trace` binary (release), which embeds the eBPF
+/// object, and returns its path.
+pub fn build_release_tracer(repo: &std::path::Path) -> Result<std::path::PathBuf> {
+    crate::cmd::step("building the tracer");
+    crate::cmd::run(
+        crate::cmd::cargo()
+            .args(["build", "--release", "-p", "rt-ebpf-trace"])
+            .current_dir(repo),
+    )?;
+    Ok(repo.join("target/release/rt-ebpf-trace"))
+}
