@@ -357,6 +357,9 @@ struct TracerSample {
     polls: f64,
     bytes: f64,
     peak_rss_kib: f64,
+    /// Events drained per CPU-second while recording, trace writing after
+    /// it excluded (from the tracer's log; None if it didn't say).
+    drain_rate: Option<f64>,
 }
 
 /// All samples of one workload, load and condition.
@@ -586,8 +589,9 @@ struct Tracer {
 #[derive(Default)]
 struct TracerOutput {
     text: String,
-    /// bpftrace: records (one per poll or park) and their bytes.
-    records: u64,
+    /// bpftrace: events in its records (see `ProbeKind::events_per_line`)
+    /// and the records' bytes.
+    events: u64,
     bytes: u64,
 }
 
@@ -761,8 +765,8 @@ fn copy_bpftrace_output(pipe: impl Read, path: &Path, ready: &mpsc::Sender<()>) 
     let mut reader = BufReader::with_capacity(1 << 16, pipe);
     let mut line = String::new();
     while matches!(reader.read_line(&mut line), Ok(n) if n > 0) {
-        if line.starts_with("poll ") || line.starts_with("park ") {
-            out.records += 1;
+        if let Some(events) = record_events(&line) {
+            out.events += events;
             out.bytes += line.len() as u64;
             let _ = file.write_all(line.as_bytes());
         } else {
@@ -774,6 +778,16 @@ fn copy_bpftrace_output(pipe: impl Read, path: &Path, ready: &mpsc::Sender<()>) 
         line.clear();
     }
     out
+}
+
+/// The events in one line of the bpftrace script's output; None if it is
+/// no record (the `ready`, the maps printed at exit).
+fn record_events(line: &str) -> Option<u64> {
+    let word = line.split(' ').next()?;
+    ProbeKind::ALL
+        .into_iter()
+        .find(|kind| kind.word() == word)
+        .map(ProbeKind::events_per_line)
 }
 
 /// The highest VmHWM seen while the process lives, in KiB. It is sampled,
@@ -820,6 +834,7 @@ fn tracer_figures(summary: &str, trace: &Path) -> Result<TracerSample> {
         lost: number("lost_events"),
         polls: summary_polls(summary).unwrap_or(0.0),
         bytes: bytes as f64,
+        drain_rate: drain_rate(summary),
         ..TracerSample::default()
     })
 }
@@ -850,6 +865,20 @@ fn json_number(json: &str, key: &str) -> Option<f64> {
     rest[..end].parse().ok()
 }
 
+/// Events per CPU-second from the tracer's `-v` log line `drain: N events,
+/// C ns of CPU while recording` (after a log prefix that varies). None
+/// without the line (an older tracer) or without CPU time to divide by.
+fn drain_rate(log: &str) -> Option<f64> {
+    log.lines().find_map(|line| {
+        let (_, drain) = line.split_once("drain: ")?;
+        let (events, rest) = drain.split_once(" events, ")?;
+        let cpu_ns = rest.trim_end().strip_suffix(" ns of CPU while recording")?;
+        let events: f64 = events.trim().parse().ok()?;
+        let cpu_ns: f64 = cpu_ns.trim().parse().ok()?;
+        (cpu_ns > 0.0).then(|| events / (cpu_ns / 1e9))
+    })
+}
+
 /// The sum of the summary table's `polls` column. Columns are right
 /// aligned, so a row's number ends where the header's `polls` ends; worker
 /// names have spaces, so splitting on whitespace would not do.
@@ -865,8 +894,9 @@ fn summary_polls(summary: &str) -> Option<f64> {
     Some(total)
 }
 
-/// bpftrace's figures: each record holds a start and an end, so it counts
-/// as two events, as in rt-ebpf-trace's trace.
+/// bpftrace's figures. Its events were counted as its records were read:
+/// a poll or park line holds a start and an end, two events as in
+/// rt-ebpf-trace's trace, the other lines one.
 fn bpftrace_figures(output: &TracerOutput) -> TracerSample {
     let lost = output
         .text
@@ -885,7 +915,7 @@ fn bpftrace_figures(output: &TracerOutput) -> TracerSample {
         .find_map(|l| l.strip_prefix("@polls: ")?.trim().parse::<f64>().ok())
         .unwrap_or(0.0);
     TracerSample {
-        events: output.records as f64 * 2.0,
+        events: output.events as f64,
         lost,
         polls,
         bytes: output.bytes as f64,
@@ -896,10 +926,8 @@ fn bpftrace_figures(output: &TracerOutput) -> TracerSample {
 // ---------------------------------------------------------------------------
 // The bpftrace script
 
-/// Writes bench/bpftrace/<binary>.bt: a uprobe and a uretprobe on every poll
-/// and park function the tracer would probe, at their addresses (the poll
-/// functions are local symbols with hashes, one per task type, which
-/// bpftrace can't name), each printing one record per poll or park.
+/// Writes bench/bpftrace/<binary>.bt: probes on every function the tracer's
+/// full mode would probe (see `render_script`), printing one line per hit.
 fn bpftrace_script(tools: &Tools, binary: &Path) -> Result<PathBuf> {
     let table = cmd::output(
         Command::new(&tools.tracer)
@@ -907,8 +935,13 @@ fn bpftrace_script(tools: &Tools, binary: &Path) -> Result<PathBuf> {
             .arg("--binary")
             .arg(binary),
     )?;
-    let sites = parse_probe_table(&table);
-    if sites.is_empty() {
+    let sites = parse_probe_table(&table).with_context(|| {
+        format!(
+            "reading `rt-ebpf-trace probes --binary {}`",
+            binary.display()
+        )
+    })?;
+    if !sites.iter().any(|s| s.kind == ProbeKind::Poll) {
         bail!(
             "`rt-ebpf-trace probes` listed no poll functions in {}",
             binary.display()
@@ -929,67 +962,234 @@ fn bpftrace_script(tools: &Tools, binary: &Path) -> Result<PathBuf> {
     Ok(path)
 }
 
-struct Site {
-    kind: String,
-    address: String,
+/// A row's KIND in `rt-ebpf-trace probes`: everything full mode probes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum ProbeKind {
+    Poll,
+    Park,
+    Spawn,
+    Wake,
+    TaskEnd,
+    Unpark,
+    Await,
 }
 
-/// The `poll` and `park` rows of `rt-ebpf-trace probes`, by their KIND and
-/// ADDRESS columns (found by header, since columns come and go).
-fn parse_probe_table(table: &str) -> Vec<Site> {
+impl ProbeKind {
+    const ALL: [ProbeKind; 7] = [
+        ProbeKind::Poll,
+        ProbeKind::Park,
+        ProbeKind::Spawn,
+        ProbeKind::Wake,
+        ProbeKind::TaskEnd,
+        ProbeKind::Unpark,
+        ProbeKind::Await,
+    ];
+
+    /// As the KIND column spells it.
+    fn column(self) -> &'static str {
+        match self {
+            ProbeKind::Poll => "poll",
+            ProbeKind::Park => "park",
+            ProbeKind::Spawn => "spawn",
+            ProbeKind::Wake => "wake",
+            ProbeKind::TaskEnd => "task end",
+            ProbeKind::Unpark => "unpark",
+            ProbeKind::Await => "await",
+        }
+    }
+
+    /// The first word of the script's lines for this kind (one word, so
+    /// that the harness can tell lines apart), and its count map's stem.
+    fn word(self) -> &'static str {
+        match self {
+            ProbeKind::TaskEnd => "task_end",
+            kind => kind.column(),
+        }
+    }
+
+    /// Polls and parks are spans: a uprobe and a uretprobe, and a line that
+    /// holds a start and an end.
+    fn is_span(self) -> bool {
+        matches!(self, ProbeKind::Poll | ProbeKind::Park)
+    }
+
+    /// Events in one of the script's lines, counted as in rt-ebpf-trace's
+    /// trace: a span's start and end are two.
+    fn events_per_line(self) -> u64 {
+        if self.is_span() { 2 } else { 1 }
+    }
+}
+
+/// Where a site's task header is, from the TASK column (poll rows name the
+/// task type there instead; `raw::poll`'s header is always its first
+/// argument).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum TaskArg {
+    None,
+    Arg0,
+    Arg1,
+    /// Argument 1 points at the header pointer.
+    Arg1Deref,
+    Returned,
+}
+
+impl TaskArg {
+    fn parse(cell: &str) -> TaskArg {
+        match cell {
+            "header in rdi" => TaskArg::Arg0,
+            "header in rsi" => TaskArg::Arg1,
+            "header at [rsi]" => TaskArg::Arg1Deref,
+            "header returned" => TaskArg::Returned,
+            _ => TaskArg::None,
+        }
+    }
+
+    /// The bpftrace expression for the header at the function's entry.
+    fn on_entry(self) -> Option<&'static str> {
+        match self {
+            TaskArg::Arg0 => Some("arg0"),
+            TaskArg::Arg1 => Some("arg1"),
+            TaskArg::Arg1Deref => Some("*(uint64 *)arg1"),
+            TaskArg::None | TaskArg::Returned => None,
+        }
+    }
+}
+
+#[derive(Debug, PartialEq, Eq)]
+struct Site {
+    kind: ProbeKind,
+    /// The function's address (ADDRESS): its entry, where a hand-written
+    /// uprobe goes.
+    address: String,
+    /// PROBE AT says `+ret`: the site is read on return.
+    on_return: bool,
+    task: TaskArg,
+}
+
+/// The rows of `rt-ebpf-trace probes`. Cells are read at their header's
+/// column (columns come and go, and cells hold spaces: `task end`, task
+/// types, symbols). A kind this doesn't know is an error: the script would
+/// no longer probe what full mode probes.
+fn parse_probe_table(table: &str) -> Result<Vec<Site>> {
     let mut lines = table.lines();
-    let Some(header) = lines.find(|l| l.starts_with("KIND")) else {
-        return Vec::new();
-    };
-    let Some(address_at) = header.find("ADDRESS") else {
-        return Vec::new();
-    };
-    lines
-        .filter_map(|row| {
-            let kind = row.split_whitespace().next()?;
-            if kind != "poll" && kind != "park" {
-                return None;
-            }
-            let address = row.get(address_at..)?.split_whitespace().next()?;
-            address.starts_with("0x").then(|| Site {
-                kind: kind.to_owned(),
-                address: address.to_owned(),
-            })
+    let header = lines
+        .find(|l| l.starts_with("KIND"))
+        .context("no KIND header in the table")?;
+    let columns = table_columns(header);
+    let cell = |row: &str, name: &str| table_cell(row, &columns, name);
+    if cell(header, "ADDRESS").is_none() {
+        bail!("no ADDRESS column in {header:?}");
+    }
+    let mut sites = Vec::new();
+    // The rows run up to the warnings and skipped sites.
+    for row in lines.take_while(|row| cell(row, "ADDRESS").is_some_and(|a| a.starts_with("0x"))) {
+        let kind_cell = cell(row, "KIND").unwrap_or_default();
+        let kind = ProbeKind::ALL
+            .into_iter()
+            .find(|k| k.column() == kind_cell)
+            .with_context(|| {
+                format!("a {kind_cell:?} row, which the bpftrace script doesn't know: {row:?}")
+            })?;
+        sites.push(Site {
+            kind,
+            address: cell(row, "ADDRESS").unwrap_or_default(),
+            on_return: cell(row, "PROBE AT").is_some_and(|p| p.contains("+ret")),
+            task: TaskArg::parse(&cell(row, "TASK").unwrap_or_default()),
+        });
+    }
+    Ok(sites)
+}
+
+/// A table header's column names and where each starts, in characters
+/// (cells are padded by characters). Columns are two or more spaces apart;
+/// a name may hold one (`FILE OFFSET`).
+fn table_columns(header: &str) -> Vec<(String, usize)> {
+    let chars: Vec<char> = header.chars().collect();
+    let starts: Vec<usize> = (0..chars.len())
+        .filter(|&i| chars[i] != ' ' && (i == 0 || (i >= 2 && chars[i - 2..i] == [' ', ' '])))
+        .collect();
+    starts
+        .iter()
+        .enumerate()
+        .map(|(n, &start)| {
+            let end = starts.get(n + 1).copied().unwrap_or(chars.len());
+            (
+                chars[start..end]
+                    .iter()
+                    .collect::<String>()
+                    .trim()
+                    .to_owned(),
+                start,
+            )
         })
         .collect()
+}
+
+/// A row's cell under the named column, trimmed; None if the table has no
+/// such column or the row stops before it.
+fn table_cell(row: &str, columns: &[(String, usize)], name: &str) -> Option<String> {
+    let at = columns.iter().position(|(n, _)| n == name)?;
+    let start = columns[at].1;
+    let end = columns.get(at + 1).map_or(usize::MAX, |c| c.1);
+    let cell: String = row.chars().skip(start).take(end - start).collect();
+    let cell = cell.trim();
+    (!cell.is_empty()).then(|| cell.to_owned())
 }
 
 fn render_script(binary: &Path, sites: &[Site]) -> String {
     let binary = binary.display();
     let mut script = format!(
         "// Generated by `cargo xtask bench` from `rt-ebpf-trace probes --binary {binary}`:\n\
-         // what one would write by hand to trace the same polls and parks with\n\
-         // bpftrace. The poll functions are local, hash-suffixed symbols (one per\n\
-         // task type), so they are attached by address. Run it with\n\
-         // `bpftrace -p PID {{this file}}`. Rewritten by every benchmark run.\n\n\
+         // what one would write by hand to trace the functions rt-ebpf-trace's full\n\
+         // mode probes, with bpftrace. Polls and parks are spans (a uprobe and a\n\
+         // uretprobe, one line each); spawns, wakes, task ends, unparks and await\n\
+         // points are one line per hit, from a uprobe at the function's entry (or a\n\
+         // uretprobe where the task is read on return), where a user puts it.\n\
+         // rt-ebpf-trace may place its probe on a later, cheaper instruction (its\n\
+         // PROBE AT column): tokio's clone_waker starts with an instruction the\n\
+         // kernel must single-step, which rt-ebpf-trace avoids (wake_by_ref's is\n\
+         // single-stepped by both). The poll functions are local, hash-suffixed\n\
+         // symbols (one per task type), so every probe is attached by address.\n\
+         // Run it with `bpftrace -p PID {{this file}}`. Rewritten by every\n\
+         // benchmark run.\n\n\
          BEGIN {{ printf(\"ready\\n\"); }}\n"
     );
     for (index, site) in sites.iter().enumerate() {
         let target = format!("{binary}:{}", site.address);
-        let body = if site.kind == "poll" {
-            format!(
+        let body = match site.kind {
+            ProbeKind::Poll => format!(
                 "uprobe:{target} {{ @poll_start[tid] = nsecs; @task[tid] = arg0; }}\n\
                  uretprobe:{target} /@poll_start[tid]/ {{\n  \
                  printf(\"poll %d {index} %llx %llu %llu\\n\", tid, @task[tid], @poll_start[tid], nsecs);\n  \
                  delete(@poll_start[tid]); @polls = count();\n}}\n"
-            )
-        } else {
-            format!(
+            ),
+            ProbeKind::Park => format!(
                 "uprobe:{target} {{ @park_start[tid] = nsecs; }}\n\
                  uretprobe:{target} /@park_start[tid]/ {{\n  \
                  printf(\"park %d %llu %llu\\n\", tid, @park_start[tid], nsecs);\n  \
                  delete(@park_start[tid]); @parks = count();\n}}\n"
-            )
+            ),
+            _ => instant_probe(&target, site),
         };
         script.push_str(&body);
     }
     script.push_str("END { clear(@poll_start); clear(@park_start); clear(@task); }\n");
     script
+}
+
+/// One probe printing a line per hit: `KIND tid [header] nsecs`.
+fn instant_probe(target: &str, site: &Site) -> String {
+    let word = site.kind.word();
+    let (probe, task) = if site.on_return {
+        ("uretprobe", Some("retval"))
+    } else {
+        ("uprobe", site.task.on_entry())
+    };
+    let print = match task {
+        Some(task) => format!("printf(\"{word} %d %llx %llu\\n\", tid, {task}, nsecs);"),
+        None => format!("printf(\"{word} %d %llu\\n\", tid, nsecs);"),
+    };
+    format!("{probe}:{target} {{ {print} @{word}s = count(); }}\n")
 }
 
 // ---------------------------------------------------------------------------
@@ -1122,8 +1322,16 @@ fn spread(
     figure: impl Fn(&Sample) -> f64,
     format: impl Fn(f64) -> String,
 ) -> String {
-    let med = median(samples.iter().map(&figure));
-    let (lo, hi) = min_max(samples.iter().map(&figure));
+    spread_of(&samples.iter().map(figure).collect::<Vec<_>>(), format)
+}
+
+/// "median (min–max)" of some values; "–" when there are none.
+fn spread_of(values: &[f64], format: impl Fn(f64) -> String) -> String {
+    if values.is_empty() {
+        return "–".to_owned();
+    }
+    let med = median(values.iter().copied());
+    let (lo, hi) = min_max(values.iter().copied());
     format!("{} ({}–{})", format(med), format(lo), format(hi))
 }
 
@@ -1301,9 +1509,9 @@ impl Report {
         let _ = writeln!(out, "### Cost of the tracer\n");
         let _ = writeln!(
             out,
-            "| workload | load | tracer | CPU % of one core | events/s | events per CPU-second | events lost | bytes/event | peak RSS |"
+            "| workload | load | tracer | CPU % of one core | events/s | events per tracer CPU-s, trace writing included | drain rate (events per CPU-s while recording) | events lost | bytes/event | peak RSS |"
         );
-        let _ = writeln!(out, "|---|---|---|---|---|---|---|---|---|");
+        let _ = writeln!(out, "|---|---|---|---|---|---|---|---|---|---|");
         for r in self
             .results
             .iter()
@@ -1312,15 +1520,18 @@ impl Report {
             let t: Vec<TracerSample> = r.samples.iter().filter_map(|s| s.tracer.clone()).collect();
             let med = |f: &dyn Fn(&TracerSample) -> f64| median(t.iter().map(f));
             let lost_max = min_max(t.iter().map(|t| t.lost)).1;
+            // Only the runs whose tracer logged its drain (none for bpftrace).
+            let drain_rates: Vec<f64> = t.iter().filter_map(|t| t.drain_rate).collect();
             let _ = writeln!(
                 out,
-                "| {} | {} | {} | {:.1} | {} | {} | {} (max {}) | {:.0} | {:.1} MiB |",
+                "| {} | {} | {} | {:.1} | {} | {} | {} | {} (max {}) | {:.0} | {:.1} MiB |",
                 r.workload.name(),
                 r.load.name(),
                 r.condition.label(),
                 med(&|t| 100.0 * t.cpu / t.wall),
                 si(med(&|t| t.events / t.wall)),
                 si(med(&|t| t.events / t.cpu.max(1.0 / TICKS_PER_SECOND))),
+                spread_of(&drain_rates, si),
                 si(med(&|t| t.lost)),
                 si(lost_max),
                 med(&|t| t.bytes / t.events.max(1.0)),
@@ -1408,19 +1619,116 @@ mod tests {
         assert_eq!(summary_polls(summary), Some(1023.0));
     }
 
+    /// Rows copied from `rt-ebpf-trace probes` on bench-work, plus a spawn
+    /// site read on return and a task end at `[rsi]` from the tests/fixtures
+    /// spawner and multi_worker binaries (same column widths).
+    const PROBE_TABLE: &str = "\
+bench/target/release/bench-work: tokio 1.54.1, 20 sites
+KIND      SYMBOL                                                                   ADDRESS  FILE OFFSET  PROBE AT   PROBED INSTRUCTION  COST         TASK
+poll      tokio::runtime::task::raw::poll                                          0x4d640  0x4c640      +0x0 +ret  jmp 3BA10h          emulated     yield_loop::{{closure}}::{{closure}}::{{closure}}::{{closure}} (symbols)
+park      tokio::runtime::scheduler::multi_thread::worker::Context::park_internal  0x64ab0  0x63ab0      +0x0 +ret  push rbp            emulated     -
+spawn     tokio::runtime::task::list::OwnedTasks<S>::bind_inner                    0x432a0  0x422a0      +0x0       push rbp            emulated     header in rsi
+spawn     tokio::runtime::scheduler::current_thread::Handle::spawn                 0x2a060  0x29060      +0x0 +ret  push rbp            emulated     header returned
+wake      tokio::runtime::task::waker::wake_by_ref                                 0x5bb60  0x5ab60      +0x0       sub rsp,18h         SINGLE-STEP  header in rdi
+task end  tokio::runtime::task::state::State::transition_to_complete               0x610d0  0x600d0      +0x0       push rax            emulated     header in rdi
+task end  tokio::runtime::task::list::OwnedTasks<S>::remove                        0x483d0  0x473d0      +0x0       push r15            emulated     header at [rsi]
+unpark    tokio::runtime::scheduler::multi_thread::park::Unparker::unpark          0x5b550  0x5a550      +0x0       push r14            emulated     -
+await     tokio::runtime::task::waker::clone_waker                                 0x5bb30  0x5ab30      +0xd       js short 5BB4Ah     emulated     -
+warning: wake probe on tokio::runtime::task::waker::wake_by_ref at 0x5bb60 single-steps `sub rsp,18h` (~20x the cost of an emulated probe): no emulated instruction on its straight-line prefix is safe to probe
+not probed: tokio::runtime::task::raw::poll at 0x66e50 (BlockingTask<launch::{{closure}}>): a runtime worker thread's whole life, not a task
+";
+
+    fn site(kind: ProbeKind, address: &str, on_return: bool, task: TaskArg) -> Site {
+        Site {
+            kind,
+            address: address.to_owned(),
+            on_return,
+            task,
+        }
+    }
+
     #[test]
     fn probe_rows_are_read_by_header() {
-        let table = "x: tokio 1.54.1, 2 sites\n\
-                     KIND  SYMBOL                ADDRESS  FILE OFFSET\n\
-                     poll  tokio::raw::poll      0x4d580  0x4c580\n\
-                     park  a::b::park_internal   0x64aa0  0x63aa0\n\
-                     wake  a::b::wake            0x10     0x10\n";
-        let sites = parse_probe_table(table);
-        let rows: Vec<_> = sites
-            .iter()
-            .map(|s| (s.kind.as_str(), s.address.as_str()))
-            .collect();
-        assert_eq!(rows, [("poll", "0x4d580"), ("park", "0x64aa0")]);
+        use {ProbeKind as K, TaskArg as T};
+        assert_eq!(
+            parse_probe_table(PROBE_TABLE).unwrap(),
+            [
+                site(K::Poll, "0x4d640", true, T::None),
+                site(K::Park, "0x64ab0", true, T::None),
+                site(K::Spawn, "0x432a0", false, T::Arg1),
+                site(K::Spawn, "0x2a060", true, T::Returned),
+                site(K::Wake, "0x5bb60", false, T::Arg0),
+                site(K::TaskEnd, "0x610d0", false, T::Arg0),
+                site(K::TaskEnd, "0x483d0", false, T::Arg1Deref),
+                site(K::Unpark, "0x5b550", false, T::None),
+                site(K::Await, "0x5bb30", false, T::None),
+            ]
+        );
+    }
+
+    #[test]
+    fn an_unknown_probe_kind_is_an_error() {
+        let table = PROBE_TABLE.replace("unpark    tokio", "sleep     tokio");
+        let error = format!("{:#}", parse_probe_table(&table).unwrap_err());
+        assert!(error.contains("\"sleep\""), "{error}");
+    }
+
+    #[test]
+    fn the_script_probes_every_kind() {
+        let script = render_script(Path::new("/b"), &parse_probe_table(PROBE_TABLE).unwrap());
+        for line in [
+            "uprobe:/b:0x4d640 { @poll_start[tid] = nsecs; @task[tid] = arg0; }",
+            "uretprobe:/b:0x4d640 /@poll_start[tid]/ {",
+            "uretprobe:/b:0x64ab0 /@park_start[tid]/ {",
+            r#"uprobe:/b:0x432a0 { printf("spawn %d %llx %llu\n", tid, arg1, nsecs); @spawns = count(); }"#,
+            r#"uretprobe:/b:0x2a060 { printf("spawn %d %llx %llu\n", tid, retval, nsecs); @spawns = count(); }"#,
+            r#"uprobe:/b:0x5bb60 { printf("wake %d %llx %llu\n", tid, arg0, nsecs); @wakes = count(); }"#,
+            r#"uprobe:/b:0x610d0 { printf("task_end %d %llx %llu\n", tid, arg0, nsecs); @task_ends = count(); }"#,
+            r#"uprobe:/b:0x483d0 { printf("task_end %d %llx %llu\n", tid, *(uint64 *)arg1, nsecs); @task_ends = count(); }"#,
+            r#"uprobe:/b:0x5b550 { printf("unpark %d %llu\n", tid, nsecs); @unparks = count(); }"#,
+            r#"uprobe:/b:0x5bb30 { printf("await %d %llu\n", tid, nsecs); @awaits = count(); }"#,
+        ] {
+            assert!(
+                script.lines().any(|l| l == line),
+                "no {line:?} in:\n{script}"
+            );
+        }
+        // One probe per instant site, two per span site.
+        let probes = script.lines().filter(|l| l.contains("probe:/b:")).count();
+        assert_eq!(probes, 2 * 2 + 7);
+    }
+
+    #[test]
+    fn spans_count_two_events_and_instants_one() {
+        assert_eq!(record_events("poll 7 0 55d0c0 100 200\n"), Some(2));
+        assert_eq!(record_events("park 7 100 200\n"), Some(2));
+        assert_eq!(record_events("wake 7 55d0c0 100\n"), Some(1));
+        assert_eq!(record_events("task_end 7 55d0c0 100\n"), Some(1));
+        assert_eq!(record_events("await 7 100\n"), Some(1));
+        assert_eq!(record_events("@wakes: 12\n"), None);
+        assert_eq!(record_events("ready\n"), None);
+    }
+
+    #[test]
+    fn the_drain_line_gives_events_per_cpu_second() {
+        let log = "[INFO  rt_ebpf_trace::record::session] attached 20 probes in 1.2ms\n\
+                   [INFO  rt_ebpf_trace::record] drain: 3000000 events, 1500000000 ns of CPU while recording\n";
+        assert_eq!(drain_rate(log), Some(2e6));
+        assert_eq!(
+            drain_rate("drain: 500 events, 250000000 ns of CPU while recording"),
+            Some(2000.0)
+        );
+        assert_eq!(
+            drain_rate("drain: 5 events, 0 ns of CPU while recording"),
+            None
+        );
+        assert_eq!(drain_rate("attached 20 probes\nrecorded 1.0 s\n"), None);
+    }
+
+    #[test]
+    fn a_missing_figure_is_a_dash() {
+        assert_eq!(spread_of(&[], si), "–");
+        assert_eq!(spread_of(&[3e6, 1e6, 2e6], si), "2M (1M–3M)");
     }
 
     #[test]
