@@ -9,7 +9,11 @@
 pub enum EventKind {
     /// A worker entered `tokio::runtime::task::raw::poll` for a task.
     PollStart = 1,
-    /// That poll returned.
+    /// That poll returned: `task_id` is the polled task (0 when its start
+    /// was not seen), `addr` the key of the last await point where the poll
+    /// registered the task's waker (0 when none): where the task now waits.
+    /// The key names the stack captured for it (a [`StackHeader`] with the
+    /// same key, sent once per task and key).
     PollEnd = 2,
     /// A worker entered a park function of its scheduler.
     ParkStart = 3,
@@ -20,9 +24,11 @@ pub enum EventKind {
     /// (0 when not spawned from a task), `addr` the address `spawn` was called
     /// from (0 when unknown).
     Spawn = 5,
-    /// A task's waker was called: `task`/`task_id` are the woken task,
+    /// A task's waker was called: `task` is the woken task's header,
     /// `other_task_id` the task running on the waking thread (0 when none:
     /// the I/O driver or timer inside a park, or a thread outside the runtime).
+    /// `task_id` is 0: wakes are frequent and the woken task is already known
+    /// by its header (from its spawn or polls), so the id is not read here.
     Wake = 6,
     /// A task ended (tokio released it from its task list, or freed it):
     /// `task`/`task_id`.
@@ -30,11 +36,6 @@ pub enum EventKind {
     /// A parked worker was unparked; `other_task_id` is the task running on
     /// the unparking thread (0 when none).
     Unpark = 8,
-    /// The polled task registered its waker (it is about to wait):
-    /// `task_id` is the task, `addr` the await point's key, which names the
-    /// stack captured for it (a [`StackHeader`] with the same key, sent once
-    /// per task and key).
-    AwaitPoint = 9,
 }
 
 impl EventKind {
@@ -48,7 +49,6 @@ impl EventKind {
             6 => Self::Wake,
             7 => Self::TaskEnd,
             8 => Self::Unpark,
-            9 => Self::AwaitPoint,
             _ => return None,
         })
     }
@@ -124,7 +124,7 @@ pub struct StackHeader {
     pub kind: u32,
     /// The task running on the thread (0 when none).
     pub task_id: u64,
-    /// `AwaitPoint`: the key an [`EventKind::AwaitPoint`] event refers to.
+    /// `AwaitPoint`: the await key a [`EventKind::PollEnd`] event refers to.
     pub key: u64,
     /// User registers where the stack was taken.
     pub ip: u64,

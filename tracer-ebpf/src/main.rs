@@ -17,7 +17,7 @@ use aya_ebpf::{
         generated,
     },
     macros::{map, perf_event, uprobe, uretprobe},
-    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
+    maps::{Array, LruHashMap, PerCpuArray, RingBuf},
     programs::{PerfEventContext, ProbeContext, RetProbeContext},
 };
 use tracer_common::{
@@ -44,18 +44,6 @@ static TASK_ID_LAYOUT: TaskIdLayout = TaskIdLayout {
 #[unsafe(no_mangle)]
 static MIN_POLL_NS: u64 = 0;
 
-/// A poll in progress, kept per thread while `MIN_POLL_NS` filters.
-#[derive(Clone, Copy)]
-struct OpenPoll {
-    start_ns: u64,
-    header: u64,
-    task_id: u64,
-    site: u32,
-}
-
-#[map(name = "OPEN_POLL")]
-static OPEN_POLL: HashMap<u32, OpenPoll> = HashMap::with_max_entries(16384, 0);
-
 /// Polls shorter than `MIN_POLL_NS`, counted but not recorded, per CPU.
 #[map(name = "SHORT_POLLS")]
 static SHORT_POLLS: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
@@ -69,22 +57,44 @@ const NO_WAKEUP: u64 = 1;
 #[map(name = "EVENTS")]
 static EVENTS: RingBuf = RingBuf::with_byte_size(DEFAULT_RING_BYTES, 0);
 
-/// What a thread of the target is polling right now.
+/// What a thread of the target is polling right now. Kept per thread and
+/// updated in place: a hash-map lookup costs the traced thread far less than
+/// an insert or a delete (measured: ~150 ns per update on the VM of
+/// BENCHMARKS.md), and a poll's start and end each touch it once.
 #[derive(Clone, Copy)]
 struct CurrentTask {
+    /// Non-zero between a poll's start and its end.
+    polling: u32,
+    /// The poll site (attach cookie) of the poll in progress.
+    site: u32,
+    header: u64,
     task_id: u64,
+    start_ns: u64,
     /// The stack pointer at `raw::poll`'s entry: how deep an await point
     /// sits below it tells await points apart.
     entry_sp: u64,
     /// `raw::poll`'s return address, read at its entry before the
     /// uretprobe replaces it: stack captures need it to unwind past the poll.
     poll_return: u64,
+    /// The key of the last await point this poll registered a waker at (0
+    /// when none): sent with the poll's end rather than as an event of its own.
+    await_key: u64,
 }
 
 /// The task each thread of the target is polling right now (thread id →
 /// task), so that a wake, spawn, await point or sample can say which task.
+/// LRU so that threads that exited make room for new ones.
 #[map(name = "CURRENT_TASK")]
-static CURRENT_TASK: HashMap<u32, CurrentTask> = HashMap::with_max_entries(16384, 0);
+static CURRENT_TASK: LruHashMap<u32, CurrentTask> = LruHashMap::with_max_entries(16384, 0);
+
+/// The task-id offset of each poll site's task type, by site index (the
+/// attach cookie), 0 until the site's first poll reads it from the vtable.
+/// `id_offset` is fixed per `raw::poll::<T, S>` instance, so caching it
+/// saves two user-memory reads per poll.
+#[map(name = "SITE_ID_OFFSET")]
+static SITE_ID_OFFSET: Array<u64> = Array::with_max_entries(MAX_CACHED_SITES, 0);
+
+const MAX_CACHED_SITES: u32 = 65536;
 
 /// How many bytes of stack a capture copies (at most `STACK_BYTES_MAX`).
 #[unsafe(no_mangle)]
@@ -158,6 +168,39 @@ static WARNED: Array<u32> = Array::with_max_entries(1, 0);
 /// Reads tokio's task id: header -> vtable -> id_offset -> id.
 #[inline(always)]
 fn read_task_id<C: EbpfContext>(ctx: &C, header: u64) -> u64 {
+    match id_offset(ctx, header) {
+        0 => 0,
+        offset => read_id(header, offset),
+    }
+}
+
+/// The id of the task polled at poll site `site`, with the site's id offset
+/// read once and cached in `SITE_ID_OFFSET`.
+#[inline(always)]
+fn read_polled_task_id<C: EbpfContext>(ctx: &C, site: u32, header: u64) -> u64 {
+    let Some(cached) = SITE_ID_OFFSET.get_ptr_mut(site) else {
+        return read_task_id(ctx, header);
+    };
+    let mut offset = unsafe { *cached };
+    if offset == 0 {
+        offset = id_offset(ctx, header);
+        unsafe { *cached = offset };
+    }
+    if offset == 0 {
+        return 0;
+    }
+    read_id(header, offset)
+}
+
+#[inline(always)]
+fn read_id(header: u64, id_offset: u64) -> u64 {
+    unsafe { bpf_probe_read_user((header + id_offset) as *const u64) }.unwrap_or(0)
+}
+
+/// The byte offset of the task id from the header, read from the task's
+/// vtable; 0 when ids are not read or the vtable holds no plausible offset.
+#[inline(always)]
+fn id_offset<C: EbpfContext>(ctx: &C, header: u64) -> u64 {
     let layout = task_id_layout();
     if layout.enabled == 0 || header == 0 {
         return 0;
@@ -187,7 +230,7 @@ fn read_task_id<C: EbpfContext>(ctx: &C, header: u64) -> u64 {
         }
         return 0;
     }
-    unsafe { bpf_probe_read_user((header + id_offset) as *const u64) }.unwrap_or(0)
+    id_offset
 }
 
 /// The fields of an event besides its kind, time and thread.
@@ -197,6 +240,7 @@ struct Detail {
     task: u64,
     task_id: u64,
     other_task_id: u64,
+    addr: u64,
 }
 
 #[inline(always)]
@@ -208,28 +252,6 @@ fn min_poll_ns() -> u64 {
 fn emit(kind: EventKind, tid: u32, detail: Detail) {
     // Stamp before reserving so the time is as close to the probe hit as possible.
     emit_at(unsafe { bpf_ktime_get_ns() }, kind, tid, detail)
-}
-
-#[inline(always)]
-fn emit_await(tid: u32, detail: Detail, key: u64) {
-    let ts_ns = unsafe { bpf_ktime_get_ns() };
-    match EVENTS.reserve::<Event>(0) {
-        Some(mut entry) => {
-            entry.write(Event {
-                ts_ns,
-                tid,
-                kind: EventKind::AwaitPoint as u32,
-                site: detail.site,
-                _pad: 0,
-                task: 0,
-                task_id: detail.task_id,
-                other_task_id: 0,
-                addr: key,
-            });
-            entry.submit(NO_WAKEUP);
-        }
-        None => count(&LOST),
-    }
 }
 
 #[inline(always)]
@@ -245,15 +267,11 @@ fn emit_at(ts_ns: u64, kind: EventKind, tid: u32, detail: Detail) {
                 task: detail.task,
                 task_id: detail.task_id,
                 other_task_id: detail.other_task_id,
-                addr: 0,
+                addr: detail.addr,
             });
             entry.submit(NO_WAKEUP);
         }
-        None => {
-            if let Some(lost) = LOST.get_ptr_mut(0) {
-                unsafe { *lost += 1 };
-            }
-        }
+        None => count(&LOST),
     }
 }
 
@@ -261,21 +279,39 @@ fn emit_at(ts_ns: u64, kind: EventKind, tid: u32, detail: Detail) {
 #[uprobe]
 pub fn poll_start(ctx: ProbeContext) -> u32 {
     let Some(tid) = target_thread() else { return 0 };
+    let start_ns = unsafe { bpf_ktime_get_ns() };
     let header: u64 = ctx.arg(0).unwrap_or(0);
-    let task_id = read_task_id(&ctx, header);
-    // Failing to record the current task only costs the waker attribution.
+    let site = attach_cookie(&ctx);
+    let filtering = min_poll_ns() > 0;
+    // Under `--min-poll` most polls are short and never sent: their task id
+    // is read at the end, for the long ones only (the task is alive until
+    // its poll returns). A user-memory read costs ~150 ns here.
+    let task_id = if filtering { 0 } else { read_polled_task_id(&ctx, site, header) };
     let entry_sp = unsafe { (*ctx.regs).rsp };
     let poll_return = unsafe { bpf_probe_read_user(entry_sp as *const u64) }.unwrap_or(0);
-    let current = CurrentTask { task_id, entry_sp, poll_return };
-    let _ = CURRENT_TASK.insert(&tid, &current, 0);
-    let site = attach_cookie(&ctx);
-    if min_poll_ns() > 0 {
-        // Decide at the end, when the duration is known.
-        let open = OpenPoll { start_ns: unsafe { bpf_ktime_get_ns() }, header, task_id, site };
-        let _ = OPEN_POLL.insert(&tid, &open, 0);
+    let current = CurrentTask {
+        polling: 1,
+        site,
+        header,
+        task_id,
+        start_ns,
+        entry_sp,
+        poll_return,
+        await_key: 0,
+    };
+    match CURRENT_TASK.get_ptr_mut(&tid) {
+        Some(slot) => unsafe { *slot = current },
+        // The thread's first poll. Failing to record it only costs the
+        // waker attribution and the await points of this poll.
+        None => {
+            let _ = CURRENT_TASK.insert(&tid, &current, 0);
+        }
+    }
+    if filtering {
+        // Decided at the end, when the duration is known.
         return 0;
     }
-    emit(EventKind::PollStart, tid, Detail { site, task: header, task_id, ..Detail::default() });
+    emit_at(start_ns, EventKind::PollStart, tid, Detail { site, task: header, task_id, ..Detail::default() });
     0
 }
 
@@ -283,27 +319,44 @@ pub fn poll_start(ctx: ProbeContext) -> u32 {
 #[uretprobe]
 pub fn poll_end(ctx: RetProbeContext) -> u32 {
     let Some(tid) = target_thread() else { return 0 };
-    let _ = CURRENT_TASK.remove(&tid);
+    let end_ns = unsafe { bpf_ktime_get_ns() };
     let site = attach_cookie(&ctx);
+    let current = match CURRENT_TASK.get_ptr_mut(&tid) {
+        Some(slot) if unsafe { (*slot).polling } != 0 => unsafe {
+            (*slot).polling = 0;
+            Some(*slot)
+        },
+        _ => None,
+    };
     let min_poll = min_poll_ns();
+    let Some(current) = current else {
+        // Its start was not seen (tracing began mid-poll, or the start was
+        // lost): user space counts the unmatched end. Under `--min-poll` only
+        // whole polls are sent.
+        if min_poll == 0 {
+            emit_at(end_ns, EventKind::PollEnd, tid, Detail { site, ..Detail::default() });
+        }
+        return 0;
+    };
+    let mut current = current;
     if min_poll > 0 {
-        let Some(open) = (unsafe { OPEN_POLL.get(&tid) }).copied() else { return 0 };
-        let _ = OPEN_POLL.remove(&tid);
-        let end_ns = unsafe { bpf_ktime_get_ns() };
-        if end_ns.saturating_sub(open.start_ns) < min_poll {
-            if let Some(count) = SHORT_POLLS.get_ptr_mut(0) {
-                unsafe { *count += 1 };
-            }
+        if end_ns.saturating_sub(current.start_ns) < min_poll {
+            count(&SHORT_POLLS);
             return 0;
         }
+        current.task_id = read_polled_task_id(&ctx, current.site, current.header);
         // A long poll: both ends at once, in order, so user space sees the
         // same pair it sees without the filter.
-        let start = Detail { site: open.site, task: open.header, task_id: open.task_id, ..Detail::default() };
-        emit_at(open.start_ns, EventKind::PollStart, tid, start);
-        emit_at(end_ns, EventKind::PollEnd, tid, Detail { site, ..Detail::default() });
-        return 0;
+        let start = Detail {
+            site: current.site,
+            task: current.header,
+            task_id: current.task_id,
+            ..Detail::default()
+        };
+        emit_at(current.start_ns, EventKind::PollStart, tid, start);
     }
-    emit(EventKind::PollEnd, tid, Detail { site, ..Detail::default() });
+    let end = Detail { site, task_id: current.task_id, addr: current.await_key, ..Detail::default() };
+    emit_at(end_ns, EventKind::PollEnd, tid, end);
     0
 }
 
@@ -323,10 +376,16 @@ pub fn park_end(ctx: RetProbeContext) -> u32 {
     0
 }
 
+/// The poll in progress on this thread, if any.
+#[inline(always)]
+fn current_poll(tid: u32) -> Option<CurrentTask> {
+    unsafe { CURRENT_TASK.get(&tid) }.filter(|current| current.polling != 0).copied()
+}
+
 /// The task running on this thread, by id (0 when none).
 #[inline(always)]
 fn current_task(tid: u32) -> u64 {
-    unsafe { CURRENT_TASK.get(&tid) }.map_or(0, |current| current.task_id)
+    current_poll(tid).map_or(0, |current| current.task_id)
 }
 
 /// Copies the registers and up to `STACK_BYTES` of user stack from `sp` up
@@ -382,20 +441,25 @@ fn count(counter: &PerCpuArray<u64>) {
 }
 
 /// A polled task clones its waker (`task::waker::clone_waker`): it is about
-/// to wait. Records the await point, and the first time this task waits
-/// here, the stack that says where.
+/// to wait. Notes the await point for the poll's end event, and the first
+/// time this task waits here, captures the stack that says where.
 #[uprobe]
 pub fn await_point(ctx: ProbeContext) -> u32 {
     let Some(tid) = target_thread() else { return 0 };
-    let Some(current) = (unsafe { CURRENT_TASK.get(&tid) }).copied() else { return 0 };
+    let Some(slot) = CURRENT_TASK.get_ptr_mut(&tid) else { return 0 };
+    let current = unsafe { *slot };
+    if current.polling == 0 {
+        return 0;
+    }
     let regs = unsafe { &*ctx.regs };
     // The caller's address and the depth below the poll's entry tell await
     // points apart without unwinding here.
     let caller: u64 = unsafe { bpf_probe_read_user(regs.rsp as *const u64) }.unwrap_or(0);
     let depth = current.entry_sp.wrapping_sub(regs.rsp) & 0xffff;
     let key = caller ^ (depth << 48);
-    let detail = Detail { site: attach_cookie(&ctx), task_id: current.task_id, ..Detail::default() };
-    emit_await(tid, detail, key);
+    // The last await point of a poll is where the task waits; the poll's
+    // end carries it, which saves a ring-buffer record per await.
+    unsafe { (*slot).await_key = key };
     let seen_key = [current.task_id, key];
     if unsafe { AWAIT_SEEN.get(&seen_key) }.is_none() {
         let _ = AWAIT_SEEN.insert(&seen_key, &1, 0);
@@ -415,7 +479,13 @@ pub fn sample(ctx: PerfEventContext) -> u32 {
         count(&KERNEL_SAMPLES);
         return 0;
     }
-    let current = unsafe { CURRENT_TASK.get(&tid) }.copied();
+    let mut current = current_poll(tid);
+    if let Some(current) = &mut current
+        && current.task_id == 0
+    {
+        // Under `--min-poll` the poll's start did not read the id.
+        current.task_id = read_polled_task_id(&ctx, current.site, current.header);
+    }
     capture_stack(StackKind::Sample, tid, current, 0, regs.rip, regs.rsp, regs.rbp);
     0
 }
@@ -428,11 +498,15 @@ pub fn sample(ctx: PerfEventContext) -> u32 {
 fn task_event<C: EbpfContext>(ctx: &C, cookie: u64, header: u64) {
     let Some(tid) = target_thread() else { return };
     let Some(kind) = EventKind::from_u32((cookie >> 32) as u32) else { return };
+    // Wakes are the hot kind (one or more per poll); their task is known
+    // to user space by its header, so its id is not read for them.
+    let task_id = if kind == EventKind::Wake { 0 } else { read_task_id(ctx, header) };
     let detail = Detail {
         site: cookie as u32,
         task: header,
-        task_id: read_task_id(ctx, header),
+        task_id,
         other_task_id: current_task(tid),
+        addr: 0,
     };
     emit(kind, tid, detail);
 }

@@ -194,6 +194,9 @@ impl TaskTracker {
         let task = self.live.get_mut(&ev.task).expect("ensured above");
         task.stats.times_woken += 1;
         let site = task.stats.site;
+        // The eBPF side does not read the woken task's id (see
+        // `EventKind::Wake`): the live task knows it.
+        let task_id = task.stats.task_id;
         // A wake older than the poll in progress was overtaken by that poll
         // in the ring buffer: it is what made this poll happen, not the next.
         let overtaken = task.polling_since.is_some_and(|start| ev.ts_ns < start);
@@ -213,7 +216,7 @@ impl TaskTracker {
             tid: ev.tid,
             ts_ns: ev.ts_ns,
             task: ev.task,
-            task_id: ev.task_id,
+            task_id,
             site,
             waker,
             in_poll,

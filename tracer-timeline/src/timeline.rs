@@ -166,9 +166,6 @@ impl Timeline {
                 self.tasks.task_end(ev, &mut self.ended);
                 self.flush_ended(out);
             }
-            // Where a task waits is about stacks, which the recorder pairs
-            // with polls itself; nothing to do for the schedule.
-            EventKind::AwaitPoint => {}
             EventKind::Unpark => {
                 let (unparker, _) = self.who_acts(index, ev);
                 out.push(TimelineOutput::Unpark(Unpark {

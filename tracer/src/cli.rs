@@ -62,9 +62,11 @@ pub struct RecordArgs {
     #[arg(short, long, value_parser = parse_duration)]
     pub duration: Option<Duration>,
 
-    /// What to record: `full` (every poll and park, plus spawns, wakes and
-    /// task ends) or `light` (parks and polls longer than --min-poll, default
-    /// 1ms, for always-on use).
+    /// What to record: `full` (every poll and park, plus spawns, wakes, task
+    /// ends, await points and CPU samples), `light` (parks, polls longer
+    /// than --min-poll (default 1ms) and CPU samples, for always-on use), or
+    /// `polls` (every poll and nothing else: the cheapest complete poll
+    /// timeline).
     #[arg(long, value_enum, default_value_t = ModeArg::Full)]
     pub mode: ModeArg,
 
@@ -128,6 +130,7 @@ fn parse_stack_size(text: &str) -> Result<u32, String> {
 pub enum ModeArg {
     Full,
     Light,
+    Polls,
 }
 
 fn parse_duration(text: &str) -> Result<Duration, String> {

@@ -66,10 +66,11 @@ fn run_record(args: RecordArgs) -> Result<ExitCode> {
     let mode = match args.mode {
         ModeArg::Full => Mode::Full,
         ModeArg::Light => Mode::Light,
+        ModeArg::Polls => Mode::Polls,
     };
     // Light mode is for always-on use: only polls long enough to matter.
     let default_min_poll = match mode {
-        Mode::Full => std::time::Duration::ZERO,
+        Mode::Full | Mode::Polls => std::time::Duration::ZERO,
         Mode::Light => std::time::Duration::from_millis(1),
     };
     let options = RecordOptions {
@@ -82,7 +83,7 @@ fn run_record(args: RecordArgs) -> Result<ExitCode> {
             min_poll: args.min_poll.unwrap_or(default_min_poll),
             stack_bytes: args.stack_size,
         },
-        sample_hz: (!args.no_samples).then_some(args.sample_hz),
+        sample_hz: (!args.no_samples && mode != Mode::Polls).then_some(args.sample_hz),
         folded: args.folded,
     };
     let runtime = tokio::runtime::Builder::new_current_thread()

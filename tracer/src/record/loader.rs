@@ -68,6 +68,15 @@ pub struct Counters {
     pub kernel_samples: u64,
 }
 
+/// Which probes to attach besides the polls (always attached).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ProbeSet {
+    /// The workers' park functions.
+    pub parks: bool,
+    /// Spawns, wakes, task ends, unparks and await points.
+    pub scheduler_events: bool,
+}
+
 pub struct LoadedProbes {
     ebpf: Ebpf,
     /// Every attachment, by program, so they can be detached while the maps
@@ -105,15 +114,14 @@ pub fn load(plan: &ProbePlan, target_pid: u32, settings: &Settings) -> Result<Lo
 }
 
 impl LoadedProbes {
-    /// Attaches the probes of every site of the plan, for `pid` only:
-    /// `binary` is the file the uprobes are placed in. With
-    /// `scheduler_events` false, only polls and parks are probed.
+    /// Attaches the probes of every site of the plan that `probed` asks
+    /// for, for `pid` only: `binary` is the file the uprobes are placed in.
     pub fn attach(
         &mut self,
         plan: &ProbePlan,
         binary: &Path,
         pid: u32,
-        scheduler_events: bool,
+        probed: ProbeSet,
     ) -> Result<()> {
         let scope = UProbeScope::OneProcess(NonZeroU32::new(pid).ok_or_else(|| anyhow!("pid 0"))?);
         for (index, site) in plan.sites.iter().enumerate() {
@@ -121,7 +129,7 @@ impl LoadedProbes {
                 program: name,
                 offset,
                 cookie,
-            } in probes_for(site, index as u64, scheduler_events)
+            } in probes_for(site, index as u64, probed)
             {
                 let point = UProbeAttachPoint {
                     location: UProbeAttachLocation::AbsoluteOffset(offset),
@@ -284,7 +292,7 @@ struct Probe {
 /// both carrying the site index. Scheduler events: one entry probe whose
 /// program is chosen by the register holding the task header, and whose
 /// cookie carries the event kind (high half) and the site index (low half).
-fn probes_for(site: &ProbeSite, index: u64, scheduler_events: bool) -> Vec<Probe> {
+fn probes_for(site: &ProbeSite, index: u64, probed: ProbeSet) -> Vec<Probe> {
     let entry_and_return = |entry, exit| {
         vec![
             Probe {
@@ -301,18 +309,21 @@ fn probes_for(site: &ProbeSite, index: u64, scheduler_events: bool) -> Vec<Probe
     };
     match site.kind {
         SiteKind::Poll => entry_and_return(POLL_START, POLL_END),
-        SiteKind::Park => entry_and_return(PARK_START, PARK_END),
+        SiteKind::Park if probed.parks => entry_and_return(PARK_START, PARK_END),
         // Placed where [rsp] still holds the caller's address (see
         // tracer-probes' placement).
-        SiteKind::AwaitPoint if scheduler_events => vec![Probe {
+        SiteKind::AwaitPoint if probed.scheduler_events => vec![Probe {
             program: AWAIT_POINT,
             offset: site.probe_offset,
             cookie: index,
         }],
         SiteKind::Spawn | SiteKind::Wake | SiteKind::TaskEnd | SiteKind::Unpark
-            if scheduler_events =>
+            if probed.scheduler_events =>
         {
-            let cookie = ((event_kind(site.kind) as u64) << 32) | index;
+            let Some(kind) = scheduler_event_kind(site.kind) else {
+                return Vec::new();
+            };
+            let cookie = ((kind as u64) << 32) | index;
             let (program, offset) = match site.task_arg {
                 TaskArg::Rdi => (TASK_EVENT_ARG0, site.probe_offset),
                 TaskArg::Rsi => (TASK_EVENT_ARG1, site.probe_offset),
@@ -331,16 +342,14 @@ fn probes_for(site: &ProbeSite, index: u64, scheduler_events: bool) -> Vec<Probe
     }
 }
 
-/// The event a scheduler site reports.
-fn event_kind(kind: SiteKind) -> EventKind {
+/// The event a scheduler-event site reports (None for the other kinds).
+fn scheduler_event_kind(kind: SiteKind) -> Option<EventKind> {
     match kind {
-        SiteKind::Poll => EventKind::PollStart,
-        SiteKind::Park => EventKind::ParkStart,
-        SiteKind::Spawn => EventKind::Spawn,
-        SiteKind::Wake => EventKind::Wake,
-        SiteKind::TaskEnd => EventKind::TaskEnd,
-        SiteKind::Unpark => EventKind::Unpark,
-        SiteKind::AwaitPoint => EventKind::AwaitPoint,
+        SiteKind::Spawn => Some(EventKind::Spawn),
+        SiteKind::Wake => Some(EventKind::Wake),
+        SiteKind::TaskEnd => Some(EventKind::TaskEnd),
+        SiteKind::Unpark => Some(EventKind::Unpark),
+        SiteKind::Poll | SiteKind::Park | SiteKind::AwaitPoint => None,
     }
 }
 

@@ -95,15 +95,15 @@ impl<'a> TraceSink<'a> {
             Some(EventKind::TaskEnd) => {
                 self.task_sites.remove(&event.task_id);
             }
-            Some(EventKind::AwaitPoint) => {
-                // Where the polled task waits; resolved to frames at the end.
+            Some(EventKind::PollEnd) if event.addr != 0 => {
+                // Where the polled task now waits (the last await point
+                // of this poll); resolved to frames at the end.
                 let (waits_at, await_stack) = StackTable::await_keys(event.task_id, event.addr);
                 let args = json!({
                     "waits_at": self.writer.deferred(&waits_at),
                     "await_stack": self.writer.deferred(&await_stack),
                 });
                 self.renderer.annotate_poll(event.tid, event.task_id, args);
-                return Ok(true);
             }
             _ => {}
         }
