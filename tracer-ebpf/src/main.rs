@@ -96,9 +96,15 @@ static SITE_ID_OFFSET: Array<u64> = Array::with_max_entries(MAX_CACHED_SITES, 0)
 
 const MAX_CACHED_SITES: u32 = 65536;
 
-/// How many bytes of stack a capture copies (at most `STACK_BYTES_MAX`).
+/// How many bytes of stack a capture copies (at most `STACK_BYTES_MAX`); 0
+/// when nothing captures stacks (no samples, no await points).
 #[unsafe(no_mangle)]
 static STACK_BYTES: u32 = STACK_BYTES_MAX as u32;
+
+#[inline(always)]
+fn stack_bytes() -> u32 {
+    unsafe { core::ptr::read_volatile(&STACK_BYTES) }
+}
 
 /// A stack capture: header and stack bytes, reserved whole in `STACKS`.
 #[repr(C)]
@@ -288,7 +294,12 @@ pub fn poll_start(ctx: ProbeContext) -> u32 {
     // its poll returns). A user-memory read costs ~150 ns here.
     let task_id = if filtering { 0 } else { read_polled_task_id(&ctx, site, header) };
     let entry_sp = unsafe { (*ctx.regs).rsp };
-    let poll_return = unsafe { bpf_probe_read_user(entry_sp as *const u64) }.unwrap_or(0);
+    // Only stack captures need it, and a user-memory read costs ~150 ns.
+    let poll_return = if stack_bytes() == 0 {
+        0
+    } else {
+        unsafe { bpf_probe_read_user(entry_sp as *const u64) }.unwrap_or(0)
+    };
     let current = CurrentTask {
         polling: 1,
         site,
@@ -398,7 +409,7 @@ fn capture_stack(kind: StackKind, tid: u32, current: Option<CurrentTask>, key: u
         return;
     };
     let record_ptr = record.as_mut_ptr();
-    let mut want = unsafe { core::ptr::read_volatile(&STACK_BYTES) } as usize;
+    let mut want = stack_bytes() as usize;
     if want > STACK_BYTES_MAX {
         want = STACK_BYTES_MAX;
     }

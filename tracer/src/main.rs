@@ -73,6 +73,7 @@ fn run_record(args: RecordArgs) -> Result<ExitCode> {
         Mode::Full | Mode::Polls => std::time::Duration::ZERO,
         Mode::Light => std::time::Duration::from_millis(1),
     };
+    let sample_hz = (!args.no_samples && mode != Mode::Polls).then_some(args.sample_hz);
     let options = RecordOptions {
         target,
         output: args.output,
@@ -81,9 +82,14 @@ fn run_record(args: RecordArgs) -> Result<ExitCode> {
         settings: Settings {
             ring_bytes: args.ring_buffer_size,
             min_poll: args.min_poll.unwrap_or(default_min_poll),
-            stack_bytes: args.stack_size,
+            // Stacks are captured at await points (full mode) and by samples.
+            stack_bytes: if mode == Mode::Full || sample_hz.is_some() {
+                args.stack_size
+            } else {
+                0
+            },
         },
-        sample_hz: (!args.no_samples && mode != Mode::Polls).then_some(args.sample_hz),
+        sample_hz,
         folded: args.folded,
     };
     let runtime = tokio::runtime::Builder::new_current_thread()

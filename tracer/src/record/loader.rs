@@ -53,7 +53,8 @@ pub struct Settings {
     pub ring_bytes: u32,
     /// Polls shorter than this are counted, not recorded (zero: record all).
     pub min_poll: std::time::Duration,
-    /// Bytes of user stack each capture copies (at most `STACK_BYTES_MAX`).
+    /// Bytes of user stack each capture copies (at most `STACK_BYTES_MAX`);
+    /// 0 when nothing captures stacks, which spares each poll a read.
     pub stack_bytes: u32,
 }
 
