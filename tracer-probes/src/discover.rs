@@ -9,6 +9,7 @@ use object::{Architecture, Object};
 
 use crate::image::Image;
 use crate::symbols::{FunctionSymbol, SymbolTable};
+use crate::unwind::UnwindTable;
 use crate::{
     ProbePlan, ProbeSite, SiteKind, TaskArg, catalog, disasm, dwarf, naming, placement, version,
 };
@@ -23,6 +24,12 @@ pub fn discover(binary: &Path) -> anyhow::Result<ProbePlan> {
     let file = parse_x86_64_elf(binary, &data)?;
     let image = Image::new(&data, &file);
     let symbols = SymbolTable::read(&file);
+    let unwind = UnwindTable::read(&file);
+    let code = Code {
+        image: &image,
+        symbols: &symbols,
+        unwind: &unwind,
+    };
 
     let poll_groups = group_by_address(
         catalog::POLL_PATHS
@@ -73,7 +80,7 @@ pub fn discover(binary: &Path) -> anyhow::Result<ProbePlan> {
     for (&address, group) in &poll_groups {
         // `raw::poll(ptr: NonNull<Header>)`: the header is argument 0.
         let mut site =
-            site(SiteKind::Poll, TaskArg::Rdi, address, group, &image).with_context(|| {
+            site(SiteKind::Poll, TaskArg::Rdi, address, group, &code).with_context(|| {
                 format!(
                     "{}: poll function at {address:#x} is outside the file's sections",
                     binary.display()
@@ -93,7 +100,7 @@ pub fn discover(binary: &Path) -> anyhow::Result<ProbePlan> {
     }
     for (&address, group) in &park_groups {
         let site =
-            site(SiteKind::Park, TaskArg::None, address, group, &image).with_context(|| {
+            site(SiteKind::Park, TaskArg::None, address, group, &code).with_context(|| {
                 format!(
                     "{}: park function at {address:#x} is outside the file's sections",
                     binary.display()
@@ -109,7 +116,7 @@ pub fn discover(binary: &Path) -> anyhow::Result<ProbePlan> {
         for function in functions {
             let groups = group_by_address(symbols.with_path(function.path));
             for (&address, group) in &groups {
-                let site = site(family.kind, function.task_arg, address, group, &image)
+                let site = site(family.kind, function.task_arg, address, group, &code)
                     .with_context(|| {
                         format!(
                             "{}: {} function at {address:#x} is outside the file's sections",
@@ -194,6 +201,14 @@ fn missing_event_warning(family: &catalog::EventFamily) -> String {
     )
 }
 
+/// What placing a probe looks at: the file's bytes, and what its symbols and
+/// unwind info say about the functions.
+struct Code<'a> {
+    image: &'a Image<'a>,
+    symbols: &'a SymbolTable,
+    unwind: &'a UnwindTable,
+}
+
 /// A site without a task type, its entry probe placed; `None` if the address
 /// isn't backed by file bytes.
 fn site(
@@ -201,8 +216,9 @@ fn site(
     task_arg: TaskArg,
     address: u64,
     group: &[&FunctionSymbol],
-    image: &Image,
+    code: &Code,
 ) -> Option<ProbeSite> {
+    let image = code.image;
     let file_offset = image.file_offset(address)?;
     let mut names: Vec<&str> = group.iter().map(|symbol| symbol.name.as_str()).collect();
     names.sort_unstable();
@@ -215,21 +231,33 @@ fn site(
     // Folded symbols share their code; the largest size covers all of it.
     let size = group.iter().map(|symbol| symbol.size).max().unwrap_or(15);
     let needs_return_probe = kind.needs_return_probe() || task_arg == TaskArg::ReturnValue;
+    // A direct call to a panic function ends its path through the function.
+    let never_returns = |target: u64| {
+        code.symbols
+            .at(target)
+            .iter()
+            .any(|symbol| placement::is_panic_function(&symbol.path))
+    };
+    let context = placement::FunctionContext {
+        never_returns: &never_returns,
+        has_landing_pads: code.unwind.may_have_landing_pads(address),
+    };
     let placement = image
         .bytes(address, size)
-        .and_then(|code| {
+        .and_then(|bytes| {
             // Await probes read the caller's address at [rsp]: they may move
             // only past instructions that leave RSP and the stack alone.
             let mut inputs = task_arg.probe_inputs();
             if kind == SiteKind::AwaitPoint {
                 inputs.reads_stack = true;
             }
-            placement::place_entry(code, address, inputs, !needs_return_probe)
+            placement::place_entry(bytes, address, inputs, !needs_return_probe, &context)
         })
         .unwrap_or(placement::Placement {
             address,
             instruction: "?".to_string(),
             cost: placement::Cost::SingleStep,
+            strategy: placement::Strategy::FirstInstruction,
         });
     Some(ProbeSite {
         kind,

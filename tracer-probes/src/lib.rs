@@ -19,6 +19,7 @@ mod generics;
 mod image;
 mod symbols;
 mod table;
+mod unwind;
 mod version;
 
 pub use discover::discover;

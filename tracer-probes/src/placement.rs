@@ -19,9 +19,55 @@
 //! - no instruction before it writes a register the eBPF program reads there,
 //!   nor (for programs that read the stack) moves RSP or stores to the stack.
 //!
+//! When the prefix offers no such instruction, a second strategy
+//! (`placement/once.rs`) looks at the whole function. It decodes every instruction from
+//! the symbol's start to its end, cuts them into basic blocks and builds the
+//! control-flow graph, and takes the earliest emulated instruction `I` that
+//! every call which returns runs exactly once, with the inputs intact:
+//! - `I`'s block lies on every path from the entry to a *returning* exit
+//!   (`ret`, or a tail call: a direct jump out of the function, or an
+//!   indirect jump through a pointer just loaded from memory). Paths that end
+//!   in a call that never returns (a panic) are left out: such a call gets no
+//!   event, as a call that panics before the probe never did either;
+//! - `I`'s block is in no cycle, so it runs at most once per call;
+//! - no instruction on any path from the entry to `I` writes a register the
+//!   program reads, and none of them is a call (the callee may overwrite
+//!   every argument register); stack-reading programs don't use this
+//!   strategy at all;
+//! - no code the entry does not reach (other than NOP padding) leads to
+//!   `I`: such code is entered some way the graph does not show, e.g. a
+//!   landing pad, where unwinding resumes;
+//! - if unwinding may resume in the function at all (its unwind info has an
+//!   LSDA, or it has no unwind info), no call follows `I`: a call that
+//!   unwinds to a landing pad is an edge the graph lacks and could lead back
+//!   to `I`.
+//!
+//! Why that is safe: on a call that returns, control passes through `I`'s
+//! block at least once (every returning path does) and at most once (no path
+//! comes back to it), and enters it at its first instruction, so `I` runs
+//! exactly once; the registers the program reads hold their entry values
+//! there, because nothing on any way there writes them. Among such
+//! instructions the earliest is taken, so the event's time stays close to
+//! the call's. The candidates all lie on every returning path, always in the
+//! same order (two seen in both orders would make a cycle), so "earliest" is
+//! well defined. The cost: the event is recorded a little later than at the
+//! entry, and not at all for a call that panics before reaching `I`.
+//!
+//! The analysis gives up (the probe stays where the prefix rule put it) on
+//! anything it cannot account for: undecodable bytes, a branch into the
+//! middle of an instruction, a call into the function's own body, an
+//! indirect jump that may be a jump table, or an instruction with unusual
+//! control flow (`int n`, far branches, `xbegin`, `iret`). A probe is only
+//! ever put at the start of a decoded instruction reached along the graph's
+//! edges from the entry, so it lands on a real instruction boundary. It
+//! assumes what the prefix rule assumes too: control only enters the
+//! function at its start (and at the return addresses of its own calls).
+//!
 //! A site with a return probe cannot move: the uretprobe's entry breakpoint
 //! must be the function's first instruction, because it swaps the return
 //! address at `[rsp]`, which is only there before the prologue runs.
+
+mod once;
 
 use iced_x86::{
     Code, Decoder, DecoderOptions, FlowControl, Formatter, Instruction, InstructionInfoFactory,
@@ -53,6 +99,78 @@ impl ProbeInputs {
     };
 }
 
+/// What a function's bytes don't say about it, which placement beyond the
+/// straight-line prefix needs.
+#[derive(Clone, Copy)]
+pub struct FunctionContext<'a> {
+    /// Does the function at this address never return (e.g. a panic
+    /// function)? A direct call to it ends its path in the function.
+    pub never_returns: &'a dyn Fn(u64) -> bool,
+    /// May an unwinding panic resume inside the function, at a landing pad?
+    /// True when its unwind info has an LSDA, or when it has no unwind info.
+    pub has_landing_pads: bool,
+}
+
+fn no_function_known(_address: u64) -> bool {
+    false
+}
+
+impl FunctionContext<'static> {
+    /// Nothing known: no call is known to diverge, and landing pads may exist.
+    pub const UNKNOWN: FunctionContext<'static> = FunctionContext {
+        never_returns: &no_function_known,
+        has_landing_pads: true,
+    };
+}
+
+/// Does the function with this demangled, generic-free path (e.g.
+/// `core::panicking::panic`) never return? Rust's panic entry points and the
+/// failure paths of `unwrap`, indexing and allocation: all declared `-> !`.
+/// (Not all of `std::panicking`: `std::panicking::try` returns.)
+pub fn is_panic_function(path: &str) -> bool {
+    const NEVER_RETURN: [&str; 24] = [
+        "std::panicking::begin_panic",
+        "std::panicking::begin_panic_handler",
+        "std::panicking::rust_panic_with_hook",
+        "std::panicking::rust_panic",
+        "std::panic::panic_any",
+        "std::panic::resume_unwind",
+        "std::process::abort",
+        "std::process::exit",
+        "alloc::alloc::handle_alloc_error",
+        "alloc::raw_vec::capacity_overflow",
+        "alloc::raw_vec::handle_error",
+        "core::option::unwrap_failed",
+        "core::option::expect_failed",
+        "core::result::unwrap_failed",
+        "core::slice::index::slice_start_index_len_fail",
+        "core::slice::index::slice_end_index_len_fail",
+        "core::slice::index::slice_index_order_fail",
+        "core::slice::index::slice_start_index_overflow_fail",
+        "core::slice::index::slice_end_index_overflow_fail",
+        "core::str::slice_error_fail",
+        "core::cell::panic_already_borrowed",
+        "core::cell::panic_already_mutably_borrowed",
+        "_Unwind_Resume",
+        "abort",
+    ];
+    (path.starts_with("core::panicking::") && !path.contains("{{closure}}"))
+        || NEVER_RETURN.contains(&path)
+}
+
+/// Which rule chose a site's probed instruction.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Strategy {
+    /// The function's first instruction: a return-probed site, one whose
+    /// first instruction is emulated already, or nothing cheaper was safe.
+    FirstInstruction,
+    /// An emulated instruction on the straight-line prefix.
+    StraightLinePrefix,
+    /// An emulated instruction further on that every returning call runs
+    /// exactly once (see the module doc).
+    RunsOncePerCall,
+}
+
 /// Where a site's entry probe goes.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Placement {
@@ -61,6 +179,8 @@ pub struct Placement {
     /// That instruction in Intel syntax; "?" if it did not decode.
     pub instruction: String,
     pub cost: Cost,
+    /// Which rule chose it.
+    pub strategy: Strategy,
 }
 
 /// How the kernel (x86-64, `arch/x86/kernel/uprobes.c`,
@@ -200,12 +320,6 @@ pub fn branch_targets_inside(code: &[u8], address: u64) -> Vec<u64> {
 pub fn clobbers(instruction: &Instruction, inputs: ProbeInputs) -> bool {
     let mut factory = InstructionInfoFactory::new();
     let info = factory.info(instruction);
-    let writes = |access: OpAccess| {
-        matches!(
-            access,
-            OpAccess::Write | OpAccess::CondWrite | OpAccess::ReadWrite | OpAccess::ReadCondWrite
-        )
-    };
     let writes_input_register = info.used_registers().iter().any(|used| {
         writes(used.access())
             && inputs
@@ -230,29 +344,65 @@ pub fn clobbers(instruction: &Instruction, inputs: ProbeInputs) -> bool {
     moves_rsp || stores_to_stack
 }
 
+/// Does this operand access change the operand?
+fn writes(access: OpAccess) -> bool {
+    matches!(
+        access,
+        OpAccess::Write | OpAccess::CondWrite | OpAccess::ReadWrite | OpAccess::ReadCondWrite
+    )
+}
+
+/// Does running `instruction` change any part of `register`'s full register?
+fn writes_register(instruction: &Instruction, register: Register) -> bool {
+    let mut factory = InstructionInfoFactory::new();
+    factory
+        .info(instruction)
+        .used_registers()
+        .iter()
+        .any(|used| {
+            writes(used.access()) && used.register().full_register() == register.full_register()
+        })
+}
+
 /// Chooses where the entry probe of the function `code` (its whole body,
 /// starting at virtual `address`) goes. A site that `may_move` gets the first
 /// emulated instruction of the straight-line prefix that is safe for
-/// `inputs`; otherwise, or when there is none, the first instruction.
+/// `inputs`; failing that, the earliest emulated instruction that every
+/// returning call runs exactly once with `inputs` intact (see the module
+/// doc); failing that, or if it may not move, the first instruction.
 /// Returns `None` if the first instruction does not decode.
 pub fn place_entry(
     code: &[u8],
     address: u64,
     inputs: ProbeInputs,
     may_move: bool,
+    context: &FunctionContext,
 ) -> Option<Placement> {
     let prefix = straight_line_prefix(code, address);
-    let first = prefix.first()?;
-    let chosen = if may_move {
+    let first = *prefix.first()?;
+    let (chosen, strategy) = if may_move {
         let targets = branch_targets_inside(code, address);
-        first_safe_emulated(&prefix, &targets, inputs).unwrap_or(first)
+        if let Some(&instruction) = first_safe_emulated(&prefix, &targets, inputs) {
+            (instruction, Strategy::StraightLinePrefix)
+        } else if let Some(instruction) = once::runs_once_per_call(code, address, inputs, context) {
+            (instruction, Strategy::RunsOncePerCall)
+        } else {
+            (first, Strategy::FirstInstruction)
+        }
     } else {
-        first
+        (first, Strategy::FirstInstruction)
+    };
+    // The first instruction is where the probe already is.
+    let strategy = if chosen.ip() == address {
+        Strategy::FirstInstruction
+    } else {
+        strategy
     };
     Some(Placement {
         address: chosen.ip(),
-        instruction: format_instruction(chosen),
-        cost: cost_class(chosen),
+        instruction: format_instruction(&chosen),
+        cost: cost_class(&chosen),
+        strategy,
     })
 }
 
@@ -419,7 +569,14 @@ mod tests {
 
     #[test]
     fn entry_only_probe_moves_to_the_call_when_rdi_survives() {
-        let placement = place_entry(&WAKE_LIKE, 0x1000, RDI_ONLY, true).unwrap();
+        let placement = place_entry(
+            &WAKE_LIKE,
+            0x1000,
+            RDI_ONLY,
+            true,
+            &FunctionContext::UNKNOWN,
+        )
+        .unwrap();
         assert_eq!(placement.address, 0x100C);
         assert_eq!(placement.cost, Cost::Emulated);
         assert_eq!(placement.instruction, "call 1011h");
@@ -427,7 +584,14 @@ mod tests {
 
     #[test]
     fn return_probed_sites_stay_on_the_first_instruction() {
-        let placement = place_entry(&WAKE_LIKE, 0x1000, RDI_ONLY, false).unwrap();
+        let placement = place_entry(
+            &WAKE_LIKE,
+            0x1000,
+            RDI_ONLY,
+            false,
+            &FunctionContext::UNKNOWN,
+        )
+        .unwrap();
         assert_eq!(placement.address, 0x1000);
         assert_eq!(placement.cost, Cost::SingleStep);
         assert_eq!(placement.instruction, "sub rsp,18h");
@@ -435,7 +599,14 @@ mod tests {
 
     #[test]
     fn stack_reading_probe_cannot_pass_an_rsp_change() {
-        let placement = place_entry(&WAKE_LIKE, 0x1000, STACK_ONLY, true).unwrap();
+        let placement = place_entry(
+            &WAKE_LIKE,
+            0x1000,
+            STACK_ONLY,
+            true,
+            &FunctionContext::UNKNOWN,
+        )
+        .unwrap();
         assert_eq!(placement.address, 0x1000);
         assert_eq!(placement.cost, Cost::SingleStep);
     }
@@ -444,10 +615,18 @@ mod tests {
     fn probe_does_not_pass_a_write_to_its_register() {
         // mov rax,[rdi]; mov rdi,rax; call +0
         let code = [0x48, 0x8B, 0x07, 0x48, 0x89, 0xC7, 0xE8, 0, 0, 0, 0];
-        let placement = place_entry(&code, 0x1000, RDI_ONLY, true).unwrap();
+        let placement =
+            place_entry(&code, 0x1000, RDI_ONLY, true, &FunctionContext::UNKNOWN).unwrap();
         assert_eq!(placement.address, 0x1000);
         // But a probe that reads nothing may.
-        let placement = place_entry(&code, 0x1000, ProbeInputs::NOTHING, true).unwrap();
+        let placement = place_entry(
+            &code,
+            0x1000,
+            ProbeInputs::NOTHING,
+            true,
+            &FunctionContext::UNKNOWN,
+        )
+        .unwrap();
         assert_eq!(placement.address, 0x1006);
     }
 
@@ -462,7 +641,8 @@ mod tests {
             0x48, 0x8B, 0x07, 0x48, 0x89, 0xC1, 0x74, 0x02, 0x75, 0xF9, 0xC3,
         ];
         assert!(branch_targets_inside(&code, 0x1000).contains(&0x1003));
-        let placement = place_entry(&code, 0x1000, RDI_ONLY, true).unwrap();
+        let placement =
+            place_entry(&code, 0x1000, RDI_ONLY, true, &FunctionContext::UNKNOWN).unwrap();
         assert_eq!(placement.address, 0x1000);
         assert_eq!(placement.cost, Cost::SingleStep);
     }
@@ -471,7 +651,8 @@ mod tests {
     fn an_emulated_first_instruction_stays() {
         // push rbx; mov rbx,rdi; call +0
         let code = [0x53, 0x48, 0x89, 0xFB, 0xE8, 0, 0, 0, 0];
-        let placement = place_entry(&code, 0x1000, RDI_ONLY, true).unwrap();
+        let placement =
+            place_entry(&code, 0x1000, RDI_ONLY, true, &FunctionContext::UNKNOWN).unwrap();
         assert_eq!(placement.address, 0x1000);
         assert_eq!(placement.cost, Cost::Emulated);
         assert_eq!(placement.instruction, "push rbx");
@@ -479,6 +660,9 @@ mod tests {
 
     #[test]
     fn undecodable_entry_gives_none() {
-        assert_eq!(place_entry(&[0x0F], 0x1000, RDI_ONLY, true), None);
+        assert_eq!(
+            place_entry(&[0x0F], 0x1000, RDI_ONLY, true, &FunctionContext::UNKNOWN),
+            None
+        );
     }
 }

@@ -58,7 +58,7 @@ pub fn write_table(plan: &ProbePlan, out: &mut dyn Write) -> io::Result<()> {
             if site.needs_return_probe {
                 ": a return-probed site must stay on its first instruction"
             } else {
-                ": no emulated instruction on its straight-line prefix is safe to probe"
+                ": no emulated instruction it runs exactly once per call is safe to probe"
             }
         )?;
     }
