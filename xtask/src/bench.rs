@@ -1146,9 +1146,9 @@ fn render_script(binary: &Path, sites: &[Site]) -> String {
          // points are one line per hit, from a uprobe at the function's entry (or a\n\
          // uretprobe where the task is read on return), where a user puts it.\n\
          // rt-ebpf-trace may place its probe on a later, cheaper instruction (its\n\
-         // PROBE AT column): tokio's clone_waker starts with an instruction the\n\
-         // kernel must single-step, which rt-ebpf-trace avoids (wake_by_ref's is\n\
-         // single-stepped by both). The poll functions are local, hash-suffixed\n\
+         // PROBE AT column): tokio's clone_waker and wake_by_ref start with an\n\
+         // instruction the kernel must single-step, which rt-ebpf-trace avoids.\n\
+         // The poll functions are local, hash-suffixed\n\
          // symbols (one per task type), so every probe is attached by address.\n\
          // Run it with `bpftrace -p PID {{this file}}`. Rewritten by every\n\
          // benchmark run.\n\n\
