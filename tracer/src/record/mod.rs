@@ -3,15 +3,18 @@
 //! The steps, in order: check privileges and kernel ([`preflight`]); find or
 //! launch the process ([`target`], [`launch`]); find its probe sites
 //! (`tracer_probes`); open the output; load and attach the eBPF programs
-//! ([`loader`]); drain events until told to stop ([`session`]), into the
-//! trace ([`sink`]) with the stacks unwound as they come and symbolized at
-//! the end ([`stacks`]).
+//! ([`loader`]); drain events until told to stop ([`session`], [`drain`]),
+//! into a spill file ([`spill`]) with the stacks unwound as they come; then
+//! render the trace from the spill file ([`sink`]), with the stacks
+//! symbolized at the end ([`stacks`]).
 
+pub mod drain;
 pub mod launch;
 pub mod loader;
 pub mod preflight;
 pub mod session;
 pub mod sink;
+pub mod spill;
 pub mod stacks;
 pub mod status;
 pub mod target;

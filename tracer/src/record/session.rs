@@ -1,5 +1,5 @@
-//! One recording session: attach, drain the ring buffer into the trace file
-//! until a stop condition, then finalize.
+//! One recording session: attach, drain the ring buffers into a spill file
+//! until a stop condition, then render the trace from it and finalize.
 
 use std::ffi::OsString;
 use std::path::PathBuf;
@@ -11,9 +11,11 @@ use tokio::signal::unix::{SignalKind, signal};
 use tracer_timeline::chrome::ChromeTraceWriter;
 use tracer_timeline::summary::Summary;
 
+use super::drain::Recorder;
 use super::loader;
 use super::preflight::{self, KernelPaths};
-use super::sink::TraceSink;
+use super::sink::{Costs, TraceSink};
+use super::spill::SpillWriter;
 use super::status::StatusLine;
 use super::target::Target;
 
@@ -36,6 +38,18 @@ pub enum Mode {
     Full,
     /// For always-on use: parks and long polls only.
     Light,
+    /// Every poll and nothing else (no parks, no scheduler events).
+    Polls,
+}
+
+impl Mode {
+    /// Which probes this mode attaches besides the polls.
+    pub fn probe_set(self) -> loader::ProbeSet {
+        loader::ProbeSet {
+            parks: self != Mode::Polls,
+            scheduler_events: self == Mode::Full,
+        }
+    }
 }
 
 pub struct RecordOptions {
@@ -102,6 +116,8 @@ pub async fn record(options: RecordOptions) -> Result<Outcome> {
         log::warn!("{warning}");
     }
     let mut writer = ChromeTraceWriter::create(&options.output)?;
+    // Next to the trace, on the file system that must hold the trace anyway.
+    let spill = SpillWriter::create_in(directory_of(&options.output))?;
     if let Some(folded) = &options.folded {
         check_writable_dir(folded)?;
     }
@@ -111,7 +127,7 @@ pub async fn record(options: RecordOptions) -> Result<Outcome> {
     log::info!("loaded the eBPF programs in {:?}", loading.elapsed());
     let start_ns = monotonic_ns();
     let attaching = std::time::Instant::now();
-    if let Err(err) = probes.attach(&plan, &target.exe, target.pid, options.mode == Mode::Full) {
+    if let Err(err) = probes.attach(&plan, &target.exe, target.pid, options.mode.probe_set()) {
         if !target.is_alive() {
             return Err(anyhow!(
                 "process {} exited while the probes were being attached",
@@ -128,6 +144,7 @@ pub async fn record(options: RecordOptions) -> Result<Outcome> {
     // What the eBPF programs log (aya-log), shown through `log`.
     let mut ebpf_logger = probes.logger();
     probes.set_enabled(true)?;
+    let recording_cpu_start = process_cpu_ns();
     if let Some(hz) = options.sample_hz {
         probes.start_sampling(hz)?;
     }
@@ -141,8 +158,7 @@ pub async fn record(options: RecordOptions) -> Result<Outcome> {
         ));
     }
 
-    writer.process_name(target.pid, &format!("{} (pid {})", target.name, target.pid))?;
-    let mut sink = TraceSink::new(&plan, target.pid, start_ns, writer);
+    let mut recorder = Recorder::new(target.pid, spill);
     let mut status = StatusLine::new();
     let mut status_tick = tokio::time::interval(Duration::from_millis(500));
     // The probes don't wake the tracer (that would cost the target an
@@ -162,11 +178,11 @@ pub async fn record(options: RecordOptions) -> Result<Outcome> {
     let stop = loop {
         tokio::select! {
             _ = drain_tick.tick() => {
-                if sink.drain_batch(&mut ring)? {
+                if recorder.drain_batch(&mut ring)? {
                     // More is waiting: come back without waiting a tick.
                     drain_tick.reset_immediately();
                 }
-                sink.drain_stacks(&mut stack_ring)?;
+                recorder.drain_stacks(&mut stack_ring);
                 if let Some(logger) = &mut ebpf_logger {
                     logger.flush();
                 }
@@ -176,26 +192,48 @@ pub async fn record(options: RecordOptions) -> Result<Outcome> {
             _ = hangup.recv() => break StopReason::Terminated,
             _ = &mut sleep => break StopReason::Duration,
             _ = target.exited() => break StopReason::TargetExited,
-            _ = status_tick.tick() => status.update(sink.events, probes.lost_events().unwrap_or(0)),
+            _ = status_tick.tick() => status.update(recorder.events(), probes.lost_events().unwrap_or(0)),
         }
     };
     status.clear();
 
-    // Recording stops now; the probes themselves are removed later, in the
-    // background (that takes seconds).
+    // Recording stops now; the probes themselves are removed in the
+    // background once the rings are drained (that takes seconds).
     probes.set_enabled(false)?;
     let end_ns = monotonic_ns();
     let counters = probes.counters()?;
     // Whatever is still in the ring buffer happened before the end.
-    sink.drain_all(&mut ring)?;
-    sink.drain_stacks(&mut stack_ring)?;
+    recorder.drain_all(&mut ring)?;
+    recorder.drain_stacks(&mut stack_ring);
+    let recording_cpu_ns = process_cpu_ns().saturating_sub(recording_cpu_start);
+    log::info!(
+        "drain: {} events, {recording_cpu_ns} ns of CPU while recording",
+        recorder.events()
+    );
+    // Disabled probes still trap into the kernel on every hit; rendering
+    // takes a while, so start removing them now.
+    let detaching = probes.detach_in_background();
+
+    let rendering = std::time::Instant::now();
+    let recording = recorder.finish()?;
+    writer.process_name(target.pid, &format!("{} (pid {})", target.name, target.pid))?;
+    let sink = TraceSink::replay(&plan, target.pid, start_ns, writer, recording)?;
+    let render_ms = rendering.elapsed().as_millis() as u64;
+    log::info!(
+        "rendered {} events into the trace in {render_ms} ms",
+        sink.events
+    );
+    let costs = Costs {
+        recording_cpu_ns,
+        render_ms,
+    };
     let summary = sink.finish(
         end_ns,
         &counters,
+        costs,
         &options.output,
         options.folded.as_deref(),
     )?;
-    let detaching = probes.detach_in_background();
     target.terminate_launched(Duration::from_secs(5)).await;
     let command_status = target.exit_status();
     Ok(Outcome {
@@ -209,10 +247,7 @@ pub async fn record(options: RecordOptions) -> Result<Outcome> {
 
 /// Fails early, before anything is attached, if `path` can't be created.
 fn check_writable_dir(path: &std::path::Path) -> Result<()> {
-    let dir = match path.parent() {
-        Some(dir) if !dir.as_os_str().is_empty() => dir,
-        _ => std::path::Path::new("."),
-    };
+    let dir = directory_of(path);
     if !dir.is_dir() {
         return Err(anyhow!(
             "cannot write {}: {} is not a directory",
@@ -223,6 +258,14 @@ fn check_writable_dir(path: &std::path::Path) -> Result<()> {
     Ok(())
 }
 
+/// The directory a file is (to be) in.
+fn directory_of(path: &std::path::Path) -> &std::path::Path {
+    match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir,
+        _ => std::path::Path::new("."),
+    }
+}
+
 /// CLOCK_MONOTONIC in ns: the clock `bpf_ktime_get_ns` reads.
 fn monotonic_ns() -> u64 {
     let mut ts = libc::timespec {
@@ -231,5 +274,17 @@ fn monotonic_ns() -> u64 {
     };
     // SAFETY: valid out-pointer.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// CPU time (user + system) of the whole tracer process, all its threads,
+/// in ns: what recording costs the machine besides the probes themselves.
+fn process_cpu_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: valid out-pointer.
+    unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }

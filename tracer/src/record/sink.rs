@@ -1,13 +1,14 @@
-//! Where drained events go: the timeline turns them into slices, wakes,
-//! spawns and counters; the renderer streams those into the trace file.
+//! Where recorded events go, once recording has stopped: the timeline turns
+//! them into slices, wakes, spawns and counters; the renderer streams those
+//! into the trace file. The CPU samples are merged in by time, so that each
+//! is attributed to its task's type as the events up to it describe it.
 
 use std::collections::HashMap;
 use std::path::Path;
 
 use anyhow::Result;
-use aya::maps::{MapData, RingBuf};
 use serde_json::json;
-use tracer_common::{EVENT_SIZE, Event, EventKind};
+use tracer_common::{Event, EventKind};
 use tracer_probes::ProbePlan;
 use tracer_timeline::chrome::ChromeTraceWriter;
 use tracer_timeline::output::TimelineOutput;
@@ -16,8 +17,9 @@ use tracer_timeline::summary::{SchedulerSummary, Summary, WorkerSummary};
 use tracer_timeline::task_types::{TaskName, TaskTypes};
 use tracer_timeline::timeline::Timeline;
 
+use super::drain::{Recording, Sample};
 use super::loader::Counters;
-use super::stacks::{Capture, StackTable};
+use super::stacks::StackTable;
 
 pub struct TraceSink<'a> {
     plan: &'a ProbePlan,
@@ -27,6 +29,9 @@ pub struct TraceSink<'a> {
     timeline: Timeline,
     renderer: TraceRenderer,
     outputs: Vec<TimelineOutput>,
+    /// Each thread's `comm`, as read while recording.
+    thread_comms: HashMap<u32, String>,
+    /// Each thread's track name.
     thread_names: HashMap<u32, String>,
     stacks: StackTable,
     /// The task type (probe site) of each live task, learned from its polls:
@@ -36,10 +41,36 @@ pub struct TraceSink<'a> {
     malformed: u64,
 }
 
+/// What recording and rendering cost the tracer, for the trace's metadata.
+#[derive(Clone, Copy, Debug)]
+pub struct Costs {
+    /// CPU time (user + system) of the tracer from the probes' enabling to
+    /// the end of the final drain.
+    pub recording_cpu_ns: u64,
+    /// Wall time of the replay into the trace.
+    pub render_ms: u64,
+}
+
 impl<'a> TraceSink<'a> {
-    pub fn new(plan: &'a ProbePlan, pid: u32, start_ns: u64, writer: ChromeTraceWriter) -> Self {
+    /// Renders a recording into `writer`: every event, in the order drained,
+    /// with the samples merged in by time. [`finish`](Self::finish) then
+    /// closes the trace.
+    pub fn replay(
+        plan: &'a ProbePlan,
+        pid: u32,
+        start_ns: u64,
+        writer: ChromeTraceWriter,
+        recording: Recording,
+    ) -> Result<Self> {
+        let Recording {
+            events,
+            samples,
+            stacks,
+            thread_comms,
+            malformed,
+        } = recording;
         let types = task_types(plan);
-        TraceSink {
+        let mut sink = TraceSink {
             plan,
             pid,
             start_ns,
@@ -47,46 +78,29 @@ impl<'a> TraceSink<'a> {
             timeline: Timeline::with_task_types(types.clone()),
             renderer: TraceRenderer::new(pid, start_ns, types),
             outputs: Vec::new(),
+            thread_comms,
             thread_names: HashMap::new(),
-            stacks: StackTable::new(pid),
+            stacks,
             task_sites: HashMap::new(),
             events: 0,
-            malformed: 0,
-        }
-    }
-
-    /// Reads at most `MAX_BATCH` events, so that a busy target can't keep
-    /// the loop from noticing Ctrl-C or the deadline. Returns true when the
-    /// ring buffer may hold more.
-    pub fn drain_batch(&mut self, ring: &mut RingBuf<MapData>) -> Result<bool> {
-        const MAX_BATCH: usize = 16 * 1024;
-        for _ in 0..MAX_BATCH {
-            if !self.drain_one(ring)? {
-                return Ok(false);
-            }
-        }
-        Ok(true)
-    }
-
-    /// Reads everything left in the ring buffer.
-    pub fn drain_all(&mut self, ring: &mut RingBuf<MapData>) -> Result<()> {
-        while self.drain_one(ring)? {}
-        Ok(())
-    }
-
-    fn drain_one(&mut self, ring: &mut RingBuf<MapData>) -> Result<bool> {
-        let event = {
-            let Some(item) = ring.next() else {
-                return Ok(false);
-            };
-            if item.len() < EVENT_SIZE {
-                self.malformed += 1;
-                return Ok(true);
-            }
-            // SAFETY: the eBPF side writes whole `Event`s; read_unaligned
-            // copes with the ring buffer's 8-byte alignment.
-            unsafe { std::ptr::read_unaligned::<Event>(item.as_ptr().cast()) }
+            malformed,
         };
+        let mut samples = samples.into_iter().peekable();
+        for event in events {
+            let event = event?;
+            // A sample sees the tasks polled before it, as it did live.
+            while let Some(sample) = samples.next_if(|sample| sample.ts_ns < event.ts_ns) {
+                sink.sample(&sample)?;
+            }
+            sink.event(&event)?;
+        }
+        for sample in samples {
+            sink.sample(&sample)?;
+        }
+        Ok(sink)
+    }
+
+    fn event(&mut self, event: &Event) -> Result<()> {
         self.events += 1;
         match EventKind::from_u32(event.kind) {
             Some(EventKind::PollStart) if event.task_id != 0 => {
@@ -107,48 +121,33 @@ impl<'a> TraceSink<'a> {
             }
             _ => {}
         }
-        if self.timeline.push(&event, &mut self.outputs) {
+        if self.timeline.push(event, &mut self.outputs) {
             self.name_thread(event.tid)?;
         }
         self.renderer
             .write_all(&mut self.outputs, &mut self.writer)?;
-        Ok(true)
+        Ok(())
     }
 
-    /// Reads every stack capture waiting in the `STACKS` ring buffer.
-    pub fn drain_stacks(&mut self, ring: &mut RingBuf<MapData>) -> Result<()> {
-        while let Some(record) = ring.next() {
-            let Some(capture) = Capture::parse(&record) else {
-                self.malformed += 1;
-                continue;
-            };
-            let header = capture.header;
-            let site = self.task_sites.get(&header.task_id).copied();
-            let Some(stack) = self.stacks.add(&capture, site) else {
-                continue;
-            };
-            drop(record);
-            if header.kind == tracer_common::StackKind::Sample as u32 {
-                let args = json!({
-                    "task_id": (header.task_id != 0).then_some(header.task_id),
-                    "task_type": site.and_then(|site| self.renderer.task_types().full_name(Some(site))),
-                    "stack": self.writer.deferred(&StackTable::stack_key(stack)),
-                });
-                let ts = header.ts_ns.saturating_sub(self.start_ns);
-                self.writer
-                    .instant(self.pid, header.tid, "sample", "sample", ts, &args)?;
-            }
-        }
-        Ok(())
+    /// A CPU sample: an instant on its thread's track, with the task it hit.
+    fn sample(&mut self, sample: &Sample) -> Result<()> {
+        let site = self.task_sites.get(&sample.task_id).copied();
+        self.stacks.count_sample(site, sample.stack);
+        let args = json!({
+            "task_id": (sample.task_id != 0).then_some(sample.task_id),
+            "task_type": site.and_then(|site| self.renderer.task_types().full_name(Some(site))),
+            "stack": self.writer.deferred(&StackTable::stack_key(sample.stack)),
+        });
+        let ts = sample.ts_ns.saturating_sub(self.start_ns);
+        self.writer
+            .instant(self.pid, sample.tid, "sample", "sample", ts, &args)
     }
 
     /// Names a thread's track from its `comm` plus its index among the
     /// threads seen, since tokio's workers all share one name.
     fn name_thread(&mut self, tid: u32) -> Result<()> {
         let index = self.thread_names.len() as u32;
-        let comm = std::fs::read_to_string(format!("/proc/{}/task/{tid}/comm", self.pid))
-            .map(|comm| comm.trim_end().to_string())
-            .unwrap_or_else(|_| "thread".to_string());
+        let comm = self.thread_comms.get(&tid).map_or("thread", String::as_str);
         let name = format!("{comm} #{index}");
         self.writer.thread_name(self.pid, tid, &name, index)?;
         self.thread_names.insert(tid, name);
@@ -161,6 +160,7 @@ impl<'a> TraceSink<'a> {
         mut self,
         end_ns: u64,
         counters: &Counters,
+        costs: Costs,
         output: &Path,
         folded: Option<&Path>,
     ) -> Result<Summary> {
@@ -204,6 +204,8 @@ impl<'a> TraceSink<'a> {
             "binary": self.plan.binary.display().to_string(),
             "tokio_version": self.plan.tokio_version,
             "events": self.events,
+            "recording_cpu_ns": costs.recording_cpu_ns,
+            "render_ms": costs.render_ms,
             "lost_events": counters.lost_events,
             "short_polls_not_recorded": counters.short_polls,
             "kernel_samples_not_shown": counters.kernel_samples,

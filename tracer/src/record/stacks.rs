@@ -44,6 +44,8 @@ pub struct StackTable {
     folded: HashMap<(Option<u32>, StackId), u64>,
     pub samples: u64,
     pub await_captures: u64,
+    /// Captures with no stack to show: none could be read, or it unwound
+    /// to no frame.
     pub empty_captures: u64,
 }
 
@@ -86,23 +88,24 @@ impl StackTable {
         }
     }
 
-    /// Unwinds and interns one capture. `site` is the task type of the task
-    /// it belongs to, for samples. Returns the stack, if it unwound.
-    pub fn add(&mut self, capture: &Capture, site: Option<u32>) -> Option<StackId> {
+    /// Unwinds and interns one capture. Returns the stack, if it unwound; a
+    /// sample's is counted by [`count_sample`](Self::count_sample) once its
+    /// task's type is known.
+    pub fn add(&mut self, capture: &Capture) -> Option<StackId> {
         let header = &capture.header;
         let id = self.unwind(capture)?;
-        match header.kind {
-            kind if kind == StackKind::AwaitPoint as u32 => {
-                self.await_captures += 1;
-                self.await_stacks.insert((header.task_id, header.key), id);
-            }
-            kind if kind == StackKind::Sample as u32 => {
-                self.samples += 1;
-                *self.folded.entry((site, id)).or_default() += 1;
-            }
-            _ => {}
+        if header.kind == StackKind::AwaitPoint as u32 {
+            self.await_captures += 1;
+            self.await_stacks.insert((header.task_id, header.key), id);
         }
         Some(id)
+    }
+
+    /// Counts a CPU sample of `stack` in a task of type `site` (None: no
+    /// task, or one of unknown type), for the metadata and `--folded`.
+    pub fn count_sample(&mut self, site: Option<u32>, stack: StackId) {
+        self.samples += 1;
+        *self.folded.entry((site, stack)).or_default() += 1;
     }
 
     fn unwind(&mut self, capture: &Capture) -> Option<StackId> {
@@ -154,6 +157,13 @@ impl StackTable {
                 .position(|address| trampoline.contains(address))
         {
             addresses.truncate(cut);
+        }
+        if addresses.is_empty() {
+            // Taken in the trampoline itself (a poll returning through its
+            // uretprobe): nothing of the task's own stack to show, and a
+            // folded line needs at least one frame.
+            self.empty_captures += 1;
+            return None;
         }
         let next_id = self.stacks.len() as StackId;
         let id = *self.ids.entry(addresses.clone()).or_insert(next_id);

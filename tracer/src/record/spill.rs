@@ -1,0 +1,296 @@
+//! The spill file: the raw event stream, kept on disk while recording and
+//! read back afterwards to render the trace.
+//!
+//! Rendering an event (timeline, JSON) costs about a microsecond; copying its
+//! 56 bytes costs a few nanoseconds. So while the target runs, the drain loop
+//! only appends each `EVENTS` ring-buffer record to this file, and the trace
+//! is rendered from it once recording has stopped (as Go's execution tracer
+//! does). That keeps the tracer's CPU per event low while it competes with
+//! the target for the machine.
+//!
+//! Format: the `tracer_common::Event` records exactly as the eBPF side wrote
+//! them, back to back, in drain order, in this machine's byte order. No
+//! header: the file is private to one process and never outlives it.
+//!
+//! The file is an unnamed temporary file (`O_TMPFILE` where the file system
+//! has it) in the output's directory: nothing is left behind if the tracer is
+//! killed, and it sits on the file system the trace is about to be written
+//! to, which has room for something larger than it.
+
+use std::fs::File;
+use std::io::{self, BufReader, BufWriter, Read, Seek, Write};
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, anyhow};
+use tracer_common::{EVENT_SIZE, Event};
+
+/// Large enough that the drain loop reaches the kernel in big chunks even at
+/// millions of events per second.
+const BUFFER_BYTES: usize = 1 << 20;
+
+/// Appends ring-buffer records to the spill file.
+pub struct SpillWriter {
+    out: BufWriter<File>,
+    /// The directory the file is in, for error messages (it has no name).
+    dir: PathBuf,
+    events: u64,
+    malformed: u64,
+}
+
+impl SpillWriter {
+    /// Creates an unnamed spill file in `dir`.
+    pub fn create_in(dir: &Path) -> Result<Self> {
+        let file = tempfile::tempfile_in(dir).map_err(|err| {
+            anyhow!(
+                "cannot create the temporary event file in {}: {err}",
+                dir.display()
+            )
+        })?;
+        Ok(SpillWriter {
+            out: BufWriter::with_capacity(BUFFER_BYTES, file),
+            dir: dir.to_path_buf(),
+            events: 0,
+            malformed: 0,
+        })
+    }
+
+    /// Appends one `EVENTS` ring-buffer record: one event, or several in
+    /// order (the eBPF side may send a poll's start and end in one record).
+    /// Returns the events it holds, or None for a malformed record (counted
+    /// in [`malformed`](Self::malformed), not written): shorter than an
+    /// event, or not a whole number of events, so its fields can't be
+    /// trusted to be where we read them.
+    pub fn push<'r>(&mut self, record: &'r [u8]) -> Result<Option<RecordEvents<'r>>> {
+        let Some(events) = RecordEvents::split(record) else {
+            self.malformed += 1;
+            return Ok(None);
+        };
+        self.out
+            .write_all(record)
+            .map_err(|err| self.io_error(err))?;
+        self.events += events.count() as u64;
+        Ok(Some(events))
+    }
+
+    /// Events written so far.
+    pub fn events(&self) -> u64 {
+        self.events
+    }
+
+    /// Malformed records seen so far (not written).
+    pub fn malformed(&self) -> u64 {
+        self.malformed
+    }
+
+    /// Flushes the file and opens it for reading from its start.
+    pub fn finish(self) -> Result<SpillReader> {
+        let dir = self.dir.clone();
+        let events = self.events;
+        let mut file = self.out.into_inner().map_err(|err| {
+            anyhow!(
+                "writing the temporary event file in {}: {}",
+                dir.display(),
+                err.error()
+            )
+        })?;
+        file.rewind()
+            .with_context(|| format!("rewinding the temporary event file in {}", dir.display()))?;
+        Ok(SpillReader {
+            input: BufReader::with_capacity(BUFFER_BYTES, file),
+            dir,
+            remaining: events,
+        })
+    }
+
+    fn io_error(&self, err: io::Error) -> anyhow::Error {
+        anyhow!(
+            "writing the temporary event file in {}: {err}",
+            self.dir.display()
+        )
+    }
+}
+
+/// The events of one well-formed ring-buffer record, each as its bytes.
+pub struct RecordEvents<'r>(std::slice::ChunksExact<'r, u8>);
+
+impl<'r> RecordEvents<'r> {
+    fn split(record: &'r [u8]) -> Option<Self> {
+        if record.is_empty() || !record.len().is_multiple_of(EVENT_SIZE) {
+            return None;
+        }
+        Some(RecordEvents(record.chunks_exact(EVENT_SIZE)))
+    }
+
+    /// How many events the record holds (at least one).
+    pub fn count(&self) -> usize {
+        self.0.len()
+    }
+
+    /// The thread of each event, without decoding the rest.
+    pub fn tids(self) -> impl Iterator<Item = u32> + 'r {
+        const TID: usize = std::mem::offset_of!(Event, tid);
+        self.0
+            .map(|event| u32::from_ne_bytes(event[TID..TID + 4].try_into().expect("4 bytes")))
+    }
+}
+
+/// Reads the spill file back, one event at a time (it can hold far more
+/// than fits in memory).
+pub struct SpillReader {
+    input: BufReader<File>,
+    dir: PathBuf,
+    /// Events not read yet: the file holds exactly what was written.
+    remaining: u64,
+}
+
+impl SpillReader {
+    /// Events not read yet.
+    pub fn remaining(&self) -> u64 {
+        self.remaining
+    }
+}
+
+impl Iterator for SpillReader {
+    type Item = Result<Event>;
+
+    fn next(&mut self) -> Option<Result<Event>> {
+        if self.remaining == 0 {
+            return None;
+        }
+        let mut bytes = [0u8; EVENT_SIZE];
+        if let Err(err) = self.input.read_exact(&mut bytes) {
+            self.remaining = 0;
+            return Some(Err(anyhow!(
+                "reading the temporary event file in {}: {err}",
+                self.dir.display()
+            )));
+        }
+        self.remaining -= 1;
+        // SAFETY: `Event` is plain `repr(C)` data of EVENT_SIZE bytes, and
+        // these are the bytes the eBPF side wrote for one; read_unaligned
+        // copes with the buffer's alignment.
+        Some(Ok(unsafe {
+            std::ptr::read_unaligned::<Event>(bytes.as_ptr().cast())
+        }))
+    }
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        let remaining = usize::try_from(self.remaining).unwrap_or(usize::MAX);
+        (remaining, Some(remaining))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(ts_ns: u64, tid: u32, kind: u32) -> Event {
+        Event {
+            ts_ns,
+            tid,
+            kind,
+            site: 3,
+            _pad: 0,
+            task: 0x7f00_0000_1000 + ts_ns,
+            task_id: ts_ns * 10,
+            other_task_id: 7,
+            addr: 0xdead_beef,
+        }
+    }
+
+    fn bytes(events: &[Event]) -> Vec<u8> {
+        // SAFETY: plain repr(C) data viewed as bytes.
+        unsafe {
+            std::slice::from_raw_parts(events.as_ptr().cast::<u8>(), size_of_val(events)).to_vec()
+        }
+    }
+
+    fn writer() -> SpillWriter {
+        SpillWriter::create_in(&std::env::temp_dir()).expect("temporary file")
+    }
+
+    fn read_all(spill: SpillWriter) -> Vec<Event> {
+        spill
+            .finish()
+            .expect("finish")
+            .collect::<Result<_>>()
+            .expect("read back")
+    }
+
+    #[test]
+    fn events_round_trip_in_order() {
+        let events: Vec<Event> = (1..=1000)
+            .map(|i| event(i, i as u32 % 7, 1 + i as u32 % 8))
+            .collect();
+        let mut spill = writer();
+        for event in &events {
+            let record = bytes(std::slice::from_ref(event));
+            let pushed = spill.push(&record).expect("push");
+            assert_eq!(pushed.map(|events| events.count()), Some(1));
+        }
+        assert_eq!(spill.events(), 1000);
+        assert_eq!(read_all(spill), events);
+    }
+
+    #[test]
+    fn a_record_of_several_events_holds_them_in_order() {
+        let pair = [event(10, 1, 1), event(20, 1, 2)];
+        let mut spill = writer();
+        spill.push(&bytes(&[event(5, 2, 3)])).expect("push");
+        let record = bytes(&pair);
+        let tids: Vec<u32> = spill
+            .push(&record)
+            .expect("push")
+            .expect("well formed")
+            .tids()
+            .collect();
+        assert_eq!(tids, [1, 1]);
+        assert_eq!(spill.events(), 3);
+        assert_eq!(read_all(spill), [event(5, 2, 3), pair[0], pair[1]]);
+    }
+
+    #[test]
+    fn malformed_records_are_counted_and_skipped() {
+        let mut spill = writer();
+        let whole = bytes(&[event(1, 1, 1)]);
+        assert!(
+            spill
+                .push(&whole[..EVENT_SIZE - 8])
+                .expect("push")
+                .is_none()
+        );
+        assert!(spill.push(&[]).expect("push").is_none());
+        // One and a half events: where the second one's fields are is unknown.
+        let mut ragged = bytes(&[event(2, 1, 1), event(3, 1, 2)]);
+        ragged.truncate(EVENT_SIZE + EVENT_SIZE / 2);
+        assert!(spill.push(&ragged).expect("push").is_none());
+        spill.push(&whole).expect("push");
+        assert_eq!((spill.events(), spill.malformed()), (1, 3));
+        assert_eq!(read_all(spill), [event(1, 1, 1)]);
+    }
+
+    #[test]
+    fn reading_streams_through_a_file_larger_than_the_buffer() {
+        let count = 3 * BUFFER_BYTES / EVENT_SIZE + 5;
+        let mut spill = writer();
+        for i in 0..count as u64 {
+            spill.push(&bytes(&[event(i, 1, 2)])).expect("push");
+        }
+        let mut reader = spill.finish().expect("finish");
+        assert_eq!(reader.remaining(), count as u64);
+        let mut expected = 0;
+        for event in &mut reader {
+            assert_eq!(event.expect("read").ts_ns, expected);
+            expected += 1;
+        }
+        assert_eq!(expected, count as u64);
+    }
+
+    #[test]
+    fn a_directory_that_cannot_hold_the_file_is_a_clear_error() {
+        let err = SpillWriter::create_in(Path::new("/nonexistent/dir"))
+            .err()
+            .expect("no such directory");
+        assert!(err.to_string().contains("/nonexistent/dir"), "{err:#}");
+    }
+}
