@@ -149,6 +149,17 @@ fn polls_mode_records_every_poll_and_nothing_else() {
         "a poll without a task id"
     );
     assert!(trace.parks().is_empty(), "polls mode records no parks");
+    // Recording only spills events; the trace is rendered afterwards, and
+    // both costs are reported.
+    let metadata = trace.metadata();
+    assert!(
+        metadata["recording_cpu_ns"].as_u64().is_some_and(|ns| ns > 0),
+        "no recording CPU time in {metadata}"
+    );
+    assert!(
+        metadata["render_ms"].is_number(),
+        "no render time in {metadata}"
+    );
     for category in ["sample", "wake", "spawn"] {
         assert_eq!(events_of(&trace, category), 0, "{category} events recorded");
     }
