@@ -11,7 +11,8 @@ use crate::image::Image;
 use crate::symbols::{FunctionSymbol, SymbolTable};
 use crate::unwind::UnwindTable;
 use crate::{
-    ProbePlan, ProbeSite, SiteKind, TaskArg, catalog, disasm, dwarf, naming, placement, version,
+    ProbePlan, ProbeSite, ReturnSite, SiteKind, TaskArg, catalog, disasm, dwarf, naming, placement,
+    return_sites, version,
 };
 
 /// tokio keeps `id_offset` in the task vtable from this version on.
@@ -140,12 +141,35 @@ pub fn discover(binary: &Path) -> anyhow::Result<ProbePlan> {
     if tokio_version.is_none() {
         warnings.push("tokio version unknown: task ids will not be read".to_string());
     }
+    let poll_returns = if task_id_layout.enabled != 0 {
+        find_poll_returns(&code, task_id_layout.vtable_offset)
+    } else {
+        Vec::new()
+    };
+    if poll_returns.is_empty() {
+        warnings.push(
+            "no call of a task vtable's poll found (or the task header layout is unknown for \
+             this tokio version): poll ends can only be traced by a return probe"
+                .to_string(),
+        );
+    }
+    for site in poll_returns
+        .iter()
+        .filter(|site| site.cost == placement::Cost::SingleStep)
+    {
+        warnings.push(format!(
+            "poll end probe after the call at {:#x} in {} single-steps `{}`: no emulated \
+             instruction right after the return is safe to probe",
+            site.call_address, site.function, site.instruction
+        ));
+    }
 
     Ok(ProbePlan {
         binary: binary.to_path_buf(),
         stripped: !symbols.has_symtab,
         tokio_version,
         sites,
+        poll_returns,
         skipped,
         task_id_layout,
         warnings,
@@ -272,6 +296,48 @@ fn site(
         task_arg,
         task_type: None,
     })
+}
+
+/// Every call of a task vtable's `poll` in the binary's functions, with
+/// where its return probe goes; deduplicated, sorted by probed address.
+fn find_poll_returns(code: &Code, vtable_offset: u64) -> Vec<ReturnSite> {
+    let mut found: BTreeMap<u64, ReturnSite> = BTreeMap::new();
+    for (address, symbols) in code.symbols.functions() {
+        // Folded symbols share their code; the largest size covers all of it.
+        let size = symbols.iter().map(|symbol| symbol.size).max().unwrap_or(0);
+        let Some(bytes) = code.image.bytes(address, size) else {
+            continue;
+        };
+        let placements = return_sites::poll_returns(bytes, address, vtable_offset);
+        if placements.is_empty() {
+            continue;
+        }
+        let mut names: Vec<&str> = symbols.iter().map(|symbol| symbol.name.as_str()).collect();
+        names.sort_unstable();
+        names.dedup();
+        let function = names.join(" | ");
+        for placement in placements {
+            let Some(return_offset) = code.image.file_offset(placement.return_address) else {
+                continue;
+            };
+            // A function nested in another (overlapping symbols) may find the
+            // same call twice: keep the first, from the enclosing function.
+            found
+                .entry(placement.return_address)
+                .or_insert_with(|| ReturnSite {
+                    function: function.clone(),
+                    call_address: placement.call_address,
+                    return_address: placement.return_address,
+                    address: placement.address,
+                    file_offset: return_offset + (placement.address - placement.return_address),
+                    instruction: placement.instruction,
+                    cost: placement.cost,
+                });
+        }
+    }
+    let mut sites: Vec<ReturnSite> = found.into_values().collect();
+    sites.sort_by_key(|site| (site.address, site.return_address));
+    sites
 }
 
 /// Where the eBPF side finds the task id, for a tokio version. Unknown

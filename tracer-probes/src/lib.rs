@@ -13,6 +13,7 @@ pub mod disasm;
 pub mod discover;
 pub mod naming;
 pub mod placement;
+pub mod return_sites;
 
 mod dwarf;
 mod generics;
@@ -169,10 +170,36 @@ pub struct ProbePlan {
     pub sites: Vec<ProbeSite>,
     /// Where the eBPF side finds a task's id, for this tokio version.
     pub task_id_layout: tracer_common::TaskIdLayout,
+    /// Where `raw::poll` returns to: the instruction after each call of a
+    /// task vtable's `poll` (see [`return_sites`]), deduplicated, in order
+    /// of the probed address.
+    pub poll_returns: Vec<ReturnSite>,
     /// Poll sites found but not probed, with why (see
     /// [`catalog::RUNTIME_THREAD_TASKS`]).
     pub skipped: Vec<(ProbeSite, &'static str)>,
     /// Things the user should know that don't stop tracing (e.g. no park
     /// function found: polls are traced, idle time is not).
     pub warnings: Vec<String>,
+}
+
+/// One place `raw::poll` returns to, and the entry-style probe that marks
+/// the end of the poll there.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ReturnSite {
+    /// The demangled function holding the call (folded symbols' names
+    /// joined with " | ").
+    pub function: String,
+    /// Virtual address of the `call qword ptr [reg]`.
+    pub call_address: u64,
+    /// Virtual address of the instruction after the call.
+    pub return_address: u64,
+    /// Virtual address of the probed instruction: the return address or an
+    /// instruction on the straight-line run after it.
+    pub address: u64,
+    /// Offset in the file of the probed instruction: where the uprobe attaches.
+    pub file_offset: u64,
+    /// The probed instruction in Intel syntax.
+    pub instruction: String,
+    /// Whether the kernel emulates or single-steps the probed instruction.
+    pub cost: Cost,
 }

@@ -86,6 +86,14 @@ impl SymbolTable {
             .filter(move |symbol| symbol.path == path)
     }
 
+    /// Every function, once per address: the symbols starting there (several
+    /// when identical code folding merged functions), in address order.
+    pub fn functions(&self) -> impl Iterator<Item = (u64, &[FunctionSymbol])> + '_ {
+        self.by_address
+            .iter()
+            .map(|(&address, symbols)| (address, symbols.as_slice()))
+    }
+
     pub fn has_path(&self, path: &str) -> bool {
         self.with_path(path).next().is_some()
     }

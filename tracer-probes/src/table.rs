@@ -2,7 +2,7 @@
 
 use std::io::{self, Write};
 
-use crate::{Cost, NameSource, ProbePlan, ProbeSite, SiteKind, TaskArg};
+use crate::{Cost, NameSource, ProbePlan, ProbeSite, ReturnSite, SiteKind, TaskArg};
 
 const COLUMNS: usize = 8;
 
@@ -21,8 +21,10 @@ const HEADERS: [&str; COLUMNS] = [
 /// offset of the function, where its entry probe goes (`+0x0` = the first
 /// instruction; `+ret` marks a uretprobe too), the probed instruction, its
 /// cost class, and the task type or the register the task is read from),
-/// then a warning per single-stepped probe, the skipped sites and the plan's
-/// warnings.
+/// then one `poll end` row per place `raw::poll` returns to (address = the
+/// return address, probe at = where its probe goes from there, task = the
+/// call's address) and a line counting them, then a warning per
+/// single-stepped probe, the skipped sites and the plan's warnings.
 pub fn write_table(plan: &ProbePlan, out: &mut dyn Write) -> io::Result<()> {
     writeln!(
         out,
@@ -32,7 +34,12 @@ pub fn write_table(plan: &ProbePlan, out: &mut dyn Write) -> io::Result<()> {
         plan.sites.len(),
         if plan.stripped { " (no .symtab)" } else { "" }
     )?;
-    let rows: Vec<[String; COLUMNS]> = plan.sites.iter().map(row).collect();
+    let rows: Vec<[String; COLUMNS]> = plan
+        .sites
+        .iter()
+        .map(row)
+        .chain(plan.poll_returns.iter().map(return_row))
+        .collect();
     let mut widths = HEADERS.map(str::len);
     for row in &rows {
         for (width, cell) in widths.iter_mut().zip(row) {
@@ -43,6 +50,11 @@ pub fn write_table(plan: &ProbePlan, out: &mut dyn Write) -> io::Result<()> {
     for row in &rows {
         write_row(out, row, &widths)?;
     }
+    writeln!(
+        out,
+        "{} call site(s) of a task vtable's poll found: poll ends are probed after them",
+        plan.poll_returns.len()
+    )?;
     for site in plan
         .sites
         .iter()
@@ -98,10 +110,7 @@ fn row(site: &ProbeSite) -> [String; COLUMNS] {
         site.probe_offset - site.file_offset,
         if site.needs_return_probe { " +ret" } else { "" }
     );
-    let cost = match site.cost {
-        Cost::Emulated => "emulated",
-        Cost::SingleStep => "SINGLE-STEP",
-    };
+    let cost = cost_name(site.cost);
     [
         site.kind.name().to_string(),
         site.symbol.clone(),
@@ -112,6 +121,29 @@ fn row(site: &ProbeSite) -> [String; COLUMNS] {
         cost.to_string(),
         task,
     ]
+}
+
+fn return_row(site: &ReturnSite) -> [String; COLUMNS] {
+    [
+        "poll end".to_string(),
+        site.function.clone(),
+        format!("{:#x}", site.return_address),
+        format!(
+            "{:#x}",
+            site.file_offset - (site.address - site.return_address)
+        ),
+        format!("+{:#x}", site.address - site.return_address),
+        site.instruction.clone(),
+        cost_name(site.cost).to_string(),
+        format!("call at {:#x}", site.call_address),
+    ]
+}
+
+fn cost_name(cost: Cost) -> &'static str {
+    match cost {
+        Cost::Emulated => "emulated",
+        Cost::SingleStep => "SINGLE-STEP",
+    }
 }
 
 fn write_row(
