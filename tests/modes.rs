@@ -50,6 +50,11 @@ fn check_tracing_leaves_results_alone(profile: Profile) {
 
     // The probes did fire: the comparison above means nothing otherwise.
     let trace = Trace::load(&output);
+    // Every poll's end was seen: the places `raw::poll` returns to (both
+    // schedulers, the blocking pool) are all probed.
+    let metadata = trace.metadata();
+    assert_eq!(metadata["abandoned_polls"], 0, "polls without an end: {metadata}");
+    assert_eq!(metadata["unmatched_ends"], 0, "ends without a start: {metadata}");
     assert!(trace.polls().len() > 1000, "{} polls", trace.polls().len());
     assert!(!trace.parks().is_empty(), "no parks");
     let wake_flows = trace
@@ -149,6 +154,11 @@ fn polls_mode_records_every_poll_and_nothing_else() {
         "a poll without a task id"
     );
     assert!(trace.parks().is_empty(), "polls mode records no parks");
+    assert_eq!(
+        trace.metadata()["abandoned_polls"],
+        0,
+        "polls whose end was not seen"
+    );
     // Recording only spills events; the trace is rendered afterwards, and
     // both costs are reported.
     let metadata = trace.metadata();

@@ -406,9 +406,10 @@ fn check_folded(profile: Profile) {
         "{in_hot_function} of {total} samples of fixture_hot_task go fixture_hot_task → fixture_hot_function:\n{text}"
     );
 
-    // `raw::poll`'s uretprobe replaced its return address with the kernel's
-    // trampoline; restored, the unwinding goes on through the worker's loop
-    // to the thread's start, and no frame is the trampoline's bare address.
+    // The unwinding goes on past `raw::poll` through the worker's loop to
+    // the thread's start (where a uretprobe replaced a return address with
+    // the kernel's trampoline, the real one is restored or the stack is cut
+    // there), and no frame is the trampoline's bare address.
     let through_worker: u64 = of_hot_task
         .iter()
         .filter(|(frames, _)| {

@@ -153,6 +153,7 @@ pub mod names {
     pub const ENABLED: &str = "ENABLED";
     pub const STACK_BYTES: &str = "STACK_BYTES";
     pub const KERNEL_SAMPLES: &str = "KERNEL_SAMPLES";
+    pub const POLL_END_AT_RETURN_SITES: &str = "POLL_END_AT_RETURN_SITES";
 }
 
 /// Default size of the ring buffer, in bytes (a power of two, as the kernel wants).

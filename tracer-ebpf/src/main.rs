@@ -96,6 +96,16 @@ static SITE_ID_OFFSET: Array<u64> = Array::with_max_entries(MAX_CACHED_SITES, 0)
 
 const MAX_CACHED_SITES: u32 = 65536;
 
+/// Non-zero when poll ends are probed where `raw::poll` returns to
+/// (`poll_returned`) rather than by a uretprobe (`poll_end`).
+#[unsafe(no_mangle)]
+static POLL_END_AT_RETURN_SITES: u32 = 0;
+
+#[inline(always)]
+fn poll_end_at_return_sites() -> bool {
+    (unsafe { core::ptr::read_volatile(&POLL_END_AT_RETURN_SITES) }) != 0
+}
+
 /// How many bytes of stack a capture copies (at most `STACK_BYTES_MAX`); 0
 /// when nothing captures stacks (no samples, no await points).
 #[unsafe(no_mangle)]
@@ -294,8 +304,9 @@ pub fn poll_start(ctx: ProbeContext) -> u32 {
     // its poll returns). A user-memory read costs ~150 ns here.
     let task_id = if filtering { 0 } else { read_polled_task_id(&ctx, site, header) };
     let entry_sp = unsafe { (*ctx.regs).rsp };
-    // Only stack captures need it, and a user-memory read costs ~150 ns.
-    let poll_return = if stack_bytes() == 0 {
+    // Only stack captures need it, and only while a uretprobe hides it from
+    // them; a user-memory read costs ~150 ns.
+    let poll_return = if stack_bytes() == 0 || poll_end_at_return_sites() {
         0
     } else {
         unsafe { bpf_probe_read_user(entry_sp as *const u64) }.unwrap_or(0)
@@ -326,7 +337,7 @@ pub fn poll_start(ctx: ProbeContext) -> u32 {
     0
 }
 
-/// Return of `raw::poll`.
+/// Return of `raw::poll`, by uretprobe: used where no return sites were found.
 #[uretprobe]
 pub fn poll_end(ctx: RetProbeContext) -> u32 {
     let Some(tid) = target_thread() else { return 0 };
@@ -339,23 +350,52 @@ pub fn poll_end(ctx: RetProbeContext) -> u32 {
         },
         _ => None,
     };
-    let min_poll = min_poll_ns();
     let Some(current) = current else {
         // Its start was not seen (tracing began mid-poll, or the start was
         // lost): user space counts the unmatched end. Under `--min-poll` only
         // whole polls are sent.
-        if min_poll == 0 {
+        if min_poll_ns() == 0 {
             emit_at(end_ns, EventKind::PollEnd, tid, Detail { site, ..Detail::default() });
         }
         return 0;
     };
-    let mut current = current;
+    finish_poll(&ctx, tid, end_ns, current);
+    0
+}
+
+/// The instruction `raw::poll` returns to, after one of the task vtable's
+/// `poll` call sites (tracer-probes finds them): the poll's end, without
+/// a uretprobe, which costs more on the kernels we measured.
+#[uprobe]
+pub fn poll_returned(ctx: ProbeContext) -> u32 {
+    let Some(tid) = target_thread() else { return 0 };
+    let end_ns = unsafe { bpf_ktime_get_ns() };
+    let sp = unsafe { (*ctx.regs).rsp };
+    let Some(slot) = CURRENT_TASK.get_ptr_mut(&tid) else { return 0 };
+    let current = unsafe { *slot };
+    // Only the return of the poll this thread is in counts: RSP is back
+    // where it was at `raw::poll`'s entry, its return address popped. Any
+    // other way to this instruction (a call site that was not a poll, or
+    // code that reaches it otherwise) leaves RSP elsewhere or no poll open.
+    if current.polling == 0 || current.entry_sp.wrapping_add(8) != sp {
+        return 0;
+    }
+    unsafe { (*slot).polling = 0 };
+    finish_poll(&ctx, tid, end_ns, current);
+    0
+}
+
+/// Sends a poll that ended at `end_ns`: its end, and under `--min-poll`
+/// its start too if it was long enough (only counted otherwise).
+#[inline(always)]
+fn finish_poll<C: EbpfContext>(ctx: &C, tid: u32, end_ns: u64, mut current: CurrentTask) {
+    let min_poll = min_poll_ns();
     if min_poll > 0 {
         if end_ns.saturating_sub(current.start_ns) < min_poll {
             count(&SHORT_POLLS);
-            return 0;
+            return;
         }
-        current.task_id = read_polled_task_id(&ctx, current.site, current.header);
+        current.task_id = read_polled_task_id(ctx, current.site, current.header);
         // A long poll: both ends at once, in order, so user space sees the
         // same pair it sees without the filter.
         let start = Detail {
@@ -366,9 +406,13 @@ pub fn poll_end(ctx: RetProbeContext) -> u32 {
         };
         emit_at(current.start_ns, EventKind::PollStart, tid, start);
     }
-    let end = Detail { site, task_id: current.task_id, addr: current.await_key, ..Detail::default() };
+    let end = Detail {
+        site: current.site,
+        task_id: current.task_id,
+        addr: current.await_key,
+        ..Detail::default()
+    };
     emit_at(end_ns, EventKind::PollEnd, tid, end);
-    0
 }
 
 /// Entry of a worker's park function.

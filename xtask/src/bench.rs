@@ -1084,6 +1084,12 @@ fn parse_probe_table(table: &str) -> Result<Vec<Site>> {
     // The rows run up to the warnings and skipped sites.
     for row in lines.take_while(|row| cell(row, "ADDRESS").is_some_and(|a| a.starts_with("0x"))) {
         let kind_cell = cell(row, "KIND").unwrap_or_default();
+        if kind_cell == "poll end" {
+            // Where rt-ebpf-trace probes a poll's return (the instruction
+            // after a vtable call site); by hand, a uretprobe on each poll
+            // function does that, and the poll rows have one.
+            continue;
+        }
         let kind = ProbeKind::ALL
             .into_iter()
             .find(|k| k.column() == kind_cell)

@@ -25,6 +25,7 @@ static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(env!("TRACER_EBPF_OBJECT
 /// The eBPF programs, one entry and one return program per kind of site.
 const POLL_START: &str = "poll_start";
 const POLL_END: &str = "poll_end";
+const POLL_RETURNED: &str = "poll_returned";
 const PARK_START: &str = "park_start";
 const PARK_END: &str = "park_end";
 const TASK_EVENT_ARG0: &str = "task_event_arg0";
@@ -34,9 +35,10 @@ const TASK_EVENT_RET: &str = "task_event_ret";
 const THREAD_EVENT: &str = "thread_event";
 const AWAIT_POINT: &str = "await_point";
 const SAMPLE: &str = "sample";
-const UPROBE_PROGRAMS: [&str; 10] = [
+const UPROBE_PROGRAMS: [&str; 11] = [
     POLL_START,
     POLL_END,
+    POLL_RETURNED,
     PARK_START,
     PARK_END,
     TASK_EVENT_ARG0,
@@ -95,6 +97,11 @@ pub fn load(plan: &ProbePlan, target_pid: u32, settings: &Settings) -> Result<Lo
         .override_global(names::TASK_ID_LAYOUT, &plan.task_id_layout, true)
         .override_global(names::MIN_POLL_NS, &min_poll_ns, true)
         .override_global(names::STACK_BYTES, &settings.stack_bytes, true)
+        .override_global(
+            names::POLL_END_AT_RETURN_SITES,
+            &u32::from(poll_end_at_return_sites(plan)),
+            true,
+        )
         .map_max_entries(names::EVENTS, settings.ring_bytes)
         .load(EBPF_OBJECT)
         .context("the kernel refused to load the eBPF programs")?;
@@ -125,32 +132,46 @@ impl LoadedProbes {
         probed: ProbeSet,
     ) -> Result<()> {
         let scope = UProbeScope::OneProcess(NonZeroU32::new(pid).ok_or_else(|| anyhow!("pid 0"))?);
+        let by_uretprobe = !poll_end_at_return_sites(plan);
+        let mut probes: Vec<(Probe, &str)> = Vec::new();
         for (index, site) in plan.sites.iter().enumerate() {
-            for Probe {
+            for probe in probes_for(site, index as u64, probed, by_uretprobe) {
+                probes.push((probe, &site.symbol));
+            }
+        }
+        if !by_uretprobe {
+            for (index, returned) in plan.poll_returns.iter().enumerate() {
+                let probe = Probe {
+                    program: POLL_RETURNED,
+                    offset: returned.file_offset,
+                    cookie: index as u64,
+                };
+                probes.push((probe, &returned.function));
+            }
+        }
+        for (
+            Probe {
                 program: name,
                 offset,
                 cookie,
-            } in probes_for(site, index as u64, probed)
-            {
-                let point = UProbeAttachPoint {
-                    location: UProbeAttachLocation::AbsoluteOffset(offset),
-                    cookie: Some(cookie),
-                };
-                let link = program(&mut self.ebpf, name)?
-                    .attach(point, binary, scope)
-                    .with_context(|| {
-                        format!(
-                            "could not attach {name} to {} at file offset {offset:#x} in {}",
-                            site.symbol,
-                            binary.display()
-                        )
-                    })?;
-                log::debug!(
-                    "attached {name} to {} at file offset {offset:#x} (cookie {cookie:#x})",
-                    site.symbol
-                );
-                self.links.push((name, link));
-            }
+            },
+            function,
+        ) in probes
+        {
+            let point = UProbeAttachPoint {
+                location: UProbeAttachLocation::AbsoluteOffset(offset),
+                cookie: Some(cookie),
+            };
+            let link = program(&mut self.ebpf, name)?
+                .attach(point, binary, scope)
+                .with_context(|| {
+                    format!(
+                        "could not attach {name} to {function} at file offset {offset:#x} in {}",
+                        binary.display()
+                    )
+                })?;
+            log::debug!("attached {name} to {function} at file offset {offset:#x} (cookie {cookie:#x})");
+            self.links.push((name, link));
         }
         Ok(())
     }
@@ -290,10 +311,11 @@ struct Probe {
 }
 
 /// The probes a site gets. Polls and parks: an entry and a return probe,
-/// both carrying the site index. Scheduler events: one entry probe whose
+/// both carrying the site index (polls: the entry only when their ends are
+/// probed at return sites instead, `poll_uretprobe` false). Scheduler events: one entry probe whose
 /// program is chosen by the register holding the task header, and whose
 /// cookie carries the event kind (high half) and the site index (low half).
-fn probes_for(site: &ProbeSite, index: u64, probed: ProbeSet) -> Vec<Probe> {
+fn probes_for(site: &ProbeSite, index: u64, probed: ProbeSet, poll_uretprobe: bool) -> Vec<Probe> {
     let entry_and_return = |entry, exit| {
         vec![
             Probe {
@@ -309,7 +331,13 @@ fn probes_for(site: &ProbeSite, index: u64, probed: ProbeSet) -> Vec<Probe> {
         ]
     };
     match site.kind {
-        SiteKind::Poll => entry_and_return(POLL_START, POLL_END),
+        SiteKind::Poll if poll_uretprobe => entry_and_return(POLL_START, POLL_END),
+        // The poll's end is probed where it returns to (see `attach`).
+        SiteKind::Poll => vec![Probe {
+            program: POLL_START,
+            offset: site.probe_offset,
+            cookie: index,
+        }],
         SiteKind::Park if probed.parks => entry_and_return(PARK_START, PARK_END),
         // Placed where [rsp] still holds the caller's address (see
         // tracer-probes' placement).
@@ -341,6 +369,12 @@ fn probes_for(site: &ProbeSite, index: u64, probed: ProbeSet) -> Vec<Probe> {
         }
         _ => Vec::new(),
     }
+}
+
+/// Poll ends are probed at the instructions `raw::poll` returns to when
+/// tracer-probes found them (cheaper than a uretprobe), else by uretprobes.
+fn poll_end_at_return_sites(plan: &ProbePlan) -> bool {
+    !plan.poll_returns.is_empty()
 }
 
 /// The event a scheduler-event site reports (None for the other kinds).

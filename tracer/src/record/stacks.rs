@@ -21,11 +21,19 @@ pub type StackId = u32;
 
 /// Unwinding state, made at the first capture (for a launched command the
 /// program's libraries are only mapped by then).
+/// How often /proc/PID/maps is read while the uretprobe trampoline is not
+/// mapped yet (a read costs tens of microseconds; samples come thousands of
+/// times a second).
+const TRAMPOLINE_LOOKUP_INTERVAL: std::time::Duration = std::time::Duration::from_millis(20);
+
 struct Unwinding {
     unwinder: Unwinder,
     /// The kernel's uretprobe trampoline: a frame there whose real return
     /// address is unknown (a probed park function's) is cut, not shown.
     trampoline: Option<std::ops::Range<u64>>,
+    /// When /proc/PID/maps was last read for the trampoline while it was not
+    /// mapped yet.
+    trampoline_looked_for: std::time::Instant,
     /// The maps as read then, to reopen the files by path once the process
     /// is gone.
     maps_text: String,
@@ -124,8 +132,14 @@ impl StackTable {
         }
         let unwinding = self.unwinding.as_mut()?;
         let header = &capture.header;
-        if unwinding.trampoline.is_none() && header.poll_return != 0 {
-            // A poll's uretprobe has fired, so the trampoline is mapped now.
+        // The kernel maps the trampoline at the process's first uretprobe
+        // return: a poll's (when polls end by uretprobe, which `poll_return`
+        // says) or a park's, which nothing announces; so look for it again
+        // now and then until it is there.
+        let look_again = header.poll_return != 0
+            || unwinding.trampoline_looked_for.elapsed() >= TRAMPOLINE_LOOKUP_INTERVAL;
+        if unwinding.trampoline.is_none() && look_again {
+            unwinding.trampoline_looked_for = std::time::Instant::now();
             unwinding.trampoline = ProcessMaps::read(self.pid)
                 .ok()
                 .and_then(|maps| maps.uprobes_trampoline());
@@ -239,6 +253,7 @@ fn start_unwinding(pid: u32) -> Result<Unwinding> {
     Ok(Unwinding {
         unwinder,
         trampoline: maps.uprobes_trampoline(),
+        trampoline_looked_for: std::time::Instant::now(),
         maps_text,
     })
 }
