@@ -323,8 +323,10 @@ pub fn poll_start(ctx: ProbeContext) -> u32 {
     };
     match CURRENT_TASK.get_ptr_mut(&tid) {
         Some(slot) => unsafe { *slot = current },
-        // The thread's first poll. Failing to record it only costs the
-        // waker attribution and the await points of this poll.
+        // The thread's first poll. Failing to record it (the map is full)
+        // costs this poll's waker attribution and await points, and where
+        // poll ends are probed at return sites, its end (the poll is then
+        // counted as abandoned).
         None => {
             let _ = CURRENT_TASK.insert(&tid, &current, 0);
         }
