@@ -20,6 +20,19 @@ pub fn first_instruction(code: &[u8], address: u64) -> Option<String> {
     Some(text)
 }
 
+/// The instructions of `code` (starting at virtual address `address`) in
+/// linear order, up to its end or the first undecodable bytes.
+pub fn instructions(code: &[u8], address: u64) -> impl Iterator<Item = Instruction> + '_ {
+    let mut decoder = Decoder::with_ip(64, code, address, DecoderOptions::NONE);
+    std::iter::from_fn(move || {
+        if !decoder.can_decode() {
+            return None;
+        }
+        let instruction = decoder.decode();
+        (!instruction.is_invalid()).then_some(instruction)
+    })
+}
+
 /// The targets of every direct near branch (`call`, `jmp`, `jcc`, and
 /// `loop`/`jrcxz`) in the function `code` starting at `address`, in
 /// instruction order. Indirect branches through registers or memory have

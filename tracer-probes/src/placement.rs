@@ -70,8 +70,8 @@
 mod once;
 
 use iced_x86::{
-    Code, Decoder, DecoderOptions, FlowControl, Formatter, Instruction, InstructionInfoFactory,
-    IntelFormatter, OpAccess, OpKind, Register,
+    Code, FlowControl, Formatter, Instruction, InstructionInfoFactory, IntelFormatter, OpAccess,
+    OpKind, Register,
 };
 
 /// What the kernel does with the instruction a uprobe replaced.
@@ -289,13 +289,8 @@ fn is_emulated_push(instruction: &Instruction) -> bool {
 /// including the first control-flow instruction, or up to the end of `code`
 /// or the first undecodable bytes.
 pub fn straight_line_prefix(code: &[u8], address: u64) -> Vec<Instruction> {
-    let mut decoder = Decoder::with_ip(64, code, address, DecoderOptions::NONE);
     let mut prefix = Vec::new();
-    while decoder.can_decode() {
-        let instruction = decoder.decode();
-        if instruction.is_invalid() {
-            break;
-        }
+    for instruction in crate::disasm::instructions(code, address) {
         let ends_prefix = instruction.flow_control() != FlowControl::Next;
         prefix.push(instruction);
         if ends_prefix {
@@ -453,7 +448,8 @@ mod tests {
     };
 
     fn decode_one(bytes: &[u8]) -> Instruction {
-        let instruction = Decoder::with_ip(64, bytes, 0x1000, DecoderOptions::NONE).decode();
+        let instruction =
+            iced_x86::Decoder::with_ip(64, bytes, 0x1000, iced_x86::DecoderOptions::NONE).decode();
         assert!(!instruction.is_invalid(), "{bytes:02x?} did not decode");
         assert_eq!(
             instruction.len(),

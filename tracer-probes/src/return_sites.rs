@@ -37,8 +37,7 @@ use std::collections::{HashMap, HashSet};
 use std::rc::Rc;
 
 use iced_x86::{
-    Code, Decoder, DecoderOptions, FlowControl, Instruction, InstructionInfoFactory, OpAccess,
-    OpKind, Register,
+    Code, FlowControl, Instruction, InstructionInfoFactory, OpAccess, OpKind, Register,
 };
 
 use crate::placement::{Cost, branch_targets_inside, cost_class, format_instruction};
@@ -168,21 +167,6 @@ fn indirect_call_register(instruction: &Instruction) -> Option<Register> {
     is_one.then(|| instruction.memory_base())
 }
 
-/// Every instruction of `code` (one function at `address`) in linear order,
-/// up to the end or the first undecodable bytes.
-fn decode_function(code: &[u8], address: u64) -> Vec<Instruction> {
-    let mut decoder = Decoder::with_ip(64, code, address, DecoderOptions::NONE);
-    let mut instructions = Vec::new();
-    while decoder.can_decode() {
-        let instruction = decoder.decode();
-        if instruction.is_invalid() {
-            break;
-        }
-        instructions.push(instruction);
-    }
-    instructions
-}
-
 /// Does execution never continue with the next instruction after this one?
 fn never_falls_through(instruction: &Instruction) -> bool {
     matches!(
@@ -231,7 +215,7 @@ fn is_vtable_poll_call(
 /// that call a task's `raw::poll` through its vtable, the vtable pointer
 /// being at `vtable_offset` in the task header. In address order.
 pub fn poll_call_sites(code: &[u8], address: u64, vtable_offset: u64) -> Vec<u64> {
-    let instructions = decode_function(code, address);
+    let instructions: Vec<Instruction> = crate::disasm::instructions(code, address).collect();
     poll_calls_in(&instructions, code, address, vtable_offset)
         .into_iter()
         .map(|index| instructions[index].ip())
@@ -274,7 +258,7 @@ pub struct ReturnPlacement {
 /// The poll calls of `code` (one whole function at `address`) and where
 /// the probe after each goes (see the module doc).
 pub fn poll_returns(code: &[u8], address: u64, vtable_offset: u64) -> Vec<ReturnPlacement> {
-    let instructions = decode_function(code, address);
+    let instructions: Vec<Instruction> = crate::disasm::instructions(code, address).collect();
     let calls = poll_calls_in(&instructions, code, address, vtable_offset);
     if calls.is_empty() {
         return Vec::new();

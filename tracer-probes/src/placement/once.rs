@@ -12,7 +12,7 @@
 //! a pointer loaded from memory). A block that ends in a trap or in a call
 //! that never returns has no successor at all: such paths don't return.
 
-use iced_x86::{Code, Decoder, DecoderOptions, FlowControl, Instruction, OpKind, Register};
+use iced_x86::{Code, FlowControl, Instruction, OpKind, Register};
 
 use super::{Cost, FunctionContext, ProbeInputs, clobbers, cost_class, writes_register};
 
@@ -291,17 +291,12 @@ impl Cfg {
     }
 }
 
+/// Every instruction of the function, or None if any of its bytes don't
+/// decode (the analysis needs all of them).
 fn decode_all(code: &[u8], address: u64) -> Option<Vec<Instruction>> {
-    let mut decoder = Decoder::with_ip(64, code, address, DecoderOptions::NONE);
-    let mut instructions = Vec::new();
-    while decoder.can_decode() {
-        let instruction = decoder.decode();
-        if instruction.is_invalid() {
-            return None;
-        }
-        instructions.push(instruction);
-    }
-    (!instructions.is_empty()).then_some(instructions)
+    let instructions: Vec<Instruction> = crate::disasm::instructions(code, address).collect();
+    let decoded: usize = instructions.iter().map(Instruction::len).sum();
+    (!instructions.is_empty() && decoded == code.len()).then_some(instructions)
 }
 
 /// How `instructions[index]` passes control on, in the function spanning
