@@ -55,6 +55,15 @@ fn check_tracing_leaves_results_alone(profile: Profile) {
     let metadata = trace.metadata();
     assert_eq!(metadata["abandoned_polls"], 0, "polls without an end: {metadata}");
     assert_eq!(metadata["unmatched_ends"], 0, "ends without a start: {metadata}");
+    // The program ran to its end, so every poll ended before it exited,
+    // including a blocking task's poll that other polls ran inside of.
+    let cut: Vec<_> = trace
+        .polls()
+        .into_iter()
+        .chain(trace.slices("blocking"))
+        .filter(|poll| poll.args["truncated"] == Value::Bool(true))
+        .collect();
+    assert!(cut.is_empty(), "polls whose end was not seen: {cut:#?}");
     assert!(trace.polls().len() > 1000, "{} polls", trace.polls().len());
     assert!(!trace.parks().is_empty(), "no parks");
     let wake_flows = trace

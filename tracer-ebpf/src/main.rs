@@ -57,21 +57,18 @@ const NO_WAKEUP: u64 = 1;
 #[map(name = "EVENTS")]
 static EVENTS: RingBuf = RingBuf::with_byte_size(DEFAULT_RING_BYTES, 0);
 
-/// What a thread of the target is polling right now. Kept per thread and
-/// updated in place: a hash-map lookup costs the traced thread far less than
-/// an insert or a delete (measured: ~150 ns per update on the VM of
-/// BENCHMARKS.md), and a poll's start and end each touch it once.
+/// One poll in progress.
 #[derive(Clone, Copy)]
 struct CurrentTask {
-    /// Non-zero between a poll's start and its end.
-    polling: u32,
-    /// The poll site (attach cookie) of the poll in progress.
+    /// The poll site (attach cookie).
     site: u32,
+    _pad: u32,
     header: u64,
     task_id: u64,
     start_ns: u64,
-    /// The stack pointer at `raw::poll`'s entry: how deep an await point
-    /// sits below it tells await points apart.
+    /// The stack pointer at `raw::poll`'s entry: where the poll returns to
+    /// it is this plus 8, and how deep an await point sits below it tells
+    /// await points apart.
     entry_sp: u64,
     /// `raw::poll`'s return address, read at its entry before the
     /// uretprobe replaces it: stack captures need it to unwind past the poll.
@@ -81,11 +78,27 @@ struct CurrentTask {
     await_key: u64,
 }
 
-/// The task each thread of the target is polling right now (thread id →
-/// task), so that a wake, spawn, await point or sample can say which task.
-/// LRU so that threads that exited make room for new ones.
+/// What a thread of the target is polling right now: the innermost poll,
+/// and the one it interrupted when polls nest (a `LocalSet` or runtime
+/// driven from inside a task polls its own tasks within that task's poll).
+/// Deeper nesting forgets the outermost (its end is then reported as an
+/// abandoned poll). Kept per thread and updated in place: a hash-map lookup
+/// costs the traced thread far less than an insert or a delete (measured:
+/// ~150 ns per update on the VM of BENCHMARKS.md).
+#[derive(Clone, Copy)]
+struct ThreadPolls {
+    /// 0: not polling; 1: `inner` is; 2: `inner` within `outer`.
+    depth: u32,
+    _pad: u32,
+    inner: CurrentTask,
+    outer: CurrentTask,
+}
+
+/// The polls each thread of the target is in (thread id → polls), so that a
+/// wake, spawn, await point or sample can say which task, and a poll's end
+/// which poll. LRU so that threads that exited make room for new ones.
 #[map(name = "CURRENT_TASK")]
-static CURRENT_TASK: LruHashMap<u32, CurrentTask> = LruHashMap::with_max_entries(16384, 0);
+static CURRENT_TASK: LruHashMap<u32, ThreadPolls> = LruHashMap::with_max_entries(16384, 0);
 
 /// The task-id offset of each poll site's task type, by site index (the
 /// attach cookie), 0 until the site's first poll reads it from the vtable.
@@ -312,8 +325,8 @@ pub fn poll_start(ctx: ProbeContext) -> u32 {
         unsafe { bpf_probe_read_user(entry_sp as *const u64) }.unwrap_or(0)
     };
     let current = CurrentTask {
-        polling: 1,
         site,
+        _pad: 0,
         header,
         task_id,
         start_ns,
@@ -322,13 +335,23 @@ pub fn poll_start(ctx: ProbeContext) -> u32 {
         await_key: 0,
     };
     match CURRENT_TASK.get_ptr_mut(&tid) {
-        Some(slot) => unsafe { *slot = current },
+        Some(slot) => unsafe {
+            if (*slot).depth == 0 {
+                (*slot).depth = 1;
+            } else {
+                // A poll within a poll.
+                (*slot).outer = (*slot).inner;
+                (*slot).depth = 2;
+            }
+            (*slot).inner = current;
+        },
         // The thread's first poll. Failing to record it (the map is full)
         // costs this poll's waker attribution and await points, and where
         // poll ends are probed at return sites, its end (the poll is then
         // counted as abandoned).
         None => {
-            let _ = CURRENT_TASK.insert(&tid, &current, 0);
+            let polls = ThreadPolls { depth: 1, _pad: 0, inner: current, outer: current };
+            let _ = CURRENT_TASK.insert(&tid, &polls, 0);
         }
     }
     if filtering {
@@ -346,10 +369,7 @@ pub fn poll_end(ctx: RetProbeContext) -> u32 {
     let end_ns = unsafe { bpf_ktime_get_ns() };
     let site = attach_cookie(&ctx);
     let current = match CURRENT_TASK.get_ptr_mut(&tid) {
-        Some(slot) if unsafe { (*slot).polling } != 0 => unsafe {
-            (*slot).polling = 0;
-            Some(*slot)
-        },
+        Some(slot) if unsafe { (*slot).depth } != 0 => Some(unsafe { pop_poll(slot) }),
         _ => None,
     };
     let Some(current) = current else {
@@ -374,17 +394,34 @@ pub fn poll_returned(ctx: ProbeContext) -> u32 {
     let end_ns = unsafe { bpf_ktime_get_ns() };
     let sp = unsafe { (*ctx.regs).rsp };
     let Some(slot) = CURRENT_TASK.get_ptr_mut(&tid) else { return 0 };
-    let current = unsafe { *slot };
-    // Only the return of the poll this thread is in counts: RSP is back
-    // where it was at `raw::poll`'s entry, its return address popped. Any
-    // other way to this instruction (a call site that was not a poll, or
-    // code that reaches it otherwise) leaves RSP elsewhere or no poll open.
-    if current.polling == 0 || current.entry_sp.wrapping_add(8) != sp {
+    // Only the return of the innermost poll this thread is in counts: RSP
+    // is back where it was at `raw::poll`'s entry, its return address
+    // popped. Any other way to this instruction (a call site that was not a
+    // poll, or code that reaches it otherwise) leaves RSP elsewhere or no
+    // poll open.
+    let open = unsafe { (*slot).depth != 0 && (*slot).inner.entry_sp.wrapping_add(8) == sp };
+    if !open {
         return 0;
     }
-    unsafe { (*slot).polling = 0 };
+    let current = unsafe { pop_poll(slot) };
     finish_poll(&ctx, tid, end_ns, current);
     0
+}
+
+/// Ends the thread's innermost poll (`depth` must be non-zero) and returns
+/// it; the poll it interrupted, if any, is the innermost again.
+#[inline(always)]
+unsafe fn pop_poll(slot: *mut ThreadPolls) -> CurrentTask {
+    unsafe {
+        let ended = (*slot).inner;
+        if (*slot).depth >= 2 {
+            (*slot).inner = (*slot).outer;
+            (*slot).depth = 1;
+        } else {
+            (*slot).depth = 0;
+        }
+        ended
+    }
 }
 
 /// Sends a poll that ended at `end_ns`: its end, and under `--min-poll`
@@ -436,7 +473,9 @@ pub fn park_end(ctx: RetProbeContext) -> u32 {
 /// The poll in progress on this thread, if any.
 #[inline(always)]
 fn current_poll(tid: u32) -> Option<CurrentTask> {
-    unsafe { CURRENT_TASK.get(&tid) }.filter(|current| current.polling != 0).copied()
+    unsafe { CURRENT_TASK.get(&tid) }
+        .filter(|polls| polls.depth != 0)
+        .map(|polls| polls.inner)
 }
 
 /// The task running on this thread, by id (0 when none).
@@ -504,10 +543,10 @@ fn count(counter: &PerCpuArray<u64>) {
 pub fn await_point(ctx: ProbeContext) -> u32 {
     let Some(tid) = target_thread() else { return 0 };
     let Some(slot) = CURRENT_TASK.get_ptr_mut(&tid) else { return 0 };
-    let current = unsafe { *slot };
-    if current.polling == 0 {
+    if unsafe { (*slot).depth } == 0 {
         return 0;
     }
+    let current = unsafe { (*slot).inner };
     let regs = unsafe { &*ctx.regs };
     // The caller's address and the depth below the poll's entry tell await
     // points apart without unwinding here.
@@ -516,7 +555,7 @@ pub fn await_point(ctx: ProbeContext) -> u32 {
     let key = caller ^ (depth << 48);
     // The last await point of a poll is where the task waits; the poll's
     // end carries it, which saves a ring-buffer record per await.
-    unsafe { (*slot).await_key = key };
+    unsafe { (*slot).inner.await_key = key };
     let seen_key = [current.task_id, key];
     if unsafe { AWAIT_SEEN.get(&seen_key) }.is_none() {
         let _ = AWAIT_SEEN.insert(&seen_key, &1, 0);
