@@ -336,13 +336,19 @@ pub fn poll_start(ctx: ProbeContext) -> u32 {
     };
     match CURRENT_TASK.get_ptr_mut(&tid) {
         Some(slot) => unsafe {
-            if (*slot).depth == 0 {
-                (*slot).depth = 1;
-            } else {
-                // A poll within a poll.
+            // The stack grows down: a poll within a poll starts deeper than
+            // the one it interrupts. One that doesn't means the polls in the
+            // slot ended unseen (a missed end must not leave a stale task
+            // attributed to this thread).
+            let depth = (*slot).depth;
+            (*slot).depth = if depth != 0 && entry_sp < (*slot).inner.entry_sp {
                 (*slot).outer = (*slot).inner;
-                (*slot).depth = 2;
-            }
+                2
+            } else if depth == 2 && entry_sp < (*slot).outer.entry_sp {
+                2
+            } else {
+                1
+            };
             (*slot).inner = current;
         },
         // The thread's first poll. Failing to record it (the map is full)
