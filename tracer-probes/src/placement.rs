@@ -340,7 +340,7 @@ pub fn clobbers(instruction: &Instruction, inputs: ProbeInputs) -> bool {
 }
 
 /// Does this operand access change the operand?
-fn writes(access: OpAccess) -> bool {
+pub(crate) fn writes(access: OpAccess) -> bool {
     matches!(
         access,
         OpAccess::Write | OpAccess::CondWrite | OpAccess::ReadWrite | OpAccess::ReadCondWrite
@@ -348,7 +348,7 @@ fn writes(access: OpAccess) -> bool {
 }
 
 /// Does running `instruction` change any part of `register`'s full register?
-fn writes_register(instruction: &Instruction, register: Register) -> bool {
+pub(crate) fn writes_register(instruction: &Instruction, register: Register) -> bool {
     let mut factory = InstructionInfoFactory::new();
     factory
         .info(instruction)

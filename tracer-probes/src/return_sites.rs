@@ -36,11 +36,11 @@
 use std::collections::{HashMap, HashSet};
 use std::rc::Rc;
 
-use iced_x86::{
-    Code, FlowControl, Instruction, InstructionInfoFactory, OpAccess, OpKind, Register,
-};
+use iced_x86::{Code, FlowControl, Instruction, InstructionInfoFactory, OpKind, Register};
 
-use crate::placement::{Cost, branch_targets_inside, cost_class, format_instruction};
+use crate::placement::{
+    Cost, branch_targets_inside, cost_class, format_instruction, writes, writes_register,
+};
 
 /// How many decoded instructions before a call the evaluation looks at.
 pub const WINDOW: usize = 16;
@@ -151,13 +151,6 @@ fn plain_memory_operand(instruction: &Instruction) -> bool {
         && instruction.segment_prefix() == Register::None
 }
 
-fn writes(access: OpAccess) -> bool {
-    matches!(
-        access,
-        OpAccess::Write | OpAccess::CondWrite | OpAccess::ReadWrite | OpAccess::ReadCondWrite
-    )
-}
-
 /// `call qword ptr [R]`: the register R, if `instruction` is one.
 fn indirect_call_register(instruction: &Instruction) -> Option<Register> {
     let is_one = instruction.code() == Code::Call_rm64
@@ -216,29 +209,36 @@ fn is_vtable_poll_call(
 /// being at `vtable_offset` in the task header. In address order.
 pub fn poll_call_sites(code: &[u8], address: u64, vtable_offset: u64) -> Vec<u64> {
     let instructions: Vec<Instruction> = crate::disasm::instructions(code, address).collect();
-    poll_calls_in(&instructions, code, address, vtable_offset)
+    let targets = branch_targets(&instructions, code, address);
+    poll_calls_in(&instructions, &targets, vtable_offset)
         .into_iter()
         .map(|index| instructions[index].ip())
         .collect()
 }
 
-fn poll_calls_in(
-    instructions: &[Instruction],
-    code: &[u8],
-    address: u64,
-    vtable_offset: u64,
-) -> Vec<usize> {
+/// The direct branch targets inside the function, or none at all when it
+/// has no indirect call (then there is nothing to look for, and decoding
+/// it again for its branches would be wasted).
+fn branch_targets(instructions: &[Instruction], code: &[u8], address: u64) -> HashSet<u64> {
     if !instructions
         .iter()
         .any(|instruction| indirect_call_register(instruction).is_some())
     {
-        return Vec::new();
+        return HashSet::new();
     }
-    let targets: HashSet<u64> = branch_targets_inside(code, address).into_iter().collect();
+    branch_targets_inside(code, address).into_iter().collect()
+}
+
+/// The indices of the vtable `poll` calls among `instructions`.
+fn poll_calls_in(
+    instructions: &[Instruction],
+    targets: &HashSet<u64>,
+    vtable_offset: u64,
+) -> Vec<usize> {
     let mut factory = InstructionInfoFactory::new();
     (0..instructions.len())
         .filter(|&index| {
-            is_vtable_poll_call(instructions, index, &targets, vtable_offset, &mut factory)
+            is_vtable_poll_call(instructions, index, targets, vtable_offset, &mut factory)
         })
         .collect()
 }
@@ -259,12 +259,8 @@ pub struct ReturnPlacement {
 /// the probe after each goes (see the module doc).
 pub fn poll_returns(code: &[u8], address: u64, vtable_offset: u64) -> Vec<ReturnPlacement> {
     let instructions: Vec<Instruction> = crate::disasm::instructions(code, address).collect();
-    let calls = poll_calls_in(&instructions, code, address, vtable_offset);
-    if calls.is_empty() {
-        return Vec::new();
-    }
-    let targets: HashSet<u64> = branch_targets_inside(code, address).into_iter().collect();
-    calls
+    let targets = branch_targets(&instructions, code, address);
+    poll_calls_in(&instructions, &targets, vtable_offset)
         .into_iter()
         .filter_map(|index| place_after(&instructions, index, &targets))
         .collect()
@@ -278,7 +274,6 @@ fn place_after(
     targets: &HashSet<u64>,
 ) -> Option<ReturnPlacement> {
     let returned = instructions.get(call + 1)?;
-    let mut factory = InstructionInfoFactory::new();
     let mut chosen = returned;
     for (position, instruction) in instructions[call + 1..].iter().enumerate() {
         // Another path could land here (the return address itself is where
@@ -290,12 +285,9 @@ fn place_after(
             chosen = instruction;
             break;
         }
-        let moves_rsp = factory
-            .info(instruction)
-            .used_registers()
-            .iter()
-            .any(|used| writes(used.access()) && used.register().full_register() == Register::RSP);
-        if moves_rsp || instruction.flow_control() != FlowControl::Next {
+        if writes_register(instruction, Register::RSP)
+            || instruction.flow_control() != FlowControl::Next
+        {
             break;
         }
     }
