@@ -4,42 +4,18 @@
 //! placed beyond the straight-line prefix is checked against a control-flow
 //! graph built here, one instruction per node.
 
+mod common;
 #[path = "../../tests/support/mod.rs"]
 mod support;
 
+use common::fixtures;
 use iced_x86::{
     Code, Decoder, DecoderOptions, FlowControl, Instruction, InstructionInfoFactory, OpAccess,
     OpKind, Register,
 };
 use object::{Object, ObjectSection, ObjectSymbol};
-use support::Profile;
 use tracer_probes::placement::{cost_class, format_instruction, is_panic_function};
-use tracer_probes::{Cost, ProbePlan, ProbeSite, SiteKind, TaskArg, discover};
-
-const FIXTURES: [&str; 2] = ["multi_worker", "current_thread"];
-
-/// A fixture's plan and the file it came from.
-struct Fixture {
-    label: String,
-    plan: ProbePlan,
-    data: Vec<u8>,
-}
-
-fn fixtures() -> Vec<Fixture> {
-    let mut all = Vec::new();
-    for name in FIXTURES {
-        for profile in Profile::ALL {
-            let path = support::fixture(name, profile);
-            let plan = discover(&path).unwrap_or_else(|e| panic!("{}: {e:#}", path.display()));
-            all.push(Fixture {
-                label: format!("{name} ({profile:?})"),
-                plan,
-                data: std::fs::read(&path).unwrap(),
-            });
-        }
-    }
-    all
-}
+use tracer_probes::{Cost, ProbePlan, ProbeSite, SiteKind, TaskArg};
 
 /// The bytes of the function at `address`: its largest symbol size, from the
 /// file's own symbol table.
@@ -415,7 +391,7 @@ fn every_probe_sits_on_a_safe_instruction_boundary() {
         let mut beyond = Vec::new();
         for site in &fixture.plan.sites {
             let code = function_code(&file, site.address);
-            if check_site(&fixture.label, site, code, &panics) == Placed::BeyondThePrefix {
+            if check_site(&fixture.label(), site, code, &panics) == Placed::BeyondThePrefix {
                 beyond.push(site.symbol.as_str());
             }
         }
@@ -424,15 +400,15 @@ fn every_probe_sits_on_a_safe_instruction_boundary() {
         // an emulated instruction.
         for site in &fixture.plan.sites {
             if site.symbol == "tokio::runtime::task::waker::wake_by_ref" {
-                assert_eq!(site.cost, Cost::Emulated, "{}: {site:?}", fixture.label);
+                assert_eq!(site.cost, Cost::Emulated, "{}: {site:?}", fixture.label());
                 assert!(
                     beyond.contains(&site.symbol.as_str()),
                     "{}: {site:?}",
-                    fixture.label
+                    fixture.label()
                 );
             }
         }
-        println!("{}: placed beyond the prefix: {beyond:?}", fixture.label);
+        println!("{}: placed beyond the prefix: {beyond:?}", fixture.label());
     }
 }
 
@@ -444,7 +420,7 @@ fn sites_of(plan: &ProbePlan, kind: SiteKind) -> Vec<&ProbeSite> {
 fn scheduler_event_sites_are_found_with_their_task_register() {
     for fixture in fixtures() {
         let plan = &fixture.plan;
-        let label = &fixture.label;
+        let label = &fixture.label();
 
         let spawns = sites_of(plan, SiteKind::Spawn);
         assert!(!spawns.is_empty(), "{label}: no spawn site");
@@ -511,7 +487,7 @@ fn sites_keep_their_kind_order() {
             .iter()
             .map(|site| order.iter().position(|&kind| kind == site.kind).unwrap())
             .collect();
-        assert!(ranks.is_sorted(), "{}: {ranks:?}", fixture.label);
+        assert!(ranks.is_sorted(), "{}: {ranks:?}", fixture.label());
     }
 }
 

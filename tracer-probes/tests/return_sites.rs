@@ -2,46 +2,16 @@
 //! profiles: each return site is checked against the fixture's own bytes,
 //! decoded here from the enclosing symbol independently of `discover`.
 
+mod common;
 #[path = "../../tests/support/mod.rs"]
 mod support;
 
+use common::fixtures;
 use iced_x86::{Code, Decoder, DecoderOptions, FlowControl, Instruction, OpKind, Register};
 use object::{Object, ObjectSection, ObjectSymbol, SymbolKind};
 use support::Profile;
 use tracer_probes::placement::cost_class;
-use tracer_probes::{Cost, ProbePlan, ReturnSite, discover};
-
-const FIXTURES: [&str; 2] = ["multi_worker", "current_thread"];
-
-struct Fixture {
-    name: &'static str,
-    profile: Profile,
-    plan: ProbePlan,
-    data: Vec<u8>,
-}
-
-impl Fixture {
-    fn label(&self) -> String {
-        format!("{} ({:?})", self.name, self.profile)
-    }
-}
-
-fn fixtures() -> Vec<Fixture> {
-    let mut all = Vec::new();
-    for name in FIXTURES {
-        for profile in Profile::ALL {
-            let path = support::fixture(name, profile);
-            let plan = discover(&path).unwrap_or_else(|e| panic!("{}: {e:#}", path.display()));
-            all.push(Fixture {
-                name,
-                profile,
-                plan,
-                data: std::fs::read(&path).unwrap(),
-            });
-        }
-    }
-    all
-}
+use tracer_probes::{Cost, ReturnSite};
 
 /// The decoded instructions of every function symbol that holds `address`.
 fn enclosing_functions(file: &object::File, address: u64) -> Vec<Vec<Instruction>> {
