@@ -54,24 +54,10 @@ fn fixtures_dir() -> PathBuf {
 pub fn fixture(name: &str, profile: Profile) -> PathBuf {
     static BUILT: [OnceLock<()>; 4] = [const { OnceLock::new() }; 4];
     BUILT[profile.index()].get_or_init(|| {
-        let status = Command::new(env!("CARGO"))
-            .arg("build")
-            .arg("--quiet")
-            .arg("--profile")
-            .arg(profile.cargo_name())
-            .arg("--manifest-path")
-            .arg(fixtures_dir().join("Cargo.toml"))
-            // The fixtures must be built the way users build: no flags
-            // inherited from whatever runs the tests.
-            .env_remove("RUSTFLAGS")
-            .env_remove("CARGO_ENCODED_RUSTFLAGS")
-            .env_remove("CARGO_TARGET_DIR")
-            .env_remove("CARGO_BUILD_TARGET_DIR")
-            .status()
-            .expect("run cargo to build the fixtures");
-        assert!(
-            status.success(),
-            "building the fixtures ({profile:?}) failed"
+        build_fixtures(
+            &["--profile", profile.cargo_name()],
+            &[],
+            &format!("{profile:?}"),
         );
     });
     let path = fixtures_dir()
@@ -80,4 +66,39 @@ pub fn fixture(name: &str, profile: Profile) -> PathBuf {
         .join(name);
     assert!(path.exists(), "fixture {} was not built", path.display());
     path
+}
+
+/// Builds the fixtures once more in cargo's release profile with `env` set
+/// (e.g. more debug info, another symbol mangling), into their own target
+/// directory `tests/fixtures/target/<target_subdir>`, and returns the
+/// directory the programs are in.
+pub fn fixture_variant(target_subdir: &str, env: &[(&str, &str)]) -> PathBuf {
+    let target_dir = fixtures_dir().join("target").join(target_subdir);
+    let target_arg = target_dir.to_str().expect("a UTF-8 path");
+    build_fixtures(
+        &["--release", "--target-dir", target_arg],
+        env,
+        target_subdir,
+    );
+    target_dir.join("release")
+}
+
+/// Runs cargo on the fixtures workspace with `args`, in a clean
+/// environment plus `env`.
+fn build_fixtures(args: &[&str], env: &[(&str, &str)], what: &str) {
+    let status = Command::new(env!("CARGO"))
+        .args(["build", "--quiet"])
+        .args(args)
+        .arg("--manifest-path")
+        .arg(fixtures_dir().join("Cargo.toml"))
+        // The fixtures must be built the way users build: no flags
+        // inherited from whatever runs the tests.
+        .env_remove("RUSTFLAGS")
+        .env_remove("CARGO_ENCODED_RUSTFLAGS")
+        .env_remove("CARGO_TARGET_DIR")
+        .env_remove("CARGO_BUILD_TARGET_DIR")
+        .envs(env.iter().copied())
+        .status()
+        .expect("run cargo to build the fixtures");
+    assert!(status.success(), "building the fixtures ({what}) failed");
 }

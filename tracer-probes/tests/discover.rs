@@ -200,32 +200,9 @@ fn sites_are_distinct_and_file_offsets_point_at_the_function_bytes() {
     }
 }
 
-/// Builds the fixtures once more with some environment, into their own target dir.
-fn build_fixture_variant(target_subdir: &str, env: &[(&str, &str)]) -> PathBuf {
-    let fixtures = support::repo_root().join("tests/fixtures");
-    let target_dir = fixtures.join("target").join(target_subdir);
-    let status = Command::new(env!("CARGO"))
-        .args(["build", "--quiet", "--release", "--manifest-path"])
-        .arg(fixtures.join("Cargo.toml"))
-        .arg("--target-dir")
-        .arg(&target_dir)
-        .env_remove("RUSTFLAGS")
-        .env_remove("CARGO_ENCODED_RUSTFLAGS")
-        .env_remove("CARGO_TARGET_DIR")
-        .env_remove("CARGO_BUILD_TARGET_DIR")
-        .envs(env.iter().copied())
-        .status()
-        .expect("run cargo");
-    assert!(
-        status.success(),
-        "building the {target_subdir} fixtures failed"
-    );
-    target_dir.join("release")
-}
-
 fn dwarf_fixtures() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
-    DIR.get_or_init(|| build_fixture_variant("dwarf", &[("CARGO_PROFILE_RELEASE_DEBUG", "2")]))
+    DIR.get_or_init(|| support::fixture_variant("dwarf", &[("CARGO_PROFILE_RELEASE_DEBUG", "2")]))
 }
 
 #[test]
@@ -247,7 +224,7 @@ fn debug_info_names_tasks_from_dwarf() {
 
 #[test]
 fn v0_mangling_names_tasks_from_the_poll_symbol() {
-    let dir = build_fixture_variant("v0", &[("RUSTFLAGS", "-C symbol-mangling-version=v0")]);
+    let dir = support::fixture_variant("v0", &[("RUSTFLAGS", "-C symbol-mangling-version=v0")]);
     let plan = plan_for(&dir.join("multi_worker"));
     assert_names_tasks(&plan, MULTI_WORKER_TASKS, NameSource::Symbols);
     assert!(

@@ -9,50 +9,16 @@ use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+#[path = "../../tests/support/mod.rs"]
+mod support;
+
 use object::{Object, ObjectSegment, ObjectSymbol};
+use support::Profile;
 use tracer_symbolize::{CapturedStack, DebugInfoLocator, Frame, ProcessMaps, Symbolizer, Unwinder};
-
-fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_owned()
-}
-
-/// Builds the fixtures (release profile) into `tests/fixtures/target/<subdir>`.
-fn build_fixtures(subdir: Option<&str>, env: &[(&str, &str)]) -> PathBuf {
-    let fixtures = repo_root().join("tests/fixtures");
-    let target_dir = match subdir {
-        Some(s) => fixtures.join("target").join(s),
-        None => fixtures.join("target"),
-    };
-    let status = Command::new(env!("CARGO"))
-        .args(["build", "--quiet", "--release", "--manifest-path"])
-        .arg(fixtures.join("Cargo.toml"))
-        .arg("--target-dir")
-        .arg(&target_dir)
-        .env_remove("RUSTFLAGS")
-        .env_remove("CARGO_ENCODED_RUSTFLAGS")
-        .env_remove("CARGO_TARGET_DIR")
-        .env_remove("CARGO_BUILD_TARGET_DIR")
-        .envs(env.iter().copied())
-        .status()
-        .expect("run cargo");
-    assert!(
-        status.success(),
-        "building the fixtures ({subdir:?}) failed"
-    );
-    target_dir.join("release")
-}
-
-fn release_fixtures() -> &'static Path {
-    static DIR: OnceLock<PathBuf> = OnceLock::new();
-    DIR.get_or_init(|| build_fixtures(None, &[]))
-}
 
 fn dwarf_fixtures() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
-    DIR.get_or_init(|| build_fixtures(Some("dwarf"), &[("CARGO_PROFILE_RELEASE_DEBUG", "2")]))
+    DIR.get_or_init(|| support::fixture_variant("dwarf", &[("CARGO_PROFILE_RELEASE_DEBUG", "2")]))
 }
 
 /// A fresh directory of this test's own, removed on drop.
@@ -125,7 +91,8 @@ fn function_range(binary: &Path, name: &str) -> Range<u64> {
 
 /// The lines of `fixtures::spin_for` in tests/fixtures/src/lib.rs.
 fn spin_for_lines() -> Range<u32> {
-    let source = std::fs::read_to_string(repo_root().join("tests/fixtures/src/lib.rs")).unwrap();
+    let source =
+        std::fs::read_to_string(support::repo_root().join("tests/fixtures/src/lib.rs")).unwrap();
     let lines: Vec<&str> = source.lines().collect();
     let start = lines
         .iter()
@@ -187,7 +154,7 @@ fn check_spin_for_with_lines(symbolizer: &mut Symbolizer, spin_for: Range<u64>) 
 #[test]
 fn release_build_without_dwarf_names_functions_from_symbols() {
     let dir = TempDir::new("release");
-    let binary = copy_into(&release_fixtures().join("multi_worker"), &dir);
+    let binary = copy_into(&support::fixture("multi_worker", Profile::Release), &dir);
     assert!(!has_debug_info(&binary), "the release profile has no DWARF");
     let spin_for = function_range(&binary, "fixtures::spin_for");
     let mut symbolizer = Symbolizer::new(&maps_with_binary_at_base(&binary));
