@@ -53,8 +53,14 @@ fn check_tracing_leaves_results_alone(profile: Profile) {
     // Every poll's end was seen: the places `raw::poll` returns to (both
     // schedulers, the blocking pool) are all probed.
     let metadata = trace.metadata();
-    assert_eq!(metadata["abandoned_polls"], 0, "polls without an end: {metadata}");
-    assert_eq!(metadata["unmatched_ends"], 0, "ends without a start: {metadata}");
+    assert_eq!(
+        metadata["abandoned_polls"], 0,
+        "polls without an end: {metadata}"
+    );
+    assert_eq!(
+        metadata["unmatched_ends"], 0,
+        "ends without a start: {metadata}"
+    );
     // The program ran to its end, so every poll ended before it exited,
     // including a blocking task's poll that other polls ran inside of.
     let cut: Vec<_> = trace
@@ -172,7 +178,9 @@ fn polls_mode_records_every_poll_and_nothing_else() {
     // both costs are reported.
     let metadata = trace.metadata();
     assert!(
-        metadata["recording_cpu_ns"].as_u64().is_some_and(|ns| ns > 0),
+        metadata["recording_cpu_ns"]
+            .as_u64()
+            .is_some_and(|ns| ns > 0),
         "no recording CPU time in {metadata}"
     );
     assert!(

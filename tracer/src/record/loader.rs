@@ -170,7 +170,9 @@ impl LoadedProbes {
                         binary.display()
                     )
                 })?;
-            log::debug!("attached {name} to {function} at file offset {offset:#x} (cookie {cookie:#x})");
+            log::debug!(
+                "attached {name} to {function} at file offset {offset:#x} (cookie {cookie:#x})"
+            );
             self.links.push((name, link));
         }
         Ok(())
