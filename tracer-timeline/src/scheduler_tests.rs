@@ -12,7 +12,7 @@ use crate::output::{TimelineOutput, Wake, Waker, WokenPoll};
 use crate::render::TraceRenderer;
 use crate::summary::{SchedulerSummary, Summary, WorkerSummary};
 use crate::task_types::{TaskName, TaskTypes};
-use crate::test_util::TempDir;
+use crate::test_util::{TempDir, event, park_end, park_start, poll_end};
 use crate::timeline::{ThreadStats, Timeline};
 
 const SITE_A: u32 = 0;
@@ -38,15 +38,6 @@ fn header(task_id: u64) -> u64 {
     0x7f00_0000 + task_id * 0x100
 }
 
-fn event(ts_ns: u64, tid: u32, kind: EventKind) -> Event {
-    Event {
-        ts_ns,
-        tid,
-        kind: kind as u32,
-        ..Event::default()
-    }
-}
-
 fn poll_start(ts_ns: u64, tid: u32, task_id: u64, site: u32) -> Event {
     Event {
         site,
@@ -54,18 +45,6 @@ fn poll_start(ts_ns: u64, tid: u32, task_id: u64, site: u32) -> Event {
         task_id,
         ..event(ts_ns, tid, EventKind::PollStart)
     }
-}
-
-fn poll_end(ts_ns: u64, tid: u32) -> Event {
-    event(ts_ns, tid, EventKind::PollEnd)
-}
-
-fn park_start(ts_ns: u64, tid: u32) -> Event {
-    event(ts_ns, tid, EventKind::ParkStart)
-}
-
-fn park_end(ts_ns: u64, tid: u32) -> Event {
-    event(ts_ns, tid, EventKind::ParkEnd)
 }
 
 /// `task_id` is woken on `tid`; `by` is the task the eBPF side saw running (0: none).

@@ -4,6 +4,30 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
 
+use tracer_common::{Event, EventKind};
+
+/// An event of `kind` at `ts_ns` on thread `tid`, every other field zero.
+pub fn event(ts_ns: u64, tid: u32, kind: EventKind) -> Event {
+    Event {
+        ts_ns,
+        tid,
+        kind: kind as u32,
+        ..Event::default()
+    }
+}
+
+pub fn poll_end(ts_ns: u64, tid: u32) -> Event {
+    event(ts_ns, tid, EventKind::PollEnd)
+}
+
+pub fn park_start(ts_ns: u64, tid: u32) -> Event {
+    event(ts_ns, tid, EventKind::ParkStart)
+}
+
+pub fn park_end(ts_ns: u64, tid: u32) -> Event {
+    event(ts_ns, tid, EventKind::ParkEnd)
+}
+
 /// A fresh directory under the system temp dir, removed on drop.
 pub struct TempDir(PathBuf);
 

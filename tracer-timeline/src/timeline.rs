@@ -576,15 +576,7 @@ impl ThreadState {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn event(ts_ns: u64, tid: u32, kind: EventKind) -> Event {
-        Event {
-            ts_ns,
-            tid,
-            kind: kind as u32,
-            ..Event::default()
-        }
-    }
+    use crate::test_util::{event, park_end, park_start, poll_end};
 
     fn poll_start(ts_ns: u64, tid: u32, task: u64) -> Event {
         Event {
@@ -593,18 +585,6 @@ mod tests {
             task_id: task + 1000,
             ..event(ts_ns, tid, EventKind::PollStart)
         }
-    }
-
-    fn poll_end(ts_ns: u64, tid: u32) -> Event {
-        event(ts_ns, tid, EventKind::PollEnd)
-    }
-
-    fn park_start(ts_ns: u64, tid: u32) -> Event {
-        event(ts_ns, tid, EventKind::ParkStart)
-    }
-
-    fn park_end(ts_ns: u64, tid: u32) -> Event {
-        event(ts_ns, tid, EventKind::ParkEnd)
     }
 
     fn poll(tid: u32, task: u64, start_ns: u64, end_ns: u64) -> Slice {
