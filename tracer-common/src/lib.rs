@@ -141,19 +141,120 @@ pub struct StackHeader {
 
 pub const STACK_HEADER_SIZE: usize = core::mem::size_of::<StackHeader>();
 
-/// Names of the maps and globals, so both sides spell them the same way.
+/// What the eBPF side counts instead of recording: the slots of the per-CPU
+/// `COUNTERS` map (one map, one lookup per count, read once at the end).
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Counter {
+    /// Events and stack captures dropped because a ring buffer was full.
+    Lost = 0,
+    /// Polls shorter than `--min-poll`: timed in the kernel, not recorded.
+    ShortPolls = 1,
+    /// CPU samples that hit the target in the kernel (no user stack to show).
+    KernelSamples = 2,
+}
+
+impl Counter {
+    /// Every counter, in slot order.
+    pub const ALL: [Counter; 3] = [Counter::Lost, Counter::ShortPolls, Counter::KernelSamples];
+    /// The number of slots of the `COUNTERS` map.
+    pub const SLOTS: u32 = Self::ALL.len() as u32;
+}
+
+/// The names both sides know the eBPF object's parts by: the one place they
+/// are spelled. The eBPF side declares each under exactly this identifier
+/// (aya-ebpf's `#[map]`, `#[uprobe]` and `#[unsafe(no_mangle)]` name a part
+/// after its identifier, and their `name = ` arguments take only literals),
+/// and a test of the tracer (`object_names`) checks the built object against
+/// these lists: every name here is in it, and it has no other.
 pub mod names {
-    pub const EVENTS: &str = "EVENTS";
-    pub const LOST: &str = "LOST";
-    pub const TARGET_TGID: &str = "TARGET_TGID";
-    pub const TASK_ID_LAYOUT: &str = "TASK_ID_LAYOUT";
-    pub const MIN_POLL_NS: &str = "MIN_POLL_NS";
-    pub const SHORT_POLLS: &str = "SHORT_POLLS";
-    pub const STACKS: &str = "STACKS";
-    pub const ENABLED: &str = "ENABLED";
-    pub const STACK_BYTES: &str = "STACK_BYTES";
-    pub const KERNEL_SAMPLES: &str = "KERNEL_SAMPLES";
-    pub const POLL_END_AT_RETURN_SITES: &str = "POLL_END_AT_RETURN_SITES";
+    /// The maps.
+    pub mod maps {
+        /// Events, the kernel-to-tracer ring buffer (`--ring-buffer-size`).
+        pub const EVENTS: &str = "EVENTS";
+        /// Stack captures, a ring buffer of their own.
+        pub const STACKS: &str = "STACKS";
+        /// Per-CPU counts, slots by [`crate::Counter`].
+        pub const COUNTERS: &str = "COUNTERS";
+        /// Slot 0 non-zero while recording.
+        pub const ENABLED: &str = "ENABLED";
+        /// The polls each thread of the target is in.
+        pub const CURRENT_TASK: &str = "CURRENT_TASK";
+        /// The task-id offset of each poll site, cached.
+        pub const SITE_ID_OFFSET: &str = "SITE_ID_OFFSET";
+        /// Await points whose stack was captured, by task.
+        pub const AWAIT_SEEN: &str = "AWAIT_SEEN";
+        /// Whether a warning was logged already.
+        pub const WARNED: &str = "WARNED";
+        pub const ALL: [&str; 8] = [
+            EVENTS,
+            STACKS,
+            COUNTERS,
+            ENABLED,
+            CURRENT_TASK,
+            SITE_ID_OFFSET,
+            AWAIT_SEEN,
+            WARNED,
+        ];
+    }
+
+    /// The global variables user space sets before loading.
+    pub mod globals {
+        pub const TARGET_TGID: &str = "TARGET_TGID";
+        pub const TASK_ID_LAYOUT: &str = "TASK_ID_LAYOUT";
+        pub const MIN_POLL_NS: &str = "MIN_POLL_NS";
+        pub const STACK_BYTES: &str = "STACK_BYTES";
+        pub const POLL_END_AT_RETURN_SITES: &str = "POLL_END_AT_RETURN_SITES";
+        pub const ALL: [&str; 5] = [
+            TARGET_TGID,
+            TASK_ID_LAYOUT,
+            MIN_POLL_NS,
+            STACK_BYTES,
+            POLL_END_AT_RETURN_SITES,
+        ];
+    }
+
+    /// The programs.
+    pub mod programs {
+        /// Entry of `raw::poll` (uprobe).
+        pub const POLL_START: &str = "poll_start";
+        /// Return of `raw::poll` (uretprobe), where no return sites were found.
+        pub const POLL_END: &str = "poll_end";
+        /// Where `raw::poll` returns to (uprobe).
+        pub const POLL_RETURNED: &str = "poll_returned";
+        /// Entry of a park function (uprobe).
+        pub const PARK_START: &str = "park_start";
+        /// Return of a park function (uretprobe).
+        pub const PARK_END: &str = "park_end";
+        /// A scheduler event with the task header in RDI (uprobe).
+        pub const TASK_EVENT_ARG0: &str = "task_event_arg0";
+        /// ... in RSI (uprobe).
+        pub const TASK_EVENT_ARG1: &str = "task_event_arg1";
+        /// ... at `[RSI]` (uprobe).
+        pub const TASK_EVENT_ARG1_DEREF: &str = "task_event_arg1_deref";
+        /// ... returned in RAX or RDX (uretprobe).
+        pub const TASK_EVENT_RET: &str = "task_event_ret";
+        /// A scheduler event about no task (uprobe).
+        pub const THREAD_EVENT: &str = "thread_event";
+        /// A waker clone during a poll (uprobe).
+        pub const AWAIT_POINT: &str = "await_point";
+        /// A CPU sample (perf event).
+        pub const SAMPLE: &str = "sample";
+        /// The uprobe and uretprobe programs (every program but [`SAMPLE`]).
+        pub const UPROBES: [&str; 11] = [
+            POLL_START,
+            POLL_END,
+            POLL_RETURNED,
+            PARK_START,
+            PARK_END,
+            TASK_EVENT_ARG0,
+            TASK_EVENT_ARG1,
+            TASK_EVENT_ARG1_DEREF,
+            TASK_EVENT_RET,
+            THREAD_EVENT,
+            AWAIT_POINT,
+        ];
+    }
 }
 
 /// Default size of the ring buffer, in bytes (a power of two, as the kernel wants).

@@ -16,38 +16,12 @@ use aya::{
         uprobe::{UProbeAttachLocation, UProbeAttachPoint, UProbeLinkId, UProbeScope},
     },
 };
-use tracer_common::{EventKind, names};
+use tracer_common::names::{globals, maps, programs::*};
+use tracer_common::{Counter, EventKind};
 use tracer_probes::{ProbePlan, ProbeSite, SiteKind, TaskArg};
 
 /// The eBPF object built by `cargo xtask build-ebpf` (see build.rs).
-static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(env!("TRACER_EBPF_OBJECT"));
-
-/// The eBPF programs, one entry and one return program per kind of site.
-const POLL_START: &str = "poll_start";
-const POLL_END: &str = "poll_end";
-const POLL_RETURNED: &str = "poll_returned";
-const PARK_START: &str = "park_start";
-const PARK_END: &str = "park_end";
-const TASK_EVENT_ARG0: &str = "task_event_arg0";
-const TASK_EVENT_ARG1: &str = "task_event_arg1";
-const TASK_EVENT_ARG1_DEREF: &str = "task_event_arg1_deref";
-const TASK_EVENT_RET: &str = "task_event_ret";
-const THREAD_EVENT: &str = "thread_event";
-const AWAIT_POINT: &str = "await_point";
-const SAMPLE: &str = "sample";
-const UPROBE_PROGRAMS: [&str; 11] = [
-    POLL_START,
-    POLL_END,
-    POLL_RETURNED,
-    PARK_START,
-    PARK_END,
-    TASK_EVENT_ARG0,
-    TASK_EVENT_ARG1,
-    TASK_EVENT_ARG1_DEREF,
-    TASK_EVENT_RET,
-    THREAD_EVENT,
-    AWAIT_POINT,
-];
+pub(super) static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(env!("TRACER_EBPF_OBJECT"));
 
 /// How the eBPF side is configured for one recording.
 pub struct Settings {
@@ -60,9 +34,10 @@ pub struct Settings {
     pub stack_bytes: u32,
 }
 
-/// What the eBPF side counted instead of recording.
+/// What the eBPF side counted instead of recording (the `COUNTERS` map,
+/// summed over CPUs).
 #[derive(Clone, Copy, Debug, Default)]
-pub struct Counters {
+pub struct KernelCounters {
     /// Events and stack captures dropped because a ring buffer was full.
     pub lost_events: u64,
     /// Polls shorter than `--min-poll`, counted in the kernel.
@@ -93,19 +68,19 @@ pub struct LoadedProbes {
 pub fn load(plan: &ProbePlan, target_pid: u32, settings: &Settings) -> Result<LoadedProbes> {
     let min_poll_ns = settings.min_poll.as_nanos() as u64;
     let mut ebpf = EbpfLoader::new()
-        .override_global(names::TARGET_TGID, &target_pid, true)
-        .override_global(names::TASK_ID_LAYOUT, &plan.task_id_layout, true)
-        .override_global(names::MIN_POLL_NS, &min_poll_ns, true)
-        .override_global(names::STACK_BYTES, &settings.stack_bytes, true)
+        .override_global(globals::TARGET_TGID, &target_pid, true)
+        .override_global(globals::TASK_ID_LAYOUT, &plan.task_id_layout, true)
+        .override_global(globals::MIN_POLL_NS, &min_poll_ns, true)
+        .override_global(globals::STACK_BYTES, &settings.stack_bytes, true)
         .override_global(
-            names::POLL_END_AT_RETURN_SITES,
+            globals::POLL_END_AT_RETURN_SITES,
             &u32::from(poll_end_at_return_sites(plan)),
             true,
         )
-        .map_max_entries(names::EVENTS, settings.ring_bytes)
+        .map_max_entries(maps::EVENTS, settings.ring_bytes)
         .load(EBPF_OBJECT)
         .context("the kernel refused to load the eBPF programs")?;
-    for name in UPROBE_PROGRAMS {
+    for name in UPROBES {
         let program: &mut UProbe = program(&mut ebpf, name)?;
         program
             .load()
@@ -201,12 +176,12 @@ impl LoadedProbes {
 
     /// The ring buffer of events. Can be taken once.
     pub fn take_events(&mut self) -> Result<RingBuf<MapData>> {
-        self.take_ring(names::EVENTS)
+        self.take_ring(maps::EVENTS)
     }
 
     /// The ring buffer of stack captures. Can be taken once.
     pub fn take_stacks(&mut self) -> Result<RingBuf<MapData>> {
-        self.take_ring(names::STACKS)
+        self.take_ring(maps::STACKS)
     }
 
     fn take_ring(&mut self, name: &str) -> Result<RingBuf<MapData>> {
@@ -219,26 +194,27 @@ impl LoadedProbes {
 
     /// Events the eBPF side could not write because a ring buffer was full.
     pub fn lost_events(&self) -> Result<u64> {
-        self.per_cpu_total(names::LOST)
+        self.count(Counter::Lost)
     }
 
     /// Everything the eBPF side counted instead of recording.
-    pub fn counters(&self) -> Result<Counters> {
-        Ok(Counters {
-            lost_events: self.lost_events()?,
-            short_polls: self.per_cpu_total(names::SHORT_POLLS)?,
-            kernel_samples: self.per_cpu_total(names::KERNEL_SAMPLES)?,
+    pub fn counters(&self) -> Result<KernelCounters> {
+        Ok(KernelCounters {
+            lost_events: self.count(Counter::Lost)?,
+            short_polls: self.count(Counter::ShortPolls)?,
+            kernel_samples: self.count(Counter::KernelSamples)?,
         })
     }
 
-    /// The sum over CPUs of slot 0 of a per-CPU counter map.
-    fn per_cpu_total(&self, name: &str) -> Result<u64> {
+    /// One counter, summed over CPUs.
+    fn count(&self, counter: Counter) -> Result<u64> {
+        let name = maps::COUNTERS;
         let map = self
             .ebpf
             .map(name)
             .with_context(|| format!("the {name} map is missing"))?;
-        let counter: PerCpuArray<&MapData, u64> = PerCpuArray::try_from(map)?;
-        Ok(counter.get(&0, 0)?.iter().sum())
+        let counters: PerCpuArray<&MapData, u64> = PerCpuArray::try_from(map)?;
+        Ok(counters.get(&(counter as u32), 0)?.iter().sum())
     }
 
     /// How many probes are attached.
@@ -256,8 +232,8 @@ impl LoadedProbes {
     pub fn set_enabled(&mut self, enabled: bool) -> Result<()> {
         let map = self
             .ebpf
-            .map_mut(names::ENABLED)
-            .context("the ENABLED map is missing")?;
+            .map_mut(maps::ENABLED)
+            .with_context(|| format!("the {} map is missing", maps::ENABLED))?;
         let mut flag: Array<&mut MapData, u32> = Array::try_from(map)?;
         flag.set(0, u32::from(enabled), 0)?;
         Ok(())

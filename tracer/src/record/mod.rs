@@ -11,6 +11,8 @@
 pub mod drain;
 pub mod launch;
 pub mod loader;
+#[cfg(test)]
+mod object_names;
 pub mod preflight;
 pub mod session;
 pub mod sink;

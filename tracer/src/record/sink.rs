@@ -18,7 +18,7 @@ use tracer_timeline::task_types::{TaskName, TaskTypes};
 use tracer_timeline::timeline::Timeline;
 
 use super::drain::{Recording, Sample};
-use super::loader::Counters;
+use super::loader::KernelCounters;
 use super::stacks::StackTable;
 
 pub struct TraceSink<'a> {
@@ -159,7 +159,7 @@ impl<'a> TraceSink<'a> {
     pub fn finish(
         mut self,
         end_ns: u64,
-        counters: &Counters,
+        counters: &KernelCounters,
         costs: Costs,
         output: &Path,
         folded: Option<&Path>,
