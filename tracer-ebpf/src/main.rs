@@ -21,6 +21,10 @@
 //! `tracer_common::names` (a test of the tracer checks the built object).
 #![no_std]
 #![no_main]
+// aya-ebpf's map methods take `impl Borrow<K>`; passing the keys and values
+// by value instead of by reference copies them on the 512-byte BPF stack
+// first (measured: `await_point` grew from 190 to 198 instructions).
+#![allow(clippy::needless_borrows_for_generic_args)]
 
 mod config;
 mod emit;

@@ -35,8 +35,7 @@ pub fn target_dir() -> PathBuf {
 
 /// Installs what is missing, builds the eBPF object and returns its path.
 pub fn build(options: &Options) -> Result<PathBuf> {
-    ensure_nightly()?;
-    ensure_rust_src()?;
+    ensure_toolchain()?;
     ensure_bpf_linker(options.reinstall_bpf_linker)?;
 
     let profile = if options.debug { "debug" } else { "release" };
@@ -68,8 +67,15 @@ pub fn build(options: &Options) -> Result<PathBuf> {
     Ok(object)
 }
 
+/// Installs the nightly toolchain and its rust-src if missing: enough to
+/// check the eBPF crate (building it also needs bpf-linker).
+pub fn ensure_toolchain() -> Result<()> {
+    ensure_nightly()?;
+    ensure_rust_src()
+}
+
 /// `cargo +nightly`, able to find a bpf-linker we just installed.
-fn nightly_cargo() -> Command {
+pub fn nightly_cargo() -> Command {
     let mut cargo = cargo();
     cargo
         .arg(format!("+{NIGHTLY}"))

@@ -4,6 +4,7 @@ mod bench;
 mod cmd;
 mod demo;
 mod ebpf;
+mod lint;
 mod root;
 mod test;
 
@@ -31,6 +32,9 @@ enum Command {
     /// Build everything and trace the bundled demo service for a few seconds,
     /// writing trace.json (runs the tracer through sudo if not root).
     Demo(demo::Options),
+    /// Check formatting (rustfmt) and lints (clippy, warnings denied) of every
+    /// crate, the eBPF one included.
+    Lint,
     /// Build the eBPF object, then run `cargo test --workspace` with the test
     /// binaries run as root (through sudo if not root).
     Test(test::Options),
@@ -54,6 +58,7 @@ fn run(command: Command) -> anyhow::Result<()> {
         }
         Command::Bench(options) => bench::run(&options),
         Command::Demo(options) => demo::run(&options),
+        Command::Lint => lint::run(),
         Command::Test(options) => test::run(&options),
     }
 }
