@@ -4,7 +4,7 @@
 use std::num::NonZeroU32;
 use std::path::Path;
 
-use anyhow::{Context, Result, anyhow};
+use anyhow::{Context, Result, anyhow, bail};
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, MapData, PerCpuArray, RingBuf},
@@ -21,7 +21,24 @@ use tracer_common::{Counter, EventKind};
 use tracer_probes::{ProbePlan, ProbeSite, SiteKind, TaskArg};
 
 /// The eBPF object built by `cargo xtask build-ebpf` (see build.rs).
+#[cfg(not(ebpf_object_missing))]
 pub(super) static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(env!("TRACER_EBPF_OBJECT"));
+
+/// Built without the object (build.rs warned): [`check_object`] refuses.
+#[cfg(ebpf_object_missing)]
+pub(super) static EBPF_OBJECT: &[u8] = &[];
+
+/// Fails when this tracer was built without its eBPF object (a check-only
+/// or editor build of a fresh clone): it can list probes but not trace.
+pub fn check_object() -> Result<()> {
+    if EBPF_OBJECT.is_empty() {
+        bail!(
+            "this rt-ebpf-trace was built without its eBPF programs (the object was \
+             missing at build time): run `cargo xtask build-ebpf`, then build the tracer again"
+        );
+    }
+    Ok(())
+}
 
 /// How the eBPF side is configured for one recording.
 pub struct Settings {

@@ -24,6 +24,7 @@ struct Declared {
 }
 
 fn declared() -> Declared {
+    super::loader::check_object().expect("the tracer embeds the eBPF object");
     let file = object::File::parse(EBPF_OBJECT).expect("the embedded eBPF object is an ELF file");
     let mut declared = Declared {
         maps: BTreeSet::new(),

@@ -97,6 +97,7 @@ pub struct Outcome {
 /// Records one process into `options.output`. On any error after the output
 /// was opened, no file is left at the output path.
 pub async fn record(options: RecordOptions) -> Result<Outcome> {
+    loader::check_object()?;
     preflight::check_privileges()?;
     preflight::check_kernel(&KernelPaths::system())?;
 
