@@ -172,6 +172,119 @@ fn every_spawned_task_has_a_spawn_and_an_end() {
     );
 }
 
+/// A spawn carries its call site: the address the probed spawn function
+/// returns to. In `spawner` tokio's spawn path is inlined into `main`'s
+/// `.map(|n| tokio::spawn(…))` closure, so with line tables that address is
+/// the `tokio::spawn` line of spawner.rs.
+#[test]
+fn spawns_record_their_call_site() {
+    const TASKS: usize = 20;
+    let profile = Profile::ReleaseDebug;
+    let (trace, _) = trace_command("spawner", profile, &[&TASKS.to_string()]);
+    let call_sites: BTreeSet<u64> = events_with(&trace, "i", "spawn")
+        .iter()
+        .map(|e| {
+            let text = e["args"]["call_site"].as_str().unwrap_or("0x0");
+            u64::from_str_radix(text.trim_start_matches("0x"), 16).unwrap()
+        })
+        .collect();
+    assert!(!call_sites.is_empty(), "no spawns");
+    assert!(!call_sites.contains(&0), "a spawn without a call site");
+
+    let binary = support::fixture("spawner", profile);
+    let returns = spawn_call_returns(&binary);
+    for &call_site in &call_sites {
+        // The fixture is a position-independent executable: the address is
+        // one of the file's return addresses, moved by a page-aligned bias.
+        let biases: Vec<u64> = returns
+            .iter()
+            .map(|&ret| call_site.wrapping_sub(ret))
+            .filter(|bias| bias % 4096 == 0)
+            .collect();
+        assert_eq!(
+            biases.len(),
+            1,
+            "{call_site:#x} is not after a call of a spawn function (returns: {returns:x?})"
+        );
+        let bias = biases[0];
+        let size = std::fs::metadata(&binary).unwrap().len();
+        // The whole file mapped at the bias (any non-zero inode: a file).
+        let maps = tracer_symbolize::ProcessMaps::parse(&format!(
+            "{:x}-{:x} r-xp 00000000 00:00 1 {}\n",
+            bias,
+            bias + size.next_multiple_of(4096),
+            binary.display()
+        ));
+        let frames = tracer_symbolize::Symbolizer::new(&maps).symbolize(call_site, true);
+        let source = std::fs::read_to_string(binary_source("spawner")).unwrap();
+        let spawn_line = source
+            .lines()
+            .position(|line| line.contains("tokio::spawn("))
+            .expect("spawner.rs calls tokio::spawn") as u32
+            + 1;
+        assert!(
+            frames.iter().any(|frame| {
+                frame
+                    .file
+                    .as_deref()
+                    .is_some_and(|f| f.ends_with("spawner.rs"))
+                    && frame.line == Some(spawn_line)
+                    && frame
+                        .function
+                        .as_deref()
+                        .is_some_and(|f| f.contains("spawner::main"))
+            }),
+            "call site {call_site:#x} is not spawner.rs:{spawn_line}: {frames:#?}"
+        );
+    }
+}
+
+/// The fixture's source file of binary `name`.
+fn binary_source(name: &str) -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../tests/fixtures/src/bin")
+        .join(format!("{name}.rs"))
+}
+
+/// The return addresses (file addresses) of every direct call of a function
+/// the tracer probes for spawns, in the whole binary.
+fn spawn_call_returns(binary: &std::path::Path) -> BTreeSet<u64> {
+    use object::{Object, ObjectSection, ObjectSymbol, SymbolKind};
+    let plan = tracer_probes::discover(binary).expect("probe plan");
+    let spawn_functions: BTreeSet<u64> = plan
+        .sites
+        .iter()
+        .filter(|site| site.kind == tracer_probes::SiteKind::Spawn)
+        .map(|site| site.address)
+        .collect();
+    assert!(!spawn_functions.is_empty(), "no spawn site in {binary:?}");
+    let data = std::fs::read(binary).unwrap();
+    let file = object::File::parse(&*data).unwrap();
+    let mut returns = BTreeSet::new();
+    for symbol in file.symbols() {
+        if symbol.kind() != SymbolKind::Text || symbol.size() == 0 {
+            continue;
+        }
+        let Some(section) = symbol
+            .section_index()
+            .and_then(|i| file.section_by_index(i).ok())
+        else {
+            continue;
+        };
+        let Ok(Some(code)) = section.data_range(symbol.address(), symbol.size()) else {
+            continue;
+        };
+        for instruction in tracer_probes::disasm::instructions(code, symbol.address()) {
+            if instruction.is_call_near()
+                && spawn_functions.contains(&instruction.near_branch_target())
+            {
+                returns.insert(instruction.next_ip());
+            }
+        }
+    }
+    returns
+}
+
 #[test]
 fn spawn_blocking_work_shows_on_blocking_pool_tracks() {
     const JOBS: usize = 8;

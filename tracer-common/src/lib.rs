@@ -21,8 +21,11 @@ pub enum EventKind {
     ParkEnd = 4,
     /// A task was spawned (bound to its runtime's task list): `task` and
     /// `task_id` are the new task, `other_task_id` the task that spawned it
-    /// (0 when not spawned from a task), `addr` the address `spawn` was called
-    /// from (0 when unknown).
+    /// (0 when not spawned from a task), `addr` the call site: the address
+    /// the probed spawn function returns to (0 when it could not be read).
+    /// Where tokio's spawn path is inlined into the code calling
+    /// `tokio::spawn`, that is the caller's own code (with line tables, its
+    /// `tokio::spawn` line); otherwise it is inside tokio's `spawn`.
     Spawn = 5,
     /// A task's waker was called: `task` is the woken task's header,
     /// `other_task_id` the task running on the waking thread (0 when none:

@@ -269,10 +269,11 @@ fn site(
     let placement = image
         .bytes(address, size)
         .and_then(|bytes| {
-            // Await probes read the caller's address at [rsp]: they may move
-            // only past instructions that leave RSP and the stack alone.
+            // Await and spawn probes read the caller's address at [rsp]:
+            // they may move only past instructions that leave RSP and the
+            // stack alone.
             let mut inputs = task_arg.probe_inputs();
-            if kind == SiteKind::AwaitPoint {
+            if matches!(kind, SiteKind::AwaitPoint | SiteKind::Spawn) {
                 inputs.reads_stack = true;
             }
             placement::place_entry(bytes, address, inputs, !needs_return_probe, &context)
