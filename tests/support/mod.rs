@@ -7,8 +7,8 @@ use std::sync::OnceLock;
 
 /// The ways each fixture is built: cargo's default release profile, and fat
 /// LTO with one codegen unit and `panic = "abort"`; and the same two with
-/// line tables (`debug = "line-tables-only"`, still no frame pointers) for
-/// the tests that expect file:line in stacks.
+/// debug info (`debug = "limited"`: line tables and full function paths,
+/// still no frame pointers) for the tests that expect file:line in stacks.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Profile {
     Release,

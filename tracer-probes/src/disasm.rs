@@ -12,12 +12,17 @@ pub fn first_instruction(code: &[u8], address: u64) -> Option<String> {
     if instruction.is_invalid() {
         return None;
     }
+    Some(format_instruction(&instruction))
+}
+
+/// Intel syntax, branch targets without leading zeros: `jmp 2EF80h` rather
+/// than `jmp 000000000002EF80h` (a table column, read by people).
+pub fn format_instruction(instruction: &Instruction) -> String {
     let mut formatter = IntelFormatter::new();
-    // `jmp 2EF80h` rather than `jmp 000000000002EF80h`: a table column, read by people.
     formatter.options_mut().set_branch_leading_zeros(false);
     let mut text = String::new();
-    formatter.format(&instruction, &mut text);
-    Some(text)
+    formatter.format(instruction, &mut text);
+    text
 }
 
 /// The instructions of `code` (starting at virtual address `address`) in

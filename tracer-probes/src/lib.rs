@@ -27,20 +27,29 @@ pub use discover::discover;
 pub use placement::Cost;
 pub use table::write_table;
 
-/// Which kind of tokio function a probe site is. Poll and park sites get an
-/// entry uprobe and a uretprobe (they measure a span); the others get an
-/// entry uprobe only (they mark an instant).
+/// Which kind of tokio function a probe site is. Poll and park sites measure
+/// a span: a park gets an entry uprobe and a uretprobe; a poll gets an entry
+/// uprobe, and its end is probed where `raw::poll` returns to
+/// ([`ProbePlan::poll_returns`]), or by a uretprobe when no such place was
+/// found. The others mark an instant with one probe: an entry uprobe, or a
+/// uretprobe where the task comes back in the return value
+/// ([`TaskArg::ReturnValue`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum SiteKind {
     /// `tokio::runtime::task::raw::poll`: one task is polled once.
     Poll,
     /// A scheduler's park function: the worker has nothing to do and sleeps.
     Park,
-    /// A new task joins the runtime's owned-task list (`OwnedTasks::bind_inner`).
+    /// A new task joins the runtime's owned-task list (`OwnedTasks::bind_inner`;
+    /// where that is inlined, the schedulers' `bind_new_task` /
+    /// `current_thread::Handle::spawn`, then `OwnedTasks::bind`).
     Spawn,
     /// A task's waker is woken (`task::waker::wake_by_val` / `wake_by_ref`).
     Wake,
-    /// A task's memory is freed (`task::raw::dealloc`): the task is gone.
+    /// A task leaves its runtime's owned-task list, completed or cancelled
+    /// (`OwnedTasks::remove`); where that is inlined (fat LTO), its memory is
+    /// freed (`task::raw::dealloc`), which misses tasks freed inside tokio's
+    /// harness.
     TaskEnd,
     /// A sleeping multi-thread worker is woken (`park::Unparker::unpark`).
     Unpark,
@@ -49,7 +58,9 @@ pub enum SiteKind {
 }
 
 impl SiteKind {
-    /// Does this kind measure a span, with a uretprobe at the function's return?
+    /// Does this kind measure a span? Its sites may get a uretprobe (parks
+    /// always, polls where no return site was found), so their entry probe
+    /// stays on the first instruction.
     pub fn needs_return_probe(self) -> bool {
         matches!(self, SiteKind::Poll | SiteKind::Park)
     }
@@ -123,8 +134,6 @@ pub enum NameSource {
     Dwarf,
     /// The names of functions the `raw::poll` instance calls (or its own v0 symbol).
     Symbols,
-    /// Nothing said what it is.
-    Unknown,
 }
 
 /// One function to probe.
@@ -148,7 +157,9 @@ pub struct ProbeSite {
     pub probe_instruction: String,
     /// Whether the kernel emulates or single-steps the probed instruction.
     pub cost: Cost,
-    /// Poll and park sites: a uretprobe at `file_offset` too.
+    /// A uretprobe may go at `file_offset` too (parks, spawns read on
+    /// return, and polls when the plan has no `poll_returns`), so the entry
+    /// probe stays on the first instruction.
     pub needs_return_probe: bool,
     /// Which register the entry probe's eBPF program reads the task from.
     pub task_arg: TaskArg,

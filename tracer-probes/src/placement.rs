@@ -70,9 +70,10 @@
 mod once;
 
 use iced_x86::{
-    Code, FlowControl, Formatter, Instruction, InstructionInfoFactory, IntelFormatter, OpAccess,
-    OpKind, Register,
+    Code, FlowControl, Instruction, InstructionInfoFactory, OpAccess, OpKind, Register,
 };
+
+use crate::disasm::format_instruction;
 
 /// What the kernel does with the instruction a uprobe replaced.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -423,15 +424,6 @@ fn first_safe_emulated<'a>(
         }
     }
     None
-}
-
-/// Intel syntax, branch targets without leading zeros (`call 4C460h`).
-pub fn format_instruction(instruction: &Instruction) -> String {
-    let mut formatter = IntelFormatter::new();
-    formatter.options_mut().set_branch_leading_zeros(false);
-    let mut text = String::new();
-    formatter.format(instruction, &mut text);
-    text
 }
 
 #[cfg(test)]

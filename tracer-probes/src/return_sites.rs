@@ -38,9 +38,8 @@ use std::rc::Rc;
 
 use iced_x86::{Code, FlowControl, Instruction, InstructionInfoFactory, OpKind, Register};
 
-use crate::placement::{
-    Cost, branch_targets_inside, cost_class, format_instruction, writes, writes_register,
-};
+use crate::disasm::format_instruction;
+use crate::placement::{Cost, branch_targets_inside, cost_class, writes, writes_register};
 
 /// How many decoded instructions before a call the evaluation looks at.
 pub const WINDOW: usize = 16;

@@ -19,7 +19,8 @@ const HEADERS: [&str; COLUMNS] = [
 
 /// Writes a summary line, one row per site (kind, symbol, address, file
 /// offset of the function, where its entry probe goes (`+0x0` = the first
-/// instruction; `+ret` marks a uretprobe too), the probed instruction, its
+/// instruction; `+ret` marks a uretprobe too: parks, spawns read on return,
+/// and polls only when no return site was found), the probed instruction, its
 /// cost class, and the task type or the register the task is read from),
 /// then one `poll end` row per place `raw::poll` returns to (address = the
 /// return address, probe at = where its probe goes from there, task = the
@@ -37,7 +38,7 @@ pub fn write_table(plan: &ProbePlan, out: &mut dyn Write) -> io::Result<()> {
     let rows: Vec<[String; COLUMNS]> = plan
         .sites
         .iter()
-        .map(row)
+        .map(|site| row(site, uretprobe(plan, site)))
         .chain(plan.poll_returns.iter().map(return_row))
         .collect();
     let mut widths = HEADERS.map(str::len);
@@ -88,13 +89,18 @@ pub fn write_table(plan: &ProbePlan, out: &mut dyn Write) -> io::Result<()> {
     Ok(())
 }
 
-fn row(site: &ProbeSite) -> [String; COLUMNS] {
+/// Whether the tracer attaches a uretprobe to the site: polls end at their
+/// return sites instead when the plan has them.
+fn uretprobe(plan: &ProbePlan, site: &ProbeSite) -> bool {
+    site.needs_return_probe && !(site.kind == SiteKind::Poll && !plan.poll_returns.is_empty())
+}
+
+fn row(site: &ProbeSite, uretprobe: bool) -> [String; COLUMNS] {
     let task = match (&site.task_type, site.kind, site.task_arg) {
         (Some(task), _, _) => {
             let source = match task.source {
                 NameSource::Dwarf => "dwarf",
                 NameSource::Symbols => "symbols",
-                NameSource::Unknown => "?",
             };
             format!("{} ({source})", task.short)
         }
@@ -108,7 +114,7 @@ fn row(site: &ProbeSite) -> [String; COLUMNS] {
     let probe_at = format!(
         "+{:#x}{}",
         site.probe_offset - site.file_offset,
-        if site.needs_return_probe { " +ret" } else { "" }
+        if uretprobe { " +ret" } else { "" }
     );
     let cost = cost_name(site.cost);
     [

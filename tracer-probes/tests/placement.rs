@@ -14,7 +14,8 @@ use iced_x86::{
     OpKind, Register,
 };
 use object::{Object, ObjectSection, ObjectSymbol};
-use tracer_probes::placement::{cost_class, format_instruction, is_panic_function};
+use tracer_probes::disasm::format_instruction;
+use tracer_probes::placement::{cost_class, is_panic_function};
 use tracer_probes::{Cost, ProbePlan, ProbeSite, SiteKind, TaskArg};
 
 /// The bytes of the function at `address`: its largest symbol size, from the

@@ -20,61 +20,7 @@ mod maps;
 mod symbolize;
 mod unwind;
 
-use std::ops::Range;
-
 pub use debuginfo::{DebugFile, DebugInfoLocator};
 pub use maps::{Mapping, Module, ProcessMaps};
 pub use symbolize::{Frame, Symbolizer};
 pub use unwind::{CapturedStack, Unwinder};
-
-/// Puts back the return addresses that uretprobes replaced.
-///
-/// A uretprobe makes its function return into the kernel's `[uprobes]`
-/// trampoline, so an unwound stack shows the trampoline where the real
-/// caller was. Each address of `addresses` inside `trampoline` is replaced,
-/// in order, by the next of `real_returns` (innermost first, as the probe
-/// recorded them on function entry). Left as is when `real_returns` runs out.
-///
-/// Stacks unwound by [`Unwinder::unwind_through_uretprobes`] need no repair;
-/// this is for stacks unwound elsewhere (or by [`Unwinder::unwind`], which
-/// stops right after the trampoline).
-pub fn restore_uretprobe_returns(
-    addresses: &mut [u64],
-    trampoline: Range<u64>,
-    real_returns: &[u64],
-) {
-    let mut real_returns = real_returns.iter();
-    for address in addresses.iter_mut().filter(|a| trampoline.contains(a)) {
-        match real_returns.next() {
-            Some(&real) => *address = real,
-            None => return,
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn restores_trampoline_returns_in_order() {
-        let trampoline = 0x7fff_ffff_e000..0x7fff_ffff_f000;
-        let mut stack = [
-            0x1000,
-            0x7fff_ffff_e000,
-            0x2000,
-            0x7fff_ffff_e000,
-            0x7fff_ffff_e000,
-        ];
-        restore_uretprobe_returns(&mut stack, trampoline, &[0xaaaa, 0xbbbb]);
-        // The third trampoline frame has no real return left: kept as is.
-        assert_eq!(stack, [0x1000, 0xaaaa, 0x2000, 0xbbbb, 0x7fff_ffff_e000]);
-    }
-
-    #[test]
-    fn restore_leaves_other_addresses_alone() {
-        let mut stack = [0x1000, 0x2000];
-        restore_uretprobe_returns(&mut stack, 0x5000..0x6000, &[0xaaaa]);
-        assert_eq!(stack, [0x1000, 0x2000]);
-    }
-}

@@ -152,7 +152,7 @@ impl ProcessMaps {
 
     /// Where the kernel's uretprobe trampoline is mapped, if a uretprobe was
     /// ever hit in this process. Return addresses in here stand for the real
-    /// ones the kernel saved (see [`crate::restore_uretprobe_returns`]).
+    /// ones the kernel saved (see [`crate::Unwinder::unwind_through_uretprobes`]).
     pub fn uprobes_trampoline(&self) -> Option<Range<u64>> {
         self.uprobes.clone()
     }

@@ -10,9 +10,7 @@ use std::ffi::{c_int, c_void};
 use std::hint::black_box;
 use std::time::Instant;
 
-use tracer_symbolize::{
-    CapturedStack, ProcessMaps, Symbolizer, Unwinder, restore_uretprobe_returns,
-};
+use tracer_symbolize::{CapturedStack, ProcessMaps, Symbolizer, Unwinder};
 
 /// What the probe would capture, plus libgcc's answer for comparison.
 struct Capture {
@@ -254,14 +252,6 @@ fn unwinds_through_a_uretprobe_trampoline() {
         [all[0], all[1], trampoline],
         "no unwind info in the trampoline"
     );
-    let mut restored = stopped.clone();
-    restore_uretprobe_returns(
-        &mut restored,
-        maps.uprobes_trampoline().unwrap(),
-        &[real_return],
-    );
-    assert_eq!(restored, all[..3]);
-
     let through = unwinder.unwind_through_uretprobes(&capture.as_captured(), &[real_return]);
     assert_eq!(through, all);
 }

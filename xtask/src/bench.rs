@@ -1099,7 +1099,10 @@ fn parse_probe_table(table: &str) -> Result<Vec<Site>> {
         sites.push(Site {
             kind,
             address: cell(row, "ADDRESS").unwrap_or_default(),
-            on_return: cell(row, "PROBE AT").is_some_and(|p| p.contains("+ret")),
+            // Poll rows say `+ret` only when rt-ebpf-trace uses uretprobes
+            // for them; by hand they always need one.
+            on_return: kind == ProbeKind::Poll
+                || cell(row, "PROBE AT").is_some_and(|p| p.contains("+ret")),
             task: TaskArg::parse(&cell(row, "TASK").unwrap_or_default()),
         });
     }

@@ -93,10 +93,8 @@ impl Recorder {
         let Some(record) = ring.next() else {
             return Ok(false);
         };
-        if let Some(events) = self.spill.push(&record)? {
-            for tid in events.tids() {
-                self.note_thread(tid);
-            }
+        if let Some(tid) = self.spill.push(&record)? {
+            self.note_thread(tid);
         }
         Ok(true)
     }

@@ -54,22 +54,23 @@ impl SpillWriter {
         })
     }
 
-    /// Appends one `EVENTS` ring-buffer record: one event, or several in
-    /// order (the eBPF side may send a poll's start and end in one record).
-    /// Returns the events it holds, or None for a malformed record (counted
-    /// in [`malformed`](Self::malformed), not written): shorter than an
-    /// event, or not a whole number of events, so its fields can't be
-    /// trusted to be where we read them.
-    pub fn push<'r>(&mut self, record: &'r [u8]) -> Result<Option<RecordEvents<'r>>> {
-        let Some(events) = RecordEvents::split(record) else {
+    /// Appends one `EVENTS` ring-buffer record (the eBPF side writes one
+    /// event per record) and returns the event's thread, or None for a
+    /// malformed record (counted in [`malformed`](Self::malformed), not
+    /// written): not exactly one event long, so its fields can't be trusted
+    /// to be where we read them.
+    pub fn push(&mut self, record: &[u8]) -> Result<Option<u32>> {
+        if record.len() != EVENT_SIZE {
             self.malformed += 1;
             return Ok(None);
-        };
+        }
         self.out
             .write_all(record)
             .map_err(|err| self.io_error(err))?;
-        self.events += events.count() as u64;
-        Ok(Some(events))
+        self.events += 1;
+        const TID: usize = std::mem::offset_of!(Event, tid);
+        let tid = u32::from_ne_bytes(record[TID..TID + 4].try_into().expect("4 bytes"));
+        Ok(Some(tid))
     }
 
     /// Events written so far.
@@ -107,30 +108,6 @@ impl SpillWriter {
             "writing the temporary event file in {}: {err}",
             self.dir.display()
         )
-    }
-}
-
-/// The events of one well-formed ring-buffer record, each as its bytes.
-pub struct RecordEvents<'r>(std::slice::ChunksExact<'r, u8>);
-
-impl<'r> RecordEvents<'r> {
-    fn split(record: &'r [u8]) -> Option<Self> {
-        if record.is_empty() || !record.len().is_multiple_of(EVENT_SIZE) {
-            return None;
-        }
-        Some(RecordEvents(record.chunks_exact(EVENT_SIZE)))
-    }
-
-    /// How many events the record holds (at least one).
-    pub fn count(&self) -> usize {
-        self.0.len()
-    }
-
-    /// The thread of each event, without decoding the rest.
-    pub fn tids(self) -> impl Iterator<Item = u32> + 'r {
-        const TID: usize = std::mem::offset_of!(Event, tid);
-        self.0
-            .map(|event| u32::from_ne_bytes(event[TID..TID + 4].try_into().expect("4 bytes")))
     }
 }
 
@@ -226,27 +203,10 @@ mod tests {
         for event in &events {
             let record = bytes(std::slice::from_ref(event));
             let pushed = spill.push(&record).expect("push");
-            assert_eq!(pushed.map(|events| events.count()), Some(1));
+            assert_eq!(pushed, Some(event.tid));
         }
         assert_eq!(spill.events(), 1000);
         assert_eq!(read_all(spill), events);
-    }
-
-    #[test]
-    fn a_record_of_several_events_holds_them_in_order() {
-        let pair = [event(10, 1, 1), event(20, 1, 2)];
-        let mut spill = writer();
-        spill.push(&bytes(&[event(5, 2, 3)])).expect("push");
-        let record = bytes(&pair);
-        let tids: Vec<u32> = spill
-            .push(&record)
-            .expect("push")
-            .expect("well formed")
-            .tids()
-            .collect();
-        assert_eq!(tids, [1, 1]);
-        assert_eq!(spill.events(), 3);
-        assert_eq!(read_all(spill), [event(5, 2, 3), pair[0], pair[1]]);
     }
 
     #[test]
@@ -260,11 +220,10 @@ mod tests {
                 .is_none()
         );
         assert!(spill.push(&[]).expect("push").is_none());
-        // One and a half events: where the second one's fields are is unknown.
-        let mut ragged = bytes(&[event(2, 1, 1), event(3, 1, 2)]);
-        ragged.truncate(EVENT_SIZE + EVENT_SIZE / 2);
-        assert!(spill.push(&ragged).expect("push").is_none());
-        spill.push(&whole).expect("push");
+        // Longer than an event: not something the eBPF side writes.
+        let two = bytes(&[event(2, 1, 1), event(3, 1, 2)]);
+        assert!(spill.push(&two).expect("push").is_none());
+        assert_eq!(spill.push(&whole).expect("push"), Some(1));
         assert_eq!((spill.events(), spill.malformed()), (1, 3));
         assert_eq!(read_all(spill), [event(1, 1, 1)]);
     }

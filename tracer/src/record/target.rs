@@ -19,7 +19,9 @@ pub struct Target {
     pub exe: PathBuf,
     /// `comm` of the process, for the trace's process name.
     pub name: String,
-    /// Set when we launched the command ourselves.
+    /// Set when we launched the command ourselves. A command launched but
+    /// never released does not linger, held forever: dropping a
+    /// [`HeldChild`] closes its pipe and it exits.
     child: Option<Child>,
     exit: AsyncFd<OwnedFd>,
 }
@@ -139,16 +141,6 @@ impl Target {
     /// Whether we started the process (and so own its lifetime).
     pub fn launched(&self) -> bool {
         self.child.is_some()
-    }
-}
-
-impl Drop for Target {
-    fn drop(&mut self) {
-        // A command we launched but never released must not linger, held
-        // forever: dropping the held child closes its pipe and it exits.
-        if let Some(Child::Held(_)) = &self.child {
-            self.child = None;
-        }
     }
 }
 
