@@ -15,23 +15,24 @@ use crate::emit::{Detail, emit};
 /// Entry of a worker's park function.
 #[uprobe]
 pub fn park_start(ctx: ProbeContext) -> u32 {
-    let Some(tid) = target_thread() else { return 0 };
-    let detail = Detail {
-        site: attach_cookie(&ctx) as u32,
-        ..Detail::default()
-    };
-    emit(EventKind::ParkStart, tid, detail);
+    park_event(EventKind::ParkStart, attach_cookie(&ctx));
     0
 }
 
 /// Return of a worker's park function.
 #[uretprobe]
 pub fn park_end(ctx: RetProbeContext) -> u32 {
-    let Some(tid) = target_thread() else { return 0 };
+    park_event(EventKind::ParkEnd, attach_cookie(&ctx));
+    0
+}
+
+/// Sends a park's start or end at the park site the cookie names.
+#[inline(always)]
+fn park_event(kind: EventKind, cookie: u64) {
+    let Some(tid) = target_thread() else { return };
     let detail = Detail {
-        site: attach_cookie(&ctx) as u32,
+        site: cookie as u32,
         ..Detail::default()
     };
-    emit(EventKind::ParkEnd, tid, detail);
-    0
+    emit(kind, tid, detail);
 }
