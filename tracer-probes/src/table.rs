@@ -92,7 +92,10 @@ pub fn write_table(plan: &ProbePlan, out: &mut dyn Write) -> io::Result<()> {
 /// Whether the tracer attaches a uretprobe to the site: polls end at their
 /// return sites instead when the plan has them.
 fn uretprobe(plan: &ProbePlan, site: &ProbeSite) -> bool {
-    site.needs_return_probe && !(site.kind == SiteKind::Poll && !plan.poll_returns.is_empty())
+    match site.kind {
+        SiteKind::Poll => plan.poll_returns.is_empty(),
+        _ => site.needs_return_probe,
+    }
 }
 
 fn row(site: &ProbeSite, uretprobe: bool) -> [String; COLUMNS] {
