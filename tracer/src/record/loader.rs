@@ -16,7 +16,11 @@ use aya::{
         uprobe::{UProbeAttachLocation, UProbeAttachPoint, UProbeLinkId, UProbeScope},
     },
 };
-use tracer_common::names::{globals, maps, programs::*};
+use tracer_common::names::programs::{
+    AWAIT_POINT, PARK_END, PARK_START, POLL_END, POLL_RETURNED, POLL_START, SAMPLE,
+    TASK_EVENT_ARG0, TASK_EVENT_ARG1, TASK_EVENT_ARG1_DEREF, TASK_EVENT_RET, THREAD_EVENT, UPROBES,
+};
+use tracer_common::names::{globals, maps};
 use tracer_common::{Counter, EventKind};
 use tracer_probes::{ProbePlan, ProbeSite, SiteKind, TaskArg};
 
