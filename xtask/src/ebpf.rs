@@ -130,6 +130,12 @@ fn ensure_nightly() -> Result<()> {
 }
 
 fn ensure_rust_src() -> Result<()> {
+    ensure_nightly_component("rust-src")
+}
+
+/// Installs a component of the nightly toolchain if it is missing (the
+/// toolchain is installed with the minimal profile).
+pub fn ensure_nightly_component(component: &str) -> Result<()> {
     let installed = cmd::output(Command::new("rustup").args([
         "component",
         "list",
@@ -137,14 +143,21 @@ fn ensure_rust_src() -> Result<()> {
         NIGHTLY,
         "--installed",
     ]))?;
-    // Installed components are listed with their target, e.g.
-    // `rust-src` or `rust-std-x86_64-unknown-linux-gnu`; rust-src has none.
-    if !installed.lines().any(|line| line.trim() == "rust-src") {
-        step("installing rust-src for the nightly toolchain");
+    // Installed components are listed with their target, e.g. `rust-src`
+    // or `clippy-x86_64-unknown-linux-gnu`.
+    let present = installed.lines().any(|line| {
+        let line = line.trim();
+        line == component
+            || line
+                .strip_prefix(component)
+                .is_some_and(|rest| rest.starts_with('-'))
+    });
+    if !present {
+        step(&format!("installing {component} for the nightly toolchain"));
         cmd::run(Command::new("rustup").args([
             "component",
             "add",
-            "rust-src",
+            component,
             "--toolchain",
             NIGHTLY,
         ]))?;

@@ -28,6 +28,9 @@ pub fn run() -> Result<()> {
         failed.push("rustfmt (workspace)".to_owned());
     }
     ebpf::ensure_toolchain()?;
+    for component in ["rustfmt", "clippy"] {
+        ebpf::ensure_nightly_component(component)?;
+    }
     for dir in OUTSIDE_WORKSPACE {
         step(&format!("rustfmt: {dir}"));
         // Each directory's rust-toolchain.toml (if any) picks the toolchain.
