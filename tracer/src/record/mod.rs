@@ -8,6 +8,7 @@
 //! render the trace from the spill file ([`sink`]), with the stacks
 //! symbolized at the end ([`stacks`]).
 
+pub mod detach;
 pub mod drain;
 pub mod launch;
 pub mod loader;

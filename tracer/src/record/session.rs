@@ -2,6 +2,7 @@
 //! until a stop condition, then render the trace from it and finalize.
 
 use std::ffi::OsString;
+use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
 use std::process::ExitStatus;
 use std::time::Duration;
@@ -10,6 +11,8 @@ use anyhow::{Context, Result, anyhow};
 use tokio::signal::unix::{SignalKind, signal};
 use tracer_timeline::chrome::ChromeTraceWriter;
 use tracer_timeline::summary::Summary;
+
+use crate::output_file::{OutputFile, Temporary};
 
 use super::drain::Recorder;
 use super::loader;
@@ -115,12 +118,18 @@ pub async fn record(options: RecordOptions) -> Result<Outcome> {
     for warning in &plan.warnings {
         log::warn!("{warning}");
     }
-    let mut writer = ChromeTraceWriter::create(&options.output)?;
+    // Every output is checked, and can be written, before anything is attached.
+    let output = OutputFile::check(&options.output)?;
+    let folded = options
+        .folded
+        .as_deref()
+        .map(OutputFile::check)
+        .transpose()?;
+    let trace = output.temporary()?;
+    let trace_name = trace.name;
+    let mut writer = ChromeTraceWriter::new(trace.file, output.path())?;
     // Next to the trace, on the file system that must hold the trace anyway.
-    let spill = SpillWriter::create_in(directory_of(&options.output))?;
-    if let Some(folded) = &options.folded {
-        check_writable_dir(folded)?;
-    }
+    let spill = SpillWriter::create_in(&output.scratch_dir())?;
 
     let loading = std::time::Instant::now();
     let mut probes = loader::load(&plan, target.pid, &options.settings)?;
@@ -227,13 +236,28 @@ pub async fn record(options: RecordOptions) -> Result<Outcome> {
         recording_cpu_ns,
         render_ms,
     };
-    let summary = sink.finish(
+    let scratch = output.temporary()?;
+    let scratch_inode = scratch.file.metadata()?.ino();
+    let mut folded_file = folded.as_ref().map(OutputFile::temporary).transpose()?;
+    let (mut summary, trace_file) = sink.finish(
         end_ns,
         &counters,
         costs,
-        &options.output,
-        options.folded.as_deref(),
+        scratch.file,
+        folded_file.as_mut().map(|folded| &mut folded.file),
     )?;
+    // The writer's first file became the trace unless the stacks were
+    // resolved into the scratch file; the other one is dropped unnamed.
+    let resolved = trace_file.metadata()?.ino() == scratch_inode;
+    let trace = Temporary {
+        file: trace_file,
+        name: if resolved { scratch.name } else { trace_name },
+    };
+    summary.trace_bytes = output.publish(trace)?;
+    summary.output = Some(options.output.clone());
+    if let (Some(folded), Some(file)) = (&folded, folded_file) {
+        folded.publish(file)?;
+    }
     target.terminate_launched(Duration::from_secs(5)).await;
     let command_status = target.exit_status();
     Ok(Outcome {
@@ -243,27 +267,6 @@ pub async fn record(options: RecordOptions) -> Result<Outcome> {
         short_polls: counters.short_polls,
         detaching,
     })
-}
-
-/// Fails early, before anything is attached, if `path` can't be created.
-fn check_writable_dir(path: &std::path::Path) -> Result<()> {
-    let dir = directory_of(path);
-    if !dir.is_dir() {
-        return Err(anyhow!(
-            "cannot write {}: {} is not a directory",
-            path.display(),
-            dir.display()
-        ));
-    }
-    Ok(())
-}
-
-/// The directory a file is (to be) in.
-fn directory_of(path: &std::path::Path) -> &std::path::Path {
-    match path.parent() {
-        Some(dir) if !dir.as_os_str().is_empty() => dir,
-        _ => std::path::Path::new("."),
-    }
 }
 
 /// CLOCK_MONOTONIC in ns: the clock `bpf_ktime_get_ns` reads.
