@@ -19,6 +19,7 @@ pub mod spill;
 pub mod stacks;
 pub mod status;
 pub mod target;
+pub mod trace_size;
 
 pub use loader::Settings;
 pub use session::{Mode, Outcome, RecordOptions, StopReason, TargetSpec, record};

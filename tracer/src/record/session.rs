@@ -21,6 +21,7 @@ use super::sink::{Costs, TraceSink};
 use super::spill::SpillWriter;
 use super::status::StatusLine;
 use super::target::Target;
+use super::trace_size::{SizeCheck, SizeWatch};
 
 /// How often the ring buffers are drained. At 1M events/s of 56 bytes, the
 /// default 16 MiB ring buffer holds ~300 ms: far more than this.
@@ -65,6 +66,8 @@ pub struct RecordOptions {
     pub sample_hz: Option<u64>,
     /// Where to write the samples as folded stacks, if anywhere.
     pub folded: Option<PathBuf>,
+    /// Stop recording when the trace is estimated to reach this size.
+    pub max_size: Option<u64>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -73,6 +76,8 @@ pub enum StopReason {
     Interrupted,
     Terminated,
     TargetExited,
+    /// The trace reached `--max-size` (estimated).
+    MaxSize,
 }
 
 impl std::fmt::Display for StopReason {
@@ -82,6 +87,7 @@ impl std::fmt::Display for StopReason {
             StopReason::Interrupted => "interrupted (Ctrl-C)",
             StopReason::Terminated => "terminated (SIGTERM/SIGHUP)",
             StopReason::TargetExited => "the target exited",
+            StopReason::MaxSize => "the trace reached --max-size (estimated from the events)",
         })
     }
 }
@@ -169,6 +175,7 @@ pub async fn record(options: RecordOptions) -> Result<Outcome> {
 
     let mut recorder = Recorder::new(target.pid, spill);
     let mut status = StatusLine::new();
+    let mut size = SizeWatch::new(options.max_size);
     let mut status_tick = tokio::time::interval(Duration::from_millis(500));
     // The probes don't wake the tracer (that would cost the target an
     // interrupt per event): it drains on this tick. A backlog is drained in
@@ -190,6 +197,14 @@ pub async fn record(options: RecordOptions) -> Result<Outcome> {
                 if recorder.drain_batch(&mut ring)? {
                     // More is waiting: come back without waiting a tick.
                     drain_tick.reset_immediately();
+                }
+                match size.check(recorder.events()) {
+                    SizeCheck::Fine => {}
+                    SizeCheck::Warn(message) => {
+                        status.clear();
+                        log::warn!("{message}");
+                    }
+                    SizeCheck::Stop => break StopReason::MaxSize,
                 }
                 recorder.drain_stacks(&mut stack_ring);
                 if let Some(logger) = &mut ebpf_logger {
