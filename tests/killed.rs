@@ -97,16 +97,27 @@ fn sigkill_during_the_stop_leaves_no_breakpoint_and_no_file() {
         "the target's code differs from its file before tracing"
     );
     let mut failures = Vec::new();
-    for delay_ms in [0u64, 200, 500, 1000] {
-        let dir = scratch_dir(&format!("killed-{delay_ms}"));
+    // None: killed while recording, no SIGINT at all.
+    for delay_ms in [
+        None,
+        Some(0u64),
+        Some(50),
+        Some(200),
+        Some(500),
+        Some(1000),
+        Some(2000),
+    ] {
+        let dir = scratch_dir(&format!("killed-{delay_ms:?}"));
         let mut child = start_tracing(&fixture, &dir.join("trace.json"));
         std::thread::sleep(Duration::from_millis(500));
         assert!(
             !patched_code(fixture.pid(), &fixture.path).is_empty(),
             "no probe is visible in the target's code while tracing"
         );
-        signal(&child, libc::SIGINT);
-        std::thread::sleep(Duration::from_millis(delay_ms));
+        if let Some(delay_ms) = delay_ms {
+            signal(&child, libc::SIGINT);
+            std::thread::sleep(Duration::from_millis(delay_ms));
+        }
         signal(&child, libc::SIGKILL);
         child.wait().unwrap();
         // Removing probes takes the kernel seconds; wait for it, with a
@@ -120,7 +131,7 @@ fn sigkill_during_the_stop_leaves_no_breakpoint_and_no_file() {
         if !patched.is_empty() {
             let int3 = patched.iter().filter(|(_, byte)| *byte == 0xcc).count();
             failures.push(format!(
-                "killed {delay_ms} ms after SIGINT: {} bytes still differ ({int3} are 0xCC), e.g. {:x?}",
+                "killed {delay_ms:?} ms after SIGINT: {} bytes still differ ({int3} are 0xCC), e.g. {:x?}",
                 patched.len(),
                 &patched[..patched.len().min(4)]
             ));
@@ -133,12 +144,12 @@ fn sigkill_during_the_stop_leaves_no_breakpoint_and_no_file() {
             .collect();
         if !left.is_empty() {
             failures.push(format!(
-                "killed {delay_ms} ms after SIGINT: left {left:?} in the output directory"
+                "killed {delay_ms:?} ms after SIGINT: left {left:?} in the output directory"
             ));
         }
         assert!(
             trace_alive(fixture.pid()),
-            "the target died after the tracer was killed {delay_ms} ms after SIGINT"
+            "the target died after the tracer was killed {delay_ms:?} ms after SIGINT"
         );
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));

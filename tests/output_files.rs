@@ -13,6 +13,8 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, symlink};
 use std::path::Path;
 use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use support::Profile;
 use trace::{Fixture, Trace, describe, require_root, run, scratch_dir, tracer};
@@ -35,6 +37,34 @@ fn mkfifo(path: &Path) {
     let name = CString::new(path.as_os_str().as_bytes()).unwrap();
     // SAFETY: a valid C string.
     assert_eq!(unsafe { libc::mkfifo(name.as_ptr(), 0o666) }, 0);
+}
+
+/// Reads what is written into a FIFO until its writer closes it, or, if
+/// nothing ever came, until the tracer is done (a tracer that replaced the
+/// FIFO never writes into it).
+fn read_fifo(fifo: &Path, tracer_done: &AtomicBool) -> String {
+    use std::os::unix::fs::OpenOptionsExt;
+    // Non-blocking: opening a FIFO for reading waits for a writer.
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(fifo)
+        .unwrap();
+    let mut bytes = Vec::new();
+    let mut buffer = [0u8; 1 << 16];
+    loop {
+        match file.read(&mut buffer) {
+            Ok(0) if !bytes.is_empty() => break,
+            Ok(0) if tracer_done.load(Ordering::Relaxed) => break,
+            Ok(0) => std::thread::sleep(std::time::Duration::from_millis(10)),
+            Ok(n) => bytes.extend_from_slice(&buffer[..n]),
+            Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => {
+                std::thread::sleep(std::time::Duration::from_millis(10))
+            }
+            Err(err) => panic!("reading the FIFO: {err}"),
+        }
+    }
+    String::from_utf8(bytes).unwrap()
 }
 
 /// The names in `dir`, sorted.
@@ -124,25 +154,22 @@ fn devices_and_fifos_are_written_into_never_replaced() {
     mknod(&null, libc::S_IFCHR, 1, 3);
     let fifo = dir.join("fifo");
     mkfifo(&fifo);
+    let tracer_done = Arc::new(AtomicBool::new(false));
     let reader = {
         let fifo = fifo.clone();
-        std::thread::spawn(move || {
-            let mut text = String::new();
-            std::fs::File::open(&fifo)
-                .unwrap()
-                .read_to_string(&mut text)
-                .unwrap();
-            text
-        })
+        let tracer_done = tracer_done.clone();
+        std::thread::spawn(move || read_fifo(&fifo, &tracer_done))
     };
     let result = run(short_trace(&fixture)
         .arg("-o")
         .arg(&fifo)
         .arg("--folded")
         .arg(&null));
+    tracer_done.store(true, Ordering::Relaxed);
+    let text = reader.join().unwrap();
     assert!(result.status.success(), "{}", describe(&result));
     let trace: serde_json::Value =
-        serde_json::from_str(&reader.join().unwrap()).expect("a whole trace through the FIFO");
+        serde_json::from_str(&text).expect("a whole trace through the FIFO");
     assert!(trace["metadata"].is_object());
     let null_meta = std::fs::symlink_metadata(&null).unwrap();
     assert!(
