@@ -184,3 +184,160 @@ fn target_exits_during_attach() {
         assert!(!output.exists());
     }
 }
+
+/// Runs the tracer with `args` and checks it failed cleanly: exit code 2
+/// (clap's usage error) or 1 (our own error), a message, no panic.
+fn fails_cleanly(args: &[&str]) -> String {
+    let result = trace::wait_with_limit(
+        tracer()
+            .args(args)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap(),
+        std::time::Duration::from_secs(20),
+    );
+    let stderr = String::from_utf8_lossy(&result.stderr).into_owned();
+    assert!(
+        matches!(result.status.code(), Some(1 | 2)),
+        "{args:?}: {}",
+        describe(&result)
+    );
+    assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+    assert!(stderr.contains("error"), "{args:?}: {}", describe(&result));
+    stderr
+}
+
+#[test]
+fn no_option_value_panics() {
+    // The pid can't exist, so a value that is accepted fails right after.
+    let base = ["--pid", "4194304", "-o", "/nonexistent-dir/trace.json"];
+    let numbers = [
+        "1e20",
+        "1e308",
+        "-1e20",
+        "inf",
+        "-inf",
+        "NaN",
+        "-1",
+        "0",
+        "-0",
+        "1e-20",
+        "",
+        " ",
+        "18446744073709551616",
+        "99999999999999999999999h",
+        "4294967296K",
+        "9223372036854775807s",
+        "1e15",
+        "1.5.5",
+        "0x10",
+        "16MM",
+        "1GiGiB",
+        "٣",
+        "9999999999999999999999999999999G",
+    ];
+    let options = [
+        "--duration",
+        "--min-poll",
+        "--ring-buffer-size",
+        "--stack-size",
+        "--sample-hz",
+        "--max-size",
+        "--pid",
+    ];
+    for option in options {
+        for value in numbers {
+            let mut args: Vec<&str> = base.to_vec();
+            if option == "--pid" {
+                args.drain(..2);
+            }
+            args.extend([option, value]);
+            fails_cleanly(&args);
+        }
+    }
+    for args in [
+        &["--pid", "4194304", "-o", ""][..],
+        &["--pid", "4194304", "--folded", ""],
+        &["--pid", "4194304", "--mode", "nonsense"],
+        &["probes"],
+        &["probes", "--binary", ""],
+        &["probes", "--pid", "0"],
+        &["probes", "--pid", "4194304"],
+    ] {
+        fails_cleanly(args);
+    }
+}
+
+#[test]
+fn probes_needs_a_regular_file() {
+    let dir = scratch_dir("probes-special-files");
+    let fifo = dir.join("fifo");
+    let name = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: a valid C string.
+    assert_eq!(unsafe { libc::mkfifo(name.as_ptr(), 0o600) }, 0);
+    for binary in ["/dev/zero", fifo.to_str().unwrap(), dir.to_str().unwrap()] {
+        let stderr = fails_cleanly(&["probes", "--binary", binary]);
+        assert!(stderr.contains(binary), "{stderr}");
+        assert!(stderr.contains("not a regular file"), "{stderr}");
+    }
+}
+
+/// Runs `command` with every capability dropped except `keep`.
+fn with_only_capabilities(keep: &[&str], command: &[&str]) -> Command {
+    let script = command
+        .iter()
+        .map(|arg| format!("'{arg}'"))
+        .collect::<Vec<_>>()
+        .join(" ");
+    let last_cap: u32 = std::fs::read_to_string("/proc/sys/kernel/cap_last_cap")
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let drop: Vec<String> = (0..=last_cap)
+        .map(|cap| format!("{cap}"))
+        .filter(|cap| !keep.contains(&cap.as_str()))
+        .collect();
+    let mut capsh = Command::new("capsh");
+    capsh
+        .arg(format!("--drop={}", drop.join(",")))
+        .args(["--", "-c", &script]);
+    capsh
+}
+
+#[test]
+fn a_missing_capability_is_named_before_anything_is_attached() {
+    require_root();
+    let fixture = Fixture::start("multi_worker", Profile::Release, 30.0);
+    let dir = scratch_dir("capabilities");
+    let output = dir.join("trace.json");
+    let exe = env!("CARGO_BIN_EXE_rt-ebpf-trace");
+    let pid = fixture.pid().to_string();
+    let record = [
+        exe,
+        "--pid",
+        &pid,
+        "-d",
+        "1s",
+        "-v",
+        "-o",
+        output.to_str().unwrap(),
+    ];
+    // CAP_BPF (39) and CAP_PERFMON (38) are not enough on this kernel; the
+    // uprobe perf events need CAP_SYS_ADMIN (21).
+    let stderr = expect_failure(
+        &mut with_only_capabilities(&["38", "39", "19"], &record),
+        &output,
+    );
+    assert!(stderr.contains("CAP_SYS_ADMIN"), "{stderr}");
+    assert!(!stderr.contains("could not attach"), "{stderr}");
+    // Another user's process (this one has capabilities the tracer lacks):
+    // reading its executable needs CAP_SYS_PTRACE (19).
+    let stderr = expect_failure(&mut with_only_capabilities(&["21"], &record), &output);
+    assert!(stderr.contains("CAP_SYS_PTRACE"), "{stderr}");
+    // CAP_SYS_ADMIN and CAP_SYS_PTRACE are enough.
+    let result = run(&mut with_only_capabilities(&["21", "19"], &record));
+    assert!(result.status.success(), "{}", describe(&result));
+    trace::Trace::load(&output);
+}

@@ -18,10 +18,44 @@ use crate::{
 /// tokio keeps `id_offset` in the task vtable from this version on.
 const FIRST_VERSION_WITH_ID_IN_VTABLE: (u64, u64, u64) = (1, 23, 0);
 
+/// Larger than any executable we would trace (debug builds of big programs
+/// are a few hundred MB); a bound on what a mistaken path makes us read.
+const MAX_EXECUTABLE_BYTES: u64 = 8 << 30;
+
+/// Reads an executable: a regular file (a device or FIFO would be read
+/// without end, or block), of a sane size.
+fn read_executable(binary: &Path) -> anyhow::Result<Vec<u8>> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let shown = binary.display();
+    // Not blocking: opening a FIFO for reading waits for a writer.
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(binary)
+        .with_context(|| format!("cannot read {shown}"))?;
+    let meta = file
+        .metadata()
+        .with_context(|| format!("cannot read {shown}"))?;
+    if !meta.is_file() {
+        bail!("{shown} is not a regular file, so it is not an executable to trace");
+    }
+    if meta.len() > MAX_EXECUTABLE_BYTES {
+        bail!(
+            "{shown} is {} bytes, more than the {MAX_EXECUTABLE_BYTES} an executable is taken to be",
+            meta.len()
+        );
+    }
+    let mut data = Vec::with_capacity(meta.len() as usize);
+    file.take(MAX_EXECUTABLE_BYTES)
+        .read_to_end(&mut data)
+        .with_context(|| format!("cannot read {shown}"))?;
+    Ok(data)
+}
+
 /// Finds the probe sites of the tokio program at `binary`.
 pub fn discover(binary: &Path) -> anyhow::Result<ProbePlan> {
-    let data =
-        std::fs::read(binary).with_context(|| format!("cannot read {}", binary.display()))?;
+    let data = read_executable(binary)?;
     let file = parse_x86_64_elf(binary, &data)?;
     let image = Image::new(&data, &file);
     let symbols = SymbolTable::read(&file);

@@ -10,17 +10,16 @@
 //!
 //! A recording can run for minutes and produce millions of events, so events
 //! are written as they come, one per line, through a single large buffer;
-//! nothing is kept in memory. The file is written to `<path>.partial` and only
-//! renamed to `<path>` by [`ChromeTraceWriter::finish`], so a file at `<path>`
-//! is always complete, valid JSON. A writer dropped without `finish` (an
-//! error, a panic) deletes its `.partial` file.
+//! nothing is kept in memory. The writer writes into a file it is given (the
+//! tracer gives it an unnamed temporary file) and hands it back, complete, from
+//! [`ChromeTraceWriter::finish`]: giving the file its name, so that a name only
+//! ever shows a complete, valid trace, is the caller's job.
 
-use std::ffi::OsString;
-use std::fs::{self, File};
-use std::io::{self, BufWriter, Write};
+use std::fs::File;
+use std::io::{self, BufWriter, Seek, Write};
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result, anyhow, bail};
+use anyhow::{Context, Result};
 use serde_json::Value;
 
 /// Large enough that writes reach the kernel in big chunks even at millions
@@ -30,14 +29,10 @@ const BUFFER_BYTES: usize = 1 << 20;
 const HEADER: &[u8] = br#"{"displayTimeUnit":"ns","traceEvents":["#;
 
 pub struct ChromeTraceWriter {
-    /// Where the finished trace goes.
+    /// Where the finished trace goes, for error messages.
     path: PathBuf,
-    /// Where it is written until it is finished.
-    partial_path: PathBuf,
     out: BufWriter<File>,
     events_written: u64,
-    /// Set once the rename succeeded, so `Drop` leaves the file alone.
-    finished: bool,
     /// Whether any [`deferred`](Self::deferred) value was written, so that
     /// `finish_resolving` must rewrite the file.
     has_deferred: bool,
@@ -49,24 +44,14 @@ const DEFERRED_OPEN: &str = "@@deferred:";
 const DEFERRED_CLOSE: &str = "@@";
 
 impl ChromeTraceWriter {
-    /// Creates `<path>.partial` now, so an unwritable output fails before any
-    /// probe is attached.
-    pub fn create(path: &Path) -> Result<Self> {
-        if path.is_dir() {
-            bail!(
-                "cannot write trace file {}: it is a directory",
-                path.display()
-            );
-        }
-        let partial_path = partial_path_for(path);
-        let file = File::create(&partial_path)
-            .map_err(|err| anyhow!("cannot create trace file {}: {err}", partial_path.display()))?;
+    /// Starts a trace in `file` (empty, open for reading and writing: the
+    /// deferred values are resolved by reading it back). `path` is where the
+    /// trace will be published, for error messages.
+    pub fn new(file: File, path: &Path) -> Result<Self> {
         let mut writer = Self {
             path: path.to_owned(),
-            partial_path,
             out: BufWriter::with_capacity(BUFFER_BYTES, file),
             events_written: 0,
-            finished: false,
             has_deferred: false,
         };
         writer.write_with(|out| out.write_all(HEADER))?;
@@ -236,9 +221,9 @@ impl ChromeTraceWriter {
     }
 
     /// Closes the event array, adds a top-level `"metadata"` value (lost
-    /// events, tracer version, target, ...), flushes, fsyncs and renames the
-    /// file to its final path. Returns the size of the file in bytes.
-    pub fn finish(mut self, metadata: &Value) -> Result<u64> {
+    /// events, tracer version, target, ...), flushes, and returns the file,
+    /// now a complete trace.
+    pub fn finish(mut self, metadata: &Value) -> Result<File> {
         self.write_with(|out| {
             out.write_all(
                 br#"
@@ -246,26 +231,12 @@ impl ChromeTraceWriter {
             )?;
             serde_json::to_writer(&mut *out, metadata)?;
             out.write_all(b"}\n")?;
-            out.flush()?;
-            // The trace is the whole point of the run: make sure it is on
-            // disk before it appears under its final name.
-            out.get_ref().sync_all()
+            out.flush()
         })?;
-        let bytes = self
-            .out
-            .get_ref()
-            .metadata()
-            .with_context(|| format!("reading the size of {}", self.partial_path.display()))?
-            .len();
-        fs::rename(&self.partial_path, &self.path).with_context(|| {
-            format!(
-                "renaming {} to {}",
-                self.partial_path.display(),
-                self.path.display()
-            )
-        })?;
-        self.finished = true;
-        Ok(bytes)
+        let path = self.path.clone();
+        self.out.into_inner().map_err(|err| {
+            anyhow::anyhow!("writing trace file {}: {}", path.display(), err.error())
+        })
     }
 
     /// A placeholder for a value only known after recording (a symbolized
@@ -279,34 +250,29 @@ impl ChromeTraceWriter {
 
     /// Like [`finish`](Self::finish), but first replaces every
     /// [`deferred`](Self::deferred) placeholder with `resolve(key)`, in one
-    /// streaming pass over the written events (memory stays flat).
+    /// streaming pass over the written events (memory stays flat) into
+    /// `scratch` (another empty file), which is completed and returned.
     pub fn finish_resolving(
         mut self,
         metadata: &Value,
         resolve: &mut dyn FnMut(&str) -> Value,
-    ) -> Result<u64> {
+        scratch: File,
+    ) -> Result<File> {
         if !self.has_deferred {
             return self.finish(metadata);
         }
         self.write_with(|out| out.flush())?;
-        let resolved_path = {
-            let mut path = OsString::from(self.partial_path.as_os_str());
-            path.push("2");
-            PathBuf::from(path)
-        };
-        let result = resolve_deferred(&self.partial_path, &resolved_path, resolve);
-        if let Err(err) = result {
-            let _ = fs::remove_file(&resolved_path);
-            return Err(err);
-        }
-        // The resolved copy becomes the file `finish` completes and renames.
-        let file = fs::OpenOptions::new()
-            .append(true)
-            .open(&resolved_path)
-            .with_context(|| format!("reopening {}", resolved_path.display()))?;
-        let _ = fs::remove_file(&self.partial_path);
-        self.partial_path = resolved_path;
-        self.out = BufWriter::with_capacity(BUFFER_BYTES, file);
+        let written = std::mem::replace(
+            &mut self.out,
+            BufWriter::with_capacity(BUFFER_BYTES, scratch),
+        );
+        let mut written = written
+            .into_inner()
+            .map_err(|err| err.into_error())
+            .and_then(|mut file| file.rewind().map(|()| file))
+            .with_context(|| format!("reading back trace file {}", self.path.display()))?;
+        resolve_deferred(&mut written, &mut self.out, resolve)
+            .with_context(|| format!("writing trace file {}", self.path.display()))?;
         self.has_deferred = false;
         self.finish(metadata)
     }
@@ -341,27 +307,19 @@ impl ChromeTraceWriter {
         &mut self,
         write: impl FnOnce(&mut BufWriter<File>) -> io::Result<()>,
     ) -> Result<()> {
-        write(&mut self.out)
-            .with_context(|| format!("writing trace file {}", self.partial_path.display()))
+        write(&mut self.out).with_context(|| format!("writing trace file {}", self.path.display()))
     }
 }
 
-impl Drop for ChromeTraceWriter {
-    /// Never leave a half-written trace behind. (Best effort: there is no one
-    /// to report a failure to.)
-    fn drop(&mut self) {
-        if !self.finished {
-            let _ = fs::remove_file(&self.partial_path);
-        }
-    }
-}
-
-/// Copies `from` to `to` line by line, replacing each `"@@deferred:KEY@@"`
-/// JSON string with the JSON of `resolve(KEY)`.
-fn resolve_deferred(from: &Path, to: &Path, resolve: &mut dyn FnMut(&str) -> Value) -> Result<()> {
+/// Copies `from` to `output` line by line, replacing each
+/// `"@@deferred:KEY@@"` JSON string with the JSON of `resolve(KEY)`.
+fn resolve_deferred(
+    from: &mut File,
+    output: &mut BufWriter<File>,
+    resolve: &mut dyn FnMut(&str) -> Value,
+) -> Result<()> {
     use std::io::BufRead;
-    let input = io::BufReader::with_capacity(BUFFER_BYTES, File::open(from)?);
-    let mut output = BufWriter::with_capacity(BUFFER_BYTES, File::create(to)?);
+    let input = io::BufReader::with_capacity(BUFFER_BYTES, from);
     let open = format!("\"{DEFERRED_OPEN}");
     let close = format!("{DEFERRED_CLOSE}\"");
     for line in input.split(b'\n') {
@@ -373,7 +331,10 @@ fn resolve_deferred(from: &Path, to: &Path, resolve: &mut dyn FnMut(&str) -> Val
                 break;
             };
             output.write_all(&rest.as_bytes()[..start])?;
-            serde_json::to_writer(&mut output, &resolve(&rest[key_start..key_start + key_len]))?;
+            serde_json::to_writer(
+                &mut *output,
+                &resolve(&rest[key_start..key_start + key_len]),
+            )?;
             rest = rest[key_start + key_len + close.len()..].to_string();
         }
         output.write_all(rest.as_bytes())?;
@@ -381,13 +342,6 @@ fn resolve_deferred(from: &Path, to: &Path, resolve: &mut dyn FnMut(&str) -> Val
     }
     output.flush()?;
     Ok(())
-}
-
-/// `<path>.partial`, built on the raw OS string so non-UTF-8 paths work.
-fn partial_path_for(path: &Path) -> PathBuf {
-    let mut partial = OsString::from(path.as_os_str());
-    partial.push(".partial");
-    PathBuf::from(partial)
 }
 
 /// Nanoseconds shown as microseconds with exactly three decimals (the trace
@@ -405,8 +359,24 @@ impl std::fmt::Display for Micros {
 mod tests {
     use serde_json::json;
 
+    use std::fs;
+
     use super::*;
     use crate::test_util::TempDir;
+
+    /// A writer into a named file (the tracer gives it an unnamed one).
+    fn create(path: &Path) -> ChromeTraceWriter {
+        ChromeTraceWriter::new(new_file(path), path).unwrap()
+    }
+
+    fn new_file(path: &Path) -> File {
+        fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(path)
+            .unwrap()
+    }
 
     fn read_json(path: &Path) -> Value {
         let text = fs::read_to_string(path).expect("read trace");
@@ -417,21 +387,26 @@ mod tests {
     fn deferred_values_are_resolved_at_the_end() {
         let dir = TempDir::new();
         let path = dir.join("trace.json");
-        let mut writer = ChromeTraceWriter::create(&path).unwrap();
+        let mut writer = create(&path);
         for key in ["a", "b", "a"] {
             let stack = writer.deferred(key);
             let args = serde_json::json!({ "stack": stack, "other": "@@not deferred" });
             writer.instant(1, 2, "sample", "sample", 10, &args).unwrap();
         }
         let mut asked = Vec::new();
+        let resolved = dir.join("resolved.json");
         writer
-            .finish_resolving(&serde_json::json!({}), &mut |key| {
-                asked.push(key.to_string());
-                serde_json::json!([format!("frame of {key}"), "main"])
-            })
+            .finish_resolving(
+                &serde_json::json!({}),
+                &mut |key| {
+                    asked.push(key.to_string());
+                    serde_json::json!([format!("frame of {key}"), "main"])
+                },
+                new_file(&resolved),
+            )
             .unwrap();
         assert_eq!(asked, ["a", "b", "a"]);
-        let trace: Value = serde_json::from_str(&fs::read_to_string(&path).unwrap()).unwrap();
+        let trace: Value = serde_json::from_str(&fs::read_to_string(&resolved).unwrap()).unwrap();
         let stacks: Vec<&Value> = trace["traceEvents"]
             .as_array()
             .unwrap()
@@ -440,18 +415,13 @@ mod tests {
             .collect();
         assert_eq!(stacks[1], &serde_json::json!(["frame of b", "main"]));
         assert_eq!(trace["traceEvents"][0]["args"]["other"], "@@not deferred");
-        let leftovers: Vec<_> = fs::read_dir(dir.path())
-            .unwrap()
-            .map(|e| e.unwrap().file_name())
-            .collect();
-        assert_eq!(leftovers.len(), 1, "{leftovers:?}");
     }
 
     #[test]
     fn writes_a_trace_perfetto_can_read() {
         let dir = TempDir::new();
         let path = dir.join("trace.json");
-        let mut writer = ChromeTraceWriter::create(&path).unwrap();
+        let mut writer = create(&path);
         writer.process_name(42, "my \"server\"").unwrap();
         writer
             .thread_name(42, 43, "tokio-runtime-worker", 1)
@@ -478,17 +448,14 @@ mod tests {
             )
             .unwrap();
         assert_eq!(writer.events_written(), 5);
-        assert!(
-            !path.exists(),
-            "nothing appears at the final path before finish"
-        );
 
-        let bytes = writer
+        let file = writer
             .finish(&json!({"lost_events": 0, "tracer": "rt-ebpf-trace"}))
             .unwrap();
-
-        assert!(!dir.join("trace.json.partial").exists());
-        assert_eq!(bytes, fs::metadata(&path).unwrap().len());
+        assert_eq!(
+            file.metadata().unwrap().len(),
+            fs::metadata(&path).unwrap().len()
+        );
         let trace = read_json(&path);
         assert_eq!(trace["displayTimeUnit"], "ns");
         assert_eq!(trace["metadata"]["tracer"], "rt-ebpf-trace");
@@ -537,78 +504,11 @@ mod tests {
     }
 
     #[test]
-    fn dropping_without_finish_leaves_no_file() {
-        let dir = TempDir::new();
-        let path = dir.join("trace.json");
-        let mut writer = ChromeTraceWriter::create(&path).unwrap();
-        assert!(
-            dir.join("trace.json.partial").exists(),
-            "create() makes the partial file right away"
-        );
-        writer
-            .complete(1, 1, "poll", "poll", 0, 10, &json!({}))
-            .unwrap();
-        drop(writer);
-        assert!(!path.exists());
-        assert!(!dir.join("trace.json.partial").exists());
-    }
-
-    #[test]
-    fn finish_replaces_an_older_trace() {
-        let dir = TempDir::new();
-        let path = dir.join("trace.json");
-        fs::write(&path, "old").unwrap();
-        let writer = ChromeTraceWriter::create(&path).unwrap();
-        writer.finish(&json!({})).unwrap();
-        let trace = read_json(&path);
-        assert_eq!(trace["traceEvents"], json!([]));
-    }
-
-    #[test]
-    fn create_in_a_missing_directory_names_the_path() {
-        let dir = TempDir::new();
-        let path = dir.join("no-such-dir").join("trace.json");
-        let err = ChromeTraceWriter::create(&path)
-            .err()
-            .expect("cannot create in a missing directory");
-        let message = format!("{err:#}");
-        assert!(message.contains(&path.display().to_string()), "{message}");
-        assert!(message.contains("No such file or directory"), "{message}");
-    }
-
-    #[test]
-    fn create_in_an_unwritable_place_fails() {
-        let dir = TempDir::new();
-        // A regular file used as a directory: fails even when the tests run
-        // as root, which a read-only directory would not.
-        let not_a_dir = dir.join("file");
-        fs::write(&not_a_dir, "").unwrap();
-        let path = not_a_dir.join("trace.json");
-        let message = format!(
-            "{:#}",
-            ChromeTraceWriter::create(&path).err().expect("must fail")
-        );
-        assert!(message.contains(&path.display().to_string()), "{message}");
-        assert!(message.contains("Not a directory"), "{message}");
-
-        let message = format!(
-            "{:#}",
-            ChromeTraceWriter::create(dir.path())
-                .err()
-                .expect("a directory is not a trace file")
-        );
-        assert!(
-            message.contains(&dir.path().display().to_string()),
-            "{message}"
-        );
-    }
-
-    #[test]
     fn a_million_events_stream_to_disk() {
         const EVENTS: u64 = 1_000_000;
         let dir = TempDir::new();
         let path = dir.join("big.json");
-        let mut writer = ChromeTraceWriter::create(&path).unwrap();
+        let mut writer = create(&path);
         let args = json!({"task_id": 1});
         for i in 0..EVENTS {
             writer

@@ -515,7 +515,8 @@ fn summary_shows_delay_percentiles_per_type_and_worker() {
 fn chrome_flows_pair_up_and_bind_to_slices() {
     let dir = TempDir::new();
     let path = dir.join("flows.json");
-    let mut writer = ChromeTraceWriter::create(&path).unwrap();
+    let file = std::fs::File::create(&path).unwrap();
+    let mut writer = ChromeTraceWriter::new(file, &path).unwrap();
     let mut renderer = TraceRenderer::new(42, 1_000, types());
     let mut timeline = Timeline::with_task_types(types());
     let mut events = ping_pong(4);

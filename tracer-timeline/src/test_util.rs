@@ -1,7 +1,7 @@
 //! Helpers shared by the tests.
 
 use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU32, Ordering};
 
 use tracer_common::{Event, EventKind};
@@ -42,10 +42,6 @@ impl TempDir {
         let dir = std::env::temp_dir().join(name);
         fs::create_dir_all(&dir).expect("create temp dir");
         Self(dir)
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.0
     }
 
     pub fn join(&self, name: &str) -> PathBuf {

@@ -99,6 +99,12 @@ pub struct RecordArgs {
     #[arg(long, default_value = "16M", value_parser = parse_ring_size)]
     pub ring_buffer_size: u32,
 
+    /// Stop recording when the trace would reach about this size (e.g.
+    /// 500M, 2G), with a whole trace and the summary saying why. The
+    /// Perfetto UI opens JSON traces up to about 1 GB.
+    #[arg(long, value_name = "SIZE", value_parser = parse_max_size)]
+    pub max_size: Option<u64>,
+
     /// Launch this command and trace it from its first poll. If it is still
     /// running when tracing stops, it is sent SIGTERM.
     #[arg(last = true, value_name = "COMMAND")]
@@ -126,6 +132,30 @@ fn parse_stack_size(text: &str) -> Result<u32, String> {
     Ok(bytes & !7)
 }
 
+/// Parses a file size: "500M", "2G", "1048576", 64K to 1T.
+fn parse_max_size(text: &str) -> Result<u64, String> {
+    let text = text.trim();
+    let digits_end = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(digits_end);
+    let number: u64 = number
+        .parse()
+        .map_err(|_| format!("'{text}' is not a size (try 500M or 2G)"))?;
+    let multiplier: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" | "kib" => 1 << 10,
+        "m" | "mb" | "mib" => 1 << 20,
+        "g" | "gb" | "gib" => 1 << 30,
+        "t" | "tb" | "tib" => 1 << 40,
+        other => return Err(format!("unknown size unit '{other}' (use K, M, G or T)")),
+    };
+    match number.checked_mul(multiplier) {
+        Some(bytes) if (64 << 10..=1 << 40).contains(&bytes) => Ok(bytes),
+        _ => Err(format!("the size must be between 64K and 1T, not {text}")),
+    }
+}
+
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ModeArg {
     Full,
@@ -133,15 +163,25 @@ pub enum ModeArg {
     Polls,
 }
 
+/// The longest duration taken: far beyond any trace, and far from where
+/// adding it to a clock reading could overflow.
+const MAX_DURATION: Duration = Duration::from_secs(366 * 24 * 3600);
+
+/// Parses "10s", "500ms", "2m" or a number of seconds ("1.5"), more than
+/// zero and at most a year.
 fn parse_duration(text: &str) -> Result<Duration, String> {
-    let duration = match text.parse::<f64>() {
-        Ok(seconds) if seconds.is_finite() && seconds >= 0.0 => Duration::from_secs_f64(seconds),
-        _ => {
+    let duration = match text.trim().parse::<f64>() {
+        Ok(seconds) => Duration::try_from_secs_f64(seconds)
+            .map_err(|_| format!("'{text}' is not a duration in seconds"))?,
+        Err(_) => {
             humantime::parse_duration(text).map_err(|err| format!("{err} (try 10s, 500ms, 2m)"))?
         }
     };
     if duration.is_zero() {
         return Err("the duration must be more than zero".into());
+    }
+    if duration > MAX_DURATION {
+        return Err("the duration must be at most a year (366d)".into());
     }
     Ok(duration)
 }
@@ -189,11 +229,31 @@ mod tests {
     }
 
     #[test]
+    fn max_sizes_take_units() {
+        assert_eq!(parse_max_size("2M"), Ok(2 << 20));
+        assert_eq!(parse_max_size("1G"), Ok(1 << 30));
+        for bad in ["1k", "2T", "99999999999999G", "lots", "-1M", ""] {
+            assert!(parse_max_size(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
     fn durations_take_units_or_seconds() {
         assert_eq!(parse_duration("10s"), Ok(Duration::from_secs(10)));
         assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
         assert_eq!(parse_duration("1.5"), Ok(Duration::from_millis(1500)));
         assert!(parse_duration("0s").is_err());
         assert!(parse_duration("soon").is_err());
+        for huge in [
+            "1e20",
+            "1e308",
+            "inf",
+            "NaN",
+            "-1",
+            "400d",
+            "99999999999999999999h",
+        ] {
+            assert!(parse_duration(huge).is_err(), "{huge}");
+        }
     }
 }

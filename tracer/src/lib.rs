@@ -10,4 +10,5 @@
 //!   writes the Perfetto-readable file and the summary;
 //! - `tracer-symbolize` unwinds the captured stacks and names their frames.
 
+pub mod output_file;
 pub mod record;

@@ -91,6 +91,7 @@ fn run_record(args: RecordArgs) -> Result<ExitCode> {
         },
         sample_hz,
         folded: args.folded,
+        max_size: args.max_size,
     };
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()

@@ -24,6 +24,8 @@ use tracer_common::names::{globals, maps};
 use tracer_common::{Counter, EventKind};
 use tracer_probes::{ProbePlan, ProbeSite, SiteKind, TaskArg};
 
+use super::detach::Detacher;
+
 /// The eBPF object built by `cargo xtask build-ebpf` (see build.rs).
 #[cfg(not(ebpf_object_missing))]
 pub(super) static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(env!("TRACER_EBPF_OBJECT"));
@@ -260,13 +262,43 @@ impl LoadedProbes {
         Ok(())
     }
 
-    /// Detaches the probes on a thread of its own, after recording was
-    /// turned off: it takes seconds and the results need not wait for it.
+    /// Detaches the probes after recording was turned off: it takes seconds
+    /// and the results need not wait for it. The kernel's work is done by a
+    /// forked child's exit, which a kill of the tracer can't interrupt
+    /// (see [`detach`](super::detach)); the handle waits for it.
     pub fn detach_in_background(mut self) -> std::thread::JoinHandle<()> {
-        std::thread::spawn(move || {
-            self.detach();
-            drop(self);
-        })
+        match Detacher::fork() {
+            Ok(detacher) => {
+                // The child holds every probe too: dropping ours is instant.
+                self.drop_links();
+                drop(self);
+                std::thread::spawn(move || detacher.release())
+            }
+            Err(err) => {
+                log::warn!(
+                    "could not fork the process that removes the probes ({err:#}); \
+                     removing them here, where killing the tracer can leak them"
+                );
+                std::thread::spawn(move || {
+                    self.detach();
+                    drop(self);
+                })
+            }
+        }
+    }
+
+    /// Drops every link, in turn.
+    fn drop_links(&mut self) {
+        for (name, link) in self.links.drain(..) {
+            if let Ok(program) = program(&mut self.ebpf, name) {
+                drop(program.take_link(link));
+            }
+        }
+        if let Ok(sampler) = sampler(&mut self.ebpf) {
+            for link in std::mem::take(&mut self.sampling) {
+                drop(sampler.take_link(link));
+            }
+        }
     }
 
     /// Detaches every probe; the maps stay readable.

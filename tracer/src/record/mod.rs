@@ -8,6 +8,7 @@
 //! render the trace from the spill file ([`sink`]), with the stacks
 //! symbolized at the end ([`stacks`]).
 
+pub mod detach;
 pub mod drain;
 pub mod launch;
 pub mod loader;
@@ -20,6 +21,7 @@ pub mod spill;
 pub mod stacks;
 pub mod status;
 pub mod target;
+pub mod trace_size;
 
 pub use loader::Settings;
 pub use session::{Mode, Outcome, RecordOptions, StopReason, TargetSpec, record};

@@ -2,6 +2,7 @@
 //! until a stop condition, then render the trace from it and finalize.
 
 use std::ffi::OsString;
+use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
 use std::process::ExitStatus;
 use std::time::Duration;
@@ -11,6 +12,8 @@ use tokio::signal::unix::{SignalKind, signal};
 use tracer_timeline::chrome::ChromeTraceWriter;
 use tracer_timeline::summary::Summary;
 
+use crate::output_file::{OutputFile, Temporary};
+
 use super::drain::Recorder;
 use super::loader;
 use super::preflight::{self, KernelPaths};
@@ -18,6 +21,7 @@ use super::sink::{Costs, TraceSink};
 use super::spill::SpillWriter;
 use super::status::StatusLine;
 use super::target::Target;
+use super::trace_size::{SizeCheck, SizeWatch};
 
 /// How often the ring buffers are drained. At 1M events/s of 56 bytes, the
 /// default 16 MiB ring buffer holds ~300 ms: far more than this.
@@ -62,6 +66,8 @@ pub struct RecordOptions {
     pub sample_hz: Option<u64>,
     /// Where to write the samples as folded stacks, if anywhere.
     pub folded: Option<PathBuf>,
+    /// Stop recording when the trace is estimated to reach this size.
+    pub max_size: Option<u64>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -70,6 +76,8 @@ pub enum StopReason {
     Interrupted,
     Terminated,
     TargetExited,
+    /// The trace reached `--max-size` (estimated).
+    MaxSize,
 }
 
 impl std::fmt::Display for StopReason {
@@ -79,6 +87,7 @@ impl std::fmt::Display for StopReason {
             StopReason::Interrupted => "interrupted (Ctrl-C)",
             StopReason::Terminated => "terminated (SIGTERM/SIGHUP)",
             StopReason::TargetExited => "the target exited",
+            StopReason::MaxSize => "the trace reached --max-size (estimated from the events)",
         })
     }
 }
@@ -116,12 +125,18 @@ pub async fn record(options: RecordOptions) -> Result<Outcome> {
     for warning in &plan.warnings {
         log::warn!("{warning}");
     }
-    let mut writer = ChromeTraceWriter::create(&options.output)?;
+    // Every output is checked, and can be written, before anything is attached.
+    let output = OutputFile::check(&options.output)?;
+    let folded = options
+        .folded
+        .as_deref()
+        .map(OutputFile::check)
+        .transpose()?;
+    let trace = output.temporary()?;
+    let trace_name = trace.name;
+    let mut writer = ChromeTraceWriter::new(trace.file, output.path())?;
     // Next to the trace, on the file system that must hold the trace anyway.
-    let spill = SpillWriter::create_in(directory_of(&options.output))?;
-    if let Some(folded) = &options.folded {
-        check_writable_dir(folded)?;
-    }
+    let spill = SpillWriter::create_in(&output.scratch_dir())?;
 
     let loading = std::time::Instant::now();
     let mut probes = loader::load(&plan, target.pid, &options.settings)?;
@@ -161,6 +176,7 @@ pub async fn record(options: RecordOptions) -> Result<Outcome> {
 
     let mut recorder = Recorder::new(target.pid, spill);
     let mut status = StatusLine::new();
+    let mut size = SizeWatch::new(options.max_size);
     let mut status_tick = tokio::time::interval(Duration::from_millis(500));
     // The probes don't wake the tracer (that would cost the target an
     // interrupt per event): it drains on this tick. A backlog is drained in
@@ -182,6 +198,14 @@ pub async fn record(options: RecordOptions) -> Result<Outcome> {
                 if recorder.drain_batch(&mut ring)? {
                     // More is waiting: come back without waiting a tick.
                     drain_tick.reset_immediately();
+                }
+                match size.check(recorder.events()) {
+                    SizeCheck::Fine => {}
+                    SizeCheck::Warn(message) => {
+                        status.clear();
+                        log::warn!("{message}");
+                    }
+                    SizeCheck::Stop => break StopReason::MaxSize,
                 }
                 recorder.drain_stacks(&mut stack_ring);
                 if let Some(logger) = &mut ebpf_logger {
@@ -228,13 +252,28 @@ pub async fn record(options: RecordOptions) -> Result<Outcome> {
         recording_cpu_ns,
         render_ms,
     };
-    let summary = sink.finish(
+    let scratch = output.temporary()?;
+    let scratch_inode = scratch.file.metadata()?.ino();
+    let mut folded_file = folded.as_ref().map(OutputFile::temporary).transpose()?;
+    let (mut summary, trace_file) = sink.finish(
         end_ns,
         &counters,
         costs,
-        &options.output,
-        options.folded.as_deref(),
+        scratch.file,
+        folded_file.as_mut().map(|folded| &mut folded.file),
     )?;
+    // The writer's first file became the trace unless the stacks were
+    // resolved into the scratch file; the other one is dropped unnamed.
+    let resolved = trace_file.metadata()?.ino() == scratch_inode;
+    let trace = Temporary {
+        file: trace_file,
+        name: if resolved { scratch.name } else { trace_name },
+    };
+    summary.trace_bytes = output.publish(trace)?;
+    summary.output = Some(options.output.clone());
+    if let (Some(folded), Some(file)) = (&folded, folded_file) {
+        folded.publish(file)?;
+    }
     target.terminate_launched(Duration::from_secs(5)).await;
     let command_status = target.exit_status();
     Ok(Outcome {
@@ -244,27 +283,6 @@ pub async fn record(options: RecordOptions) -> Result<Outcome> {
         short_polls: counters.short_polls,
         detaching,
     })
-}
-
-/// Fails early, before anything is attached, if `path` can't be created.
-fn check_writable_dir(path: &std::path::Path) -> Result<()> {
-    let dir = directory_of(path);
-    if !dir.is_dir() {
-        return Err(anyhow!(
-            "cannot write {}: {} is not a directory",
-            path.display(),
-            dir.display()
-        ));
-    }
-    Ok(())
-}
-
-/// The directory a file is (to be) in.
-fn directory_of(path: &std::path::Path) -> &std::path::Path {
-    match path.parent() {
-        Some(dir) if !dir.as_os_str().is_empty() => dir,
-        _ => std::path::Path::new("."),
-    }
 }
 
 /// CLOCK_MONOTONIC in ns: the clock `bpf_ktime_get_ns` reads.

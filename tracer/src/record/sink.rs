@@ -4,9 +4,9 @@
 //! is attributed to its task's type as the events up to it describe it.
 
 use std::collections::HashMap;
-use std::path::Path;
+use std::fs::File;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use serde_json::json;
 use tracer_common::{Event, EventKind};
 use tracer_probes::ProbePlan;
@@ -155,15 +155,18 @@ impl<'a> TraceSink<'a> {
     }
 
     /// Closes what is still open at `end_ns`, writes the trace's last
-    /// events and metadata, and returns the summary.
+    /// events and metadata, and returns the summary (without the trace's
+    /// size) and the finished trace: `scratch` (an empty file) when the
+    /// stacks' placeholders had to be resolved, the writer's file otherwise.
+    /// Writes the folded stacks into `folded` if given.
     pub fn finish(
         mut self,
         end_ns: u64,
         counters: &KernelCounters,
         costs: Costs,
-        output: &Path,
-        folded: Option<&Path>,
-    ) -> Result<Summary> {
+        scratch: File,
+        folded: Option<&mut File>,
+    ) -> Result<(Summary, File)> {
         self.timeline.finish(end_ns, &mut self.outputs);
         self.renderer
             .write_all(&mut self.outputs, &mut self.writer)?;
@@ -220,13 +223,15 @@ impl<'a> TraceSink<'a> {
         let scheduler = SchedulerSummary::from_timeline(&self.timeline, self.renderer.task_types());
         let types = self.renderer.task_types().clone();
         let symbolized = self.stacks.symbolize(&|site| types.short_name(site));
-        let trace_bytes = self
-            .writer
-            .finish_resolving(&metadata, &mut |key| symbolized.resolve(key))?;
+        let trace =
+            self.writer
+                .finish_resolving(&metadata, &mut |key| symbolized.resolve(key), scratch)?;
         if let Some(folded) = folded {
-            symbolized.write_folded(folded)?;
+            symbolized
+                .write_folded(folded)
+                .context("writing the folded stacks")?;
         }
-        Ok(Summary {
+        let summary = Summary {
             start_ns: self.start_ns,
             duration_ns,
             workers,
@@ -234,10 +239,11 @@ impl<'a> TraceSink<'a> {
             lost_events: counters.lost_events,
             unmatched_ends: self.timeline.unmatched_ends(),
             abandoned_polls: self.timeline.abandoned(),
-            output: Some(output.to_path_buf()),
-            trace_bytes,
+            output: None,
+            trace_bytes: 0,
             scheduler,
-        })
+        };
+        Ok((summary, trace))
     }
 }
 

@@ -305,9 +305,7 @@ impl Symbolized {
 
     /// Writes `task;outermost;…;innermost count` lines, the collapsed-stack
     /// format flamegraph tools read.
-    pub fn write_folded(&self, path: &Path) -> Result<()> {
-        let file =
-            std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
+    pub fn write_folded(&self, file: &mut std::fs::File) -> std::io::Result<()> {
         let mut out = std::io::BufWriter::new(file);
         let mut lines: Vec<(String, u64)> = self
             .folded

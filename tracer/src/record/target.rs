@@ -46,6 +46,14 @@ impl Target {
             if !proc_dir.exists() {
                 bail!("process {pid} exited before tracing could start");
             }
+            if err.kind() == std::io::ErrorKind::PermissionDenied {
+                bail!(
+                    "can't read the executable of process {pid} ({}: {err}): tracing a process \
+                     of another user, or one with capabilities the tracer lacks, needs the \
+                     capability CAP_SYS_PTRACE (root has it); run it with sudo",
+                    exe.display()
+                );
+            }
             bail!(
                 "can't read the executable of process {pid} ({}: {err}): \
                  it is a kernel thread, it is exiting, or you lack permission",

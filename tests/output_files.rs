@@ -1,0 +1,322 @@
+//! What the tracer, running as root, does to the file system: it writes
+//! only what it was asked to write, never follows a planted name, never
+//! replaces a device or FIFO, checks every output path before attaching, and
+//! leaves its files private to the user who asked for them.
+
+mod support;
+#[path = "support/trace.rs"]
+mod trace;
+
+use std::ffi::CString;
+use std::io::Read;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{FileTypeExt, MetadataExt, symlink};
+use std::path::Path;
+use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use support::Profile;
+use trace::{Fixture, Trace, describe, require_root, run, scratch_dir, tracer};
+
+/// The tracer, tracing `fixture` for a moment.
+fn short_trace(fixture: &Fixture) -> Command {
+    let mut command = tracer();
+    command.args(["--pid", &fixture.pid().to_string(), "-d", "1s"]);
+    command
+}
+
+fn mknod(path: &Path, mode: libc::mode_t, major: u32, minor: u32) {
+    let name = CString::new(path.as_os_str().as_bytes()).unwrap();
+    // SAFETY: a valid C string.
+    let rc = unsafe { libc::mknod(name.as_ptr(), mode | 0o666, libc::makedev(major, minor)) };
+    assert_eq!(rc, 0, "mknod {}", path.display());
+}
+
+fn mkfifo(path: &Path) {
+    let name = CString::new(path.as_os_str().as_bytes()).unwrap();
+    // SAFETY: a valid C string.
+    assert_eq!(unsafe { libc::mkfifo(name.as_ptr(), 0o666) }, 0);
+}
+
+/// Reads what is written into a FIFO until its writer closes it, or, if
+/// nothing ever came, until the tracer is done (a tracer that replaced the
+/// FIFO never writes into it).
+fn read_fifo(fifo: &Path, tracer_done: &AtomicBool) -> String {
+    use std::os::unix::fs::OpenOptionsExt;
+    // Non-blocking: opening a FIFO for reading waits for a writer.
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(fifo)
+        .unwrap();
+    let mut bytes = Vec::new();
+    let mut buffer = [0u8; 1 << 16];
+    loop {
+        match file.read(&mut buffer) {
+            Ok(0) if !bytes.is_empty() => break,
+            Ok(0) if tracer_done.load(Ordering::Relaxed) => break,
+            Ok(0) => std::thread::sleep(std::time::Duration::from_millis(10)),
+            Ok(n) => bytes.extend_from_slice(&buffer[..n]),
+            Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => {
+                std::thread::sleep(std::time::Duration::from_millis(10))
+            }
+            Err(err) => panic!("reading the FIFO: {err}"),
+        }
+    }
+    String::from_utf8(bytes).unwrap()
+}
+
+/// The names in `dir`, sorted.
+fn names_in(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+#[test]
+fn planted_symlinks_redirect_nothing_and_outputs_are_private_to_the_sudo_user() {
+    require_root();
+    let fixture = Fixture::start("multi_worker", Profile::Release, 60.0);
+    let dir = scratch_dir("planted-symlinks");
+    let victims = scratch_dir("planted-symlinks-victims");
+    // A user who owns the working directory plants names the tracer might
+    // create, pointing at files root can write and they can't.
+    let planted = [
+        "trace.json",
+        "trace.json.partial",
+        "trace.json.partial2",
+        "folded.txt",
+        "folded.txt.partial",
+    ];
+    for name in planted {
+        let victim = victims.join(name);
+        std::fs::write(&victim, "precious").unwrap();
+        symlink(&victim, dir.join(name)).unwrap();
+    }
+    let output = dir.join("trace.json");
+    let folded = dir.join("folded.txt");
+    let result = run(short_trace(&fixture)
+        .arg("-o")
+        .arg(&output)
+        .arg("--folded")
+        .arg(&folded)
+        .env("SUDO_UID", "65534")
+        .env("SUDO_GID", "65533"));
+    assert!(result.status.success(), "{}", describe(&result));
+    for name in planted {
+        assert_eq!(
+            std::fs::read_to_string(victims.join(name)).unwrap(),
+            "precious",
+            "the tracer wrote through the planted {name}"
+        );
+    }
+    for path in [&output, &folded] {
+        let meta = std::fs::symlink_metadata(path).unwrap();
+        assert!(
+            meta.file_type().is_file(),
+            "{} is not a regular file",
+            path.display()
+        );
+        assert_eq!(meta.mode() & 0o777, 0o600, "{} mode", path.display());
+        assert_eq!(
+            (meta.uid(), meta.gid()),
+            (65534, 65533),
+            "{}",
+            path.display()
+        );
+    }
+    Trace::load(&output);
+    // The planted temporary names are still the user's symlinks, untouched;
+    // nothing else was left.
+    assert_eq!(
+        names_in(&dir),
+        [
+            "folded.txt",
+            "folded.txt.partial",
+            "trace.json",
+            "trace.json.partial",
+            "trace.json.partial2"
+        ]
+    );
+}
+
+#[test]
+fn devices_and_fifos_are_written_into_never_replaced() {
+    require_root();
+    let fixture = Fixture::start("multi_worker", Profile::Release, 60.0);
+    let dir = scratch_dir("special-outputs");
+    // A device like /dev/null, made here so a bug can't break the machine's.
+    let null = dir.join("null");
+    mknod(&null, libc::S_IFCHR, 1, 3);
+    let fifo = dir.join("fifo");
+    mkfifo(&fifo);
+    let tracer_done = Arc::new(AtomicBool::new(false));
+    let reader = {
+        let fifo = fifo.clone();
+        let tracer_done = tracer_done.clone();
+        std::thread::spawn(move || read_fifo(&fifo, &tracer_done))
+    };
+    let result = run(short_trace(&fixture)
+        .arg("-o")
+        .arg(&fifo)
+        .arg("--folded")
+        .arg(&null));
+    tracer_done.store(true, Ordering::Relaxed);
+    let text = reader.join().unwrap();
+    assert!(result.status.success(), "{}", describe(&result));
+    let trace: serde_json::Value =
+        serde_json::from_str(&text).expect("a whole trace through the FIFO");
+    assert!(trace["metadata"].is_object());
+    let null_meta = std::fs::symlink_metadata(&null).unwrap();
+    assert!(
+        null_meta.file_type().is_char_device(),
+        "the device was replaced"
+    );
+    assert_eq!(null_meta.rdev(), libc::makedev(1, 3));
+    assert!(
+        std::fs::symlink_metadata(&fifo)
+            .unwrap()
+            .file_type()
+            .is_fifo()
+    );
+    assert_eq!(names_in(&dir), ["fifo", "null"]);
+}
+
+#[test]
+fn the_trace_can_go_to_stdout() {
+    require_root();
+    let fixture = Fixture::start("multi_worker", Profile::Release, 60.0);
+    let dir = scratch_dir("stdout");
+    // `> out.txt`: stdout is a regular file in another directory.
+    let out = dir.join("out.txt");
+    let _turn = trace::tracer_turn();
+    let child = short_trace(&fixture)
+        .args(["-o", "/dev/stdout"])
+        .stdout(std::fs::File::create(&out).unwrap())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let result = trace::wait_with_limit(child, std::time::Duration::from_secs(120));
+    assert!(result.status.success(), "{}", describe(&result));
+    let stdout = std::fs::read_to_string(&out).unwrap();
+    // The trace first, then the summary.
+    let mut values = serde_json::Deserializer::from_str(&stdout).into_iter::<serde_json::Value>();
+    let trace = values
+        .next()
+        .expect("a trace on stdout")
+        .expect("valid JSON");
+    let end = values.byte_offset();
+    assert!(
+        trace["traceEvents"]
+            .as_array()
+            .is_some_and(|e| !e.is_empty())
+    );
+    assert!(stdout[end..].contains("stopped:"), "{stdout}");
+    let link = std::fs::symlink_metadata("/dev/stdout").unwrap();
+    assert!(link.file_type().is_symlink(), "/dev/stdout was replaced");
+    assert_eq!(names_in(&dir), ["out.txt"]);
+}
+
+#[test]
+fn a_block_device_is_refused_before_attaching() {
+    require_root();
+    let fixture = Fixture::start("multi_worker", Profile::Release, 60.0);
+    let dir = scratch_dir("block-device");
+    let disk = dir.join("disk");
+    mknod(&disk, libc::S_IFBLK, 7, 0);
+    let result = run(short_trace(&fixture).arg("-o").arg(&disk));
+    let stderr = String::from_utf8_lossy(&result.stderr);
+    assert!(!result.status.success(), "{}", describe(&result));
+    assert!(stderr.contains("block device"), "{}", describe(&result));
+    assert!(stderr.contains(&*disk.to_string_lossy()), "{stderr}");
+    assert!(
+        std::fs::symlink_metadata(&disk)
+            .unwrap()
+            .file_type()
+            .is_block_device()
+    );
+    assert_eq!(names_in(&dir), ["disk"]);
+}
+
+#[test]
+fn bad_output_paths_are_refused_before_attaching() {
+    require_root();
+    let fixture = Fixture::start("multi_worker", Profile::Release, 60.0);
+    let dir = scratch_dir("bad-output-paths");
+    let too_long = dir.join(format!("{}.json", "t".repeat(252)));
+    let a_directory = dir.join("a-directory");
+    std::fs::create_dir(&a_directory).unwrap();
+    let cases: [(&str, &Path, &str); 3] = [
+        ("--folded", &a_directory, "is a directory"),
+        (
+            "--folded",
+            Path::new("/nonexistent-dir/folded.txt"),
+            "/nonexistent-dir",
+        ),
+        ("-o", &too_long, "name is too long"),
+    ];
+    for (option, path, expected) in cases {
+        let mut command = tracer();
+        command.args(["--pid", &fixture.pid().to_string(), "-d", "30s", "-v"]);
+        if option != "-o" {
+            command.arg("-o").arg(dir.join("trace.json"));
+        }
+        let result = run(command.arg(option).arg(path));
+        let stderr = String::from_utf8_lossy(&result.stderr);
+        assert!(
+            !result.status.success(),
+            "{option} {}: {}",
+            path.display(),
+            describe(&result)
+        );
+        assert!(stderr.contains(expected), "{option}: {}", describe(&result));
+        assert!(stderr.contains(&*path.to_string_lossy()), "{stderr}");
+        // Found before any probe was attached, so nothing was recorded.
+        assert!(
+            !stderr.contains("attached"),
+            "{option}: {}",
+            describe(&result)
+        );
+    }
+    assert_eq!(names_in(&dir), ["a-directory"]);
+}
+
+#[test]
+fn a_name_near_the_length_limit_is_written() {
+    require_root();
+    let fixture = Fixture::start("multi_worker", Profile::Release, 60.0);
+    let dir = scratch_dir("long-name");
+    // 255 bytes: the longest name the file system takes.
+    let output = dir.join(format!("{}.json", "t".repeat(250)));
+    let result = run(short_trace(&fixture).arg("-o").arg(&output));
+    assert!(result.status.success(), "{}", describe(&result));
+    Trace::load(&output);
+    assert_eq!(names_in(&dir).len(), 1);
+}
+
+#[test]
+fn max_size_stops_recording_with_a_whole_trace() {
+    require_root();
+    let fixture = Fixture::start("multi_worker", Profile::Release, 60.0);
+    let dir = scratch_dir("max-size");
+    let output = dir.join("trace.json");
+    let result = run(tracer()
+        .args(["--pid", &fixture.pid().to_string(), "-d", "60s"])
+        .args(["--max-size", "2M", "-o"])
+        .arg(&output));
+    assert!(result.status.success(), "{}", describe(&result));
+    let stdout = String::from_utf8_lossy(&result.stdout);
+    assert!(
+        stdout.contains("stopped: the trace reached --max-size"),
+        "{stdout}"
+    );
+    let trace = Trace::load(&output);
+    assert!(!trace.polls().is_empty());
+    let bytes = std::fs::metadata(&output).unwrap().len();
+    // The bound is checked against an estimate, between drains.
+    assert!(bytes < 4 << 20, "{bytes} bytes for --max-size 2M");
+}
