@@ -4,7 +4,7 @@ use std::fmt;
 use std::path::PathBuf;
 
 use crate::histogram::Histogram;
-use crate::render::task_label;
+use crate::json::task_label;
 use crate::task_types::TaskTypes;
 use crate::tasks::{LongPoll, TaskTotals, TaskTypeStats};
 use crate::timeline::{ThreadStats, Timeline};
