@@ -8,16 +8,16 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow};
 use tokio::signal::unix::{SignalKind, signal};
-use tracer_timeline::chrome::ChromeTraceWriter;
 use tracer_timeline::summary::Summary;
 
 use super::drain::Recorder;
 use super::loader;
 use super::preflight::{self, KernelPaths};
-use super::sink::{Costs, TraceSink};
+use super::sink::{RenderInput, render};
 use super::spill::SpillWriter;
 use super::status::StatusLine;
 use super::target::Target;
+use super::trace_file::TraceFile;
 
 /// How often the ring buffers are drained. At 1M events/s of 56 bytes, the
 /// default 16 MiB ring buffer holds ~300 ms: far more than this.
@@ -115,7 +115,7 @@ pub async fn record(options: RecordOptions) -> Result<Outcome> {
     for warning in &plan.warnings {
         log::warn!("{warning}");
     }
-    let mut writer = ChromeTraceWriter::create(&options.output)?;
+    let mut trace_file = TraceFile::create(&options.output)?;
     // Next to the trace, on the file system that must hold the trace anyway.
     let spill = SpillWriter::create_in(directory_of(&options.output))?;
     if let Some(folded) = &options.folded {
@@ -214,26 +214,19 @@ pub async fn record(options: RecordOptions) -> Result<Outcome> {
     // takes a while, so start removing them now.
     let detaching = probes.detach_in_background();
 
-    let rendering = std::time::Instant::now();
     let recording = recorder.finish()?;
-    writer.process_name(target.pid, &format!("{} (pid {})", target.name, target.pid))?;
-    let sink = TraceSink::replay(&plan, target.pid, start_ns, writer, recording)?;
-    let render_ms = rendering.elapsed().as_millis() as u64;
-    log::info!(
-        "rendered {} events into the trace in {render_ms} ms",
-        sink.events
-    );
-    let costs = Costs {
-        recording_cpu_ns,
-        render_ms,
-    };
-    let summary = sink.finish(
+    let input = RenderInput {
+        plan: &plan,
+        pid: target.pid,
+        process_name: format!("{} (pid {})", target.name, target.pid),
+        start_ns,
         end_ns,
-        &counters,
-        costs,
-        &options.output,
-        options.folded.as_deref(),
-    )?;
+        counters: &counters,
+        recording_cpu_ns,
+        folded: options.folded.as_deref(),
+    };
+    let mut summary = render(input, recording, &mut trace_file)?;
+    summary.trace_bytes = trace_file.finish()?;
     target.terminate_launched(Duration::from_secs(5)).await;
     let command_status = target.exit_status();
     Ok(Outcome {
