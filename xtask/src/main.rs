@@ -29,7 +29,7 @@ enum Command {
     /// toolchain, rust-src, bpf-linker) if missing.
     BuildEbpf(ebpf::Options),
     /// Build everything and trace the bundled demo service for a few seconds,
-    /// writing trace.json (runs the tracer through sudo if not root).
+    /// writing trace.pftrace (runs the tracer through sudo if not root).
     Demo(demo::Options),
     /// Build the eBPF object, then run `cargo test --workspace` with the test
     /// binaries run as root (through sudo if not root).

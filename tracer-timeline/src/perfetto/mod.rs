@@ -35,9 +35,14 @@
 //!
 //! Slices are written as they open (`SLICE_BEGIN`, with the flow that ends
 //! there in `terminating_flow_ids`) and close (`SLICE_END`, carrying the
-//! poll's arguments, which trace processor merges into the slice, and the
-//! flows of the wakes made inside it in `flow_ids`). Wakes outside any poll
-//! and spawns are instants that start their flow.
+//! poll's arguments, which trace processor merges into the slice). A wake
+//! that makes a task runnable is an instant that starts the flow, at the
+//! wake's time: inside the waking poll it is a bare "wake" (~20 bytes), so
+//! the arrow leaves the poll where the wake happened; `flow_ids` on the
+//! poll's end would be cheaper but make arrows run backwards whenever the
+//! woken task starts before the waking poll ends (most wakes between
+//! workers). Elsewhere (the driver inside a park, another thread) the
+//! instant also says who woke which task. Spawns are instants too.
 
 mod proto;
 mod samples;
@@ -84,9 +89,6 @@ pub struct PerfettoWriter<'a, W: Write> {
 
 struct ThreadTrack {
     sequence: Sequence,
-    /// Slices open on the thread, innermost last: the flows of the wakes
-    /// made inside each, written at its end.
-    open: Vec<Vec<u64>>,
 }
 
 impl<'a, W: Write> PerfettoWriter<'a, W> {
@@ -189,10 +191,7 @@ impl<'a, W: Write> PerfettoWriter<'a, W> {
         let mut sequence = Sequence::new(self.next_sequence, self.info.start_ns);
         self.next_sequence += 1;
         self.start_sequence(&mut sequence, Some(THREAD_UUID_BASE + tid as u64), false)?;
-        let mut thread = ThreadTrack {
-            sequence,
-            open: Vec::new(),
-        };
+        let mut thread = ThreadTrack { sequence };
         self.describe_thread(&mut thread, tid, &format!("thread {tid}"), u32::MAX)?;
         Ok(thread)
     }
@@ -257,23 +256,19 @@ impl<'a, W: Write> PerfettoWriter<'a, W> {
                         p.varint(event::CATEGORY_IIDS, Category::Blocking.iid());
                     }
                 }
-                SliceKind::Park => {
-                    p.varint(event::NAME_IID, Name::Park.iid());
-                    p.varint(event::CATEGORY_IIDS, Category::Park.iid());
-                }
+                // Its name says it all: no category (two bytes a park).
+                SliceKind::Park => p.varint(event::NAME_IID, Name::Park.iid()),
             }
             if let Some(flow) = start.woken_by {
                 p.fixed64(event::TERMINATING_FLOW_IDS, flow);
             }
             p.end();
-            thread.open.push(Vec::new());
             w.end_packet()
         })
     }
 
     fn slice_end(&mut self, slice: &Slice) -> Result<()> {
         self.with_thread(slice.tid, |w, thread| {
-            let flows = thread.open.pop().unwrap_or_default();
             let delta = thread.sequence.delta(slice.end_ns);
             w.begin_packet(&thread.sequence, Some(delta));
             let seq = &mut thread.sequence;
@@ -306,9 +301,6 @@ impl<'a, W: Write> PerfettoWriter<'a, W> {
             if slice.end_lost {
                 bool_note(p, Note::EndLost);
             }
-            for flow in flows {
-                p.fixed64(event::FLOW_IDS, flow);
-            }
             p.end();
             w.end_packet()
         })
@@ -320,7 +312,7 @@ impl<'a, W: Write> PerfettoWriter<'a, W> {
         tid: u32,
         ts_ns: u64,
         name: Name,
-        category: Category,
+        category: Option<Category>,
         flow: Option<u64>,
         notes: impl FnOnce(&mut Encoder, &mut Encoder, &mut Sequence),
     ) -> Result<()> {
@@ -331,7 +323,9 @@ impl<'a, W: Write> PerfettoWriter<'a, W> {
             p.begin(packet::TRACK_EVENT);
             p.varint(event::TYPE, event::INSTANT);
             p.varint(event::NAME_IID, name.iid());
-            p.varint(event::CATEGORY_IIDS, category.iid());
+            if let Some(category) = category {
+                p.varint(event::CATEGORY_IIDS, category.iid());
+            }
             notes(&mut w.packet, &mut w.interned, &mut thread.sequence);
             if let Some(flow) = flow {
                 w.packet.fixed64(event::FLOW_IDS, flow);
@@ -346,7 +340,7 @@ impl<'a, W: Write> PerfettoWriter<'a, W> {
             spawn.tid,
             spawn.ts_ns,
             Name::Spawn,
-            Category::Spawn,
+            Some(Category::Spawn),
             Some(spawn.flow),
             |p, _, _| {
                 if spawn.task_id != 0 {
@@ -366,20 +360,23 @@ impl<'a, W: Write> PerfettoWriter<'a, W> {
         let Some(flow) = wake.flow else {
             return Ok(());
         };
-        if wake.in_poll
-            && let Some(thread) = self.threads.get_mut(&wake.tid)
-            && let Some(open) = thread.open.last_mut()
-        {
-            // The arrow leaves the waking poll's slice.
-            open.push(flow);
-            return Ok(());
+        if wake.in_poll {
+            // Nested in the waking poll, which says who woke.
+            return self.instant(
+                wake.tid,
+                wake.ts_ns,
+                Name::Wake,
+                None,
+                Some(flow),
+                |_, _, _| {},
+            );
         }
         let types = &self.info.types;
         self.instant(
             wake.tid,
             wake.ts_ns,
             Name::Wake,
-            Category::Wake,
+            Some(Category::Wake),
             Some(flow),
             |p, i, seq| {
                 if wake.task_id != 0 {
@@ -400,7 +397,7 @@ impl<'a, W: Write> PerfettoWriter<'a, W> {
             end.tid,
             end.ts_ns,
             Name::TaskEnd,
-            Category::TaskEnd,
+            Some(Category::TaskEnd),
             None,
             |p, i, seq| {
                 if stats.task_id != 0 {
@@ -431,7 +428,7 @@ impl<'a, W: Write> PerfettoWriter<'a, W> {
             unpark.tid,
             unpark.ts_ns,
             Name::Unpark,
-            Category::Unpark,
+            Some(Category::Unpark),
             None,
             |p, i, seq| waker_notes(p, i, seq, Note::By, unpark.unparker),
         )
@@ -473,9 +470,15 @@ impl<'a, W: Write> PerfettoWriter<'a, W> {
         let mut samples = std::mem::take(&mut self.samples);
         let delta = samples.delta(sample.ts_ns);
         self.begin_packet(&samples, Some(delta));
+        let task_name = sample
+            .site
+            .map(|site| (site, self.info.types.short_name(Some(site))));
+        let task = task_name
+            .as_ref()
+            .map(|(site, name)| (*site, name.as_str()));
         let callstack =
             self.callstacks
-                .intern(&mut self.interned, &self.info.symbols, sample.stack);
+                .intern(&mut self.interned, &self.info.symbols, sample.stack, task);
         let p = &mut self.packet;
         p.begin(packet::PERF_SAMPLE);
         p.varint(perf_sample::PID, self.info.pid as u64);

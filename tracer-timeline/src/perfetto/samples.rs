@@ -2,15 +2,26 @@
 //! frames (function name, source file and line, inlined frames as frames of
 //! their own) in mappings (the module's path), each sent once, in the packet
 //! of the first sample that needs it. The UI builds flamegraphs from these.
+//!
+//! A sample taken inside a task's poll gets one more, outermost frame: the
+//! task's type, in a mapping named [`TASK_MAPPING`]. `PerfSample` has no
+//! field for it, and this way the flamegraph of any selection splits by
+//! task type first, as `--folded` does.
 
 use std::collections::HashMap;
 
 use super::proto::{Encoder, interned, profile};
 use crate::symbols::{StackId, SymbolFrame, Symbols};
 
+/// The pseudo-module of the task-type root frames.
+pub const TASK_MAPPING: &str = "[tokio task]";
+
 #[derive(Default)]
 pub struct Callstacks {
-    callstacks: HashMap<StackId, u64>,
+    /// By (stack, task type site).
+    callstacks: HashMap<(StackId, Option<u32>), u64>,
+    /// Task-type root frames, by site.
+    task_frames: HashMap<u32, u64>,
     frames: HashMap<(u64, String), u64>,
     function_names: HashMap<String, u64>,
     source_paths: HashMap<String, u64>,
@@ -20,19 +31,26 @@ pub struct Callstacks {
 impl Callstacks {
     /// The callstack's iid on the sample sequence, interning it (and its
     /// frames, names, files, mappings) into the current packet on first use.
-    pub fn intern(&mut self, interned: &mut Encoder, symbols: &Symbols, stack: StackId) -> u64 {
-        if let Some(&iid) = self.callstacks.get(&stack) {
+    pub fn intern(
+        &mut self,
+        interned: &mut Encoder,
+        symbols: &Symbols,
+        stack: StackId,
+        task: Option<(u32, &str)>,
+    ) -> u64 {
+        let key = (stack, task.map(|(site, _)| site));
+        if let Some(&iid) = self.callstacks.get(&key) {
             return iid;
         }
         let frames = symbols.stack(stack);
         // Outermost ("bottom") frame first.
-        let frame_ids: Vec<u64> = frames
-            .iter()
-            .rev()
-            .map(|f| self.frame(interned, f))
-            .collect();
+        let mut frame_ids: Vec<u64> = Vec::with_capacity(frames.len() + 1);
+        if let Some((site, name)) = task {
+            frame_ids.push(self.task_frame(interned, site, name));
+        }
+        frame_ids.extend(frames.iter().rev().map(|f| self.frame(interned, f)));
         let iid = self.callstacks.len() as u64 + 1;
-        self.callstacks.insert(stack, iid);
+        self.callstacks.insert(key, iid);
         let i = &mut *interned;
         i.begin(interned::CALLSTACKS);
         i.varint(profile::CALLSTACK_IID, iid);
@@ -79,6 +97,23 @@ impl Callstacks {
         }
         i.end();
         self.frames.insert(key, iid);
+        iid
+    }
+
+    /// The root frame that names a task type.
+    fn task_frame(&mut self, interned: &mut Encoder, site: u32, name: &str) -> u64 {
+        if let Some(&iid) = self.task_frames.get(&site) {
+            return iid;
+        }
+        let frame = SymbolFrame {
+            function: Some(name.to_owned()),
+            module: TASK_MAPPING.to_owned(),
+            // Not an address: keeps task frames apart from real ones.
+            address: u64::MAX - site as u64,
+            ..SymbolFrame::default()
+        };
+        let iid = self.frame(interned, &frame);
+        self.task_frames.insert(site, iid);
         iid
     }
 

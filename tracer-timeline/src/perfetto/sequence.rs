@@ -38,7 +38,6 @@ const FIRST_DYNAMIC_NAME: u64 = 64;
 #[derive(Clone, Copy)]
 pub enum Category {
     Blocking = 1,
-    Park,
     Wake,
     Spawn,
     TaskEnd,
@@ -46,9 +45,7 @@ pub enum Category {
     Tracer,
 }
 
-const CATEGORIES: [&str; 7] = [
-    "blocking", "park", "wake", "spawn", "task_end", "unpark", "tracer",
-];
+const CATEGORIES: [&str; 6] = ["blocking", "wake", "spawn", "task_end", "unpark", "tracer"];
 
 /// Debug annotation names with fixed iids.
 #[derive(Clone, Copy)]

@@ -248,7 +248,9 @@ fn flows_match_the_json_trace() {
 }
 
 /// Bytes per event of a long ping-pong between two workers (polls, wakes,
-/// parks): what interning and delta timestamps buy.
+/// parks): what interning and delta timestamps buy. A worst case: every
+/// poll wakes the other task (a flow: two fixed64 ids) and is followed by
+/// a park.
 fn bytes_per_event(format: Format, info: &TraceInfo) -> f64 {
     let mut events = Vec::new();
     let mut ts = 10_000;
@@ -299,6 +301,6 @@ fn an_event_takes_a_few_bytes() {
     let info = info();
     let proto = bytes_per_event(Format::Perfetto, &info);
     let json = bytes_per_event(Format::Json, &info);
-    assert!(proto < 20.0, "{proto:.1} bytes an event");
+    assert!(proto < 21.0, "{proto:.1} bytes an event");
     assert!(proto * 4.0 < json, "{proto:.1} vs {json:.1} bytes an event");
 }
