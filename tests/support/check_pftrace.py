@@ -261,6 +261,8 @@ def main(path):
                 value = note.int_value
             elif note.HasField("bool_value"):
                 value = note.bool_value
+            elif note.HasField("pointer_value"):
+                value = hex(note.pointer_value)
             elif note.HasField("string_value"):
                 value = note.string_value
             else:

@@ -277,13 +277,19 @@ impl<'a, W: Write> PerfettoWriter<'a, W> {
             p.varint(event::TYPE, event::SLICE_END);
             if let SliceKind::Poll {
                 site,
+                task,
                 task_id,
                 await_key,
-                ..
             } = slice.kind
             {
                 if task_id != 0 {
                     uint_note(p, Note::TaskId, task_id);
+                } else {
+                    // The only way to tell tasks apart without an id.
+                    p.begin(event::DEBUG_ANNOTATIONS);
+                    p.varint(annotation::NAME_IID, Note::Header.iid());
+                    p.varint(annotation::POINTER_VALUE, task);
+                    p.end();
                 }
                 if let Some(iid) = seq.task_type(i, site, &w.info.types) {
                     string_note(p, Note::TaskType, iid);

@@ -108,6 +108,7 @@ pub mod annotation {
     pub const BOOL_VALUE: u32 = 2;
     pub const UINT_VALUE: u32 = 3;
     pub const INT_VALUE: u32 = 4;
+    pub const POINTER_VALUE: u32 = 7;
     pub const STRING_VALUE_IID: u32 = 17;
 }
 

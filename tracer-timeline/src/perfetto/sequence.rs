@@ -67,9 +67,10 @@ pub enum Note {
     DelayMaxNs,
     LifetimeNs,
     By,
+    Header,
 }
 
-const NOTES: [&str; 17] = [
+const NOTES: [&str; 18] = [
     "task_id",
     "task_type",
     "waits_at",
@@ -87,6 +88,7 @@ const NOTES: [&str; 17] = [
     "delay_max_ns",
     "lifetime_ns",
     "by",
+    "header",
 ];
 
 /// Other annotation names (the metadata's keys) are interned from here on.
