@@ -183,16 +183,23 @@ impl<'a, W: Write> PerfettoWriter<'a, W> {
             .context("writing the trace")
     }
 
-    /// The thread's track, its sequence started and described on first use.
-    fn thread(&mut self, tid: u32) -> Result<ThreadTrack> {
-        if let Some(thread) = self.threads.remove(&tid) {
+    /// The thread's track, its sequence started on first use and described
+    /// with `name` (or "thread TID" until the timeline names it).
+    fn thread(&mut self, tid: u32, name: Option<&ThreadName>) -> Result<ThreadTrack> {
+        if let Some(mut thread) = self.threads.remove(&tid) {
+            if let Some(name) = name {
+                self.describe_thread(&mut thread, tid, &name.name, name.sort_index)?;
+            }
             return Ok(thread);
         }
         let mut sequence = Sequence::new(self.next_sequence, self.info.start_ns);
         self.next_sequence += 1;
         self.start_sequence(&mut sequence, Some(THREAD_UUID_BASE + tid as u64), false)?;
         let mut thread = ThreadTrack { sequence };
-        self.describe_thread(&mut thread, tid, &format!("thread {tid}"), u32::MAX)?;
+        match name {
+            Some(name) => self.describe_thread(&mut thread, tid, &name.name, name.sort_index)?,
+            None => self.describe_thread(&mut thread, tid, &format!("thread {tid}"), u32::MAX)?,
+        }
         Ok(thread)
     }
 
@@ -226,16 +233,16 @@ impl<'a, W: Write> PerfettoWriter<'a, W> {
         tid: u32,
         write: impl FnOnce(&mut Self, &mut ThreadTrack) -> Result<()>,
     ) -> Result<()> {
-        let mut thread = self.thread(tid)?;
+        let mut thread = self.thread(tid, None)?;
         let result = write(self, &mut thread);
         self.threads.insert(tid, thread);
         result
     }
 
     fn thread_name(&mut self, name: &ThreadName) -> Result<()> {
-        self.with_thread(name.tid, |w, thread| {
-            w.describe_thread(thread, name.tid, &name.name, name.sort_index)
-        })
+        let thread = self.thread(name.tid, Some(name))?;
+        self.threads.insert(name.tid, thread);
+        Ok(())
     }
 
     fn slice_start(&mut self, start: &SliceStart) -> Result<()> {
