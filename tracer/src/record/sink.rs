@@ -135,6 +135,9 @@ pub fn render(input: RenderInput, recording: Recording, file: &mut TraceFile) ->
         "await_stacks": await_captures,
         "stack_captures_without_stack": empty_captures,
     });
+    // The same figures for tools reading `-v` (the benchmark), whatever
+    // the trace's format.
+    log::info!("trace metadata: {metadata}");
     writer.finish(&metadata)?;
     drop(writer);
     if let Some(path) = input.folded {

@@ -175,13 +175,19 @@ impl StackTable {
     /// Symbolizes every stack seen (with a progress bar on a terminal when
     /// it takes a while), and works out where each captured await point is.
     pub fn symbolize(self) -> Symbols {
+        // While the process lives, its files open through /proc (other mount
+        // namespaces, replaced files); afterwards, by path. A launched
+        // command that exited is a zombie until the end: /proc/PID is still
+        // there, its maps are empty.
+        let live_maps = || {
+            ProcessMaps::read(self.pid)
+                .ok()
+                .filter(|maps| !maps.mappings().is_empty())
+        };
         let maps = match &self.unwinding {
-            // While the process lives, its files open through /proc (other
-            // mount namespaces, replaced files); afterwards, by path.
-            Some(_) if Path::new(&format!("/proc/{}", self.pid)).exists() => {
-                ProcessMaps::read(self.pid).ok()
+            Some(unwinding) => {
+                Some(live_maps().unwrap_or_else(|| ProcessMaps::parse(&unwinding.maps_text)))
             }
-            Some(unwinding) => Some(ProcessMaps::parse(&unwinding.maps_text)),
             None => None,
         };
         let mut stacks = Vec::with_capacity(self.stacks.len());
