@@ -80,7 +80,7 @@ impl<'a, W: Write> JsonWriter<'a, W> {
                     "header": format!("{task:#x}"),
                     "truncated": slice.truncated,
                 });
-                if let Some(point) = self.info.symbols.await_point(task_id, await_key) {
+                if let Some((_, point)) = self.info.symbols.await_point(task_id, await_key) {
                     args["waits_at"] = json!(point.waits_at());
                     args["await_stack"] = json!(point.chain);
                 }

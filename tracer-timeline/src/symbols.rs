@@ -61,12 +61,16 @@ impl AwaitPoint {
 }
 
 /// Every stack of a recording, symbolized.
+///
+/// Await points are kept once per distinct chain: every task of a type
+/// waits at the same few places, and a busy server makes millions of tasks.
 #[derive(Clone, Debug, Default)]
 pub struct Symbols {
     /// By [`StackId`]: frames innermost first.
     pub stacks: Vec<Vec<SymbolFrame>>,
-    /// By (task id, await key).
-    pub await_points: HashMap<(u64, u64), AwaitPoint>,
+    /// (task id, await key) → index in `await_chains`.
+    pub await_points: HashMap<(u64, u64), u32>,
+    pub await_chains: Vec<AwaitPoint>,
 }
 
 impl Symbols {
@@ -75,13 +79,14 @@ impl Symbols {
     }
 
     /// Where task `task_id` waits at await point `key` (the key a poll's
-    /// slice carries); None when the key is 0 or its stack is unknown.
-    pub fn await_point(&self, task_id: u64, key: u64) -> Option<&AwaitPoint> {
+    /// slice carries), with the chain's index (the same for every task
+    /// waiting there); None when the key is 0 or its stack is unknown.
+    pub fn await_point(&self, task_id: u64, key: u64) -> Option<(u32, &AwaitPoint)> {
         if key == 0 {
             return None;
         }
-        self.await_points
-            .get(&(task_id, key))
-            .filter(|point| !point.chain.is_empty())
+        let index = *self.await_points.get(&(task_id, key))?;
+        let point = self.await_chains.get(index as usize)?;
+        (!point.chain.is_empty()).then_some((index, point))
     }
 }

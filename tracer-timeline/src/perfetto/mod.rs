@@ -48,7 +48,7 @@ mod proto;
 mod samples;
 mod sequence;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::io::Write;
 
 use anyhow::{Context, Result};
@@ -82,6 +82,9 @@ pub struct PerfettoWriter<'a, W: Write> {
     threads: HashMap<u32, ThreadTrack>,
     next_sequence: u32,
     counters_described: [bool; 3],
+    /// Flows started and not yet ended: a wake whose task was not polled
+    /// again before the end (recording stopped first, or the task ended).
+    pending_flows: HashSet<u64>,
     /// What the sample sequence has interned of the stacks.
     callstacks: Callstacks,
     packets: u64,
@@ -103,6 +106,7 @@ impl<'a, W: Write> PerfettoWriter<'a, W> {
             threads: HashMap::new(),
             next_sequence: SAMPLE_SEQUENCE + 1,
             counters_described: [false; 3],
+            pending_flows: HashSet::new(),
             callstacks: Callstacks::default(),
             packets: 0,
         };
@@ -268,6 +272,7 @@ impl<'a, W: Write> PerfettoWriter<'a, W> {
             }
             if let Some(flow) = start.woken_by {
                 p.fixed64(event::TERMINATING_FLOW_IDS, flow);
+                w.pending_flows.remove(&flow);
             }
             p.end();
             w.end_packet()
@@ -342,6 +347,7 @@ impl<'a, W: Write> PerfettoWriter<'a, W> {
             notes(&mut w.packet, &mut w.interned, &mut thread.sequence);
             if let Some(flow) = flow {
                 w.packet.fixed64(event::FLOW_IDS, flow);
+                w.pending_flows.insert(flow);
             }
             w.packet.end();
             w.end_packet()
@@ -521,7 +527,25 @@ impl<'a, W: Write> PerfettoWriter<'a, W> {
             .chain([main.clamped, self.samples.clamped])
             .sum();
         let delta = main.delta(end_ns);
-        self.begin_packet(&main, Some(delta));
+        if !self.pending_flows.is_empty() {
+            // Every flow gets its end: wakes of tasks not polled again
+            // before the end point at the end of the process track.
+            let mut flows: Vec<u64> = self.pending_flows.drain().collect();
+            flows.sort_unstable();
+            self.begin_packet(&main, Some(delta));
+            let p = &mut self.packet;
+            p.begin(packet::TRACK_EVENT);
+            p.varint(event::TYPE, event::INSTANT);
+            p.varint(event::TRACK_UUID, PROCESS_UUID);
+            p.varint(event::NAME_IID, Name::NotPolled.iid());
+            p.varint(event::CATEGORY_IIDS, Category::Tracer.iid());
+            for flow in flows {
+                p.fixed64(event::TERMINATING_FLOW_IDS, flow);
+            }
+            p.end();
+            self.end_packet()?;
+        }
+        self.begin_packet(&main, Some(0));
         let p = &mut self.packet;
         p.begin(packet::TRACK_EVENT);
         p.varint(event::TYPE, event::INSTANT);

@@ -21,15 +21,17 @@ pub enum Name {
     TaskEnd,
     Unpark,
     Metadata,
+    NotPolled,
 }
 
-const NAMES: [&str; 6] = [
+const NAMES: [&str; 7] = [
     "park",
     "wake",
     "spawn",
     "task end",
     "unpark",
     "rt-ebpf-trace",
+    "woken, not polled before the end",
 ];
 
 /// Task type names are interned from here on.
@@ -125,8 +127,8 @@ pub struct Sequence {
     next_name: u64,
     /// `debug_annotation_string_values`, by text.
     strings: HashMap<String, u64>,
-    /// By (task id, await key): interned `waits_at` and `await_stack`.
-    awaits: HashMap<(u64, u64), Option<(u64, u64)>>,
+    /// By await chain: interned `waits_at` and `await_stack`.
+    awaits: HashMap<u32, (u64, u64)>,
     notes: HashMap<String, u64>,
 }
 
@@ -246,19 +248,14 @@ impl Sequence {
         task_id: u64,
         key: u64,
     ) -> Option<(u64, u64)> {
-        if key == 0 {
-            return None;
+        let (index, point) = symbols.await_point(task_id, key)?;
+        if let Some(&known) = self.awaits.get(&index) {
+            return Some(known);
         }
-        if let Some(known) = self.awaits.get(&(task_id, key)) {
-            return *known;
-        }
-        let iids = symbols.await_point(task_id, key).map(|point| {
-            let waits_at = self.string_value(i, point.waits_at());
-            let stack = self.string_value(i, &point.chain.join("\n"));
-            (waits_at, stack)
-        });
-        self.awaits.insert((task_id, key), iids);
-        iids
+        let waits_at = self.string_value(i, point.waits_at());
+        let stack = self.string_value(i, &point.chain.join("\n"));
+        self.awaits.insert(index, (waits_at, stack));
+        Some((waits_at, stack))
     }
 
     /// A `debug_annotation_string_values` iid for `text`.

@@ -206,20 +206,30 @@ impl StackTable {
             }
             progress.finish();
         }
-        let await_points = self
-            .await_stacks
-            .iter()
-            .filter_map(|(&key, &id)| {
+        // One chain per distinct stack, shared by every task waiting there.
+        let mut chain_of_stack: HashMap<StackId, Option<u32>> = HashMap::new();
+        let mut await_chains = Vec::new();
+        let mut await_points = HashMap::new();
+        for (&key, &id) in &self.await_stacks {
+            let index = *chain_of_stack.entry(id).or_insert_with(|| {
                 let chain: Vec<String> = await_chain(stacks.get(id as usize)?)
                     .into_iter()
                     .map(SymbolFrame::describe)
                     .collect();
-                (!chain.is_empty()).then_some((key, AwaitPoint { chain }))
-            })
-            .collect();
+                if chain.is_empty() {
+                    return None;
+                }
+                await_chains.push(AwaitPoint { chain });
+                Some(await_chains.len() as u32 - 1)
+            });
+            if let Some(index) = index {
+                await_points.insert(key, index);
+            }
+        }
         Symbols {
             stacks,
             await_points,
+            await_chains,
         }
     }
 }
