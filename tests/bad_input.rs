@@ -42,7 +42,7 @@ fn expect_failure(command: &mut Command, output: &std::path::Path) -> String {
 fn no_such_pid() {
     require_root();
     let dir = scratch_dir("no-such-pid");
-    let output = dir.join("trace.json");
+    let output = dir.join("trace.pftrace");
     // pid_max is at most 4194304: this pid can't exist.
     let stderr = expect_failure(
         tracer().args(["--pid", "4194304", "-o"]).arg(&output),
@@ -56,7 +56,7 @@ fn not_root() {
     require_root();
     let dir = scratch_dir("not-root");
     std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o777)).unwrap();
-    let output = dir.join("trace.json");
+    let output = dir.join("trace.pftrace");
     let fixture = Fixture::start("multi_worker", Profile::Release, 30.0);
     let mut command = tracer();
     command
@@ -73,7 +73,7 @@ fn not_a_tokio_program() {
     require_root();
     let mut sleeper = Command::new("sleep").arg("30").spawn().unwrap();
     let dir = scratch_dir("not-tokio");
-    let output = dir.join("trace.json");
+    let output = dir.join("trace.pftrace");
     let stderr = expect_failure(
         tracer()
             .args(["--pid", &sleeper.id().to_string(), "-o"])
@@ -105,7 +105,7 @@ fn stripped_binary() {
         .stdout(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    let output = dir.join("trace.json");
+    let output = dir.join("trace.pftrace");
     let stderr = expect_failure(
         tracer()
             .args(["--pid", &target.id().to_string(), "-o"])
@@ -121,21 +121,24 @@ fn stripped_binary() {
 fn output_not_writable() {
     require_root();
     let fixture = Fixture::start("multi_worker", Profile::Release, 30.0);
-    let output = std::path::PathBuf::from("/nonexistent-dir/trace.json");
+    let output = std::path::PathBuf::from("/nonexistent-dir/trace.pftrace");
     let stderr = expect_failure(
         tracer()
             .args(["--pid", &fixture.pid().to_string(), "-o"])
             .arg(&output),
         &output,
     );
-    assert!(stderr.contains("/nonexistent-dir/trace.json"), "{stderr}");
+    assert!(
+        stderr.contains("/nonexistent-dir/trace.pftrace"),
+        "{stderr}"
+    );
 }
 
 #[test]
 fn command_that_does_not_exist() {
     require_root();
     let dir = scratch_dir("no-command");
-    let output = dir.join("trace.json");
+    let output = dir.join("trace.pftrace");
     let stderr = expect_failure(
         tracer()
             .arg("-o")
@@ -150,7 +153,7 @@ fn command_that_does_not_exist() {
 #[test]
 fn nothing_to_trace() {
     let dir = scratch_dir("nothing");
-    let output = dir.join("trace.json");
+    let output = dir.join("trace.pftrace");
     let stderr = expect_failure(tracer().arg("-o").arg(&output), &output);
     assert!(stderr.contains("nothing to trace"), "{stderr}");
 }
@@ -164,7 +167,7 @@ fn target_exits_during_attach() {
     let _turn = trace::tracer_turn();
     let fixture = Fixture::start("current_thread", Profile::Release, 0.05);
     let dir = scratch_dir("exit-during-attach");
-    let output = dir.join("trace.json");
+    let output = dir.join("trace.pftrace");
     let result = trace::run_holding_turn(
         tracer()
             .args(["--pid", &fixture.pid().to_string(), "-o"])
@@ -172,7 +175,7 @@ fn target_exits_during_attach() {
     );
     let stderr = String::from_utf8_lossy(&result.stderr);
     assert!(!stderr.contains("panicked"), "{}", describe(&result));
-    assert!(!dir.join("trace.json.partial").exists());
+    assert!(!dir.join("trace.pftrace.partial").exists());
     if result.status.success() {
         trace::Trace::load(&output);
     } else {

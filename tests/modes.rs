@@ -29,7 +29,7 @@ fn check_tracing_leaves_results_alone(profile: Profile) {
         .to_owned();
 
     let dir = scratch_dir(&format!("checksum-{profile:?}"));
-    let output = dir.join("trace.json");
+    let output = dir.join("trace.pftrace");
     let traced = run(tracer()
         .args(["--mode", "full", "-o"])
         .arg(&output)
@@ -111,7 +111,7 @@ fn record_multi_worker(mode: &str) -> (Trace, String) {
     require_root();
     let fixture = Fixture::start("multi_worker", Profile::Release, 60.0);
     let dir = scratch_dir(&format!("mode-{mode}"));
-    let output = dir.join("trace.json");
+    let output = dir.join("trace.pftrace");
     let result = run(tracer()
         .args(["--mode", mode, "--duration", "2s", "--pid"])
         .arg(fixture.pid().to_string())

@@ -15,9 +15,14 @@ use trace::{Fixture, Trace, TraceSlice, describe, require_root, run, scratch_dir
 /// Launches `fixture args…` under the tracer until it exits; returns the
 /// trace and the tracer's stdout.
 fn trace_command(name: &str, profile: Profile, args: &[&str]) -> (Trace, String) {
+    trace_command_into("trace.pftrace", name, profile, args)
+}
+
+/// [`trace_command`] into a trace file of this name (its format follows).
+fn trace_command_into(file: &str, name: &str, profile: Profile, args: &[&str]) -> (Trace, String) {
     require_root();
-    let dir = scratch_dir(&format!("sched-{name}-{profile:?}"));
-    let output = dir.join("trace.json");
+    let dir = scratch_dir(&format!("sched-{name}-{profile:?}-{file}"));
+    let output = dir.join(file);
     let result = run(tracer()
         .arg("-o")
         .arg(&output)
@@ -59,8 +64,12 @@ fn ids_named(polls: &[TraceSlice], function: &str) -> BTreeSet<u64> {
 }
 
 fn check_ping_pong(profile: Profile) {
+    check_ping_pong_into("trace.pftrace", profile);
+}
+
+fn check_ping_pong_into(file: &str, profile: Profile) {
     const ROUNDS: usize = 200;
-    let (trace, _) = trace_command("ping_pong", profile, &[&ROUNDS.to_string()]);
+    let (trace, _) = trace_command_into(file, "ping_pong", profile, &[&ROUNDS.to_string()]);
     let polls = trace.polls();
     let pinger = ids_named(&polls, "fixture_pinger");
     let ponger = ids_named(&polls, "fixture_ponger");
@@ -122,6 +131,18 @@ fn check_ping_pong(profile: Profile) {
         "only {connecting} wake flows connect pinger and ponger ({ROUNDS} rounds)"
     );
     assert_eq!(trace.metadata()["lost_events"], 0);
+}
+
+/// `-o x.json` still writes Chrome JSON, whose flows pair up the same way.
+#[test]
+fn ping_pong_wakes_connect_the_right_tasks_in_json() {
+    check_ping_pong_into("trace.json", Profile::Release);
+}
+
+/// `-o x.pftrace.gz` writes the protobuf gzipped (Perfetto opens it as is).
+#[test]
+fn ping_pong_wakes_connect_the_right_tasks_gzipped() {
+    check_ping_pong_into("trace.pftrace.gz", Profile::Release);
 }
 
 #[test]
@@ -315,7 +336,7 @@ fn a_task_hogging_its_worker_is_flagged() {
     require_root();
     let fixture = Fixture::start("multi_worker", Profile::Release, 60.0);
     let dir = scratch_dir("imbalance");
-    let output = dir.join("trace.json");
+    let output = dir.join("trace.pftrace");
     let result = run(tracer()
         .args([
             "--pid",

@@ -24,7 +24,7 @@ fn record(name: &str, profile: Profile, test: &str, extra: &[&str]) -> (Trace, P
     require_root();
     let fixture = Fixture::start(name, profile, 60.0);
     let dir = scratch_dir(&format!("stacks-{test}-{profile:?}"));
-    let output = dir.join("trace.json");
+    let output = dir.join("trace.pftrace");
     let result = run(tracer()
         .arg("--pid")
         .arg(fixture.pid().to_string())
@@ -292,14 +292,15 @@ fn check_hot_samples(profile: Profile) {
         hot_polls.len()
     );
 
-    // Samples say which task they caught.
+    // Samples say which task they caught: their callstack's root frame is
+    // the task's type.
     let attributed = inside
         .iter()
-        .filter(|(s, poll)| s.event["args"]["task_id"] == poll.args["task_id"])
+        .filter(|(s, poll)| s.event["args"]["task_type"] == poll.name.as_str())
         .count();
     assert!(
         attributed * 10 >= inside.len() * 9,
-        "only {attributed} of {} samples inside hot polls carry the hot task's id; first: {}",
+        "only {attributed} of {} samples inside hot polls carry the hot task's type; first: {}",
         inside.len(),
         inside[0].0.event
     );

@@ -163,24 +163,41 @@ impl TraceSlice {
     }
 }
 
-/// A parsed trace file.
+/// A trace file, read back: a Chrome JSON trace as it is, a Perfetto
+/// protobuf trace through `check_pftrace.py`, which decodes it against
+/// Perfetto's own schema, checks the invariants the UI relies on (interned
+/// ids defined before use, balanced slices, flows with both ends, ordered
+/// timestamps, thread and process descriptors) and prints it in the JSON
+/// trace's shape, so the tests assert on either format alike.
 pub struct Trace {
     pub json: Value,
 }
 
 impl Trace {
-    /// Parses the whole file: a truncated or otherwise invalid file fails here.
+    /// Reads the whole file: a truncated or otherwise invalid trace fails
+    /// here.
     pub fn load(path: &Path) -> Trace {
-        let text = std::fs::read_to_string(path)
-            .unwrap_or_else(|err| panic!("read trace {}: {err}", path.display()));
-        let json: Value = serde_json::from_str(&text)
-            .unwrap_or_else(|err| panic!("trace {} is not valid JSON: {err}", path.display()));
+        let name = path.to_string_lossy();
+        let json = if name.ends_with(".json") {
+            let text = std::fs::read_to_string(path)
+                .unwrap_or_else(|err| panic!("read trace {}: {err}", path.display()));
+            serde_json::from_str(&text)
+                .unwrap_or_else(|err| panic!("trace {} is not valid JSON: {err}", path.display()))
+        } else {
+            check_pftrace(path)
+        };
         assert!(json["traceEvents"].is_array(), "no traceEvents array");
         assert!(
             json["metadata"].is_object(),
             "no metadata: the trace was not finalized"
         );
         Trace { json }
+    }
+
+    /// Flow arrows: starts ("s" events; each has its end, checked on load
+    /// for Perfetto traces).
+    pub fn flows(&self) -> usize {
+        self.events().iter().filter(|e| e["ph"] == "s").count()
     }
 
     pub fn events(&self) -> &Vec<Value> {
@@ -227,4 +244,21 @@ impl Trace {
     pub fn metadata(&self) -> &Value {
         &self.json["metadata"]
     }
+}
+
+/// Runs the checker on a Perfetto trace; panics with what it found wrong.
+fn check_pftrace(path: &Path) -> Value {
+    let script = support::repo_root().join("tests/support/check_pftrace.py");
+    let output = Command::new("python3")
+        .arg(&script)
+        .arg(path)
+        .output()
+        .expect("run python3 (the Perfetto trace checker needs it)");
+    assert!(
+        output.status.success(),
+        "{} is not a valid Perfetto trace:\n{}",
+        path.display(),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_slice(&output.stdout).expect("the checker prints JSON")
 }

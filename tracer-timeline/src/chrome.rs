@@ -9,50 +9,28 @@
 //! ```
 //!
 //! A recording can run for minutes and produce millions of events, so events
-//! are written as they come, one per line, through a single large buffer;
-//! nothing is kept in memory. The writer writes into a file it is given (the
-//! tracer gives it an unnamed temporary file) and hands it back, complete, from
-//! [`ChromeTraceWriter::finish`]: giving the file its name, so that a name only
-//! ever shows a complete, valid trace, is the caller's job.
+//! are written as they come, one per line, into the writer the caller gives
+//! (buffered there); nothing is kept in memory. Files (where, how, when the
+//! trace appears under its name) are the caller's business.
 
-use std::fs::File;
-use std::io::{self, BufWriter, Seek, Write};
-use std::path::{Path, PathBuf};
+use std::io::{self, Write};
 
 use anyhow::{Context, Result};
 use serde_json::Value;
 
-/// Large enough that writes reach the kernel in big chunks even at millions
-/// of events per second.
-const BUFFER_BYTES: usize = 1 << 20;
-
 const HEADER: &[u8] = br#"{"displayTimeUnit":"ns","traceEvents":["#;
 
-pub struct ChromeTraceWriter {
-    /// Where the finished trace goes, for error messages.
-    path: PathBuf,
-    out: BufWriter<File>,
+pub struct ChromeTraceWriter<W: Write> {
+    out: W,
     events_written: u64,
-    /// Whether any [`deferred`](Self::deferred) value was written, so that
-    /// `finish_resolving` must rewrite the file.
-    has_deferred: bool,
 }
 
-/// Marks a value written now and resolved at the end (see
-/// [`ChromeTraceWriter::deferred`]). Not something a real name contains.
-const DEFERRED_OPEN: &str = "@@deferred:";
-const DEFERRED_CLOSE: &str = "@@";
-
-impl ChromeTraceWriter {
-    /// Starts a trace in `file` (empty, open for reading and writing: the
-    /// deferred values are resolved by reading it back). `path` is where the
-    /// trace will be published, for error messages.
-    pub fn new(file: File, path: &Path) -> Result<Self> {
+impl<W: Write> ChromeTraceWriter<W> {
+    /// Starts the trace in `out` (which should be buffered).
+    pub fn new(out: W) -> Result<Self> {
         let mut writer = Self {
-            path: path.to_owned(),
-            out: BufWriter::with_capacity(BUFFER_BYTES, file),
+            out,
             events_written: 0,
-            has_deferred: false,
         };
         writer.write_with(|out| out.write_all(HEADER))?;
         Ok(writer)
@@ -221,9 +199,8 @@ impl ChromeTraceWriter {
     }
 
     /// Closes the event array, adds a top-level `"metadata"` value (lost
-    /// events, tracer version, target, ...), flushes, and returns the file,
-    /// now a complete trace.
-    pub fn finish(mut self, metadata: &Value) -> Result<File> {
+    /// events, tracer version, target, ...) and flushes.
+    pub fn finish(&mut self, metadata: &Value) -> Result<()> {
         self.write_with(|out| {
             out.write_all(
                 br#"
@@ -232,49 +209,7 @@ impl ChromeTraceWriter {
             serde_json::to_writer(&mut *out, metadata)?;
             out.write_all(b"}\n")?;
             out.flush()
-        })?;
-        let path = self.path.clone();
-        self.out.into_inner().map_err(|err| {
-            anyhow::anyhow!("writing trace file {}: {}", path.display(), err.error())
         })
-    }
-
-    /// A placeholder for a value only known after recording (a symbolized
-    /// stack: symbolization never runs while the target is traced). Put it in
-    /// an event's args; [`finish_resolving`](Self::finish_resolving) replaces
-    /// it with what its resolver returns for `key`.
-    pub fn deferred(&mut self, key: &str) -> Value {
-        self.has_deferred = true;
-        Value::String(format!("{DEFERRED_OPEN}{key}{DEFERRED_CLOSE}"))
-    }
-
-    /// Like [`finish`](Self::finish), but first replaces every
-    /// [`deferred`](Self::deferred) placeholder with `resolve(key)`, in one
-    /// streaming pass over the written events (memory stays flat) into
-    /// `scratch` (another empty file), which is completed and returned.
-    pub fn finish_resolving(
-        mut self,
-        metadata: &Value,
-        resolve: &mut dyn FnMut(&str) -> Value,
-        scratch: File,
-    ) -> Result<File> {
-        if !self.has_deferred {
-            return self.finish(metadata);
-        }
-        self.write_with(|out| out.flush())?;
-        let written = std::mem::replace(
-            &mut self.out,
-            BufWriter::with_capacity(BUFFER_BYTES, scratch),
-        );
-        let mut written = written
-            .into_inner()
-            .map_err(|err| err.into_error())
-            .and_then(|mut file| file.rewind().map(|()| file))
-            .with_context(|| format!("reading back trace file {}", self.path.display()))?;
-        resolve_deferred(&mut written, &mut self.out, resolve)
-            .with_context(|| format!("writing trace file {}", self.path.display()))?;
-        self.has_deferred = false;
-        self.finish(metadata)
     }
 
     /// Entries written to `traceEvents` so far, metadata events included
@@ -285,10 +220,7 @@ impl ChromeTraceWriter {
 
     /// Writes one entry of the `traceEvents` array, with the separator that
     /// goes before it.
-    fn event(
-        &mut self,
-        write_event: impl FnOnce(&mut BufWriter<File>) -> io::Result<()>,
-    ) -> Result<()> {
+    fn event(&mut self, write_event: impl FnOnce(&mut W) -> io::Result<()>) -> Result<()> {
         let separator: &[u8] = if self.events_written == 0 {
             b"\n"
         } else {
@@ -303,45 +235,9 @@ impl ChromeTraceWriter {
     }
 
     /// Runs `write` on the output, naming the file in any error.
-    fn write_with(
-        &mut self,
-        write: impl FnOnce(&mut BufWriter<File>) -> io::Result<()>,
-    ) -> Result<()> {
-        write(&mut self.out).with_context(|| format!("writing trace file {}", self.path.display()))
+    fn write_with(&mut self, write: impl FnOnce(&mut W) -> io::Result<()>) -> Result<()> {
+        write(&mut self.out).context("writing the trace")
     }
-}
-
-/// Copies `from` to `output` line by line, replacing each
-/// `"@@deferred:KEY@@"` JSON string with the JSON of `resolve(KEY)`.
-fn resolve_deferred(
-    from: &mut File,
-    output: &mut BufWriter<File>,
-    resolve: &mut dyn FnMut(&str) -> Value,
-) -> Result<()> {
-    use std::io::BufRead;
-    let input = io::BufReader::with_capacity(BUFFER_BYTES, from);
-    let open = format!("\"{DEFERRED_OPEN}");
-    let close = format!("{DEFERRED_CLOSE}\"");
-    for line in input.split(b'\n') {
-        let line = line?;
-        let mut rest = String::from_utf8(line).context("trace line is not UTF-8")?;
-        while let Some(start) = rest.find(&open) {
-            let key_start = start + open.len();
-            let Some(key_len) = rest[key_start..].find(&close) else {
-                break;
-            };
-            output.write_all(&rest.as_bytes()[..start])?;
-            serde_json::to_writer(
-                &mut *output,
-                &resolve(&rest[key_start..key_start + key_len]),
-            )?;
-            rest = rest[key_start + key_len + close.len()..].to_string();
-        }
-        output.write_all(rest.as_bytes())?;
-        output.write_all(b"\n")?;
-    }
-    output.flush()?;
-    Ok(())
 }
 
 /// Nanoseconds shown as microseconds with exactly three decimals (the trace
@@ -359,69 +255,11 @@ impl std::fmt::Display for Micros {
 mod tests {
     use serde_json::json;
 
-    use std::fs;
-
     use super::*;
-    use crate::test_util::TempDir;
-
-    /// A writer into a named file (the tracer gives it an unnamed one).
-    fn create(path: &Path) -> ChromeTraceWriter {
-        ChromeTraceWriter::new(new_file(path), path).unwrap()
-    }
-
-    fn new_file(path: &Path) -> File {
-        fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .open(path)
-            .unwrap()
-    }
-
-    fn read_json(path: &Path) -> Value {
-        let text = fs::read_to_string(path).expect("read trace");
-        serde_json::from_str(&text).expect("trace is valid JSON")
-    }
-
-    #[test]
-    fn deferred_values_are_resolved_at_the_end() {
-        let dir = TempDir::new();
-        let path = dir.join("trace.json");
-        let mut writer = create(&path);
-        for key in ["a", "b", "a"] {
-            let stack = writer.deferred(key);
-            let args = serde_json::json!({ "stack": stack, "other": "@@not deferred" });
-            writer.instant(1, 2, "sample", "sample", 10, &args).unwrap();
-        }
-        let mut asked = Vec::new();
-        let resolved = dir.join("resolved.json");
-        writer
-            .finish_resolving(
-                &serde_json::json!({}),
-                &mut |key| {
-                    asked.push(key.to_string());
-                    serde_json::json!([format!("frame of {key}"), "main"])
-                },
-                new_file(&resolved),
-            )
-            .unwrap();
-        assert_eq!(asked, ["a", "b", "a"]);
-        let trace: Value = serde_json::from_str(&fs::read_to_string(&resolved).unwrap()).unwrap();
-        let stacks: Vec<&Value> = trace["traceEvents"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|e| &e["args"]["stack"])
-            .collect();
-        assert_eq!(stacks[1], &serde_json::json!(["frame of b", "main"]));
-        assert_eq!(trace["traceEvents"][0]["args"]["other"], "@@not deferred");
-    }
 
     #[test]
     fn writes_a_trace_perfetto_can_read() {
-        let dir = TempDir::new();
-        let path = dir.join("trace.json");
-        let mut writer = create(&path);
+        let mut writer = ChromeTraceWriter::new(Vec::new()).unwrap();
         writer.process_name(42, "my \"server\"").unwrap();
         writer
             .thread_name(42, 43, "tokio-runtime-worker", 1)
@@ -448,15 +286,12 @@ mod tests {
             )
             .unwrap();
         assert_eq!(writer.events_written(), 5);
-
-        let file = writer
+        writer
             .finish(&json!({"lost_events": 0, "tracer": "rt-ebpf-trace"}))
             .unwrap();
-        assert_eq!(
-            file.metadata().unwrap().len(),
-            fs::metadata(&path).unwrap().len()
-        );
-        let trace = read_json(&path);
+
+        let text = String::from_utf8(writer.out).unwrap();
+        let trace: Value = serde_json::from_str(&text).expect("valid JSON");
         assert_eq!(trace["displayTimeUnit"], "ns");
         assert_eq!(trace["metadata"]["tracer"], "rt-ebpf-trace");
         let events = trace["traceEvents"].as_array().unwrap();
@@ -466,30 +301,15 @@ mod tests {
             json!({"ph": "M", "pid": 42, "tid": 0, "name": "process_name", "args": {"name": "my \"server\""}})
         );
         assert_eq!(
-            events[1],
-            json!({"ph": "M", "pid": 42, "tid": 43, "name": "thread_name", "args": {"name": "tokio-runtime-worker"}})
-        );
-        assert_eq!(
             events[2],
             json!({"ph": "M", "pid": 42, "tid": 43, "name": "thread_sort_index", "args": {"sort_index": 1}})
         );
-        let poll = &events[2 + 1];
+        let poll = &events[3];
         assert_eq!(poll["ph"], "X");
-        assert_eq!(
-            (poll["pid"].as_u64(), poll["tid"].as_u64()),
-            (Some(42), Some(43))
-        );
         assert_eq!(poll["name"], "poll handler::run");
-        assert_eq!(poll["cat"], "poll");
         assert_eq!(poll["args"], json!({"task_id": 5, "task": "0x7f00"}));
-        let instant = &events[4];
-        assert_eq!(
-            (instant["ph"].as_str(), instant["s"].as_str()),
-            (Some("i"), Some("t"))
-        );
-
+        assert_eq!(events[4]["s"], "t");
         // Times keep ns precision: check the literal text, not a float.
-        let text = fs::read_to_string(&path).unwrap();
         assert!(text.contains(r#""ts":1234.567,"dur":0.890,"#), "{text}");
         assert!(text.contains(r#""ts":9000000.001,"#), "{text}");
     }
@@ -504,96 +324,17 @@ mod tests {
     }
 
     #[test]
-    fn a_million_events_stream_to_disk() {
-        const EVENTS: u64 = 1_000_000;
-        let dir = TempDir::new();
-        let path = dir.join("big.json");
-        let mut writer = create(&path);
-        let args = json!({"task_id": 1});
-        for i in 0..EVENTS {
-            writer
-                .complete(1, (i % 16) as u32, "poll", "poll", i * 1_000, 500, &args)
-                .unwrap();
-        }
-        assert_eq!(writer.events_written(), EVENTS);
-        writer.finish(&json!({"events": EVENTS})).unwrap();
-
-        let shape = TraceShape::read(&path);
-        assert_eq!(shape.events, EVENTS);
-        assert_eq!(shape.metadata, json!({"events": EVENTS}));
-    }
-
-    /// A trace checked for validity without holding its events in memory:
-    /// parsing a million events into a `Value` takes far longer than writing them.
-    #[derive(Default)]
-    struct TraceShape {
-        events: u64,
-        metadata: Value,
-    }
-
-    impl TraceShape {
-        fn read(path: &Path) -> Self {
-            let text = fs::read(path).expect("read trace");
-            serde_json::from_slice(&text).expect("trace is valid JSON")
-        }
-    }
-
-    impl<'de> serde::Deserialize<'de> for TraceShape {
-        fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-            deserializer.deserialize_map(TraceShapeVisitor)
-        }
-    }
-
-    struct TraceShapeVisitor;
-
-    impl<'de> serde::de::Visitor<'de> for TraceShapeVisitor {
-        type Value = TraceShape;
-
-        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-            f.write_str("a Chrome trace object")
-        }
-
-        fn visit_map<A: serde::de::MapAccess<'de>>(
-            self,
-            mut map: A,
-        ) -> Result<TraceShape, A::Error> {
-            let mut shape = TraceShape::default();
-            while let Some(key) = map.next_key::<String>()? {
-                match key.as_str() {
-                    "traceEvents" => shape.events = map.next_value::<EventCount>()?.0,
-                    "metadata" => shape.metadata = map.next_value()?,
-                    _ => map.next_value::<serde::de::IgnoredAny>().map(drop)?,
-                }
+    fn write_errors_are_reported() {
+        struct Full;
+        impl Write for Full {
+            fn write(&mut self, _: &[u8]) -> io::Result<usize> {
+                Err(io::Error::other("disk full"))
             }
-            Ok(shape)
-        }
-    }
-
-    /// The length of a JSON array whose elements are parsed and discarded.
-    struct EventCount(u64);
-
-    impl<'de> serde::Deserialize<'de> for EventCount {
-        fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-            struct CountVisitor;
-            impl<'de> serde::de::Visitor<'de> for CountVisitor {
-                type Value = EventCount;
-
-                fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-                    f.write_str("an array of trace events")
-                }
-
-                fn visit_seq<A: serde::de::SeqAccess<'de>>(
-                    self,
-                    mut seq: A,
-                ) -> Result<EventCount, A::Error> {
-                    let mut count = 0;
-                    while seq.next_element::<serde::de::IgnoredAny>()?.is_some() {
-                        count += 1;
-                    }
-                    Ok(EventCount(count))
-                }
+            fn flush(&mut self) -> io::Result<()> {
+                Ok(())
             }
-            deserializer.deserialize_seq(CountVisitor)
         }
+        let err = ChromeTraceWriter::new(Full).err().expect("must fail");
+        assert!(format!("{err:#}").contains("disk full"), "{err:#}");
     }
 }

@@ -1,9 +1,10 @@
-//! What the [`Timeline`](crate::timeline::Timeline) produces: closed slices
-//! and the scheduler's story around them. Plain data; rendering is
-//! [`render`](crate::render)'s job.
+//! What the [`Timeline`](crate::timeline::Timeline) produces: everything a
+//! trace shows, as plain data: slices, the scheduler's story around them,
+//! CPU samples and thread names. Writing it down in a file format is a
+//! [`TraceWriter`](crate::writer::TraceWriter)'s job; this module depends on
+//! nothing but the counters' names.
 
 use crate::counters::CounterSample;
-use crate::tasks::TaskStats;
 
 /// Identifies one wake-to-poll flow arrow. Unique within a trace.
 pub type FlowId = u64;
@@ -11,6 +12,12 @@ pub type FlowId = u64;
 /// One thing the timeline learned from an event.
 #[derive(Clone, Debug, PartialEq)]
 pub enum TimelineOutput {
+    /// The thread's first output, or its final name (a blocking-pool thread
+    /// is known for sure only at the end): name its track.
+    ThreadName(ThreadName),
+    /// A poll or park slice opened. Every opened slice is closed by a later
+    /// [`Slice`](Self::Slice) on the same thread, innermost first.
+    SliceStart(SliceStart),
     /// A poll or park slice closed.
     Slice(Slice),
     /// A task was spawned. It is runnable from here: the flow `flow` ends at
@@ -27,6 +34,43 @@ pub enum TimelineOutput {
     Unpark(Unpark),
     /// A counter changed (rate-limited, see [`crate::counters`]).
     Counter(CounterSample),
+    /// A CPU sample, with the task it hit.
+    Sample(Sample),
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct ThreadName {
+    pub tid: u32,
+    pub name: String,
+    /// Position among the process's tracks.
+    pub sort_index: u32,
+}
+
+/// A slice opening. Known at the start: what the slice is and which flow, if
+/// any, ends here; the rest comes with its [`Slice`].
+#[derive(Clone, Debug, PartialEq)]
+pub struct SliceStart {
+    pub tid: u32,
+    pub ts_ns: u64,
+    /// `await_key` is always 0 here (known only at the poll's end).
+    pub kind: SliceKind,
+    /// The wake (or spawn) flow this poll ends, as in [`WokenPoll`].
+    pub woken_by: Option<FlowId>,
+}
+
+/// An interned stack, as numbered by the recorder (see
+/// [`Symbols`](crate::symbols::Symbols)).
+pub type StackId = u32;
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Sample {
+    pub tid: u32,
+    pub ts_ns: u64,
+    /// The task running on the thread, 0 when none.
+    pub task_id: u64,
+    /// Its type (probe site), when the task was polled before.
+    pub site: Option<u32>,
+    pub stack: StackId,
 }
 
 /// What a slice of a thread's time was spent on.
@@ -35,7 +79,15 @@ pub enum SliceKind {
     /// Polling one task. `site` is the probe site index (which
     /// `raw::poll<T, S>` instance), `task` the task header address and
     /// `task_id` the tokio task id, or 0 when it could not be read.
-    Poll { site: u32, task: u64, task_id: u64 },
+    /// `await_key` names the await point the task waits at after this poll
+    /// (see [`Symbols::await_point`](crate::symbols::Symbols::await_point)),
+    /// 0 when none was seen.
+    Poll {
+        site: u32,
+        task: u64,
+        task_id: u64,
+        await_key: u64,
+    },
     /// The worker was parked (idle, waiting for work or I/O).
     Park,
 }
@@ -50,6 +102,10 @@ pub struct Slice {
     /// The slice was still open when recording ended; `end_ns` is the end of
     /// the recording, not the real end.
     pub truncated: bool,
+    /// The slice's end event was lost (the task was polled again, or the
+    /// thread parked, first): `end_ns` is when that became clear. Such polls
+    /// are not counted; a writer that had to open the slice closes it here.
+    pub end_lost: bool,
 }
 
 impl Slice {
@@ -118,6 +174,31 @@ pub struct WokenPoll {
     pub flow: FlowId,
     /// From the wake (or spawn) that made the task runnable to this poll.
     pub delay_ns: u64,
+}
+
+/// One task's totals over its life in the trace.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct TaskStats {
+    /// Header address and tokio id (0 if unread).
+    pub task: u64,
+    pub task_id: u64,
+    /// The probe site of its polls; `None` until its first poll.
+    pub site: Option<u32>,
+    /// When the spawn was seen; `None` when it happened before tracing.
+    pub spawned_ns: Option<u64>,
+    /// The spawning task's id; 0 when not spawned from a task or not seen.
+    pub spawner_id: u64,
+    /// The first event that mentioned the task: its life in the trace starts here.
+    pub first_seen_ns: u64,
+    pub polls: u64,
+    /// Time inside its polls (a poll nested in another task's poll counts for both).
+    pub busy_ns: u64,
+    pub longest_poll_ns: u64,
+    pub times_woken: u64,
+    /// Polls whose scheduling delay was measured, and the delays' sum and max.
+    pub delays: u64,
+    pub delay_sum_ns: u64,
+    pub delay_max_ns: u64,
 }
 
 #[derive(Clone, Debug, PartialEq)]

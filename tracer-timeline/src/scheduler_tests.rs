@@ -6,14 +6,13 @@ use std::collections::HashMap;
 use serde_json::Value;
 use tracer_common::{Event, EventKind};
 
-use crate::chrome::ChromeTraceWriter;
 use crate::counters::{COUNTER_MIN_INTERVAL_NS, Counter};
 use crate::output::{TimelineOutput, Wake, Waker, WokenPoll};
-use crate::render::TraceRenderer;
 use crate::summary::{SchedulerSummary, Summary, WorkerSummary};
 use crate::task_types::{TaskName, TaskTypes};
-use crate::test_util::{TempDir, event, park_end, park_start, poll_end};
+use crate::test_util::{event, park_end, park_start, poll_end};
 use crate::timeline::{ThreadStats, Timeline};
+use crate::writer::{Format, TraceInfo};
 
 const SITE_A: u32 = 0;
 const SITE_B: u32 = 1;
@@ -513,11 +512,15 @@ fn summary_shows_delay_percentiles_per_type_and_worker() {
 
 #[test]
 fn chrome_flows_pair_up_and_bind_to_slices() {
-    let dir = TempDir::new();
-    let path = dir.join("flows.json");
-    let file = std::fs::File::create(&path).unwrap();
-    let mut writer = ChromeTraceWriter::new(file, &path).unwrap();
-    let mut renderer = TraceRenderer::new(42, 1_000, types());
+    let info = TraceInfo {
+        pid: 42,
+        process_name: "test".into(),
+        start_ns: 1_000,
+        types: types(),
+        symbols: Default::default(),
+    };
+    let mut bytes = Vec::new();
+    let mut writer = Format::Json.writer(&mut bytes, &info).unwrap();
     let mut timeline = Timeline::with_task_types(types());
     let mut events = ping_pong(4);
     // A driver wake (inside a park) and a spawn, whose flows need instants.
@@ -534,13 +537,15 @@ fn chrome_flows_pair_up_and_bind_to_slices() {
     let mut out = Vec::new();
     for ev in &events {
         timeline.push(ev, &mut out);
-        renderer.write_all(&mut out, &mut writer).unwrap();
     }
     timeline.finish(30_000, &mut out);
-    renderer.write_all(&mut out, &mut writer).unwrap();
+    for output in &out {
+        writer.write(output).unwrap();
+    }
     writer.finish(&serde_json::json!({})).unwrap();
+    drop(writer);
 
-    let trace: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let trace: Value = serde_json::from_str(std::str::from_utf8(&bytes).unwrap()).unwrap();
     let events = trace["traceEvents"].as_array().unwrap();
     let ts = |e: &Value| (e["ts"].as_f64().unwrap() * 1000.0).round() as u64;
     let phase = |e: &Value| e["ph"].as_str().unwrap().to_owned();
@@ -597,6 +602,10 @@ fn chrome_flows_pair_up_and_bind_to_slices() {
         .find(|i| i["name"] == "spawn task 9")
         .expect("spawn instant");
     assert_eq!(spawn["args"]["call_site"], "0x55550009");
+    assert!(
+        of_phase("M").any(|m| m["name"] == "thread_name" && m["args"]["name"] == "thread #0"),
+        "threads are named"
+    );
     assert!(of_phase("C").any(|c| c["name"] == "tasks" && c["args"]["alive"].is_u64()));
 }
 

@@ -4,7 +4,7 @@ use std::fmt;
 use std::path::PathBuf;
 
 use crate::histogram::Histogram;
-use crate::render::task_label;
+use crate::json::task_label;
 use crate::task_types::TaskTypes;
 use crate::tasks::{LongPoll, TaskTotals, TaskTypeStats};
 use crate::timeline::{ThreadStats, Timeline};
@@ -117,13 +117,13 @@ impl fmt::Display for Summary {
         self.fmt_event_counts(f)?;
         match &self.output {
             Some(path) => {
+                // How to open it is the command's last line.
                 writeln!(
                     f,
                     "trace: {} ({})",
                     path.display(),
                     human_bytes(self.trace_bytes)
-                )?;
-                writeln!(f, "  open it at https://ui.perfetto.dev (Open trace file)")
+                )
             }
             None => writeln!(f, "trace: none written"),
         }
@@ -579,17 +579,16 @@ mod tests {
     }
 
     #[test]
-    fn points_to_the_trace_and_perfetto() {
+    fn points_to_the_trace() {
         let text = summary(0).to_string();
         assert!(text.contains("/tmp/out/trace.json (4.6 MB)"), "{text}");
-        assert!(text.contains("https://ui.perfetto.dev"), "{text}");
 
         let text = Summary {
             output: None,
             ..summary(0)
         }
         .to_string();
-        assert!(!text.contains("perfetto"), "{text}");
+        assert!(text.contains("trace: none written"), "{text}");
     }
 
     #[test]

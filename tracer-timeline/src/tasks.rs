@@ -18,35 +18,11 @@ use std::collections::HashMap;
 use tracer_common::Event;
 
 use crate::histogram::Histogram;
+pub use crate::output::TaskStats;
 use crate::output::{FlowId, Spawn, TaskEnd, Wake, Waker, WokenPoll};
 
 /// How many of the longest polls (one per task) the summary lists.
 pub const LONGEST_POLLS_KEPT: usize = 5;
-
-/// One task's totals over its life in the trace.
-#[derive(Clone, Debug, Default, PartialEq)]
-pub struct TaskStats {
-    /// Header address and tokio id (0 if unread).
-    pub task: u64,
-    pub task_id: u64,
-    /// The probe site of its polls; `None` until its first poll.
-    pub site: Option<u32>,
-    /// When the spawn was seen; `None` when it happened before tracing.
-    pub spawned_ns: Option<u64>,
-    /// The spawning task's id; 0 when not spawned from a task or not seen.
-    pub spawner_id: u64,
-    /// The first event that mentioned the task: its life in the trace starts here.
-    pub first_seen_ns: u64,
-    pub polls: u64,
-    /// Time inside its polls (a poll nested in another task's poll counts for both).
-    pub busy_ns: u64,
-    pub longest_poll_ns: u64,
-    pub times_woken: u64,
-    /// Polls whose scheduling delay was measured, and the delays' sum and max.
-    pub delays: u64,
-    pub delay_sum_ns: u64,
-    pub delay_max_ns: u64,
-}
 
 /// Totals over all tasks of one type (one probe site; `None` for tasks that
 /// ended without ever being polled).

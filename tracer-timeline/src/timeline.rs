@@ -25,6 +25,12 @@
 //! the timer run inside park), else "a thread". Per-task work is in
 //! [`crate::tasks`], counters in [`crate::counters`].
 //!
+//! The timeline owns the trace's whole content: besides slices and the
+//! scheduler's events it names the threads' tracks (from their `comm`, see
+//! [`Timeline::with_thread_comms`]), attributes CPU samples to the task type
+//! running ([`Timeline::push_sample`]) and passes each poll's await point
+//! along, so writers only translate [`TimelineOutput`]s into a file format.
+//!
 //! Memory: per thread, per live task, per task type; nothing grows with the
 //! number of events, so the caller can stream outputs to disk as they come.
 
@@ -34,8 +40,10 @@ use tracer_common::{Event, EventKind};
 
 use crate::counters::{Counter, CounterSample, RateLimitedCounter};
 use crate::histogram::Histogram;
+use crate::output::{
+    Sample, SliceStart, StackId, TaskEnd, ThreadName, TimelineOutput, Unpark, Waker,
+};
 pub use crate::output::{Slice, SliceKind};
-use crate::output::{TaskEnd, TimelineOutput, Unpark, Waker};
 use crate::task_types::TaskTypes;
 use crate::tasks::{ClosedPoll, LongPoll, TaskStats, TaskTotals, TaskTracker, TaskTypeStats};
 
@@ -92,6 +100,11 @@ pub struct Timeline {
     unmatched_ends: u64,
     abandoned: u64,
     unknown_kinds: u64,
+    /// Each thread's `comm` as read while recording, for track names.
+    thread_comms: HashMap<u32, String>,
+    /// The task type (probe site) of each task id seen polled and not ended:
+    /// samples carry only the task id.
+    task_sites: HashMap<u64, u32>,
     /// Scratch space reused across events.
     ended: Vec<TaskEnd>,
     samples: Vec<CounterSample>,
@@ -112,6 +125,40 @@ impl Timeline {
         }
     }
 
+    /// Names threads' tracks after these `comm`s (by tid) plus an index,
+    /// since tokio's workers all share one name; "thread #n" otherwise.
+    pub fn with_thread_comms(mut self, comms: HashMap<u32, String>) -> Self {
+        self.thread_comms = comms;
+        self
+    }
+
+    /// A CPU sample at `ts_ns` on `tid` that hit task `task_id` (0: none),
+    /// with the stack `stack`. Feed samples in time order among the events,
+    /// so that the task's type is known from the polls before it.
+    pub fn push_sample(
+        &mut self,
+        ts_ns: u64,
+        tid: u32,
+        task_id: u64,
+        stack: StackId,
+        out: &mut Vec<TimelineOutput>,
+    ) {
+        let site = self.task_sites.get(&task_id).copied();
+        out.push(TimelineOutput::Sample(Sample {
+            tid,
+            ts_ns,
+            task_id,
+            site,
+            stack,
+        }));
+    }
+
+    /// The name given to `tid`'s track, once it was seen.
+    pub fn thread_name(&self, tid: u32) -> Option<&str> {
+        let index = *self.index_by_tid.get(&tid)?;
+        Some(self.threads[index].1.name.as_str())
+    }
+
     /// Feeds one event; what it completes or reveals is appended to `out`.
     ///
     /// Returns true if this is the first event seen from `ev.tid`, so the
@@ -125,22 +172,48 @@ impl Timeline {
             return false;
         };
         let (index, first_seen) = self.thread_index(ev.tid, ev.ts_ns);
+        if first_seen {
+            let comm = self
+                .thread_comms
+                .get(&ev.tid)
+                .map_or("thread", String::as_str);
+            let name = format!("{comm} #{index}");
+            self.threads[index].1.name = name.clone();
+            out.push(TimelineOutput::ThreadName(ThreadName {
+                tid: ev.tid,
+                name,
+                sort_index: index as u32,
+            }));
+        }
         let stats = &mut self.threads[index].1.stats;
         stats.last_ns = stats.last_ns.max(ev.ts_ns);
         let activity_before = self.threads[index].1.activity(&self.types);
 
         match kind {
-            EventKind::PollStart => self.poll_start(index, ev, out),
+            EventKind::PollStart => {
+                if ev.task_id != 0 {
+                    self.task_sites.insert(ev.task_id, ev.site);
+                }
+                self.poll_start(index, ev, out)
+            }
             EventKind::PollEnd => {
-                if !self.close_poll(index, ev.ts_ns, false, out) {
+                // `addr` is the await point the task registered its waker at.
+                if !self.close_poll(index, ev.ts_ns, false, ev.addr, out) {
                     self.unmatched_ends += 1;
                 }
             }
             EventKind::ParkStart => {
                 // A worker parks only between polls: polls still open here
                 // lost their end events.
-                self.abandon_polls_from(index, 0, out);
-                self.threads[index].1.open_park(ev.ts_ns);
+                self.abandon_polls_from(index, 0, ev.ts_ns, out);
+                if self.threads[index].1.open_park(ev.ts_ns) {
+                    out.push(TimelineOutput::SliceStart(SliceStart {
+                        tid: ev.tid,
+                        ts_ns: ev.ts_ns,
+                        kind: SliceKind::Park,
+                        woken_by: None,
+                    }));
+                }
             }
             EventKind::ParkEnd => {
                 if !self.threads[index]
@@ -162,6 +235,7 @@ impl Timeline {
                 out.push(TimelineOutput::Wake(wake));
             }
             EventKind::TaskEnd => {
+                self.task_sites.remove(&ev.task_id);
                 self.threads[index].1.last_task_end = Some((ev.task, ev.ts_ns));
                 self.tasks.task_end(ev, &mut self.ended);
                 self.flush_ended(out);
@@ -191,7 +265,7 @@ impl Timeline {
     pub fn finish(&mut self, end_ns: u64, out: &mut Vec<TimelineOutput>) {
         for index in 0..self.threads.len() {
             let before = self.threads[index].1.activity(&self.types);
-            while self.close_poll(index, end_ns, true, out) {}
+            while self.close_poll(index, end_ns, true, 0, out) {}
             let tid = self.threads[index].0;
             self.threads[index].1.close_park(tid, end_ns, true, out);
             let after = self.threads[index].1.activity(&self.types);
@@ -201,6 +275,21 @@ impl Timeline {
         self.counters.sample(end_ns, &mut self.samples);
         self.counters.finish(&mut self.samples);
         out.extend(self.samples.drain(..).map(TimelineOutput::Counter));
+
+        // Whether a thread only ran `spawn_blocking` work is certain only
+        // now: rename those tracks, after the runtime's own threads.
+        let mut blocking = 0;
+        for (tid, thread) in &mut self.threads {
+            if thread.stats.is_blocking_pool() {
+                thread.name = format!("blocking #{blocking}");
+                out.push(TimelineOutput::ThreadName(ThreadName {
+                    tid: *tid,
+                    name: thread.name.clone(),
+                    sort_index: 1000 + blocking,
+                }));
+                blocking += 1;
+            }
+        }
     }
 
     /// Per-thread statistics, in first-seen order.
@@ -267,7 +356,7 @@ impl Timeline {
         // same task means that poll's end event was lost.
         let thread = &self.threads[index].1;
         if let Some(stale) = thread.open_polls.iter().position(|p| p.task == ev.task) {
-            self.abandon_polls_from(index, stale, out);
+            self.abandon_polls_from(index, stale, ev.ts_ns, out);
         }
         // With `--min-poll` a poll's start arrives at its end, after the task
         // end that happened inside it: that task is already finished, so the
@@ -283,11 +372,23 @@ impl Timeline {
             start_ns: ev.ts_ns,
             after_task_end,
         });
-        if after_task_end {
-            return;
-        }
-        let woken = self.tasks.poll_start(ev, &mut self.ended);
+        let woken = if after_task_end {
+            None
+        } else {
+            self.tasks.poll_start(ev, &mut self.ended)
+        };
         self.flush_ended(out);
+        out.push(TimelineOutput::SliceStart(SliceStart {
+            tid: ev.tid,
+            ts_ns: ev.ts_ns,
+            kind: SliceKind::Poll {
+                site: ev.site,
+                task: ev.task,
+                task_id: ev.task_id,
+                await_key: 0,
+            },
+            woken_by: woken.as_ref().map(|woken| woken.flow),
+        }));
         if let Some(woken) = woken {
             self.threads[index]
                 .1
@@ -305,11 +406,13 @@ impl Timeline {
         index: usize,
         end_ns: u64,
         truncated: bool,
+        await_key: u64,
         out: &mut Vec<TimelineOutput>,
     ) -> bool {
         let (tid, thread) = &mut self.threads[index];
         let blocking = |site| self.types.is_blocking(site);
-        let Some((slice, after_task_end)) = thread.close_poll(*tid, end_ns, truncated, blocking)
+        let Some((slice, after_task_end)) =
+            thread.close_poll(*tid, end_ns, truncated, await_key, blocking)
         else {
             return false;
         };
@@ -334,15 +437,35 @@ impl Timeline {
     }
 
     /// Drops the open polls of thread `index` from position `from` up: their
-    /// end events were lost.
-    fn abandon_polls_from(&mut self, index: usize, from: usize, out: &mut Vec<TimelineOutput>) {
-        let thread = &mut self.threads[index].1;
+    /// end events were lost, as `now_ns` shows. They are not counted, and
+    /// come out as slices marked `end_lost`, innermost first.
+    fn abandon_polls_from(
+        &mut self,
+        index: usize,
+        from: usize,
+        now_ns: u64,
+        out: &mut Vec<TimelineOutput>,
+    ) {
+        let (tid, thread) = &mut self.threads[index];
         if from >= thread.open_polls.len() {
             return;
         }
-        for poll in thread.open_polls.drain(from..) {
+        for poll in thread.open_polls.drain(from..).rev() {
             self.abandoned += 1;
             self.tasks.poll_abandoned(poll.task, &mut self.ended);
+            out.push(TimelineOutput::Slice(Slice {
+                tid: *tid,
+                kind: SliceKind::Poll {
+                    site: poll.site,
+                    task: poll.task,
+                    task_id: poll.task_id,
+                    await_key: 0,
+                },
+                start_ns: poll.start_ns,
+                end_ns: now_ns.max(poll.start_ns),
+                truncated: false,
+                end_lost: true,
+            }));
         }
         self.flush_ended(out);
     }
@@ -483,6 +606,8 @@ struct ThreadState {
     open_park: Option<OpenPark>,
     /// The last task end seen on this thread: (header, timestamp).
     last_task_end: Option<(u64, u64)>,
+    /// Its track's name.
+    name: String,
 }
 
 impl ThreadState {
@@ -494,10 +619,17 @@ impl ThreadState {
         }
     }
 
-    fn open_park(&mut self, start_ns: u64) {
+    /// Enters one level of park; true if that opened the park slice.
+    fn open_park(&mut self, start_ns: u64) -> bool {
         match &mut self.open_park {
-            Some(park) => park.depth += 1,
-            None => self.open_park = Some(OpenPark { start_ns, depth: 1 }),
+            Some(park) => {
+                park.depth += 1;
+                false
+            }
+            None => {
+                self.open_park = Some(OpenPark { start_ns, depth: 1 });
+                true
+            }
         }
     }
 
@@ -508,6 +640,7 @@ impl ThreadState {
         tid: u32,
         end_ns: u64,
         truncated: bool,
+        await_key: u64,
         is_blocking: impl Fn(u32) -> bool,
     ) -> Option<(Slice, bool)> {
         let poll = self.open_polls.pop()?;
@@ -517,12 +650,14 @@ impl ThreadState {
                 site: poll.site,
                 task: poll.task,
                 task_id: poll.task_id,
+                await_key,
             },
             start_ns: poll.start_ns,
             // Never end before the start: `finish` may be given an end time
             // taken from another thread's clock reading.
             end_ns: end_ns.max(poll.start_ns),
             truncated,
+            end_lost: false,
         };
         let duration = slice.duration_ns();
         let outermost = self.open_polls.is_empty();
@@ -564,6 +699,7 @@ impl ThreadState {
             start_ns,
             end_ns: end_ns.max(start_ns),
             truncated,
+            end_lost: false,
         };
         self.stats.parks += 1;
         self.stats.parked_ns += slice.duration_ns();
@@ -594,10 +730,12 @@ mod tests {
                 site: 7,
                 task,
                 task_id: task + 1000,
+                await_key: 0,
             },
             start_ns,
             end_ns,
             truncated: false,
+            end_lost: false,
         }
     }
 
@@ -608,6 +746,7 @@ mod tests {
             start_ns,
             end_ns,
             truncated: false,
+            end_lost: false,
         }
     }
 
@@ -891,7 +1030,7 @@ mod tests {
     }
 
     #[test]
-    fn polls_whose_end_was_lost_are_abandoned_not_stretched() {
+    fn polls_whose_end_was_lost_are_abandoned_not_counted() {
         let mut timeline = Timeline::new();
         let mut out = Vec::new();
         // Task A's end is lost; A is polled again: the first poll is dropped.
@@ -903,12 +1042,32 @@ mod tests {
         timeline.push(&park_start(400, 1), &mut out);
         timeline.push(&park_end(500, 1), &mut out);
         assert_eq!(timeline.abandoned(), 2);
+        // Every slice that started is closed, the abandoned ones marked
+        // `end_lost` and ended where the loss became clear.
+        let starts = out
+            .iter()
+            .filter(|o| matches!(o, TimelineOutput::SliceStart(_)))
+            .count();
         let out = slices_in(out);
-        assert_eq!(out.len(), 2, "{out:?}");
-        assert_eq!((out[0].start_ns, out[0].end_ns), (200, 250));
+        assert_eq!(starts, out.len());
+        let shape: Vec<_> = out
+            .iter()
+            .map(|s| (s.start_ns, s.end_ns, s.end_lost))
+            .collect();
         assert_eq!(
-            (out[1].kind.clone(), out[1].start_ns, out[1].end_ns),
-            (SliceKind::Park, 400, 500)
+            shape,
+            [
+                (100, 200, true),
+                (200, 250, false),
+                (300, 400, true),
+                (400, 500, false)
+            ]
+        );
+        assert_eq!(out[3].kind, SliceKind::Park);
+        assert_eq!(
+            stats_of(&timeline, 1).polls,
+            1,
+            "lost polls are not counted"
         );
     }
 }

@@ -53,9 +53,16 @@ pub struct RecordArgs {
     #[arg(short, long)]
     pub pid: Option<u32>,
 
-    /// Where to write the trace (Chrome JSON; open it at ui.perfetto.dev).
-    #[arg(short, long, default_value = "trace.json")]
+    /// Where to write the trace: Perfetto's native format (`.pftrace`), or
+    /// Chrome JSON when the name ends in `.json`; gzipped when it ends in
+    /// `.gz` (e.g. `trace.pftrace.gz`). Open it at ui.perfetto.dev.
+    #[arg(short, long, default_value = "trace.pftrace")]
     pub output: PathBuf,
+
+    /// When the trace is written, serve it on 127.0.0.1:9001 and print the
+    /// ui.perfetto.dev link that loads it (until the UI has fetched it).
+    #[arg(long)]
+    pub open: bool,
 
     /// Stop after this long (e.g. 10s, 500ms, 2m); otherwise on Ctrl-C,
     /// SIGTERM, or when the target exits.

@@ -7,8 +7,10 @@
 //!   what each polled task is called);
 //! - [`record`] loads the eBPF programs, attaches them, and drains events;
 //! - `tracer-timeline` turns events into slices, flows and counters and
-//!   writes the Perfetto-readable file and the summary;
+//!   writes the trace (Perfetto protobuf or Chrome JSON) and the summary;
+//! - [`serve`] hands the finished trace to the Perfetto UI (`--open`);
 //! - `tracer-symbolize` unwinds the captured stacks and names their frames.
 
 pub mod output_file;
 pub mod record;
+pub mod serve;

@@ -54,6 +54,20 @@ fn list_probes(args: ProbesArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// The last line: how to look at the trace. Under sudo the trace sits in
+/// a root session's directory but the browser runs as the user.
+fn how_to_open(output: &std::path::Path) -> String {
+    let shown = output.display();
+    match std::env::var("SUDO_USER") {
+        Ok(user) if !user.is_empty() => format!(
+            "open {shown} at https://ui.perfetto.dev (Open trace file) as {user}, or rerun with --open to load it from this tracer"
+        ),
+        _ => format!(
+            "open {shown} at https://ui.perfetto.dev (Open trace file), or rerun with --open"
+        ),
+    }
+}
+
 fn run_record(args: RecordArgs) -> Result<ExitCode> {
     let target = match (args.pid, args.command.is_empty()) {
         (Some(_), false) => bail!("give either --pid or a command after --, not both"),
@@ -73,6 +87,13 @@ fn run_record(args: RecordArgs) -> Result<ExitCode> {
         Mode::Full | Mode::Polls => std::time::Duration::ZERO,
         Mode::Light => std::time::Duration::from_millis(1),
     };
+    // Bind before recording, so a busy port fails before anything runs.
+    let server = if args.open {
+        Some(rt_ebpf_trace::serve::bind(rt_ebpf_trace::serve::PORT)?)
+    } else {
+        None
+    };
+    let output = args.output.clone();
     let sample_hz = (!args.no_samples && mode != Mode::Polls).then_some(args.sample_hz);
     let options = RecordOptions {
         target,
@@ -111,5 +132,21 @@ fn run_record(args: RecordArgs) -> Result<ExitCode> {
     // The trace is complete; the probes are still being removed.
     let _ = std::io::stdout().flush();
     let _ = outcome.detaching.join();
+    match server {
+        Some(server) => {
+            let name = output
+                .file_name()
+                .map(|name| name.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            println!(
+                "open {} (serving the trace on 127.0.0.1:{} until the UI has fetched it; Ctrl-C to stop)",
+                rt_ebpf_trace::serve::ui_link(&name, rt_ebpf_trace::serve::PORT),
+                rt_ebpf_trace::serve::PORT
+            );
+            let _ = std::io::stdout().flush();
+            rt_ebpf_trace::serve::serve(&server, &output)?;
+        }
+        None => println!("{}", how_to_open(&output)),
+    }
     Ok(ExitCode::SUCCESS)
 }

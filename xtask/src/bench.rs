@@ -26,6 +26,8 @@ use anyhow::{Context, Result, bail};
 use crate::cmd::{self, cargo, step};
 use crate::{ebpf, root};
 
+mod formats;
+
 #[derive(clap::Args)]
 pub struct Options {
     /// A smoke run of about two minutes: 2 runs per condition and shorter
@@ -41,6 +43,10 @@ pub struct Options {
     /// Print the results without writing them into BENCHMARKS.md.
     #[arg(long)]
     pub no_write: bool,
+    /// Only measure the trace formats (size, rendering rate, tracer memory;
+    /// see `bench/formats.rs`).
+    #[arg(long)]
+    pub formats: bool,
 }
 
 pub fn run(options: &Options) -> Result<()> {
@@ -50,6 +56,9 @@ pub fn run(options: &Options) -> Result<()> {
         bail!("the benchmark attaches probes and must run as root: run it as root");
     }
     ensure_tool("wrk")?;
+    if options.formats {
+        return formats::run(options);
+    }
     ensure_tool("bpftrace")?;
     let tools = build(options)?;
     let plan = Plan::new(options, &tools)?;
@@ -597,7 +606,9 @@ struct TracerOutput {
 
 impl Tracer {
     fn start(tools: &Tools, condition: &Condition, workload: Workload, pid: u32) -> Result<Tracer> {
-        let trace = tools.scratch.join(format!("trace-{}", workload.name()));
+        let trace = tools
+            .scratch
+            .join(format!("trace-{}.pftrace", workload.name()));
         let mut command = match condition {
             Condition::Tracer(mode) => {
                 let mut command = Command::new(&tools.tracer);
@@ -822,12 +833,14 @@ fn wait_timeout(child: &mut Child, timeout: Duration) -> Result<std::process::Ex
     }
 }
 
-/// rt-ebpf-trace's figures, from its trace's metadata and its summary.
+/// rt-ebpf-trace's figures, from its trace's metadata (as `-v` logs it)
+/// and its summary.
 fn tracer_figures(summary: &str, trace: &Path) -> Result<TracerSample> {
     let bytes = fs::metadata(trace)
         .with_context(|| format!("the tracer wrote no {}: {summary}", trace.display()))?
         .len();
-    let metadata = trace_metadata(trace)?;
+    let metadata = trace_metadata(summary)
+        .with_context(|| format!("no trace metadata in the tracer's log: {summary}"))?;
     let number = |key: &str| json_number(&metadata, key).unwrap_or(0.0);
     Ok(TracerSample {
         events: number("events"),
@@ -839,20 +852,11 @@ fn tracer_figures(summary: &str, trace: &Path) -> Result<TracerSample> {
     })
 }
 
-/// The trace's closing `"metadata":{...}`, read from the end of the file
-/// (traces run to hundreds of MB; the metadata is written last).
-fn trace_metadata(trace: &Path) -> Result<String> {
-    use std::io::{Seek, SeekFrom};
-    let mut file = fs::File::open(trace)?;
-    let length = file.metadata()?.len();
-    file.seek(SeekFrom::Start(length.saturating_sub(8192)))?;
-    let mut tail = Vec::new();
-    file.read_to_end(&mut tail)?;
-    let tail = String::from_utf8_lossy(&tail);
-    let start = tail
-        .rfind("\"metadata\"")
-        .with_context(|| format!("no metadata at the end of {}", trace.display()))?;
-    Ok(tail[start..].to_owned())
+/// The trace's metadata object, from the tracer's `-v` line `trace
+/// metadata: {...}` (the same in every trace format).
+fn trace_metadata(log: &str) -> Option<String> {
+    log.lines()
+        .find_map(|line| Some(line.split_once("trace metadata: ")?.1.to_owned()))
 }
 
 /// The number after `"key":` in a flat JSON object.

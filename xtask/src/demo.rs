@@ -37,7 +37,7 @@ pub fn run(options: &Options) -> Result<()> {
         }
     }
 
-    let trace = repo.join("trace.json");
+    let trace = repo.join("trace.pftrace");
     let mut trace_cmd = root::as_root(&tracer, "tracing")?;
     trace_cmd
         .arg("-o")

@@ -30,7 +30,7 @@ enum Command {
     /// toolchain, rust-src, bpf-linker) if missing.
     BuildEbpf(ebpf::Options),
     /// Build everything and trace the bundled demo service for a few seconds,
-    /// writing trace.json (runs the tracer through sudo if not root).
+    /// writing trace.pftrace (runs the tracer through sudo if not root).
     Demo(demo::Options),
     /// Check formatting (rustfmt) and lints (clippy, warnings denied) of every
     /// crate, the eBPF one included.

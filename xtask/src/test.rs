@@ -37,6 +37,8 @@ pub fn run(options: &Options) -> Result<()> {
         )?;
     }
 
+    ensure_perfetto_python()?;
+
     let mut test = cargo();
     test.args(["test", "--workspace"])
         .args(&options.cargo_args)
@@ -60,6 +62,31 @@ pub fn run(options: &Options) -> Result<()> {
     let status = cmd::status(&mut test)?;
     // Cargo's status is ours, whatever it is: it already said what failed.
     std::process::exit(status.code().unwrap_or(1));
+}
+
+/// The integration tests check every Perfetto trace against Perfetto's own
+/// schema, which the `perfetto` Python package ships: install it when it is
+/// missing (quietly; nothing to do when it is there).
+fn ensure_perfetto_python() -> Result<()> {
+    const SCHEMA: &str = "import perfetto.protos.perfetto.trace.perfetto_trace_pb2";
+    let present = std::process::Command::new("python3")
+        .args(["-c", SCHEMA])
+        .stderr(std::process::Stdio::null())
+        .status()
+        .context("running python3 (the tests need it to check Perfetto traces)")?
+        .success();
+    if present {
+        return Ok(());
+    }
+    step("installing the perfetto Python package (its trace schema checks the tests' traces)");
+    cmd::run(std::process::Command::new("python3").args([
+        "-m",
+        "pip",
+        "install",
+        "--quiet",
+        "--disable-pip-version-check",
+        "perfetto",
+    ]))
 }
 
 /// The host triple as cargo spells it in `CARGO_TARGET_<TRIPLE>_RUNNER`.

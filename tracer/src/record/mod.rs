@@ -5,8 +5,8 @@
 //! (`tracer_probes`); open the output; load and attach the eBPF programs
 //! ([`loader`]); drain events until told to stop ([`session`], [`drain`]),
 //! into a spill file ([`spill`]) with the stacks unwound as they come; then
-//! render the trace from the spill file ([`sink`]), with the stacks
-//! symbolized at the end ([`stacks`]).
+//! symbolize the stacks ([`stacks`]) and render the trace from the spill
+//! file in one pass ([`sink`]) into the output ([`trace_file`]).
 
 pub mod detach;
 pub mod drain;
@@ -22,6 +22,7 @@ pub mod stacks;
 pub mod status;
 pub mod target;
 pub mod trace_size;
+pub mod trace_file;
 
 pub use loader::Settings;
 pub use session::{Mode, Outcome, RecordOptions, StopReason, TargetSpec, record};

@@ -2,25 +2,24 @@
 //! until a stop condition, then render the trace from it and finalize.
 
 use std::ffi::OsString;
-use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
 use std::process::ExitStatus;
 use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow};
 use tokio::signal::unix::{SignalKind, signal};
-use tracer_timeline::chrome::ChromeTraceWriter;
 use tracer_timeline::summary::Summary;
 
-use crate::output_file::{OutputFile, Temporary};
+use crate::output_file::OutputFile;
 
 use super::drain::Recorder;
 use super::loader;
 use super::preflight::{self, KernelPaths};
-use super::sink::{Costs, TraceSink};
+use super::sink::{RenderInput, render};
 use super::spill::SpillWriter;
 use super::status::StatusLine;
 use super::target::Target;
+use super::trace_file::TraceFile;
 use super::trace_size::{SizeCheck, SizeWatch};
 
 /// How often the ring buffers are drained. At 1M events/s of 56 bytes, the
@@ -132,11 +131,9 @@ pub async fn record(options: RecordOptions) -> Result<Outcome> {
         .as_deref()
         .map(OutputFile::check)
         .transpose()?;
-    let trace = output.temporary()?;
-    let trace_name = trace.name;
-    let mut writer = ChromeTraceWriter::new(trace.file, output.path())?;
     // Next to the trace, on the file system that must hold the trace anyway.
     let spill = SpillWriter::create_in(&output.scratch_dir())?;
+    let mut trace_file = TraceFile::create(output)?;
 
     let loading = std::time::Instant::now();
     let mut probes = loader::load(&plan, target.pid, &options.settings)?;
@@ -239,38 +236,20 @@ pub async fn record(options: RecordOptions) -> Result<Outcome> {
     // takes a while, so start removing them now.
     let detaching = probes.detach_in_background();
 
-    let rendering = std::time::Instant::now();
     let recording = recorder.finish()?;
-    writer.process_name(target.pid, &format!("{} (pid {})", target.name, target.pid))?;
-    let sink = TraceSink::replay(&plan, target.pid, start_ns, writer, recording)?;
-    let render_ms = rendering.elapsed().as_millis() as u64;
-    log::info!(
-        "rendered {} events into the trace in {render_ms} ms",
-        sink.events
-    );
-    let costs = Costs {
-        recording_cpu_ns,
-        render_ms,
-    };
-    let scratch = output.temporary()?;
-    let scratch_inode = scratch.file.metadata()?.ino();
     let mut folded_file = folded.as_ref().map(OutputFile::temporary).transpose()?;
-    let (mut summary, trace_file) = sink.finish(
+    let input = RenderInput {
+        plan: &plan,
+        pid: target.pid,
+        process_name: format!("{} (pid {})", target.name, target.pid),
+        start_ns,
         end_ns,
-        &counters,
-        costs,
-        scratch.file,
-        folded_file.as_mut().map(|folded| &mut folded.file),
-    )?;
-    // The writer's first file became the trace unless the stacks were
-    // resolved into the scratch file; the other one is dropped unnamed.
-    let resolved = trace_file.metadata()?.ino() == scratch_inode;
-    let trace = Temporary {
-        file: trace_file,
-        name: if resolved { scratch.name } else { trace_name },
+        counters: &counters,
+        recording_cpu_ns,
+        folded: folded_file.as_mut().map(|folded| &mut folded.file),
     };
-    summary.trace_bytes = output.publish(trace)?;
-    summary.output = Some(options.output.clone());
+    let mut summary = render(input, recording, &mut trace_file)?;
+    summary.trace_bytes = trace_file.finish()?;
     if let (Some(folded), Some(file)) = (&folded, folded_file) {
         folded.publish(file)?;
     }

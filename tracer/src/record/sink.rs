@@ -1,250 +1,170 @@
-//! Where recorded events go, once recording has stopped: the timeline turns
-//! them into slices, wakes, spawns and counters; the renderer streams those
-//! into the trace file. The CPU samples are merged in by time, so that each
-//! is attributed to its task's type as the events up to it describe it.
+//! Rendering, once recording has stopped, in one pass: the stacks are
+//! symbolized first (so the trace refers to named frames from the start, no
+//! placeholders and no second pass over the file), then every spilled event
+//! goes through the timeline, with the CPU samples merged in by time, and
+//! each output straight to the trace writer. The timeline decides what the
+//! trace says; the writer (Perfetto protobuf or Chrome JSON, by the file's
+//! name) only how.
 
 use std::collections::HashMap;
-use std::fs::File;
+use std::io::{IsTerminal, Write};
+use std::time::Instant;
 
 use anyhow::{Context, Result};
 use serde_json::json;
-use tracer_common::{Event, EventKind};
 use tracer_probes::ProbePlan;
-use tracer_timeline::chrome::ChromeTraceWriter;
 use tracer_timeline::output::TimelineOutput;
-use tracer_timeline::render::TraceRenderer;
 use tracer_timeline::summary::{SchedulerSummary, Summary, WorkerSummary};
 use tracer_timeline::task_types::{TaskName, TaskTypes};
 use tracer_timeline::timeline::Timeline;
+use tracer_timeline::writer::TraceInfo;
 
-use super::drain::{Recording, Sample};
+use super::drain::Recording;
 use super::loader::KernelCounters;
-use super::stacks::StackTable;
+use super::stacks::{StackId, write_folded};
+use super::trace_file::TraceFile;
 
-pub struct TraceSink<'a> {
-    plan: &'a ProbePlan,
-    pid: u32,
-    start_ns: u64,
-    writer: ChromeTraceWriter,
-    timeline: Timeline,
-    renderer: TraceRenderer,
-    outputs: Vec<TimelineOutput>,
-    /// Each thread's `comm`, as read while recording.
-    thread_comms: HashMap<u32, String>,
-    /// Each thread's track name.
-    thread_names: HashMap<u32, String>,
-    stacks: StackTable,
-    /// The task type (probe site) of each live task, learned from its polls:
-    /// samples and stacks carry only the task id.
-    task_sites: HashMap<u64, u32>,
-    pub events: u64,
-    malformed: u64,
-}
-
-/// What recording and rendering cost the tracer, for the trace's metadata.
-#[derive(Clone, Copy, Debug)]
-pub struct Costs {
+/// What the trace is of, besides the recording itself.
+pub struct RenderInput<'a> {
+    pub plan: &'a ProbePlan,
+    pub pid: u32,
+    /// The process track's name.
+    pub process_name: String,
+    pub start_ns: u64,
+    pub end_ns: u64,
+    pub counters: &'a KernelCounters,
     /// CPU time (user + system) of the tracer from the probes' enabling to
     /// the end of the final drain.
     pub recording_cpu_ns: u64,
-    /// Wall time of the replay into the trace.
-    pub render_ms: u64,
+    /// Where to write the samples as folded stacks, if anywhere.
+    pub folded: Option<&'a mut std::fs::File>,
 }
 
-impl<'a> TraceSink<'a> {
-    /// Renders a recording into `writer`: every event, in the order drained,
-    /// with the samples merged in by time. [`finish`](Self::finish) then
-    /// closes the trace.
-    pub fn replay(
-        plan: &'a ProbePlan,
-        pid: u32,
-        start_ns: u64,
-        writer: ChromeTraceWriter,
-        recording: Recording,
-    ) -> Result<Self> {
-        let Recording {
-            events,
-            samples,
-            stacks,
-            thread_comms,
-            malformed,
-        } = recording;
-        let types = task_types(plan);
-        let mut sink = TraceSink {
-            plan,
-            pid,
-            start_ns,
-            writer,
-            timeline: Timeline::with_task_types(types.clone()),
-            renderer: TraceRenderer::new(pid, start_ns, types),
-            outputs: Vec::new(),
-            thread_comms,
-            thread_names: HashMap::new(),
-            stacks,
-            task_sites: HashMap::new(),
-            events: 0,
-            malformed,
-        };
-        let mut samples = samples.into_iter().peekable();
-        for event in events {
-            let event = event?;
-            // A sample sees the tasks polled before it, as it did live.
-            while let Some(sample) = samples.next_if(|sample| sample.ts_ns < event.ts_ns) {
-                sink.sample(&sample)?;
+/// Writes the whole trace of `recording` into `file` (not finished: the
+/// caller publishes it) and returns the summary (without the file's size).
+pub fn render(input: RenderInput, recording: Recording, file: &mut TraceFile) -> Result<Summary> {
+    let rendering = Instant::now();
+    let Recording {
+        events,
+        samples,
+        stacks,
+        thread_comms,
+        malformed,
+    } = recording;
+    let (await_captures, empty_captures) = (stacks.await_captures, stacks.empty_captures);
+    let symbols = stacks.symbolize();
+    let info = TraceInfo {
+        pid: input.pid,
+        process_name: input.process_name.clone(),
+        start_ns: input.start_ns,
+        types: task_types(input.plan),
+        symbols,
+    };
+    let format = file.format();
+    let mut writer = format.writer(&mut *file, &info)?;
+    let mut timeline =
+        Timeline::with_task_types(info.types.clone()).with_thread_comms(thread_comms);
+    let mut progress = Progress::new(events.remaining());
+    let mut outputs = Vec::new();
+    let mut folded: HashMap<(String, StackId), u64> = HashMap::new();
+    let mut sample_count = 0u64;
+    let mut event_count = 0u64;
+    let mut write_outputs = |outputs: &mut Vec<TimelineOutput>| -> Result<()> {
+        for output in outputs.drain(..) {
+            if let TimelineOutput::Sample(sample) = &output {
+                sample_count += 1;
+                let task = info.types.short_name(sample.site);
+                *folded.entry((task, sample.stack)).or_default() += 1;
             }
-            sink.event(&event)?;
+            writer.write(&output)?;
         }
-        for sample in samples {
-            sink.sample(&sample)?;
-        }
-        Ok(sink)
-    }
-
-    fn event(&mut self, event: &Event) -> Result<()> {
-        self.events += 1;
-        match EventKind::from_u32(event.kind) {
-            Some(EventKind::PollStart) if event.task_id != 0 => {
-                self.task_sites.insert(event.task_id, event.site);
-            }
-            Some(EventKind::TaskEnd) => {
-                self.task_sites.remove(&event.task_id);
-            }
-            Some(EventKind::PollEnd) if event.addr != 0 => {
-                // Where the polled task now waits (the last await point
-                // of this poll); resolved to frames at the end.
-                let (waits_at, await_stack) = StackTable::await_keys(event.task_id, event.addr);
-                let args = json!({
-                    "waits_at": self.writer.deferred(&waits_at),
-                    "await_stack": self.writer.deferred(&await_stack),
-                });
-                self.renderer.annotate_poll(event.tid, event.task_id, args);
-            }
-            _ => {}
-        }
-        if self.timeline.push(event, &mut self.outputs) {
-            self.name_thread(event.tid)?;
-        }
-        self.renderer
-            .write_all(&mut self.outputs, &mut self.writer)?;
         Ok(())
-    }
-
-    /// A CPU sample: an instant on its thread's track, with the task it hit.
-    fn sample(&mut self, sample: &Sample) -> Result<()> {
-        let site = self.task_sites.get(&sample.task_id).copied();
-        self.stacks.count_sample(site, sample.stack);
-        let args = json!({
-            "task_id": (sample.task_id != 0).then_some(sample.task_id),
-            "task_type": site.and_then(|site| self.renderer.task_types().full_name(Some(site))),
-            "stack": self.writer.deferred(&StackTable::stack_key(sample.stack)),
-        });
-        let ts = sample.ts_ns.saturating_sub(self.start_ns);
-        self.writer
-            .instant(self.pid, sample.tid, "sample", "sample", ts, &args)
-    }
-
-    /// Names a thread's track from its `comm` plus its index among the
-    /// threads seen, since tokio's workers all share one name.
-    fn name_thread(&mut self, tid: u32) -> Result<()> {
-        let index = self.thread_names.len() as u32;
-        let comm = self.thread_comms.get(&tid).map_or("thread", String::as_str);
-        let name = format!("{comm} #{index}");
-        self.writer.thread_name(self.pid, tid, &name, index)?;
-        self.thread_names.insert(tid, name);
-        Ok(())
-    }
-
-    /// Closes what is still open at `end_ns`, writes the trace's last
-    /// events and metadata, and returns the summary (without the trace's
-    /// size) and the finished trace: `scratch` (an empty file) when the
-    /// stacks' placeholders had to be resolved, the writer's file otherwise.
-    /// Writes the folded stacks into `folded` if given.
-    pub fn finish(
-        mut self,
-        end_ns: u64,
-        counters: &KernelCounters,
-        costs: Costs,
-        scratch: File,
-        folded: Option<&mut File>,
-    ) -> Result<(Summary, File)> {
-        self.timeline.finish(end_ns, &mut self.outputs);
-        self.renderer
-            .write_all(&mut self.outputs, &mut self.writer)?;
-
-        // Whether a thread only ran `spawn_blocking` work is certain only now;
-        // a later thread_name event renames its track.
-        let blocking_threads: Vec<u32> = self
-            .timeline
-            .threads()
-            .map(|(tid, _)| tid)
-            .filter(|&tid| self.timeline.is_blocking_pool_thread(tid))
-            .collect();
-        for (blocking, tid) in blocking_threads.into_iter().enumerate() {
-            let name = format!("blocking #{blocking}");
-            // After the runtime's own threads.
-            let index = 1000 + blocking as u32;
-            self.writer.thread_name(self.pid, tid, &name, index)?;
-            self.thread_names.insert(tid, name);
+    };
+    let mut samples = samples.into_iter().peekable();
+    for event in events {
+        let event = event?;
+        // A sample sees the tasks polled before it, as it did live.
+        while let Some(sample) = samples.next_if(|sample| sample.ts_ns < event.ts_ns) {
+            timeline.push_sample(
+                sample.ts_ns,
+                sample.tid,
+                sample.task_id,
+                sample.stack,
+                &mut outputs,
+            );
         }
-
-        let workers = self
-            .timeline
-            .threads()
-            .map(|(tid, stats)| WorkerSummary {
-                tid,
-                name: self
-                    .thread_names
-                    .get(&tid)
-                    .cloned()
-                    .unwrap_or_else(|| format!("tid {tid}")),
-                stats: stats.clone(),
-            })
-            .collect();
-        let duration_ns = end_ns.saturating_sub(self.start_ns);
-        let metadata = json!({
-            "tracer": concat!("rt-ebpf-trace ", env!("CARGO_PKG_VERSION")),
-            "target_pid": self.pid,
-            "binary": self.plan.binary.display().to_string(),
-            "tokio_version": self.plan.tokio_version,
-            "events": self.events,
-            "recording_cpu_ns": costs.recording_cpu_ns,
-            "render_ms": costs.render_ms,
-            "lost_events": counters.lost_events,
-            "short_polls_not_recorded": counters.short_polls,
-            "kernel_samples_not_shown": counters.kernel_samples,
-            "malformed_events": self.malformed,
-            "unmatched_ends": self.timeline.unmatched_ends(),
-            "abandoned_polls": self.timeline.abandoned(),
-            "duration_ns": duration_ns,
-            "samples": self.stacks.samples,
-            "await_stacks": self.stacks.await_captures,
-            "stack_captures_without_stack": self.stacks.empty_captures,
-        });
-        let scheduler = SchedulerSummary::from_timeline(&self.timeline, self.renderer.task_types());
-        let types = self.renderer.task_types().clone();
-        let symbolized = self.stacks.symbolize(&|site| types.short_name(site));
-        let trace =
-            self.writer
-                .finish_resolving(&metadata, &mut |key| symbolized.resolve(key), scratch)?;
-        if let Some(folded) = folded {
-            symbolized
-                .write_folded(folded)
-                .context("writing the folded stacks")?;
-        }
-        let summary = Summary {
-            start_ns: self.start_ns,
-            duration_ns,
-            workers,
-            events: self.events,
-            lost_events: counters.lost_events,
-            unmatched_ends: self.timeline.unmatched_ends(),
-            abandoned_polls: self.timeline.abandoned(),
-            output: None,
-            trace_bytes: 0,
-            scheduler,
-        };
-        Ok((summary, trace))
+        timeline.push(&event, &mut outputs);
+        write_outputs(&mut outputs)?;
+        event_count += 1;
+        progress.update(event_count);
     }
+    for sample in samples {
+        timeline.push_sample(
+            sample.ts_ns,
+            sample.tid,
+            sample.task_id,
+            sample.stack,
+            &mut outputs,
+        );
+    }
+    timeline.finish(input.end_ns, &mut outputs);
+    write_outputs(&mut outputs)?;
+    progress.finish();
+
+    let counters = input.counters;
+    let duration_ns = input.end_ns.saturating_sub(input.start_ns);
+    let render_ms = rendering.elapsed().as_millis() as u64;
+    log::info!("rendered {event_count} events into the trace in {render_ms} ms");
+    let metadata = json!({
+        "tracer": concat!("rt-ebpf-trace ", env!("CARGO_PKG_VERSION")),
+        "target_pid": input.pid,
+        "binary": input.plan.binary.display().to_string(),
+        "tokio_version": input.plan.tokio_version,
+        "events": event_count,
+        "recording_cpu_ns": input.recording_cpu_ns,
+        "render_ms": render_ms,
+        "lost_events": counters.lost_events,
+        "short_polls_not_recorded": counters.short_polls,
+        "kernel_samples_not_shown": counters.kernel_samples,
+        "malformed_events": malformed,
+        "unmatched_ends": timeline.unmatched_ends(),
+        "abandoned_polls": timeline.abandoned(),
+        "duration_ns": duration_ns,
+        "samples": sample_count,
+        "await_stacks": await_captures,
+        "stack_captures_without_stack": empty_captures,
+    });
+    // The same figures for tools reading `-v` (the benchmark), whatever
+    // the trace's format.
+    log::info!("trace metadata: {metadata}");
+    writer.finish(&metadata)?;
+    drop(writer);
+    if let Some(file) = input.folded {
+        write_folded(file, &info.symbols, &folded).context("writing the folded stacks")?;
+    }
+
+    let workers = timeline
+        .threads()
+        .map(|(tid, stats)| WorkerSummary {
+            tid,
+            name: timeline
+                .thread_name(tid)
+                .map_or_else(|| format!("tid {tid}"), str::to_owned),
+            stats: stats.clone(),
+        })
+        .collect();
+    Ok(Summary {
+        start_ns: input.start_ns,
+        duration_ns,
+        workers,
+        events: event_count,
+        lost_events: counters.lost_events,
+        unmatched_ends: timeline.unmatched_ends(),
+        abandoned_polls: timeline.abandoned(),
+        output: Some(file.path().to_path_buf()),
+        trace_bytes: 0,
+        scheduler: SchedulerSummary::from_timeline(&timeline, &info.types),
+    })
 }
 
 /// The task type of each probe site, by site index (the cookie the eBPF side
@@ -265,4 +185,47 @@ fn task_types(plan: &ProbePlan) -> TaskTypes {
         })
         .collect();
     TaskTypes::new(names)
+}
+
+/// "rendering 45% (1200000 of 2700000 events)" on stderr, on a terminal,
+/// once rendering has taken over half a second.
+struct Progress {
+    total: u64,
+    enabled: bool,
+    started: Instant,
+    shown: bool,
+}
+
+impl Progress {
+    fn new(total: u64) -> Self {
+        Progress {
+            total,
+            enabled: std::io::stderr().is_terminal(),
+            started: Instant::now(),
+            shown: false,
+        }
+    }
+
+    fn update(&mut self, done: u64) {
+        if !self.enabled || !done.is_multiple_of(1 << 16) {
+            return;
+        }
+        if self.started.elapsed().as_millis() < 500 {
+            return;
+        }
+        self.shown = true;
+        let percent = done * 100 / self.total.max(1);
+        eprint!(
+            "\r\x1b[2Krendering the trace {percent:3}% ({done} of {} events)",
+            self.total
+        );
+        let _ = std::io::stderr().flush();
+    }
+
+    fn finish(&self) {
+        if self.shown {
+            eprint!("\r\x1b[2K");
+            let _ = std::io::stderr().flush();
+        }
+    }
 }

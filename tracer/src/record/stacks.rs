@@ -4,20 +4,18 @@
 //!
 //! Two kinds arrive from the eBPF side: the stack of a task registering its
 //! waker (where it waits; one capture per task and await point) and CPU
-//! samples. The trace refers to stacks through deferred values that
-//! [`StackTable::resolve`] fills in when the trace file is finished.
+//! samples. [`StackTable::symbolize`] names them all once recording ends,
+//! before the trace is written: the result is `tracer_timeline`'s typed
+//! [`Symbols`], which the trace writers look up (and intern) as they go.
 
 use std::collections::HashMap;
 use std::io::Write;
-use std::path::Path;
 
 use anyhow::{Context, Result};
-use serde_json::{Value, json};
 use tracer_common::{STACK_HEADER_SIZE, StackHeader, StackKind};
 use tracer_symbolize::{CapturedStack, Frame, ProcessMaps, Symbolizer, Unwinder};
-
-/// An interned stack: its index in [`StackTable::stacks`].
-pub type StackId = u32;
+pub use tracer_timeline::symbols::StackId;
+use tracer_timeline::symbols::{AwaitPoint, SymbolFrame, Symbols};
 
 /// Unwinding state, made at the first capture (for a launched command the
 /// program's libraries are only mapped by then).
@@ -48,9 +46,6 @@ pub struct StackTable {
     ids: HashMap<Vec<u64>, StackId>,
     /// Where each task waits: (task id, await key) → stack.
     await_stacks: HashMap<(u64, u64), StackId>,
-    /// CPU samples by (task type site, stack), for `--folded`.
-    folded: HashMap<(Option<u32>, StackId), u64>,
-    pub samples: u64,
     pub await_captures: u64,
     /// Captures with no stack to show: none could be read, or it unwound
     /// to no frame.
@@ -89,16 +84,12 @@ impl StackTable {
             stacks: Vec::new(),
             ids: HashMap::new(),
             await_stacks: HashMap::new(),
-            folded: HashMap::new(),
-            samples: 0,
             await_captures: 0,
             empty_captures: 0,
         }
     }
 
-    /// Unwinds and interns one capture. Returns the stack, if it unwound; a
-    /// sample's is counted by [`count_sample`](Self::count_sample) once its
-    /// task's type is known.
+    /// Unwinds and interns one capture. Returns the stack, if it unwound.
     pub fn add(&mut self, capture: &Capture) -> Option<StackId> {
         let header = &capture.header;
         let id = self.unwind(capture)?;
@@ -107,13 +98,6 @@ impl StackTable {
             self.await_stacks.insert((header.task_id, header.key), id);
         }
         Some(id)
-    }
-
-    /// Counts a CPU sample of `stack` in a task of type `site` (None: no
-    /// task, or one of unknown type), for the metadata and `--folded`.
-    pub fn count_sample(&mut self, site: Option<u32>, stack: StackId) {
-        self.samples += 1;
-        *self.folded.entry((site, stack)).or_default() += 1;
     }
 
     fn unwind(&mut self, capture: &Capture) -> Option<StackId> {
@@ -187,58 +171,76 @@ impl StackTable {
         Some(id)
     }
 
-    /// The deferred-value keys of a task's await point: where it waits (the
-    /// innermost frame of the program's own code) and the async call chain
-    /// out from there.
-    pub fn await_keys(task_id: u64, key: u64) -> (String, String) {
-        (
-            format!("waits_at:{task_id}:{key}"),
-            format!("await_stack:{task_id}:{key}"),
-        )
-    }
-
-    /// The deferred-value key of a stack.
-    pub fn stack_key(id: StackId) -> String {
-        format!("stack:{id}")
-    }
-
-    /// Symbolizes every stack seen; the result answers the trace's deferred
-    /// values and writes `--folded`.
-    pub fn symbolize(self, task_name: &dyn Fn(Option<u32>) -> String) -> Symbolized {
+    /// Symbolizes every stack seen (with a progress bar on a terminal when
+    /// it takes a while), and works out where each captured await point is.
+    pub fn symbolize(self) -> Symbols {
+        // While the process lives, its files open through /proc (other mount
+        // namespaces, replaced files); afterwards, by path. A launched
+        // command that exited is a zombie until the end: /proc/PID is still
+        // there, its maps are empty.
+        let live_maps = || {
+            ProcessMaps::read(self.pid)
+                .ok()
+                .filter(|maps| !maps.mappings().is_empty())
+        };
         let maps = match &self.unwinding {
-            // While the process lives, its files open through /proc (other
-            // mount namespaces, replaced files); afterwards, by path.
-            Some(_) if Path::new(&format!("/proc/{}", self.pid)).exists() => {
-                ProcessMaps::read(self.pid).ok()
+            Some(unwinding) => {
+                Some(live_maps().unwrap_or_else(|| ProcessMaps::parse(&unwinding.maps_text)))
             }
-            Some(unwinding) => Some(ProcessMaps::parse(&unwinding.maps_text)),
             None => None,
         };
-        let mut frames = Vec::with_capacity(self.stacks.len());
+        let mut stacks = Vec::with_capacity(self.stacks.len());
         if let Some(maps) = maps {
             let mut symbolizer = Symbolizer::new(&maps);
             let progress = Progress::new(self.stacks.len());
             for (done, addresses) in self.stacks.iter().enumerate() {
-                let stack: Vec<Frame> = addresses
+                let stack: Vec<SymbolFrame> = addresses
                     .iter()
                     .enumerate()
                     .flat_map(|(depth, &address)| symbolizer.symbolize(address, depth > 0))
+                    .map(symbol_frame)
                     .collect();
-                frames.push(stack);
+                stacks.push(stack);
                 progress.update(done + 1);
             }
             progress.finish();
         }
-        let folded = self
-            .folded
-            .iter()
-            .map(|(&(site, id), &count)| (task_name(site), id, count))
-            .collect();
-        Symbolized {
-            frames,
-            await_stacks: self.await_stacks,
-            folded,
+        // One chain per distinct stack, shared by every task waiting there.
+        let mut chain_of_stack: HashMap<StackId, Option<u32>> = HashMap::new();
+        let mut await_chains = Vec::new();
+        let mut await_points = HashMap::new();
+        for (&key, &id) in &self.await_stacks {
+            let index = *chain_of_stack.entry(id).or_insert_with(|| {
+                let chain: Vec<String> = await_chain(stacks.get(id as usize)?)
+                    .into_iter()
+                    .map(SymbolFrame::describe)
+                    .collect();
+                if chain.is_empty() {
+                    return None;
+                }
+                await_chains.push(AwaitPoint { chain });
+                Some(await_chains.len() as u32 - 1)
+            });
+            if let Some(index) = index {
+                await_points.insert(key, index);
+            }
         }
+        Symbols {
+            stacks,
+            await_points,
+            await_chains,
+        }
+    }
+}
+
+fn symbol_frame(frame: Frame) -> SymbolFrame {
+    SymbolFrame {
+        address: frame.address,
+        function: frame.function,
+        file: frame.file,
+        line: frame.line,
+        inlined: frame.inlined,
+        module: frame.module,
     }
 }
 
@@ -258,85 +260,38 @@ fn start_unwinding(pid: u32) -> Result<Unwinding> {
     })
 }
 
-/// Stacks with names.
-pub struct Symbolized {
-    /// By stack id: frames innermost first, inlined frames included.
-    frames: Vec<Vec<Frame>>,
-    await_stacks: HashMap<(u64, u64), StackId>,
-    /// (task name, stack, samples).
-    folded: Vec<(String, StackId, u64)>,
-}
-
-impl Symbolized {
-    /// The value for a deferred key (see [`StackTable::await_keys`] and
-    /// [`StackTable::stack_key`]).
-    pub fn resolve(&self, key: &str) -> Value {
-        if let Some(rest) = key.strip_prefix("stack:") {
-            let frames = rest
-                .parse::<usize>()
-                .ok()
-                .and_then(|id| self.frames.get(id));
-            return frames.map_or(Value::Null, |frames| {
-                json!(frames.iter().map(describe).collect::<Vec<_>>())
-            });
-        }
-        let Some((what, rest)) = key.split_once(':') else {
-            return Value::Null;
-        };
-        let mut parts = rest.split(':').map(|p| p.parse::<u64>().unwrap_or(0));
-        let (task_id, await_key) = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
-        let chain = self
-            .await_stacks
-            .get(&(task_id, await_key))
-            .and_then(|&id| self.frames.get(id as usize))
-            .map(|frames| await_chain(frames))
-            .unwrap_or_default();
-        match (what, chain.first()) {
-            ("waits_at", Some(innermost)) => json!(describe(innermost)),
-            ("await_stack", Some(_)) => json!(
-                chain
-                    .iter()
-                    .map(|frame| describe(frame))
-                    .collect::<Vec<_>>()
-            ),
-            _ => Value::Null,
-        }
+/// Writes CPU samples as `task;outermost;…;innermost count` lines, the
+/// collapsed-stack format flamegraph tools read. `counts` are samples by
+/// (task type name, stack).
+pub fn write_folded(
+    file: &mut std::fs::File,
+    symbols: &Symbols,
+    counts: &HashMap<(String, StackId), u64>,
+) -> std::io::Result<()> {
+    let mut out = std::io::BufWriter::new(file);
+    let mut lines: Vec<(String, u64)> = counts
+        .iter()
+        .map(|((task, id), &count)| {
+            let mut names: Vec<String> = symbols.stack(*id).iter().rev().map(folded_name).collect();
+            names.insert(0, folded_task(task));
+            (names.join(";"), count)
+        })
+        .collect();
+    lines.sort();
+    for (stack, count) in lines {
+        writeln!(out, "{stack} {count}")?;
     }
-
-    /// Writes `task;outermost;…;innermost count` lines, the collapsed-stack
-    /// format flamegraph tools read.
-    pub fn write_folded(&self, file: &mut std::fs::File) -> std::io::Result<()> {
-        let mut out = std::io::BufWriter::new(file);
-        let mut lines: Vec<(String, u64)> = self
-            .folded
-            .iter()
-            .map(|(task, id, count)| {
-                let frames = self
-                    .frames
-                    .get(*id as usize)
-                    .map(Vec::as_slice)
-                    .unwrap_or_default();
-                let mut names: Vec<String> = frames.iter().rev().map(folded_name).collect();
-                names.insert(0, folded_task(task));
-                (names.join(";"), *count)
-            })
-            .collect();
-        lines.sort();
-        for (stack, count) in lines {
-            writeln!(out, "{stack} {count}")?;
-        }
-        out.flush()?;
-        Ok(())
-    }
+    out.flush()?;
+    Ok(())
 }
 
 /// The frames of an await stack that say where the task waits: from the
 /// innermost frame of the program's own code (tokio's and the standard
 /// library's frames of the waker registration trimmed off the top) out to
 /// the task's future (tokio's harness and scheduler trimmed off the bottom).
-fn await_chain(frames: &[Frame]) -> Vec<&Frame> {
-    let is_runtime_or_std = |frame: &&Frame| is_library_frame(frame);
-    let mut chain: Vec<&Frame> = frames.iter().skip_while(is_runtime_or_std).collect();
+fn await_chain(frames: &[SymbolFrame]) -> Vec<&SymbolFrame> {
+    let is_runtime_or_std = |frame: &&SymbolFrame| is_library_frame(frame);
+    let mut chain: Vec<&SymbolFrame> = frames.iter().skip_while(is_runtime_or_std).collect();
     if let Some(harness) = chain.iter().position(|frame| is_task_harness(frame)) {
         chain.truncate(harness);
     }
@@ -345,7 +300,7 @@ fn await_chain(frames: &[Frame]) -> Vec<&Frame> {
 
 /// tokio's task harness, where a task's poll starts (`raw::poll`,
 /// `Harness::poll`, `Core::poll`…): the bottom of the task's own stack.
-fn is_task_harness(frame: &Frame) -> bool {
+fn is_task_harness(frame: &SymbolFrame) -> bool {
     let in_task_module = |path: &str| path.contains("tokio") && path.contains("/runtime/task/");
     frame
         .function
@@ -357,7 +312,7 @@ fn is_task_harness(frame: &Frame) -> bool {
 /// A frame of code that is not the program's own: by its source file (a
 /// crate from the cargo registry, or the standard library, whose paths are
 /// `/rustc/<hash>/library/…`) when debug info gives one, else by its path.
-fn is_library_frame(frame: &Frame) -> bool {
+fn is_library_frame(frame: &SymbolFrame) -> bool {
     match (&frame.file, &frame.function) {
         (Some(file), _) => {
             file.contains("/.cargo/registry/")
@@ -377,30 +332,9 @@ fn is_library_function(function: &str) -> bool {
     LIBRARIES.iter().any(|library| path.starts_with(library))
 }
 
-/// "function (file:line)", or as much of it as is known.
-fn describe(frame: &Frame) -> String {
-    let function = frame
-        .function
-        .clone()
-        .unwrap_or_else(|| format!("{:#x}", frame.address));
-    match (&frame.file, frame.line) {
-        (Some(file), Some(line)) => format!("{function} ({}:{line})", short_file(file)),
-        (Some(file), None) => format!("{function} ({})", short_file(file)),
-        _ => function,
-    }
-}
-
-fn short_file(file: &str) -> &str {
-    file.rsplit('/').next().unwrap_or(file)
-}
-
 /// A frame name for the folded format: no spaces or semicolons.
-fn folded_name(frame: &Frame) -> String {
-    let name = frame
-        .function
-        .clone()
-        .unwrap_or_else(|| format!("{:#x}", frame.address));
-    name.replace([' ', ';'], "_")
+fn folded_name(frame: &SymbolFrame) -> String {
+    frame.function_name().replace([' ', ';'], "_")
 }
 
 fn folded_task(task: &str) -> String {
@@ -452,8 +386,8 @@ impl Progress {
 mod tests {
     use super::*;
 
-    fn frame(function: &str, line: u32) -> Frame {
-        Frame {
+    fn frame(function: &str, line: u32) -> SymbolFrame {
+        SymbolFrame {
             address: 0x1000,
             function: Some(function.to_string()),
             file: Some("/src/app/src/main.rs".to_string()),
@@ -464,8 +398,8 @@ mod tests {
     }
 
     /// A frame without debug info: named from the symbol table only.
-    fn symbol_only(function: &str) -> Frame {
-        Frame {
+    fn symbol_only(function: &str) -> SymbolFrame {
+        SymbolFrame {
             file: None,
             line: None,
             inlined: false,
@@ -483,7 +417,10 @@ mod tests {
             symbol_only("tokio::runtime::task::core::Core<T,S>::poll"),
             symbol_only("tokio::runtime::task::raw::poll"),
         ];
-        let chain: Vec<String> = await_chain(&frames).into_iter().map(describe).collect();
+        let chain: Vec<String> = await_chain(&frames)
+            .into_iter()
+            .map(SymbolFrame::describe)
+            .collect();
         assert_eq!(
             chain,
             [
@@ -505,7 +442,10 @@ mod tests {
         let mut harness = frame("poll_inner<app::outer::{async_fn_env#0}>", 3);
         harness.file = Some("/root/.cargo/registry/src/index.crates.io-1949/tokio-1.54.1/src/runtime/task/harness.rs".into());
         let frames = [std_frame, tokio_frame, frame("outer", 20), harness];
-        let chain: Vec<String> = await_chain(&frames).into_iter().map(describe).collect();
+        let chain: Vec<String> = await_chain(&frames)
+            .into_iter()
+            .map(SymbolFrame::describe)
+            .collect();
         assert_eq!(chain, ["outer (main.rs:20)"]);
     }
 

@@ -1,0 +1,350 @@
+#!/usr/bin/env python3
+"""Checks a Perfetto protobuf trace written by rt-ebpf-trace and prints it as
+normalised JSON for the integration tests.
+
+The trace is decoded against Perfetto's own compiled schema (the `perfetto`
+Python package: `perfetto.protos.perfetto.trace.perfetto_trace_pb2`); any
+decode error or field unknown to that schema fails the check. Then the
+invariants the Perfetto UI relies on are checked:
+
+- every sequence starts with SEQ_INCREMENTAL_STATE_CLEARED;
+- every interned id (event names, categories, annotation names and string
+  values, function names, frames, callstacks, mappings, paths) is defined on
+  its sequence before it is used;
+- timestamps never go back on a sequence (incremental clock deltas are
+  resolved against the sequence's clock snapshot);
+- slices are balanced on every track (each BEGIN has an END, no END without
+  a BEGIN);
+- every flow has both ends (an event in `flow_ids` and one in
+  `terminating_flow_ids`), each once;
+- the process descriptor, and a thread descriptor for every thread track
+  used, are present.
+
+Output (stdout): the trace in the shape of the tool's Chrome JSON trace, so
+the tests assert on both formats alike: {"traceEvents": [...], "metadata":
+{...}}, events sorted by time, times in microseconds from the trace start,
+slices as "X", instants as "i", flow ends as "s"/"f", counters as "C",
+thread names as "M", CPU samples as "i" events of category "sample" whose
+`args.stack` lists "function (file:line)" innermost first and whose
+`args.task_type` is the task type the sample's root frame names.
+
+Usage: check_pftrace.py TRACE[.gz]. Exit status 0 when the trace is valid;
+otherwise 1, with every problem found on stderr.
+"""
+
+import gzip
+import json
+import sys
+from collections import defaultdict
+
+from perfetto.protos.perfetto.trace import perfetto_trace_pb2 as pb
+
+INCREMENTAL_STATE_CLEARED = 1
+TASK_FRAME_MAPPING = "[tokio task]"
+
+
+class Problems(list):
+    def add(self, message):
+        if len(self) < 50:
+            self.append(message)
+
+
+def unknown_fields(message, path, problems):
+    """Fields the official schema doesn't know: a wrong field number."""
+    try:
+        from google.protobuf import unknown_fields as uf
+
+        unknown = uf.UnknownFieldSet(message)
+        if len(unknown):
+            numbers = sorted({field.field_number for field in unknown})
+            problems.add(f"{path}: fields {numbers} are not in Perfetto's schema")
+    except ImportError:  # older protobuf
+        if message.UnknownFields():
+            problems.add(f"{path}: fields unknown to Perfetto's schema")
+    for field, value in message.ListFields():
+        if field.type != field.TYPE_MESSAGE:
+            continue
+        repeated = getattr(field, "is_repeated", None)
+        if repeated is None:  # older protobuf
+            repeated = field.label == field.LABEL_REPEATED
+        values = value if repeated else [value]
+        for item in values:
+            unknown_fields(item, f"{path}.{field.name}", problems)
+
+
+class Sequence:
+    def __init__(self, sid):
+        self.id = sid
+        self.started = False
+        self.clock_id = None  # from trace_packet_defaults
+        self.track_uuid = None  # track_event_defaults
+        self.incremental = {}  # clock id -> last value
+        self.last_ts = None
+        self.tables = defaultdict(dict)  # table name -> iid -> value
+
+
+def describe_frame(function, source, line):
+    if source is None:
+        return function
+    base = source.rsplit("/", 1)[-1]
+    return f"{function} ({base}:{line})" if line else f"{function} ({base})"
+
+
+def main(path):
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rb") as f:
+        data = f.read()
+    problems = Problems()
+    trace = pb.Trace()
+    try:
+        trace.ParseFromString(data)
+    except Exception as err:  # noqa: BLE001 - any decode failure is the finding
+        print(f"{path}: does not decode as perfetto.protos.Trace: {err}", file=sys.stderr)
+        return 1
+    if not trace.packet:
+        problems.add("no packets")
+
+    sequences = {}
+    tracks = {}  # uuid -> descriptor
+    open_slices = defaultdict(list)  # track uuid -> [(name, cat, ts, args, tid)]
+    flows_out, flows_in = defaultdict(int), defaultdict(int)
+    events = []
+    metadata = None
+    primary_clock = None
+    trace_start = None
+
+    for index, packet in enumerate(trace.packet):
+        where = f"packet {index}"
+        unknown_fields(packet, where, problems)
+        sid = packet.trusted_packet_sequence_id
+        if not sid:
+            problems.add(f"{where}: no trusted_packet_sequence_id")
+            continue
+        seq = sequences.setdefault(sid, Sequence(sid))
+        if not seq.started:
+            if not packet.sequence_flags & INCREMENTAL_STATE_CLEARED:
+                problems.add(f"{where}: sequence {sid} does not start with cleared state")
+            seq.started = True
+        if packet.HasField("trace_packet_defaults"):
+            defaults = packet.trace_packet_defaults
+            if defaults.HasField("timestamp_clock_id"):
+                seq.clock_id = defaults.timestamp_clock_id
+            if defaults.track_event_defaults.HasField("track_uuid"):
+                seq.track_uuid = defaults.track_event_defaults.track_uuid
+        if packet.HasField("clock_snapshot"):
+            snapshot = packet.clock_snapshot
+            if snapshot.HasField("primary_trace_clock"):
+                primary_clock = snapshot.primary_trace_clock
+            for clock in snapshot.clocks:
+                if clock.is_incremental:
+                    seq.incremental[clock.clock_id] = clock.timestamp
+                elif clock.clock_id == 3 and trace_start is None:
+                    trace_start = clock.timestamp
+        if packet.HasField("interned_data"):
+            interned = packet.interned_data
+            for table in ("event_names", "event_categories", "debug_annotation_names"):
+                for entry in getattr(interned, table):
+                    seq.tables[table][entry.iid] = entry.name
+            for table in ("debug_annotation_string_values", "function_names",
+                          "source_paths", "mapping_paths"):
+                for entry in getattr(interned, table):
+                    seq.tables[table][entry.iid] = entry.str.decode("utf-8", "replace")
+            for mapping in interned.mappings:
+                for pid in mapping.path_string_ids:
+                    if pid not in seq.tables["mapping_paths"]:
+                        problems.add(f"{where}: mapping {mapping.iid} uses undefined path {pid}")
+                seq.tables["mappings"][mapping.iid] = "/" + "/".join(
+                    seq.tables["mapping_paths"].get(p, "?") for p in mapping.path_string_ids)
+            for frame in interned.frames:
+                for table, iid in (("function_names", frame.function_name_id),
+                                   ("mappings", frame.mapping_id)):
+                    if iid not in seq.tables[table]:
+                        problems.add(f"{where}: frame {frame.iid} uses undefined {table} {iid}")
+                source = None
+                if frame.HasField("source_path_iid"):
+                    source = seq.tables["source_paths"].get(frame.source_path_iid)
+                    if source is None:
+                        problems.add(f"{where}: frame {frame.iid} uses undefined source path")
+                seq.tables["frames"][frame.iid] = (
+                    seq.tables["function_names"].get(frame.function_name_id, "?"),
+                    source, frame.line_number,
+                    seq.tables["mappings"].get(frame.mapping_id, "?"))
+            for callstack in interned.callstacks:
+                for fid in callstack.frame_ids:
+                    if fid not in seq.tables["frames"]:
+                        problems.add(f"{where}: callstack {callstack.iid} uses undefined frame {fid}")
+                seq.tables["callstacks"][callstack.iid] = list(callstack.frame_ids)
+
+        # Time.
+        ts = None
+        if packet.HasField("timestamp"):
+            clock = packet.timestamp_clock_id if packet.HasField("timestamp_clock_id") else seq.clock_id
+            if clock in seq.incremental:
+                seq.incremental[clock] += packet.timestamp
+                ts = seq.incremental[clock]
+            elif clock is None or clock == 3:
+                ts = packet.timestamp
+            else:
+                problems.add(f"{where}: timestamp on clock {clock} without a snapshot")
+            if ts is not None:
+                if seq.last_ts is not None and ts < seq.last_ts:
+                    problems.add(f"{where}: time goes back on sequence {sid}")
+                seq.last_ts = ts
+
+        if packet.HasField("track_descriptor"):
+            desc = packet.track_descriptor
+            tracks[desc.uuid] = desc
+            if desc.HasField("thread") and not (desc.thread.pid and desc.thread.tid):
+                problems.add(f"{where}: thread descriptor without pid/tid")
+            if desc.HasField("thread"):
+                events.append({"ph": "M", "pid": desc.thread.pid, "tid": desc.thread.tid,
+                               "name": "thread_name", "_ts": ts or 0,
+                               "args": {"name": desc.thread.thread_name},
+                               "sort_index": desc.sibling_order_rank})
+            if desc.HasField("process"):
+                events.append({"ph": "M", "pid": desc.process.pid, "tid": 0, "_ts": 0,
+                               "name": "process_name",
+                               "args": {"name": desc.process.process_name}})
+
+        if packet.HasField("perf_sample"):
+            sample = packet.perf_sample
+            stack = seq.tables["callstacks"].get(sample.callstack_iid)
+            if stack is None:
+                problems.add(f"{where}: sample uses undefined callstack {sample.callstack_iid}")
+                continue
+            frames = [seq.tables["frames"][fid] for fid in stack if fid in seq.tables["frames"]]
+            task_type = None
+            if frames and frames[0][3] == "/" + TASK_FRAME_MAPPING:
+                task_type = frames[0][0]
+                frames = frames[1:]
+            events.append({"ph": "i", "cat": "sample", "name": "sample", "pid": sample.pid,
+                           "tid": sample.tid, "_ts": ts,
+                           "args": {"task_type": task_type,
+                                    "stack": [describe_frame(f, s, l) for f, s, l, _ in reversed(frames)]}})
+
+        if not packet.HasField("track_event"):
+            continue
+        event = packet.track_event
+        uuid = event.track_uuid if event.HasField("track_uuid") else seq.track_uuid
+        if uuid not in tracks:
+            problems.add(f"{where}: event on track {uuid} without a descriptor before it")
+            continue
+        track = tracks[uuid]
+        tid = track.thread.tid if track.HasField("thread") else 0
+        pid = track.thread.pid if track.HasField("thread") else (
+            track.process.pid if track.HasField("process") else 0)
+        name = None
+        if event.HasField("name_iid"):
+            name = seq.tables["event_names"].get(event.name_iid)
+            if name is None:
+                problems.add(f"{where}: undefined event name {event.name_iid}")
+        categories = []
+        for iid in event.category_iids:
+            if iid not in seq.tables["event_categories"]:
+                problems.add(f"{where}: undefined category {iid}")
+            categories.append(seq.tables["event_categories"].get(iid, "?"))
+        args = {}
+        for note in event.debug_annotations:
+            key = seq.tables["debug_annotation_names"].get(note.name_iid)
+            if key is None:
+                problems.add(f"{where}: undefined annotation name {note.name_iid}")
+                continue
+            if note.HasField("string_value_iid"):
+                value = seq.tables["debug_annotation_string_values"].get(note.string_value_iid)
+                if value is None:
+                    problems.add(f"{where}: undefined string value {note.string_value_iid}")
+                if key == "await_stack" and value is not None:
+                    value = value.split("\n")
+            elif note.HasField("uint_value"):
+                value = note.uint_value
+            elif note.HasField("int_value"):
+                value = note.int_value
+            elif note.HasField("bool_value"):
+                value = note.bool_value
+            elif note.HasField("pointer_value"):
+                value = hex(note.pointer_value)
+            elif note.HasField("string_value"):
+                value = note.string_value
+            else:
+                value = None
+            args[key] = value
+        for flow in event.flow_ids:
+            flows_out[flow] += 1
+            events.append({"ph": "s", "cat": "wake", "name": "wake", "id": flow,
+                           "pid": pid, "tid": tid, "_ts": ts})
+        for flow in event.terminating_flow_ids:
+            flows_in[flow] += 1
+            events.append({"ph": "f", "bp": "e", "cat": "wake", "name": "wake", "id": flow,
+                           "pid": pid, "tid": tid, "_ts": ts})
+
+        kind = event.type
+        if kind == pb.TrackEvent.TYPE_SLICE_BEGIN:
+            if name == "park":
+                category = "park"
+            else:
+                category = categories[0] if categories else "poll"
+            open_slices[uuid].append((name, category, ts, args, tid, pid))
+        elif kind == pb.TrackEvent.TYPE_SLICE_END:
+            if not open_slices[uuid]:
+                problems.add(f"{where}: slice end without a begin on track {uuid}")
+                continue
+            bname, category, start, bargs, btid, bpid = open_slices[uuid].pop()
+            merged = dict(bargs)
+            merged.update(args)
+            merged.setdefault("truncated", False)
+            events.append({"ph": "X", "pid": bpid, "tid": btid, "name": bname, "cat": category,
+                           "_ts": start, "_dur": ts - start, "args": merged})
+        elif kind == pb.TrackEvent.TYPE_INSTANT:
+            if name == "rt-ebpf-trace":
+                metadata = args
+                continue
+            category = categories[0] if categories else name
+            label = name
+            if name in ("wake", "spawn") and "task_id" in args:
+                label = f"{name} task {args['task_id']}"
+            elif name == "task end" and "task_id" in args:
+                label = f"end task {args['task_id']}"
+            if "waker" in args and args.get("waker") == "task" and "waker_task_id" in args:
+                args["waker"] = f"task {args['waker_task_id']}"
+            if "by" in args and args.get("by") == "task" and "waker_task_id" in args:
+                args["by"] = f"task {args['waker_task_id']}"
+            events.append({"ph": "i", "s": "t", "pid": pid, "tid": tid, "name": label,
+                           "cat": category, "_ts": ts, "args": args})
+        elif kind == pb.TrackEvent.TYPE_COUNTER:
+            events.append({"ph": "C", "pid": pid, "tid": pid, "name": track.name, "_ts": ts,
+                           "args": {"value": event.counter_value}})
+
+    for uuid, stack in open_slices.items():
+        if stack:
+            problems.add(f"track {uuid}: {len(stack)} slices never end")
+    for flow in set(flows_out) | set(flows_in):
+        if flows_out[flow] != 1 or flows_in[flow] != 1:
+            problems.add(f"flow {flow}: {flows_out[flow]} starts, {flows_in[flow]} ends")
+    if not any(t.HasField("process") for t in tracks.values()):
+        problems.add("no process descriptor")
+    if primary_clock is None:
+        problems.add("no clock snapshot names the trace's clock")
+    if metadata is None:
+        problems.add("no metadata instant: the trace was not finished")
+
+    if problems:
+        for problem in problems:
+            print(f"{path}: {problem}", file=sys.stderr)
+        return 1
+
+    start = trace_start or 0
+    events.sort(key=lambda e: e["_ts"] or 0)
+    for e in events:
+        e["ts"] = ((e.pop("_ts") or start) - start) / 1000.0
+        if "_dur" in e:
+            e["dur"] = e.pop("_dur") / 1000.0
+    json.dump({"traceEvents": events, "metadata": metadata,
+               "flows": len(flows_out)}, sys.stdout)
+    return 0
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2:
+        print(__doc__, file=sys.stderr)
+        sys.exit(2)
+    sys.exit(main(sys.argv[1]))

@@ -1,0 +1,666 @@
+//! The Perfetto [`TraceWriter`]: the trace in Perfetto's native protobuf
+//! format (`.pftrace`), which the UI opens as it is, gzipped or not.
+//!
+//! Why this format (measured, see BENCHMARKS.md): the Chrome JSON trace of
+//! a busy server takes ~300 bytes an event, so a minute of tracing is
+//! gigabytes and more than a browser tab loads. Here strings are interned
+//! once per sequence, slices need no track or pid (a per-sequence default),
+//! and timestamps are deltas on an incremental clock: ~10–15 bytes an event.
+//! It also carries what JSON cannot: CPU samples with interned callstacks
+//! (frames with function, file:line, inlined frames and the mapping), which
+//! the UI turns into flamegraphs for an area selection.
+//!
+//! Layout:
+//! - sequence 1: the clock snapshot (`CLOCK_MONOTONIC`, what
+//!   `bpf_ktime_get_ns` reads, is the trace's clock), the process and
+//!   counter tracks, counter values, and the trace's metadata as the debug
+//!   annotations of a last "rt-ebpf-trace" instant on the process track;
+//! - sequence 2: CPU samples, as `PerfSample` packets (`pid`, `tid`,
+//!   `callstack_iid`) with interned frames and callstacks. `PerfSample`
+//!   rather than `StreamingProfilePacket` (Chrome's sampler): it carries a
+//!   tid per sample, and trace processor turns it into the `perf_sample`
+//!   table the UI shows per thread with a flamegraph;
+//! - one sequence per thread: its `TrackDescriptor` (renamed by a later one
+//!   when the thread turns out to be a blocking-pool thread), then its
+//!   slices and instants, on the thread's track through
+//!   `TrackEventDefaults.track_uuid`.
+//!
+//! Every sequence starts with `SEQ_INCREMENTAL_STATE_CLEARED`, its interning
+//! tables and a sequence-scoped incremental clock (id 64, as Perfetto's SDK
+//! does), so a packet's timestamp is the delta from the previous one. A
+//! thread's outputs come in its own event order; where an output would go
+//! back in time on its sequence (counters sampled from different threads'
+//! events, task ends reported late) it is stamped at the sequence's last
+//! time instead and counted (`timestamps_clamped` in the metadata).
+//!
+//! Slices are written as they open (`SLICE_BEGIN`, with the flow that ends
+//! there in `terminating_flow_ids`) and close (`SLICE_END`, carrying the
+//! poll's arguments, which trace processor merges into the slice). A wake
+//! that makes a task runnable is an instant that starts the flow, at the
+//! wake's time: inside the waking poll it is a bare "wake" (~20 bytes), so
+//! the arrow leaves the poll where the wake happened; `flow_ids` on the
+//! poll's end would be cheaper but make arrows run backwards whenever the
+//! woken task starts before the waking poll ends (most wakes between
+//! workers). Elsewhere (the driver inside a park, another thread) the
+//! instant also says who woke which task. Spawns are instants too.
+
+mod proto;
+mod samples;
+mod sequence;
+
+use std::collections::{HashMap, HashSet};
+use std::io::Write;
+
+use anyhow::{Context, Result};
+use serde_json::Value;
+
+use crate::output::{
+    Sample, Slice, SliceKind, SliceStart, Spawn, TaskEnd, ThreadName, TimelineOutput, Unpark, Wake,
+    Waker,
+};
+use crate::writer::{TraceInfo, TraceWriter};
+use proto::{Encoder, annotation, event, packet, perf_sample, track};
+use samples::Callstacks;
+use sequence::{Category, Name, Note, Sequence};
+
+const MAIN_SEQUENCE: u32 = 1;
+const SAMPLE_SEQUENCE: u32 = 2;
+const PROCESS_UUID: u64 = 1;
+/// Counter track uuids are this plus the counter's index.
+const COUNTER_UUID_BASE: u64 = 2;
+/// Thread track uuids are this plus the tid.
+const THREAD_UUID_BASE: u64 = 1 << 32;
+
+pub struct PerfettoWriter<'a, W: Write> {
+    out: W,
+    info: &'a TraceInfo,
+    /// The packet being written, and its new interned entries.
+    packet: Encoder,
+    interned: Encoder,
+    main: Sequence,
+    samples: Sequence,
+    threads: HashMap<u32, ThreadTrack>,
+    next_sequence: u32,
+    counters_described: [bool; 3],
+    /// Flows started and not yet ended: a wake whose task was not polled
+    /// again before the end (recording stopped first, or the task ended).
+    pending_flows: HashSet<u64>,
+    /// What the sample sequence has interned of the stacks.
+    callstacks: Callstacks,
+    packets: u64,
+}
+
+struct ThreadTrack {
+    sequence: Sequence,
+}
+
+impl<'a, W: Write> PerfettoWriter<'a, W> {
+    pub fn new(out: W, info: &'a TraceInfo) -> Result<Self> {
+        let mut writer = Self {
+            out,
+            info,
+            packet: Encoder::default(),
+            interned: Encoder::default(),
+            main: Sequence::new(MAIN_SEQUENCE, info.start_ns),
+            samples: Sequence::new(SAMPLE_SEQUENCE, info.start_ns),
+            threads: HashMap::new(),
+            next_sequence: SAMPLE_SEQUENCE + 1,
+            counters_described: [false; 3],
+            pending_flows: HashSet::new(),
+            callstacks: Callstacks::default(),
+            packets: 0,
+        };
+        let mut main = std::mem::take(&mut writer.main);
+        writer.start_sequence(&mut main, None, true)?;
+        writer.begin_packet(&main, None);
+        writer.packet.begin(packet::TRACK_DESCRIPTOR);
+        writer.packet.varint(track::UUID, PROCESS_UUID);
+        writer
+            .packet
+            .varint(track::CHILD_ORDERING, track::ORDERING_EXPLICIT);
+        writer.packet.begin(track::PROCESS);
+        writer.packet.int(track::PROCESS_PID, info.pid as i64);
+        writer
+            .packet
+            .string(track::PROCESS_NAME, &info.process_name);
+        writer.packet.end();
+        writer.packet.end();
+        writer.end_packet()?;
+        writer.main = main;
+        let mut samples = std::mem::take(&mut writer.samples);
+        writer.start_sequence(&mut samples, None, false)?;
+        writer.samples = samples;
+        Ok(writer)
+    }
+
+    /// The sequence's first packets: cleared incremental state, defaults,
+    /// fixed interned names, and its incremental clock's starting point.
+    fn start_sequence(
+        &mut self,
+        sequence: &mut Sequence,
+        track_uuid: Option<u64>,
+        primary_clock: bool,
+    ) -> Result<()> {
+        self.packet.clear();
+        self.interned.clear();
+        self.packet.begin(proto::trace::PACKET);
+        sequence.write_start(
+            &mut self.packet,
+            &mut self.interned,
+            track_uuid,
+            primary_clock,
+        );
+        self.flush_interned();
+        self.packet.end();
+        self.emit()
+    }
+
+    /// Starts a packet on `sequence` at `ts_ns` (None: no timestamp).
+    fn begin_packet(&mut self, sequence: &Sequence, delta: Option<u64>) {
+        self.packet.clear();
+        self.interned.clear();
+        self.packet.begin(proto::trace::PACKET);
+        if let Some(delta) = delta {
+            self.packet.varint(packet::TIMESTAMP, delta);
+        }
+        self.packet
+            .varint(packet::TRUSTED_PACKET_SEQUENCE_ID, sequence.id as u64);
+    }
+
+    fn flush_interned(&mut self) {
+        if !self.interned.buf.is_empty() {
+            self.packet.bytes(packet::INTERNED_DATA, &self.interned.buf);
+        }
+    }
+
+    fn end_packet(&mut self) -> Result<()> {
+        self.flush_interned();
+        self.packet.end();
+        self.emit()
+    }
+
+    fn emit(&mut self) -> Result<()> {
+        debug_assert!(!self.packet.is_open());
+        self.packets += 1;
+        self.out
+            .write_all(&self.packet.buf)
+            .context("writing the trace")
+    }
+
+    /// The thread's track, its sequence started on first use and described
+    /// with `name` (or "thread TID" until the timeline names it).
+    fn thread(&mut self, tid: u32, name: Option<&ThreadName>) -> Result<ThreadTrack> {
+        if let Some(mut thread) = self.threads.remove(&tid) {
+            if let Some(name) = name {
+                self.describe_thread(&mut thread, tid, &name.name, name.sort_index)?;
+            }
+            return Ok(thread);
+        }
+        let mut sequence = Sequence::new(self.next_sequence, self.info.start_ns);
+        self.next_sequence += 1;
+        self.start_sequence(&mut sequence, Some(THREAD_UUID_BASE + tid as u64), false)?;
+        let mut thread = ThreadTrack { sequence };
+        match name {
+            Some(name) => self.describe_thread(&mut thread, tid, &name.name, name.sort_index)?,
+            None => self.describe_thread(&mut thread, tid, &format!("thread {tid}"), u32::MAX)?,
+        }
+        Ok(thread)
+    }
+
+    fn describe_thread(
+        &mut self,
+        thread: &mut ThreadTrack,
+        tid: u32,
+        name: &str,
+        sort_index: u32,
+    ) -> Result<()> {
+        self.begin_packet(&thread.sequence, None);
+        let p = &mut self.packet;
+        p.begin(packet::TRACK_DESCRIPTOR);
+        p.varint(track::UUID, THREAD_UUID_BASE + tid as u64);
+        p.varint(track::PARENT_UUID, PROCESS_UUID);
+        p.int(
+            track::SIBLING_ORDER_RANK,
+            sort_index.min(i32::MAX as u32) as i64,
+        );
+        p.begin(track::THREAD);
+        p.int(track::THREAD_PID, self.info.pid as i64);
+        p.int(track::THREAD_TID, tid as i64);
+        p.string(track::THREAD_NAME, name);
+        p.end();
+        p.end();
+        self.end_packet()
+    }
+
+    fn with_thread(
+        &mut self,
+        tid: u32,
+        write: impl FnOnce(&mut Self, &mut ThreadTrack) -> Result<()>,
+    ) -> Result<()> {
+        let mut thread = self.thread(tid, None)?;
+        let result = write(self, &mut thread);
+        self.threads.insert(tid, thread);
+        result
+    }
+
+    fn thread_name(&mut self, name: &ThreadName) -> Result<()> {
+        let thread = self.thread(name.tid, Some(name))?;
+        self.threads.insert(name.tid, thread);
+        Ok(())
+    }
+
+    fn slice_start(&mut self, start: &SliceStart) -> Result<()> {
+        self.with_thread(start.tid, |w, thread| {
+            let delta = thread.sequence.delta(start.ts_ns);
+            w.begin_packet(&thread.sequence, Some(delta));
+            let seq = &mut thread.sequence;
+            let (p, i) = (&mut w.packet, &mut w.interned);
+            p.begin(packet::TRACK_EVENT);
+            p.varint(event::TYPE, event::SLICE_BEGIN);
+            match start.kind {
+                SliceKind::Poll { site, .. } => {
+                    let name = seq.task_name(i, site, &w.info.types);
+                    p.varint(event::NAME_IID, name);
+                    // A poll has no category (two bytes a poll): only
+                    // `spawn_blocking` work is marked.
+                    if w.info.types.is_blocking(site) {
+                        p.varint(event::CATEGORY_IIDS, Category::Blocking.iid());
+                    }
+                }
+                // Its name says it all: no category (two bytes a park).
+                SliceKind::Park => p.varint(event::NAME_IID, Name::Park.iid()),
+            }
+            if let Some(flow) = start.woken_by {
+                p.fixed64(event::TERMINATING_FLOW_IDS, flow);
+                w.pending_flows.remove(&flow);
+            }
+            p.end();
+            w.end_packet()
+        })
+    }
+
+    fn slice_end(&mut self, slice: &Slice) -> Result<()> {
+        self.with_thread(slice.tid, |w, thread| {
+            let delta = thread.sequence.delta(slice.end_ns);
+            w.begin_packet(&thread.sequence, Some(delta));
+            let seq = &mut thread.sequence;
+            let (p, i) = (&mut w.packet, &mut w.interned);
+            p.begin(packet::TRACK_EVENT);
+            p.varint(event::TYPE, event::SLICE_END);
+            if let SliceKind::Poll {
+                site,
+                task,
+                task_id,
+                await_key,
+            } = slice.kind
+            {
+                if task_id != 0 {
+                    uint_note(p, Note::TaskId, task_id);
+                } else {
+                    // The only way to tell tasks apart without an id.
+                    p.begin(event::DEBUG_ANNOTATIONS);
+                    p.varint(annotation::NAME_IID, Note::Header.iid());
+                    p.varint(annotation::POINTER_VALUE, task);
+                    p.end();
+                }
+                if let Some(iid) = seq.task_type(i, site, &w.info.types) {
+                    string_note(p, Note::TaskType, iid);
+                }
+                if let Some((waits_at, stack)) =
+                    seq.await_point(i, &w.info.symbols, task_id, await_key)
+                {
+                    string_note(p, Note::WaitsAt, waits_at);
+                    string_note(p, Note::AwaitStack, stack);
+                }
+            }
+            if slice.truncated {
+                bool_note(p, Note::Truncated);
+            }
+            if slice.end_lost {
+                bool_note(p, Note::EndLost);
+            }
+            p.end();
+            w.end_packet()
+        })
+    }
+
+    /// An instant on `tid`'s track; `notes` adds its debug annotations.
+    fn instant(
+        &mut self,
+        tid: u32,
+        ts_ns: u64,
+        name: Name,
+        category: Option<Category>,
+        flow: Option<u64>,
+        notes: impl FnOnce(&mut Encoder, &mut Encoder, &mut Sequence),
+    ) -> Result<()> {
+        self.with_thread(tid, |w, thread| {
+            let delta = thread.sequence.delta(ts_ns);
+            w.begin_packet(&thread.sequence, Some(delta));
+            let p = &mut w.packet;
+            p.begin(packet::TRACK_EVENT);
+            p.varint(event::TYPE, event::INSTANT);
+            p.varint(event::NAME_IID, name.iid());
+            if let Some(category) = category {
+                p.varint(event::CATEGORY_IIDS, category.iid());
+            }
+            notes(&mut w.packet, &mut w.interned, &mut thread.sequence);
+            if let Some(flow) = flow {
+                w.packet.fixed64(event::FLOW_IDS, flow);
+                w.pending_flows.insert(flow);
+            }
+            w.packet.end();
+            w.end_packet()
+        })
+    }
+
+    fn spawn(&mut self, spawn: &Spawn) -> Result<()> {
+        self.instant(
+            spawn.tid,
+            spawn.ts_ns,
+            Name::Spawn,
+            Some(Category::Spawn),
+            Some(spawn.flow),
+            |p, _, _| {
+                if spawn.task_id != 0 {
+                    uint_note(p, Note::TaskId, spawn.task_id);
+                }
+                if spawn.spawner_id != 0 {
+                    uint_note(p, Note::SpawnerTaskId, spawn.spawner_id);
+                }
+                if spawn.call_site != 0 {
+                    uint_note(p, Note::CallSite, spawn.call_site);
+                }
+            },
+        )
+    }
+
+    fn wake(&mut self, wake: &Wake) -> Result<()> {
+        let Some(flow) = wake.flow else {
+            return Ok(());
+        };
+        if wake.in_poll {
+            // Nested in the waking poll, which says who woke.
+            return self.instant(
+                wake.tid,
+                wake.ts_ns,
+                Name::Wake,
+                None,
+                Some(flow),
+                |_, _, _| {},
+            );
+        }
+        let types = &self.info.types;
+        self.instant(
+            wake.tid,
+            wake.ts_ns,
+            Name::Wake,
+            Some(Category::Wake),
+            Some(flow),
+            |p, i, seq| {
+                if wake.task_id != 0 {
+                    uint_note(p, Note::TaskId, wake.task_id);
+                }
+                if let Some(iid) = wake.site.and_then(|site| seq.task_type(i, site, types)) {
+                    string_note(p, Note::TaskType, iid);
+                }
+                waker_notes(p, i, seq, Note::Waker, wake.waker);
+            },
+        )
+    }
+
+    fn task_end(&mut self, end: &TaskEnd) -> Result<()> {
+        let types = &self.info.types;
+        let stats = &end.stats;
+        self.instant(
+            end.tid,
+            end.ts_ns,
+            Name::TaskEnd,
+            Some(Category::TaskEnd),
+            None,
+            |p, i, seq| {
+                if stats.task_id != 0 {
+                    uint_note(p, Note::TaskId, stats.task_id);
+                }
+                if let Some(iid) = stats.site.and_then(|site| seq.task_type(i, site, types)) {
+                    string_note(p, Note::TaskType, iid);
+                }
+                if stats.spawner_id != 0 {
+                    uint_note(p, Note::SpawnerTaskId, stats.spawner_id);
+                }
+                uint_note(p, Note::Polls, stats.polls);
+                uint_note(p, Note::BusyNs, stats.busy_ns);
+                uint_note(p, Note::LongestPollNs, stats.longest_poll_ns);
+                uint_note(p, Note::TimesWoken, stats.times_woken);
+                uint_note(p, Note::DelayMaxNs, stats.delay_max_ns);
+                uint_note(
+                    p,
+                    Note::LifetimeNs,
+                    end.ts_ns.saturating_sub(stats.first_seen_ns),
+                );
+            },
+        )
+    }
+
+    fn unpark(&mut self, unpark: &Unpark) -> Result<()> {
+        self.instant(
+            unpark.tid,
+            unpark.ts_ns,
+            Name::Unpark,
+            Some(Category::Unpark),
+            None,
+            |p, i, seq| waker_notes(p, i, seq, Note::By, unpark.unparker),
+        )
+    }
+
+    fn counter(&mut self, sample: &crate::counters::CounterSample) -> Result<()> {
+        let index = sample.counter as usize;
+        let uuid = COUNTER_UUID_BASE + index as u64;
+        let mut main = std::mem::take(&mut self.main);
+        if !self.counters_described[index] {
+            self.counters_described[index] = true;
+            let (name, series) = sample.counter.name_and_series();
+            self.begin_packet(&main, None);
+            let p = &mut self.packet;
+            p.begin(packet::TRACK_DESCRIPTOR);
+            p.varint(track::UUID, uuid);
+            p.varint(track::PARENT_UUID, PROCESS_UUID);
+            p.string(track::NAME, &format!("{name} {series}"));
+            p.begin(track::COUNTER);
+            p.varint(track::COUNTER_UNIT, track::UNIT_COUNT);
+            p.end();
+            p.end();
+            self.end_packet()?;
+        }
+        let delta = main.delta(sample.ts_ns);
+        self.begin_packet(&main, Some(delta));
+        let p = &mut self.packet;
+        p.begin(packet::TRACK_EVENT);
+        p.varint(event::TYPE, event::COUNTER);
+        p.varint(event::TRACK_UUID, uuid);
+        p.int(event::COUNTER_VALUE, sample.value as i64);
+        p.end();
+        let result = self.end_packet();
+        self.main = main;
+        result
+    }
+
+    fn sample(&mut self, sample: &Sample) -> Result<()> {
+        let mut samples = std::mem::take(&mut self.samples);
+        let delta = samples.delta(sample.ts_ns);
+        self.begin_packet(&samples, Some(delta));
+        let task_name = sample
+            .site
+            .map(|site| (site, self.info.types.short_name(Some(site))));
+        let task = task_name
+            .as_ref()
+            .map(|(site, name)| (*site, name.as_str()));
+        let callstack =
+            self.callstacks
+                .intern(&mut self.interned, &self.info.symbols, sample.stack, task);
+        let p = &mut self.packet;
+        p.begin(packet::PERF_SAMPLE);
+        p.varint(perf_sample::PID, self.info.pid as u64);
+        p.varint(perf_sample::TID, sample.tid as u64);
+        p.varint(perf_sample::CALLSTACK_IID, callstack);
+        p.end();
+        let result = self.end_packet();
+        self.samples = samples;
+        result
+    }
+
+    /// The metadata, as the debug annotations of an instant at the end of
+    /// the trace on the process track.
+    fn metadata(&mut self, metadata: &Value) -> Result<()> {
+        let mut main = std::mem::take(&mut self.main);
+        let end_ns = self
+            .threads
+            .values()
+            .map(|thread| thread.sequence.last_ns())
+            .chain([main.last_ns(), self.samples.last_ns()])
+            .max()
+            .unwrap_or(self.info.start_ns);
+        let clamped: u64 = self
+            .threads
+            .values()
+            .map(|thread| thread.sequence.clamped)
+            .chain([main.clamped, self.samples.clamped])
+            .sum();
+        let delta = main.delta(end_ns);
+        if !self.pending_flows.is_empty() {
+            // Every flow gets its end: wakes of tasks not polled again
+            // before the end point at the end of the process track.
+            let mut flows: Vec<u64> = self.pending_flows.drain().collect();
+            flows.sort_unstable();
+            self.begin_packet(&main, Some(delta));
+            let p = &mut self.packet;
+            p.begin(packet::TRACK_EVENT);
+            p.varint(event::TYPE, event::INSTANT);
+            p.varint(event::TRACK_UUID, PROCESS_UUID);
+            p.varint(event::NAME_IID, Name::NotPolled.iid());
+            p.varint(event::CATEGORY_IIDS, Category::Tracer.iid());
+            for flow in flows {
+                p.fixed64(event::TERMINATING_FLOW_IDS, flow);
+            }
+            p.end();
+            self.end_packet()?;
+        }
+        self.begin_packet(&main, Some(0));
+        let p = &mut self.packet;
+        p.begin(packet::TRACK_EVENT);
+        p.varint(event::TYPE, event::INSTANT);
+        p.varint(event::TRACK_UUID, PROCESS_UUID);
+        p.varint(event::NAME_IID, Name::Metadata.iid());
+        p.varint(event::CATEGORY_IIDS, Category::Tracer.iid());
+        let mut entries: Vec<(&str, &Value)> = match metadata {
+            Value::Object(map) => map.iter().map(|(k, v)| (k.as_str(), v)).collect(),
+            _ => Vec::new(),
+        };
+        let clamped_value = Value::from(clamped);
+        entries.push(("timestamps_clamped", &clamped_value));
+        for (key, value) in entries {
+            let name_iid = main.annotation_name(&mut self.interned, key);
+            let p = &mut self.packet;
+            match value {
+                Value::Number(n) if n.is_u64() => {
+                    p.begin(event::DEBUG_ANNOTATIONS);
+                    p.varint(annotation::NAME_IID, name_iid);
+                    p.varint(annotation::UINT_VALUE, n.as_u64().unwrap_or(0));
+                    p.end();
+                }
+                Value::Number(n) if n.is_i64() => {
+                    p.begin(event::DEBUG_ANNOTATIONS);
+                    p.varint(annotation::NAME_IID, name_iid);
+                    p.int(annotation::INT_VALUE, n.as_i64().unwrap_or(0));
+                    p.end();
+                }
+                Value::Bool(b) => {
+                    p.begin(event::DEBUG_ANNOTATIONS);
+                    p.varint(annotation::NAME_IID, name_iid);
+                    p.bool(annotation::BOOL_VALUE, *b);
+                    p.end();
+                }
+                Value::Null => {}
+                other => {
+                    let text = match other {
+                        Value::String(s) => s.clone(),
+                        other => other.to_string(),
+                    };
+                    let iid = main.string_value(&mut self.interned, &text);
+                    string_note_iid(&mut self.packet, name_iid, iid);
+                }
+            }
+        }
+        self.packet.end();
+        let result = self.end_packet();
+        self.main = main;
+        result
+    }
+}
+
+impl<W: Write> TraceWriter for PerfettoWriter<'_, W> {
+    fn write(&mut self, output: &TimelineOutput) -> Result<()> {
+        match output {
+            TimelineOutput::ThreadName(name) => self.thread_name(name),
+            TimelineOutput::SliceStart(start) => self.slice_start(start),
+            TimelineOutput::Slice(slice) => self.slice_end(slice),
+            TimelineOutput::Spawn(spawn) => self.spawn(spawn),
+            TimelineOutput::Wake(wake) => self.wake(wake),
+            // The flow ended at the poll's SLICE_BEGIN.
+            TimelineOutput::WokenPoll(_) => Ok(()),
+            TimelineOutput::TaskEnd(end) => self.task_end(end),
+            TimelineOutput::Unpark(unpark) => self.unpark(unpark),
+            TimelineOutput::Counter(sample) => self.counter(sample),
+            TimelineOutput::Sample(sample) => self.sample(sample),
+        }
+    }
+
+    fn finish(&mut self, metadata: &Value) -> Result<()> {
+        self.metadata(metadata)?;
+        self.out.flush().context("writing the trace")
+    }
+}
+
+fn uint_note(p: &mut Encoder, note: Note, value: u64) {
+    p.begin(event::DEBUG_ANNOTATIONS);
+    p.varint(annotation::NAME_IID, note.iid());
+    p.varint(annotation::UINT_VALUE, value);
+    p.end();
+}
+
+fn bool_note(p: &mut Encoder, note: Note) {
+    p.begin(event::DEBUG_ANNOTATIONS);
+    p.varint(annotation::NAME_IID, note.iid());
+    p.bool(annotation::BOOL_VALUE, true);
+    p.end();
+}
+
+fn string_note(p: &mut Encoder, note: Note, string_iid: u64) {
+    string_note_iid(p, note.iid(), string_iid);
+}
+
+fn string_note_iid(p: &mut Encoder, name_iid: u64, string_iid: u64) {
+    p.begin(event::DEBUG_ANNOTATIONS);
+    p.varint(annotation::NAME_IID, name_iid);
+    p.varint(annotation::STRING_VALUE_IID, string_iid);
+    p.end();
+}
+
+/// "driver", "thread" or "task" in `note`, and the waking task's id.
+fn waker_notes(p: &mut Encoder, i: &mut Encoder, seq: &mut Sequence, note: Note, waker: Waker) {
+    let label = match waker {
+        Waker::Task { .. } => "task",
+        Waker::Driver => "driver",
+        Waker::Thread => "thread",
+    };
+    let iid = seq.string_value(i, label);
+    string_note(p, note, iid);
+    if let Waker::Task { task_id } = waker
+        && task_id != 0
+    {
+        uint_note(p, Note::WakerTaskId, task_id);
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,290 @@
+//! One packet sequence's incremental state: its clock (timestamps are
+//! deltas) and its interning tables.
+//!
+//! The fixed names (event names, categories, debug annotation names) are
+//! interned in every sequence's first packet with fixed iids, so the hot
+//! path writes constants; task type names, await points and other strings
+//! are interned on first use.
+
+use std::collections::HashMap;
+
+use super::proto::{Encoder, clock, defaults, interned, packet};
+use crate::symbols::Symbols;
+use crate::task_types::TaskTypes;
+
+/// Event names with fixed iids.
+#[derive(Clone, Copy)]
+pub enum Name {
+    Park = 1,
+    Wake,
+    Spawn,
+    TaskEnd,
+    Unpark,
+    Metadata,
+    NotPolled,
+}
+
+const NAMES: [&str; 7] = [
+    "park",
+    "wake",
+    "spawn",
+    "task end",
+    "unpark",
+    "rt-ebpf-trace",
+    "woken, not polled before the end",
+];
+
+/// Task type names are interned from here on.
+const FIRST_DYNAMIC_NAME: u64 = 64;
+
+#[derive(Clone, Copy)]
+pub enum Category {
+    Blocking = 1,
+    Wake,
+    Spawn,
+    TaskEnd,
+    Unpark,
+    Tracer,
+}
+
+const CATEGORIES: [&str; 6] = ["blocking", "wake", "spawn", "task_end", "unpark", "tracer"];
+
+/// Debug annotation names with fixed iids.
+#[derive(Clone, Copy)]
+pub enum Note {
+    TaskId = 1,
+    TaskType,
+    WaitsAt,
+    AwaitStack,
+    Truncated,
+    EndLost,
+    Waker,
+    WakerTaskId,
+    SpawnerTaskId,
+    CallSite,
+    Polls,
+    BusyNs,
+    LongestPollNs,
+    TimesWoken,
+    DelayMaxNs,
+    LifetimeNs,
+    By,
+    Header,
+}
+
+const NOTES: [&str; 18] = [
+    "task_id",
+    "task_type",
+    "waits_at",
+    "await_stack",
+    "truncated",
+    "end_lost",
+    "waker",
+    "waker_task_id",
+    "spawner_task_id",
+    "call_site",
+    "polls",
+    "busy_ns",
+    "longest_poll_ns",
+    "times_woken",
+    "delay_max_ns",
+    "lifetime_ns",
+    "by",
+    "header",
+];
+
+/// Other annotation names (the metadata's keys) are interned from here on.
+const FIRST_DYNAMIC_NOTE: u64 = 64;
+
+impl Name {
+    pub fn iid(self) -> u64 {
+        self as u64
+    }
+}
+
+impl Category {
+    pub fn iid(self) -> u64 {
+        self as u64
+    }
+}
+
+impl Note {
+    pub fn iid(self) -> u64 {
+        self as u64
+    }
+}
+
+#[derive(Default)]
+pub struct Sequence {
+    pub id: u32,
+    /// The incremental clock's value: the last timestamp written.
+    last_ns: u64,
+    /// Outputs stamped at `last_ns` because they would have gone back in time.
+    pub clamped: u64,
+    /// By probe site: the interned name and full type name (0: not yet).
+    task_names: Vec<u64>,
+    task_types: Vec<Option<u64>>,
+    next_name: u64,
+    /// `debug_annotation_string_values`, by text.
+    strings: HashMap<String, u64>,
+    /// By await chain: interned `waits_at` and `await_stack`.
+    awaits: HashMap<u32, (u64, u64)>,
+    notes: HashMap<String, u64>,
+}
+
+impl Sequence {
+    pub fn new(id: u32, start_ns: u64) -> Self {
+        Sequence {
+            id,
+            last_ns: start_ns,
+            next_name: FIRST_DYNAMIC_NAME,
+            ..Sequence::default()
+        }
+    }
+
+    pub fn last_ns(&self) -> u64 {
+        self.last_ns
+    }
+
+    /// The delta to write for an output at `ts_ns`; never negative.
+    pub fn delta(&mut self, ts_ns: u64) -> u64 {
+        if ts_ns < self.last_ns {
+            self.clamped += 1;
+            return 0;
+        }
+        let delta = ts_ns - self.last_ns;
+        self.last_ns = ts_ns;
+        delta
+    }
+
+    /// The body of the sequence's first packet (between the packet's
+    /// begin and end): cleared incremental state, defaults (the incremental
+    /// clock; the thread's track), the fixed interned names, and the clock
+    /// snapshot that anchors the incremental clock to `CLOCK_MONOTONIC`.
+    pub fn write_start(
+        &mut self,
+        p: &mut Encoder,
+        i: &mut Encoder,
+        track_uuid: Option<u64>,
+        primary_clock: bool,
+    ) {
+        p.varint(packet::TRUSTED_PACKET_SEQUENCE_ID, self.id as u64);
+        p.varint(
+            packet::SEQUENCE_FLAGS,
+            packet::SEQ_INCREMENTAL_STATE_CLEARED,
+        );
+        p.begin(packet::TRACE_PACKET_DEFAULTS);
+        p.varint(defaults::TIMESTAMP_CLOCK_ID, clock::SEQUENCE_INCREMENTAL);
+        if let Some(uuid) = track_uuid {
+            p.begin(defaults::TRACK_EVENT_DEFAULTS);
+            p.varint(defaults::TRACK_UUID, uuid);
+            p.end();
+        }
+        p.end();
+        p.begin(packet::CLOCK_SNAPSHOT);
+        p.begin(clock::CLOCKS);
+        p.varint(clock::CLOCK_ID, clock::MONOTONIC);
+        p.varint(clock::TIMESTAMP, self.last_ns);
+        p.end();
+        p.begin(clock::CLOCKS);
+        p.varint(clock::CLOCK_ID, clock::SEQUENCE_INCREMENTAL);
+        p.varint(clock::TIMESTAMP, self.last_ns);
+        p.bool(clock::IS_INCREMENTAL, true);
+        p.varint(clock::UNIT_MULTIPLIER_NS, 1);
+        p.end();
+        if primary_clock {
+            p.varint(clock::PRIMARY_TRACE_CLOCK, clock::MONOTONIC);
+        }
+        p.end();
+        let tables: [(u32, &[&str]); 3] = [
+            (interned::EVENT_NAMES, &NAMES),
+            (interned::EVENT_CATEGORIES, &CATEGORIES),
+            (interned::DEBUG_ANNOTATION_NAMES, &NOTES),
+        ];
+        for (field, names) in tables {
+            for (index, name) in names.iter().enumerate() {
+                entry(i, field, index as u64 + 1, name);
+            }
+        }
+    }
+
+    /// The event name iid of tasks of `site` (their short type name).
+    pub fn task_name(&mut self, i: &mut Encoder, site: u32, types: &TaskTypes) -> u64 {
+        let index = site as usize;
+        if index >= self.task_names.len() {
+            self.task_names.resize(index + 1, 0);
+        }
+        if self.task_names[index] == 0 {
+            let iid = self.next_name;
+            self.next_name += 1;
+            entry(i, interned::EVENT_NAMES, iid, &types.short_name(Some(site)));
+            self.task_names[index] = iid;
+        }
+        self.task_names[index]
+    }
+
+    /// The string iid of the full type name of tasks of `site`, if named.
+    pub fn task_type(&mut self, i: &mut Encoder, site: u32, types: &TaskTypes) -> Option<u64> {
+        let index = site as usize;
+        if index >= self.task_types.len() {
+            self.task_types.resize(index + 1, None);
+        }
+        if self.task_types[index].is_none() {
+            let full = types
+                .full_name(Some(site))
+                .filter(|full| !full.is_empty())?;
+            let iid = self.string_value(i, full);
+            self.task_types[index] = Some(iid);
+        }
+        self.task_types[index]
+    }
+
+    /// The string iids of where task `task_id` waits at `key` and its await
+    /// stack (one frame a line), if known.
+    pub fn await_point(
+        &mut self,
+        i: &mut Encoder,
+        symbols: &Symbols,
+        task_id: u64,
+        key: u64,
+    ) -> Option<(u64, u64)> {
+        let (index, point) = symbols.await_point(task_id, key)?;
+        if let Some(&known) = self.awaits.get(&index) {
+            return Some(known);
+        }
+        let waits_at = self.string_value(i, point.waits_at());
+        let stack = self.string_value(i, &point.chain.join("\n"));
+        self.awaits.insert(index, (waits_at, stack));
+        Some((waits_at, stack))
+    }
+
+    /// A `debug_annotation_string_values` iid for `text`.
+    pub fn string_value(&mut self, i: &mut Encoder, text: &str) -> u64 {
+        if let Some(&iid) = self.strings.get(text) {
+            return iid;
+        }
+        let iid = self.strings.len() as u64 + 1;
+        self.strings.insert(text.to_owned(), iid);
+        entry(i, interned::DEBUG_ANNOTATION_STRING_VALUES, iid, text);
+        iid
+    }
+
+    /// A debug annotation name iid for `name` (not one of the fixed ones).
+    pub fn annotation_name(&mut self, i: &mut Encoder, name: &str) -> u64 {
+        if let Some(&iid) = self.notes.get(name) {
+            return iid;
+        }
+        let iid = FIRST_DYNAMIC_NOTE + self.notes.len() as u64;
+        self.notes.insert(name.to_owned(), iid);
+        entry(i, interned::DEBUG_ANNOTATION_NAMES, iid, name);
+        iid
+    }
+}
+
+/// One interned entry: `{iid = 1, name/str = 2}` in `field`.
+fn entry(i: &mut Encoder, field: u32, iid: u64, text: &str) {
+    i.begin(field);
+    i.varint(interned::IID, iid);
+    i.string(interned::NAME, text);
+    i.end();
+}

@@ -1,0 +1,92 @@
+//! Stacks with names, as typed values the writers look up while writing.
+//!
+//! Symbolization needs the whole recording's stacks and runs once, after
+//! recording and before the trace is written (tracer's `stacks` module fills
+//! this in). Outputs refer to stacks by [`StackId`] and to await points by
+//! (task id, await key); writers intern what they need on first use, so
+//! nothing in the trace is a placeholder to patch up later.
+
+use std::collections::HashMap;
+
+pub use crate::output::StackId;
+
+/// One frame of a symbolized stack (inlined calls are frames of their own).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct SymbolFrame {
+    /// The instruction's address in the target.
+    pub address: u64,
+    /// The function's name, when known.
+    pub function: Option<String>,
+    pub file: Option<String>,
+    pub line: Option<u32>,
+    /// Inlined into the frame below it (same address).
+    pub inlined: bool,
+    /// The file the address is in (executable or library).
+    pub module: String,
+}
+
+impl SymbolFrame {
+    /// The function's name, or its address when unknown.
+    pub fn function_name(&self) -> String {
+        self.function
+            .clone()
+            .unwrap_or_else(|| format!("{:#x}", self.address))
+    }
+
+    /// "function (file.rs:line)", or as much of it as is known.
+    pub fn describe(&self) -> String {
+        let function = self.function_name();
+        let short_file = |file: &str| file.rsplit('/').next().unwrap_or(file).to_owned();
+        match (&self.file, self.line) {
+            (Some(file), Some(line)) => format!("{function} ({}:{line})", short_file(file)),
+            (Some(file), None) => format!("{function} ({})", short_file(file)),
+            _ => function,
+        }
+    }
+}
+
+/// Where a task waits after a poll: the await chain from the innermost frame
+/// of the program's own code out to the task's future, described.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct AwaitPoint {
+    /// Innermost first; never empty.
+    pub chain: Vec<String>,
+}
+
+impl AwaitPoint {
+    /// The innermost frame of the program's own code: where the task waits.
+    pub fn waits_at(&self) -> &str {
+        &self.chain[0]
+    }
+}
+
+/// Every stack of a recording, symbolized.
+///
+/// Await points are kept once per distinct chain: every task of a type
+/// waits at the same few places, and a busy server makes millions of tasks.
+#[derive(Clone, Debug, Default)]
+pub struct Symbols {
+    /// By [`StackId`]: frames innermost first.
+    pub stacks: Vec<Vec<SymbolFrame>>,
+    /// (task id, await key) → index in `await_chains`.
+    pub await_points: HashMap<(u64, u64), u32>,
+    pub await_chains: Vec<AwaitPoint>,
+}
+
+impl Symbols {
+    pub fn stack(&self, id: StackId) -> &[SymbolFrame] {
+        self.stacks.get(id as usize).map_or(&[], Vec::as_slice)
+    }
+
+    /// Where task `task_id` waits at await point `key` (the key a poll's
+    /// slice carries), with the chain's index (the same for every task
+    /// waiting there); None when the key is 0 or its stack is unknown.
+    pub fn await_point(&self, task_id: u64, key: u64) -> Option<(u32, &AwaitPoint)> {
+        if key == 0 {
+            return None;
+        }
+        let index = *self.await_points.get(&(task_id, key))?;
+        let point = self.await_chains.get(index as usize)?;
+        (!point.chain.is_empty()).then_some((index, point))
+    }
+}

@@ -1,0 +1,188 @@
+//! `cargo xtask bench --formats`: what the trace formats cost, on the HTTP
+//! workload flat out (wrk, 32 connections) traced in full mode: bytes per
+//! event, the rendering rate after the stop, the tracer's peak memory, for
+//! Perfetto protobuf and Chrome JSON side by side, and a 60-second Perfetto
+//! run for the memory bound and the file size a minute makes.
+//!
+//! Bytes per event depend on the workload only; the rate and the memory are
+//! timings on a shared machine (see the note the table carries).
+
+use std::fmt::Write as _;
+use std::fs;
+use std::io::{BufRead, BufReader, Read};
+use std::process::{Command, Stdio};
+use std::thread;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+
+use super::{Options, build, json_number, sample_peak_rss, trace_metadata, wait_timeout};
+use crate::cmd::{self, step};
+
+const START: &str =
+    "<!-- trace formats: written by `cargo xtask bench --formats`; edits here are overwritten -->";
+const END: &str = "<!-- end of trace formats -->";
+
+struct Run {
+    label: &'static str,
+    extension: &'static str,
+    seconds: u64,
+}
+
+#[derive(Default)]
+struct Figures {
+    events: f64,
+    bytes: f64,
+    render_ms: f64,
+    lost: f64,
+    peak_rss_kib: f64,
+}
+
+pub(super) fn run(options: &Options) -> Result<()> {
+    let tools = build(options)?;
+    let short = if options.quick { 3 } else { 5 };
+    let mut runs = vec![
+        Run {
+            label: "Perfetto (.pftrace)",
+            extension: "pftrace",
+            seconds: short,
+        },
+        Run {
+            label: "Chrome JSON (.json)",
+            extension: "json",
+            seconds: short,
+        },
+        Run {
+            label: "Perfetto, gzipped (.pftrace.gz)",
+            extension: "pftrace.gz",
+            seconds: short,
+        },
+    ];
+    if !options.quick {
+        runs.push(Run {
+            label: "Perfetto (.pftrace), 60 s",
+            extension: "pftrace",
+            seconds: 60,
+        });
+    }
+    let mut table = String::new();
+    let _ = writeln!(table, "{START}");
+    let _ = writeln!(
+        table,
+        "\nTrace formats (`cargo xtask bench --formats{}`): the HTTP workload flat out, full mode. \
+         Rendering and memory are timings on a shared 2-core VM.\n",
+        if options.quick { " --quick" } else { "" }
+    );
+    let _ = writeln!(
+        table,
+        "| format | traced | events | trace size | bytes/event | rendering after the stop | events lost | tracer peak RSS |"
+    );
+    let _ = writeln!(table, "| --- | --- | --- | --- | --- | --- | --- | --- |");
+    for run in &runs {
+        step(&format!(
+            "tracing the HTTP workload for {} s into {}",
+            run.seconds, run.label
+        ));
+        let f = measure(&tools, run)?;
+        let rate = f.events / (f.render_ms.max(1.0) / 1e3);
+        let _ = writeln!(
+            table,
+            "| {} | {} s | {:.0} | {:.1} MB | {:.1} | {:.1} M events/s ({:.0} ms) | {:.0} | {:.0} MiB |",
+            run.label,
+            run.seconds,
+            f.events,
+            f.bytes / 1e6,
+            f.bytes / f.events.max(1.0),
+            rate / 1e6,
+            f.render_ms,
+            f.lost,
+            f.peak_rss_kib / 1024.0
+        );
+    }
+    let _ = writeln!(table, "\n{END}");
+    println!("{table}");
+    if !options.no_write {
+        let path = cmd::repo_root().join("BENCHMARKS.md");
+        let old = fs::read_to_string(&path).unwrap_or_default();
+        let new = match (old.find(START), old.find(END)) {
+            (Some(start), Some(end)) if start < end => format!(
+                "{}{}{}",
+                &old[..start],
+                table.trim_end(),
+                &old[end + END.len()..]
+            ),
+            _ => format!("{}\n\n{}", old.trim_end(), table),
+        };
+        fs::write(&path, new).with_context(|| format!("writing {}", path.display()))?;
+        eprintln!("results written to {}", path.display());
+    }
+    Ok(())
+}
+
+fn measure(tools: &super::Tools, run: &Run) -> Result<Figures> {
+    let mut server = Command::new(&tools.http_server)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("starting the HTTP workload")?;
+    let mut ready = String::new();
+    BufReader::new(server.stdout.take().context("stdout")?).read_line(&mut ready)?;
+    let address = ready
+        .trim()
+        .strip_prefix("ready ")
+        .context("the HTTP server did not say where it listens")?
+        .to_owned();
+    let trace = tools.scratch.join(format!("formats.{}", run.extension));
+    let mut tracer = Command::new(&tools.tracer)
+        .args(["-v", "--pid", &server.id().to_string(), "--duration"])
+        .arg(format!("{}s", run.seconds))
+        .arg("-o")
+        .arg(&trace)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("starting the tracer")?;
+    let tracer_pid = tracer.id();
+    let peak = thread::spawn(move || sample_peak_rss(tracer_pid));
+    let mut stderr = BufReader::new(tracer.stderr.take().context("stderr")?);
+    let mut log = String::new();
+    loop {
+        let mut line = String::new();
+        if stderr.read_line(&mut line)? == 0 {
+            bail!("the tracer exited before attaching: {log}");
+        }
+        log.push_str(&line);
+        if line.contains("attached") && line.contains("probes") {
+            break;
+        }
+    }
+    let rest = thread::spawn(move || {
+        let mut rest = String::new();
+        let _ = stderr.read_to_string(&mut rest);
+        rest
+    });
+    cmd::output(Command::new("wrk").args([
+        "-t1",
+        "-c32",
+        &format!("-d{}s", run.seconds + 1),
+        &format!("http://{address}/"),
+    ]))?;
+    let status = wait_timeout(&mut tracer, Duration::from_secs(600))?;
+    log.push_str(&rest.join().unwrap_or_default());
+    server.kill().ok();
+    server.wait()?;
+    if !status.success() {
+        bail!("the tracer failed ({status}): {log}");
+    }
+    let metadata = trace_metadata(&log).context("no trace metadata in the tracer's log")?;
+    let number = |key: &str| json_number(&metadata, key).unwrap_or(0.0);
+    let figures = Figures {
+        events: number("events"),
+        bytes: fs::metadata(&trace)?.len() as f64,
+        render_ms: number("render_ms"),
+        lost: number("lost_events"),
+        peak_rss_kib: peak.join().unwrap_or(0.0),
+    };
+    let _ = fs::remove_file(&trace);
+    Ok(figures)
+}
