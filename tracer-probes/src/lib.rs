@@ -11,9 +11,11 @@
 pub mod catalog;
 pub mod disasm;
 pub mod discover;
+pub mod futures;
 pub mod naming;
 pub mod placement;
 pub mod return_sites;
+pub mod vtables;
 
 mod dwarf;
 mod generics;

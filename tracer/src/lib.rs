@@ -9,5 +9,9 @@
 //! - `tracer-timeline` turns events into slices, flows and counters and
 //!   writes the Perfetto-readable file and the summary;
 //! - `tracer-symbolize` unwinds the captured stacks and names their frames.
+//!
+//! [`dump`] is the other command: the live tasks of a process and where each
+//! waits, read from its memory.
 
+pub mod dump;
 pub mod record;

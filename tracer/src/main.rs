@@ -9,7 +9,7 @@ use anyhow::{Result, bail};
 use clap::Parser;
 use rt_ebpf_trace::record::{self, Mode, RecordOptions, Settings, TargetSpec};
 
-use cli::{Cli, Command, ModeArg, ProbesArgs, RecordArgs};
+use cli::{Cli, Command, DumpArgs, ModeArg, ProbesArgs, RecordArgs};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -24,6 +24,7 @@ fn main() -> ExitCode {
 
     let result = match cli.command {
         Some(Command::Probes(args)) => list_probes(args),
+        Some(Command::Dump(args)) => dump_tasks(args),
         None => run_record(cli.record),
     };
     match result {
@@ -50,6 +51,26 @@ fn list_probes(args: ProbesArgs) -> Result<ExitCode> {
     let plan = tracer_probes::discover(&binary)?;
     let mut stdout = std::io::stdout().lock();
     tracer_probes::write_table(&plan, &mut stdout)?;
+    stdout.flush()?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn dump_tasks(args: DumpArgs) -> Result<ExitCode> {
+    let dump = rt_ebpf_trace::dump::dump(args.pid)?;
+    log::info!(
+        "dump: setup {:.1} ms (binary and debug info), scan and read {:.1} ms ({} bytes in {} regions)",
+        dump.setup_ms,
+        dump.read_ms,
+        dump.stats.bytes,
+        dump.stats.regions
+    );
+    let mut stdout = std::io::stdout().lock();
+    if args.json {
+        serde_json::to_writer_pretty(&mut stdout, &rt_ebpf_trace::dump::output::json(&dump))?;
+        writeln!(stdout)?;
+    } else {
+        write!(stdout, "{}", rt_ebpf_trace::dump::output::text(&dump))?;
+    }
     stdout.flush()?;
     Ok(ExitCode::SUCCESS)
 }

@@ -1,0 +1,266 @@
+//! Where a task is suspended: its await chain, read from the live future
+//! with the layouts `tracer_probes::futures` took from DWARF.
+//!
+//! From the task's future inward: an `async fn`'s state machine says which
+//! `.await` it is stopped at (its `__state`, and that state's file:line) and
+//! holds the awaited future (`__awaitee`), which is read the same way, until
+//! a leaf: a future of tokio's own (Sleep, Notified, Acquire, Readiness, a
+//! channel's `recv`, a JoinHandle, `Mutex::lock`), named and not entered.
+//! Other futures in between — wrappers (tokio's taskdump `Root`, `Timeout`,
+//! `select!`'s `PollFn` closure, which points at the futures it races),
+//! `Pin<Box<…>>`, `dyn Future` (its vtable says the concrete type) — are
+//! looked through, member by member; when more than one member leads to a
+//! future, the chain forks into branches (`select!`, `join!`, a timeout and
+//! its inner future).
+//!
+//! Reads stay within what the layouts allow: a pointer is followed only into
+//! a type DWARF describes, and a walk visits at most [`MAX_NODES`] values,
+//! so a stale pointer in a racing target gives a short chain, not a hang.
+
+use tracer_probes::futures::{Discriminant, FutureLayouts, Member, TypeKind, TypeRef};
+
+use super::memory::{ProcessMemory, ReadError};
+
+/// Values looked at per task, at most.
+const MAX_NODES: usize = 400;
+/// Non-state-machine values between two state machines, at most.
+const MAX_WRAPPERS: u32 = 6;
+
+/// One step of a chain.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Frame {
+    /// An `async fn`/block stopped at an `.await`.
+    Await {
+        function: String,
+        file: Option<String>,
+        line: Option<u64>,
+    },
+    /// An `async fn`/block not polled yet, or already finished.
+    NotStarted { function: String },
+    Finished { function: String },
+    /// A future of tokio's own (or one without a layout): the end.
+    Leaf { name: String },
+    /// Several futures awaited at once.
+    Branches { branches: Vec<Vec<Frame>> },
+}
+
+/// Types not entered: their contents are not what the task awaits, and
+/// following their pointers would reach unrelated values.
+const NOT_ENTERED: &[&str] = &[
+    "alloc::sync::",
+    "alloc::rc::",
+    "alloc::vec::",
+    "alloc::collections::",
+    "alloc::string::",
+    "std::collections::",
+    "hashbrown::",
+    "core::task::wake::",
+    "core::marker::",
+];
+
+/// tokio types looked through rather than named as leaves.
+const TOKIO_WRAPPERS: &[&str] = &[
+    "tokio::runtime::task::trace::Root",
+    "tokio::future::poll_fn::PollFn",
+    "tokio::future::maybe_done::MaybeDone",
+    "tokio::time::timeout::Timeout",
+    "tokio::task::task_local::TaskLocalFuture",
+    "tokio::task::unconstrained::Unconstrained",
+    "tokio::runtime::coop::Coop",
+];
+
+pub struct ChainReader<'a> {
+    pub memory: &'a ProcessMemory,
+    pub layouts: &'a FutureLayouts,
+    /// Runtime address minus ELF address of the executable.
+    pub bias: u64,
+    nodes: usize,
+}
+
+impl<'a> ChainReader<'a> {
+    pub fn new(memory: &'a ProcessMemory, layouts: &'a FutureLayouts, bias: u64) -> Self {
+        ChainReader {
+            memory,
+            layouts,
+            bias,
+            nodes: 0,
+        }
+    }
+
+    /// The chain of the future of type `ty` at `address`.
+    pub fn chain(&mut self, address: u64, ty: TypeRef) -> Result<Vec<Frame>, ReadError> {
+        self.nodes = 0;
+        self.walk(address, ty, 0)
+    }
+
+    fn walk(&mut self, address: u64, ty: TypeRef, wrappers: u32) -> Result<Vec<Frame>, ReadError> {
+        self.nodes += 1;
+        if self.nodes > MAX_NODES || wrappers > MAX_WRAPPERS {
+            return Ok(Vec::new());
+        }
+        let Some(desc) = self.layouts.types.get(&ty) else {
+            return Ok(Vec::new());
+        };
+        let name = desc.name.as_str();
+        match &desc.kind {
+            TypeKind::Coroutine { state, states } => {
+                let function = function_name(name);
+                if name.starts_with("tokio::") {
+                    return Ok(vec![Frame::Leaf { name: function }]);
+                }
+                let value = self.read_discriminant(address, state)?;
+                let Some(current) = states.iter().find(|s| s.value == value) else {
+                    return Ok(vec![Frame::Leaf {
+                        name: format!("{function} (unknown state {value})"),
+                    }]);
+                };
+                match current.name.as_str() {
+                    "Unresumed" => Ok(vec![Frame::NotStarted { function }]),
+                    "Returned" | "Panicked" => Ok(vec![Frame::Finished { function }]),
+                    _ => {
+                        let mut chain = vec![Frame::Await {
+                            function,
+                            file: current.file.clone(),
+                            line: current.line,
+                        }];
+                        if let Some(awaitee) = &current.awaitee {
+                            chain.extend(self.walk(address + awaitee.offset, awaitee.ty, 0)?);
+                        }
+                        Ok(chain)
+                    }
+                }
+            }
+            _ if is_tokio_leaf(name) => Ok(vec![Frame::Leaf {
+                name: leaf_name(name),
+            }]),
+            _ if NOT_ENTERED.iter().any(|prefix| name.starts_with(prefix)) => Ok(Vec::new()),
+            TypeKind::Struct { members } => {
+                if let Some(chain) = self.dyn_future(address, members, wrappers)? {
+                    return Ok(chain);
+                }
+                self.members(address, members, wrappers)
+            }
+            TypeKind::Enum {
+                discriminant,
+                variants,
+            } => {
+                let value = self.read_discriminant(address, discriminant)?;
+                let variant = variants
+                    .iter()
+                    .find(|v| v.value == Some(value))
+                    .or_else(|| variants.iter().find(|v| v.value.is_none()));
+                match variant {
+                    Some(variant) => self.members(address, &variant.members, wrappers),
+                    None => Ok(Vec::new()),
+                }
+            }
+            TypeKind::Pointer { target: Some(target) } => {
+                let pointer = self.memory.read_u64(address)?;
+                if pointer == 0 || pointer % 8 != 0 || !self.layouts.types.contains_key(target) {
+                    return Ok(Vec::new());
+                }
+                // A dangling pointer is not the task's problem: no chain.
+                match self.walk(pointer, *target, wrappers + 1) {
+                    Err(ReadError::Unmapped) => Ok(Vec::new()),
+                    other => other,
+                }
+            }
+            TypeKind::Pointer { target: None } | TypeKind::Other => Ok(Vec::new()),
+        }
+    }
+
+    /// A `*mut dyn Future` (members `pointer` and `vtable`): the concrete
+    /// future behind it, by its vtable.
+    fn dyn_future(
+        &mut self,
+        address: u64,
+        members: &[Member],
+        wrappers: u32,
+    ) -> Result<Option<Vec<Frame>>, ReadError> {
+        let (Some(data), Some(vtable)) = (
+            members.iter().find(|m| m.name == "pointer"),
+            members.iter().find(|m| m.name == "vtable"),
+        ) else {
+            return Ok(None);
+        };
+        if members.len() != 2 {
+            return Ok(None);
+        }
+        let data = self.memory.read_u64(address + data.offset)?;
+        let vtable = self.memory.read_u64(address + vtable.offset)?;
+        let Some(&concrete) = self.layouts.dyn_vtables.get(&vtable.wrapping_sub(self.bias)) else {
+            return Ok(Some(Vec::new()));
+        };
+        if data == 0 {
+            return Ok(Some(Vec::new()));
+        }
+        self.walk(data, concrete, wrappers + 1).map(Some)
+    }
+
+    /// Every member that leads to a future; several make branches.
+    fn members(
+        &mut self,
+        address: u64,
+        members: &[Member],
+        wrappers: u32,
+    ) -> Result<Vec<Frame>, ReadError> {
+        let mut found = Vec::new();
+        for member in members {
+            let chain = self.walk(address + member.offset, member.ty, wrappers + 1)?;
+            if !chain.is_empty() {
+                found.push(chain);
+            }
+        }
+        Ok(match found.len() {
+            0 => Vec::new(),
+            1 => found.pop().expect("one"),
+            _ => vec![Frame::Branches { branches: found }],
+        })
+    }
+
+    fn read_discriminant(&self, address: u64, at: &Discriminant) -> Result<u64, ReadError> {
+        self.memory.read_uint(address + at.offset, at.size)
+    }
+}
+
+fn is_tokio_leaf(name: &str) -> bool {
+    name.starts_with("tokio::") && !TOKIO_WRAPPERS.iter().any(|w| name.starts_with(w))
+}
+
+/// `tokio::sync::notify::Notified<'_>` → `tokio::sync::notify::Notified`.
+fn leaf_name(name: &str) -> String {
+    match name.find('<') {
+        Some(open) => name[..open].to_string(),
+        None => name.to_string(),
+    }
+}
+
+/// `app::handler::{async_fn_env#0}` → `app::handler`;
+/// `app::main::{async_block_env#0}` → `app::main::{async block}`.
+pub fn function_name(type_name: &str) -> String {
+    if let Some(function) = type_name.strip_suffix("::{async_fn_env#0}") {
+        return function.to_string();
+    }
+    match type_name.rfind("::{async_block_env#") {
+        Some(at) => format!("{}::{{async block}}", &type_name[..at]),
+        None => type_name.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_read_like_code() {
+        assert_eq!(function_name("app::handler::{async_fn_env#0}"), "app::handler");
+        assert_eq!(
+            function_name("app::main::{async_block_env#1}"),
+            "app::main::{async block}"
+        );
+        assert_eq!(leaf_name("tokio::sync::notify::Notified<'_>"), "tokio::sync::notify::Notified");
+        assert!(is_tokio_leaf("tokio::time::sleep::Sleep"));
+        assert!(!is_tokio_leaf("tokio::runtime::task::trace::Root<app::f::{async_fn_env#0}>"));
+        assert!(!is_tokio_leaf("app::Sleep"));
+    }
+}

@@ -1,0 +1,230 @@
+//! Finding the live tasks in the target's heap.
+//!
+//! Why a heap scan and not a walk of the runtime's `OwnedTasks` lists: the
+//! lists hang off the runtime handle, which sits in an `Arc` reachable only
+//! from thread-local or user statics whose layout differs per tokio version
+//! and scheduler; nothing in the binary says where a given program keeps
+//! its runtime. The task headers, though, are self-describing: every header
+//! holds a pointer to its type's static vtable (offset 16 in tokio ≥ 1.2x,
+//! from DWARF when present), and the binary tells exactly which addresses
+//! those vtables have ([`tracer_probes::vtables`]). So one pass over the
+//! writable anonymous memory, comparing each aligned word against that small
+//! set, finds every candidate header; reading big chunks keeps it cheap.
+//!
+//! A word equal to a vtable address can also be a stale copy in freed
+//! memory, so each candidate is validated before it is printed:
+//! - the state word is plausible: a reference count of at least one and
+//!   far below 2^32, not both RUNNING and COMPLETE (a freed cell's first
+//!   words are overwritten by the allocator's free-list pointers, which
+//!   fail this);
+//! - the owner id (the `OwnedTasks` it was bound to) is set: a task never
+//!   bound to a runtime (a blocking-pool task) is not a runtime task;
+//! - the vtable's own offsets (trailer, scheduler, id) are small and aligned;
+//! - the owned-list links, where the layout is known, are null or point at
+//!   another candidate whose link points back, with the same owner id.
+//!
+//! tokio's state bits (the same from 1.0 to 1.5x): RUNNING 1, COMPLETE 2,
+//! NOTIFIED 4, JOIN_INTEREST 8, JOIN_WAKER 16, CANCELLED 32, the reference
+//! count from bit 6.
+
+use std::collections::{HashMap, HashSet};
+
+use super::memory::{ProcessMemory, ReadError, Region};
+
+pub const RUNNING: u64 = 1;
+pub const COMPLETE: u64 = 2;
+pub const NOTIFIED: u64 = 4;
+pub const JOIN_INTEREST: u64 = 8;
+pub const JOIN_WAKER: u64 = 16;
+pub const CANCELLED: u64 = 32;
+const REF_SHIFT: u32 = 6;
+
+/// Bytes read per `process_vm_readv` while scanning.
+const CHUNK: usize = 4 << 20;
+
+/// Where the fields of a header are, and what a vtable pointer looks like.
+#[derive(Clone, Debug)]
+pub struct HeaderLayout {
+    pub vtable: u64,
+    pub owner_id: Option<u64>,
+}
+
+/// A task header found and validated.
+#[derive(Clone, Debug)]
+pub struct FoundTask {
+    pub header: u64,
+    /// The vtable's runtime address.
+    pub vtable: u64,
+    pub state: u64,
+    pub owner_id: Option<u64>,
+}
+
+/// What the scan saw, for the report.
+#[derive(Clone, Debug, Default)]
+pub struct ScanStats {
+    pub bytes: u64,
+    pub regions: usize,
+    /// Words equal to a vtable address that did not validate as a live task.
+    pub rejected: usize,
+    /// Valid headers never bound to a runtime (blocking-pool tasks).
+    pub unbound: usize,
+    /// Bytes that could not be read (unmapped meanwhile).
+    pub unreadable: u64,
+}
+
+/// Scans `regions` for task headers whose vtable is in `vtables` (runtime
+/// addresses). `links` gives, per vtable, where that task type's owned-list
+/// links are (relative to the header), when known.
+pub fn scan(
+    memory: &ProcessMemory,
+    regions: &[Region],
+    vtables: &HashSet<u64>,
+    layout: &HeaderLayout,
+    links: &HashMap<u64, u64>,
+) -> Result<(Vec<FoundTask>, ScanStats), ReadError> {
+    let mut stats = ScanStats::default();
+    let (Some(&low), Some(&high)) = (vtables.iter().min(), vtables.iter().max()) else {
+        return Ok((Vec::new(), stats));
+    };
+    let mut candidates = Vec::new();
+    let mut buffer = vec![0u8; CHUNK];
+    for region in regions.iter().filter(|r| r.may_hold_tasks()) {
+        stats.regions += 1;
+        let mut address = region.start;
+        while address < region.end {
+            let len = CHUNK.min((region.end - address) as usize);
+            let read = match memory.read_partial(address, &mut buffer[..len]) {
+                Ok(read) => read,
+                Err(ReadError::Unmapped) => 0,
+                Err(other) => return Err(other),
+            };
+            stats.bytes += read as u64;
+            for (index, word) in buffer[..read & !7].chunks_exact(8).enumerate() {
+                let value = u64::from_le_bytes(word.try_into().expect("8 bytes"));
+                if value < low || value > high || !vtables.contains(&value) {
+                    continue;
+                }
+                let header = (address + index as u64 * 8).wrapping_sub(layout.vtable);
+                candidates.push(header);
+            }
+            if read < len {
+                stats.unreadable += (region.end - address) - read as u64;
+                break;
+            }
+            address += len as u64;
+        }
+    }
+
+    let mut found: HashMap<u64, FoundTask> = HashMap::new();
+    for header in candidates {
+        match read_header(memory, header, layout) {
+            Ok(Some(task)) if task.owner_id.is_some() || layout.owner_id.is_none() => {
+                found.insert(header, task);
+            }
+            Ok(Some(_)) => stats.unbound += 1,
+            Ok(None) | Err(ReadError::Unmapped) => stats.rejected += 1,
+            Err(other) => return Err(other),
+        }
+    }
+
+    // The list links must agree: each neighbour is a task whose link
+    // points back, owned by the same runtime.
+    let mut stale = HashSet::new();
+    for task in found.values() {
+        let Some(&links_offset) = links.get(&task.vtable) else {
+            continue;
+        };
+        let Ok((prev, next)) = read_links(memory, task.header + links_offset) else {
+            stale.insert(task.header);
+            continue;
+        };
+        for (neighbour, back_is_next) in [(prev, true), (next, false)] {
+            if neighbour == 0 {
+                continue;
+            }
+            let agrees = found.get(&neighbour).is_some_and(|other| {
+                other.owner_id == task.owner_id
+                    && links
+                        .get(&other.vtable)
+                        .and_then(|&off| read_links(memory, other.header + off).ok())
+                        .is_some_and(|(p, n)| if back_is_next { n } else { p } == task.header)
+            });
+            if !agrees {
+                stale.insert(task.header);
+            }
+        }
+    }
+    stats.rejected += stale.len();
+    let mut tasks: Vec<FoundTask> = found
+        .into_values()
+        .filter(|t| !stale.contains(&t.header))
+        .collect();
+    tasks.sort_by_key(|t| t.header);
+    Ok((tasks, stats))
+}
+
+/// Reads and checks one header; `None` if it is not a live task.
+pub fn read_header(
+    memory: &ProcessMemory,
+    header: u64,
+    layout: &HeaderLayout,
+) -> Result<Option<FoundTask>, ReadError> {
+    if header % 8 != 0 {
+        return Ok(None);
+    }
+    let state = memory.read_u64(header)?;
+    let vtable = memory.read_u64(header + layout.vtable)?;
+    let owner_id = match layout.owner_id {
+        Some(offset) => Some(memory.read_u64(header + offset)?).filter(|&id| id != 0),
+        None => None,
+    };
+    let references = state >> REF_SHIFT;
+    let plausible = (1..1 << 32).contains(&references)
+        && state & (RUNNING | COMPLETE) != (RUNNING | COMPLETE)
+        && owner_id.is_none_or(|id| id < 1 << 48);
+    Ok(plausible.then_some(FoundTask {
+        header,
+        vtable,
+        state,
+        owner_id,
+    }))
+}
+
+fn read_links(memory: &ProcessMemory, at: u64) -> Result<(u64, u64), ReadError> {
+    Ok((memory.read_u64(at)?, memory.read_u64(at + 8)?))
+}
+
+/// The task's lifecycle, from its state word.
+pub fn describe_state(state: u64) -> &'static str {
+    if state & COMPLETE != 0 {
+        if state & CANCELLED != 0 {
+            "cancelled"
+        } else {
+            "complete"
+        }
+    } else if state & RUNNING != 0 {
+        "running"
+    } else if state & CANCELLED != 0 {
+        "cancelling"
+    } else if state & NOTIFIED != 0 {
+        "scheduled"
+    } else {
+        "idle"
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn states_read_as_tokio_defines_them() {
+        let one_ref = 1 << REF_SHIFT;
+        assert_eq!(describe_state(one_ref), "idle");
+        assert_eq!(describe_state(one_ref | NOTIFIED | JOIN_INTEREST), "scheduled");
+        assert_eq!(describe_state(one_ref | RUNNING), "running");
+        assert_eq!(describe_state(one_ref | COMPLETE | JOIN_INTEREST), "complete");
+        assert_eq!(describe_state(one_ref | COMPLETE | CANCELLED), "cancelled");
+        assert_eq!(describe_state(one_ref | CANCELLED | NOTIFIED), "cancelling");
+    }
+}
