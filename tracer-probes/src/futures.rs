@@ -116,6 +116,9 @@ pub enum TypeKind {
     Coroutine {
         state: Discriminant,
         states: Vec<CoroutineState>,
+        /// A method's `self` type (`&tokio::sync::mutex::Mutex<u64>`): the
+        /// type path its `{impl#N}` scope leaves out.
+        self_type: Option<String>,
     },
     /// A struct, tuple, closure or union: all of its members.
     Struct { members: Vec<Member> },
@@ -458,8 +461,21 @@ impl TypeReader<'_, '_> {
             gimli::DW_TAG_structure_type | gimli::DW_TAG_union_type => {
                 match self.variant_part(ty)? {
                     Some((state, variants)) if self.is_coroutine(ty)? => {
+                        let self_member = variants
+                            .iter()
+                            .flat_map(|v| &v.members)
+                            .find(|m| m.name == "self")
+                            .map(|m| m.ty);
+                        let self_type = match self_member {
+                            Some(member) => self.info(member)?.name,
+                            None => None,
+                        };
                         let states = self.coroutine_states(ty, variants)?;
-                        TypeKind::Coroutine { state, states }
+                        TypeKind::Coroutine {
+                            state,
+                            states,
+                            self_type,
+                        }
                     }
                     Some((discriminant, variants)) => TypeKind::Enum {
                         discriminant,

@@ -103,8 +103,12 @@ impl<'a> ChainReader<'a> {
         };
         let name = desc.name.as_str();
         match &desc.kind {
-            TypeKind::Coroutine { state, states } => {
-                let function = function_name(name);
+            TypeKind::Coroutine {
+                state,
+                states,
+                self_type,
+            } => {
+                let function = method_name(&function_name(name), self_type.as_deref());
                 if name.starts_with("tokio::") {
                     return Ok(vec![Frame::Leaf { name: function }]);
                 }
@@ -235,11 +239,48 @@ fn leaf_name(name: &str) -> String {
     }
 }
 
+/// `tokio::sync::mutex::{impl#10}::lock` with `self: &tokio::sync::mutex::Mutex<u64>`
+/// → `tokio::sync::mutex::Mutex::lock`; generic arguments are dropped.
+pub fn method_name(function: &str, self_type: Option<&str>) -> String {
+    let function = match function.find('<') {
+        Some(open) if function.ends_with('>') => &function[..open],
+        _ => function,
+    };
+    let Some(start) = function.find("::{impl#") else {
+        return function.to_string();
+    };
+    let Some(len) = function[start + 2..].find('}') else {
+        return function.to_string();
+    };
+    let rest = &function[start + 2 + len + 1..];
+    let self_name = self_type
+        .map(|t| t.trim_start_matches('&').trim_start_matches("mut ").trim_start_matches('*'))
+        .map(|t| t.trim_start_matches("const ").trim_start_matches("mut "))
+        .map(|t| t.split('<').next().unwrap_or(t))
+        .and_then(|t| t.rsplit("::").next())
+        .filter(|t| !t.is_empty());
+    match self_name {
+        Some(self_name) => format!("{}::{self_name}{rest}", &function[..start]),
+        None => format!("{}{rest}", &function[..start]),
+    }
+}
+
+/// The task's name for people: its future's function, without tokio's
+/// taskdump `Root<…>` wrapper.
+pub fn task_name(future_type: &str) -> String {
+    let inner = future_type
+        .strip_prefix("tokio::runtime::task::trace::Root<")
+        .and_then(|t| t.strip_suffix('>'))
+        .unwrap_or(future_type);
+    function_name(inner)
+}
+
 /// `app::handler::{async_fn_env#0}` → `app::handler`;
 /// `app::main::{async_block_env#0}` → `app::main::{async block}`.
 pub fn function_name(type_name: &str) -> String {
-    if let Some(function) = type_name.strip_suffix("::{async_fn_env#0}") {
-        return function.to_string();
+    if let Some(at) = type_name.rfind("::{async_fn_env#0}") {
+        // Generic async fns end in their arguments: `…::{async_fn_env#0}<u64>`.
+        return type_name[..at].to_string();
     }
     match type_name.rfind("::{async_block_env#") {
         Some(at) => format!("{}::{{async block}}", &type_name[..at]),
@@ -259,6 +300,18 @@ mod tests {
             "app::main::{async block}"
         );
         assert_eq!(leaf_name("tokio::sync::notify::Notified<'_>"), "tokio::sync::notify::Notified");
+        assert_eq!(
+            method_name(
+                &function_name("tokio::sync::mutex::{impl#10}::lock::{async_fn_env#0}<u64>"),
+                Some("&tokio::sync::mutex::Mutex<u64>")
+            ),
+            "tokio::sync::mutex::Mutex::lock"
+        );
+        assert_eq!(method_name("a::{impl#2}::run", None), "a::run");
+        assert_eq!(
+            task_name("tokio::runtime::task::trace::Root<app::idle::{async_fn_env#0}>"),
+            "app::idle"
+        );
         assert!(is_tokio_leaf("tokio::time::sleep::Sleep"));
         assert!(!is_tokio_leaf("tokio::runtime::task::trace::Root<app::f::{async_fn_env#0}>"));
         assert!(!is_tokio_leaf("app::Sleep"));

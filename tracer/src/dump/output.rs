@@ -52,7 +52,7 @@ pub fn text(dump: &Dump) -> String {
             "\n{} {plural}, {state}{}: {}",
             members.len(),
             join_handle(members[0].state),
-            future_type
+            super::chain::task_name(&future_type)
         );
         let ids: Vec<String> = members
             .iter()
@@ -135,6 +135,7 @@ pub fn json(dump: &Dump) -> Value {
                 "id": task.id,
                 "header": format!("{:#x}", task.header),
                 "future_type": task.future_type,
+                "name": super::chain::task_name(&task.future_type),
                 "state": tasks::describe_state(task.state),
                 "notified": task.state & tasks::NOTIFIED != 0,
                 "cancelled": task.state & tasks::CANCELLED != 0,

@@ -1,0 +1,250 @@
+//! `rt-ebpf-trace dump` against tokio's own task dump.
+//!
+//! `tests/dump-fixture` is built with `--cfg tokio_unstable --cfg
+//! tokio_taskdump`, parks its tasks in known places, writes
+//! `Handle::dump()` to a file and then waits without waking anything; the
+//! external dump of the same process must name the same tasks (by task id),
+//! the same leaf futures per task, and — which tokio's own dump of a release
+//! build cannot show, its async fns being inlined — every `.await` of the
+//! fixture's source on the way, with its line.
+
+mod support;
+#[path = "support/trace.rs"]
+mod trace;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
+
+use serde_json::Value;
+use trace::{describe, require_root, run_holding_turn, scratch_dir, tracer};
+
+/// Idle tasks the fixture spawns on top of its named ones: one group.
+const IDLE_TASKS: usize = 20;
+
+fn fixture_dir() -> PathBuf {
+    support::repo_root().join("tests/dump-fixture")
+}
+
+/// Builds the fixture in cargo profile `profile` (`release`: `debug =
+/// true`; `lines`: line tables only) with tokio's task dump compiled in.
+fn build(profile: &str) -> PathBuf {
+    static BUILDING: Mutex<()> = Mutex::new(());
+    let _one_at_a_time = BUILDING.lock().unwrap_or_else(|e| e.into_inner());
+    let target = fixture_dir().join("target");
+    let status = Command::new(env!("CARGO"))
+        .args(["build", "--quiet", "--profile", profile, "--manifest-path"])
+        .arg(fixture_dir().join("Cargo.toml"))
+        .arg("--target-dir")
+        .arg(&target)
+        .env_remove("CARGO_ENCODED_RUSTFLAGS")
+        .env_remove("CARGO_TARGET_DIR")
+        .env("RUSTFLAGS", "--cfg tokio_unstable --cfg tokio_taskdump")
+        .status()
+        .expect("run cargo");
+    assert!(status.success(), "building the dump fixture ({profile}) failed");
+    target.join(profile).join("dump-fixture")
+}
+
+/// A running fixture and tokio's dump of it, by task id.
+struct Running {
+    child: Child,
+    tokio_dump: BTreeMap<u64, String>,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start(binary: &Path, test: &str, idle: usize) -> Running {
+    let dump_file = scratch_dir(test).join("tokio-dump.txt");
+    let mut child = Command::new(binary)
+        .arg(&dump_file)
+        .arg(idle.to_string())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("start the dump fixture");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert!(line.starts_with("ready"), "fixture said {line:?}");
+    let text = std::fs::read_to_string(&dump_file).unwrap();
+    let mut tokio_dump = BTreeMap::new();
+    for block in text.split("task ").filter(|b| !b.trim().is_empty()) {
+        let (id, trace) = block.split_once('\n').unwrap();
+        tokio_dump.insert(id.trim().parse().unwrap(), trace.to_string());
+    }
+    Running { child, tokio_dump }
+}
+
+fn dump_json(pid: u32) -> Value {
+    let output = run_holding_turn(tracer().args(["dump", "--json", "--pid", &pid.to_string()]));
+    assert!(output.status.success(), "{}", describe(&output));
+    serde_json::from_slice(&output.stdout).unwrap()
+}
+
+/// The kinds of tokio future a trace or a chain ends in.
+fn leaf_kinds(text: &str) -> BTreeSet<&'static str> {
+    let kinds = [
+        ("Notified", "notify"),
+        ("Mutex", "mutex"),
+        ("Receiver", "channel"),
+        ("chan::Rx", "channel"),
+        ("Sleep", "sleep"),
+        ("JoinHandle", "join"),
+    ];
+    kinds
+        .iter()
+        .filter(|(needle, _)| text.contains(needle))
+        .map(|(_, kind)| *kind)
+        .collect()
+}
+
+/// Our chain's leaves, flattened over branches.
+fn leaves(chain: &Value, out: &mut String) {
+    for frame in chain.as_array().unwrap() {
+        if let Some(name) = frame["leaf"].as_str() {
+            out.push_str(name);
+            out.push('\n');
+        }
+        if let Some(branches) = frame["branches"].as_array() {
+            branches.iter().for_each(|branch| leaves(branch, out));
+        }
+    }
+}
+
+/// `(function, line of its last .await)` for each `async fn` of the fixture.
+fn await_lines() -> BTreeMap<String, u64> {
+    let source = std::fs::read_to_string(fixture_dir().join("src/main.rs")).unwrap();
+    let mut lines = BTreeMap::new();
+    let mut current: Option<String> = None;
+    for (index, line) in source.lines().enumerate() {
+        if let Some(rest) = line.strip_prefix("async fn ") {
+            current = Some(rest.split('(').next().unwrap().to_string());
+        } else if line == "}" {
+            current = None;
+        } else if let Some(name) = &current
+            && line.contains(".await")
+        {
+            // The last one: where each fixture task stays.
+            lines.insert(name.clone(), index as u64 + 1);
+        }
+    }
+    lines
+}
+
+#[test]
+fn full_debug_info_names_the_same_tasks_and_await_points_as_tokio() {
+    require_root();
+    let fixture = start(&build("release"), "dump-full", IDLE_TASKS);
+    let dump = dump_json(fixture.child.id());
+    assert_eq!(dump["debug_info"], "types", "{dump:#}");
+    let ours: BTreeMap<u64, &Value> = dump["tasks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| (t["id"].as_u64().expect("task ids (tokio ≥ 1.21)"), t))
+        .collect();
+    let theirs: BTreeSet<u64> = fixture.tokio_dump.keys().copied().collect();
+    assert_eq!(
+        ours.keys().copied().collect::<BTreeSet<_>>(),
+        theirs,
+        "task sets differ\nours: {dump:#}\ntokio's: {:#?}",
+        fixture.tokio_dump
+    );
+    assert_eq!(theirs.len(), 8 + IDLE_TASKS);
+
+    let expected_lines = await_lines();
+    let mut names = BTreeMap::<String, usize>::new();
+    for (id, trace) in &fixture.tokio_dump {
+        let task = ours[id];
+        let name = task["name"].as_str().unwrap();
+        *names.entry(name.to_string()).or_default() += 1;
+        // The same leaf futures as tokio's own dump.
+        let mut our_leaves = String::new();
+        leaves(&task["chain"], &mut our_leaves);
+        assert_eq!(
+            leaf_kinds(&our_leaves),
+            leaf_kinds(trace),
+            "task {id} ({name}): leaves differ\nours: {:#}\ntokio's: {trace}",
+            task["chain"]
+        );
+        // Every fixture function tokio's trace shows is in our chain.
+        let chain_text = task["chain"].to_string();
+        for function in trace
+            .split_whitespace()
+            .filter(|word| word.starts_with("dump_fixture::"))
+        {
+            let function = function.trim_end_matches("::{{closure}}");
+            assert!(chain_text.contains(function), "task {id}: {function} missing: {chain_text}");
+        }
+        // The await chain through the fixture's own async fns, with lines.
+        assert_eq!(task["state"], "idle", "task {id}: {task:#}");
+        assert_eq!(task["raced"], false);
+        let mut frames = task["chain"].as_array().unwrap().iter();
+        let short = name.strip_prefix("dump_fixture::").unwrap();
+        let depth = if short == "nest1" { 5 } else { 1 };
+        for level in 1..=depth {
+            let function = if depth == 1 { short.to_string() } else { format!("nest{level}") };
+            let frame = &frames.next().expect("an await frame")["await"];
+            assert_eq!(frame["function"], format!("dump_fixture::{function}"), "task {id}");
+            if function != "selector" {
+                // select!'s await is in tokio's macro, not the fixture.
+                assert_eq!(frame["line"], expected_lines[&function], "task {id}: {function}");
+                assert!(frame["file"].as_str().unwrap().ends_with("src/main.rs"));
+            }
+        }
+    }
+    let expected_names = [
+        ("channel_waiter", 1),
+        ("holder", 1),
+        ("idle", IDLE_TASKS),
+        ("joiner", 1),
+        ("lock_waiter", 2),
+        ("nest1", 1),
+        ("selector", 1),
+        ("sleeper", 1),
+    ];
+    let expected_names: BTreeMap<String, usize> = expected_names
+        .iter()
+        .map(|(n, c)| (format!("dump_fixture::{n}"), *c))
+        .collect();
+    assert_eq!(names, expected_names);
+
+    // The terminal text groups identical chains.
+    let output = run_holding_turn(tracer().args(["dump", "--pid", &fixture.child.id().to_string()]));
+    assert!(output.status.success(), "{}", describe(&output));
+    let text = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        text.contains(&format!("\n{IDLE_TASKS} tasks, idle: dump_fixture::idle\n")),
+        "{text}"
+    );
+    assert!(text.contains("→ tokio::sync::mutex::Mutex::lock"), "{text}");
+}
+
+#[test]
+fn line_tables_only_lists_the_tasks_and_says_what_is_missing() {
+    require_root();
+    let fixture = start(&build("lines"), "dump-lines", 3);
+    let dump = dump_json(fixture.child.id());
+    assert_eq!(dump["debug_info"], "no-types", "{dump:#}");
+    assert!(dump["notes"].to_string().contains("debug = true"), "{dump:#}");
+    let tasks = dump["tasks"].as_array().unwrap();
+    let ids: BTreeSet<u64> = tasks.iter().map(|t| t["id"].as_u64().unwrap()).collect();
+    assert_eq!(ids, fixture.tokio_dump.keys().copied().collect());
+    for task in tasks {
+        assert!(task["chain"].as_array().unwrap().is_empty());
+        assert!(task["chain_note"].is_string());
+        // Line tables name the function only: `{async_fn#0}`, no path.
+        assert!(
+            task["future_type"].as_str().unwrap().contains("dump_fixture"),
+            "{task:#}"
+        );
+    }
+}
