@@ -15,6 +15,7 @@ mod trace;
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
+use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, Stdio};
 use std::sync::Mutex;
 
@@ -247,4 +248,100 @@ fn line_tables_only_lists_the_tasks_and_says_what_is_missing() {
             "{task:#}"
         );
     }
+}
+
+/// Runs `dump` expecting a clear error; returns stderr.
+fn dump_fails(command: &mut Command) -> String {
+    let output = run_holding_turn(command);
+    assert!(!output.status.success(), "expected failure\n{}", describe(&output));
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    assert!(stderr.starts_with("error: "), "no clear error:\n{}", describe(&output));
+    assert!(!stderr.contains("panicked"), "panic:\n{stderr}");
+    stderr
+}
+
+#[test]
+fn bad_targets_get_clear_errors() {
+    require_root();
+    // pid_max is at most 4194304: this pid can't exist.
+    let stderr = dump_fails(tracer().args(["dump", "--pid", "4194304"]));
+    assert!(stderr.contains("no process with pid 4194304"), "{stderr}");
+
+    // A program with a symbol table and no tokio (`sleep` is stripped).
+    let dir = scratch_dir("dump-not-tokio");
+    std::fs::write(dir.join("main.c"), "#include <unistd.h>\nint main(void) { sleep(30); return 0; }\n").unwrap();
+    let status = Command::new("cc")
+        .arg(dir.join("main.c"))
+        .arg("-o")
+        .arg(dir.join("not-tokio"))
+        .status()
+        .expect("a C compiler");
+    assert!(status.success());
+    let mut sleeper = Command::new(dir.join("not-tokio")).spawn().unwrap();
+    let stderr = dump_fails(tracer().args(["dump", "--pid", &sleeper.id().to_string()]));
+    let _ = sleeper.kill();
+    let _ = sleeper.wait();
+    assert!(stderr.contains("does not look like a tokio program"), "{stderr}");
+
+    let stripped = scratch_dir("dump-stripped").join("dump-fixture");
+    let status = Command::new("strip")
+        .arg("-o")
+        .arg(&stripped)
+        .arg(build("lines"))
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let fixture = start(&stripped, "dump-stripped-run", 1);
+    let stderr = dump_fails(tracer().args(["dump", "--pid", &fixture.child.id().to_string()]));
+    assert!(stderr.contains("stripped"), "{stderr}");
+    drop(fixture);
+
+    // Not allowed to read a root process's memory.
+    let fixture = start(&build("lines"), "dump-no-permission", 1);
+    let mut command = tracer();
+    command
+        .args(["dump", "--pid", &fixture.child.id().to_string()])
+        .uid(65534)
+        .gid(65534);
+    let stderr = dump_fails(&mut command);
+    assert!(stderr.contains("no permission"), "{stderr}");
+
+    // Exited but not reaped: nothing left to read.
+    let mut fixture = start(&build("lines"), "dump-zombie", 1);
+    unsafe { kill(fixture.child.id() as i32, 9) };
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let stderr = dump_fails(tracer().args(["dump", "--pid", &fixture.child.id().to_string()]));
+    assert!(stderr.contains("has exited"), "{stderr}");
+    let _ = fixture.child.wait();
+}
+
+#[test]
+fn a_target_that_exits_during_the_dump_gives_a_dump_or_a_clear_error() {
+    require_root();
+    // Many tasks make the dump long enough to be caught in the middle.
+    let fixture = start(&build("release"), "dump-exit", 20_000);
+    let pid = fixture.child.id();
+    let dumper = tracer()
+        .args(["dump", "--json", "--pid", &pid.to_string()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(150));
+    drop(fixture);
+    let output = trace::wait_with_limit(dumper, std::time::Duration::from_secs(60));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!stderr.contains("panicked"), "{}", describe(&output));
+    if output.status.success() {
+        // Finished first: a whole dump.
+        let dump: Value = serde_json::from_slice(&output.stdout).unwrap();
+        assert!(dump["tasks"].as_array().unwrap().len() >= 20_000);
+    } else {
+        assert!(stderr.contains("exited"), "{}", describe(&output));
+        assert!(output.stdout.is_empty(), "half a dump was printed");
+    }
+}
+
+unsafe extern "C" {
+    fn kill(pid: i32, signal: i32) -> i32;
 }

@@ -94,11 +94,31 @@ pub struct Dump {
 
 /// Dumps the tasks of process `pid`.
 pub fn dump(pid: u32) -> Result<Dump> {
-    let setup_start = Instant::now();
     let regions = memory::read_regions(pid)?;
+    if has_exited(pid) {
+        bail!("process {pid} has exited");
+    }
+    // Whatever failed from here on, a target that is gone is the reason.
+    dump_process(pid, regions).map_err(|err| {
+        if has_exited(pid) {
+            anyhow::anyhow!("process {pid} exited during the dump")
+        } else {
+            err
+        }
+    })
+}
+
+fn dump_process(pid: u32, regions: Vec<memory::Region>) -> Result<Dump> {
+    let setup_start = Instant::now();
     let exe = PathBuf::from(format!("/proc/{pid}/exe"));
-    let exe_path = std::fs::read_link(&exe)
-        .with_context(|| format!("no permission to inspect process {pid} (run as root)"))?;
+    let exe_path = match std::fs::read_link(&exe) {
+        Ok(path) => path,
+        Err(_) if has_exited(pid) => bail!("process {pid} exited during the dump"),
+        Err(err) if err.kind() == std::io::ErrorKind::PermissionDenied => {
+            bail!("no permission to inspect process {pid}: run as root, or as its user where ptrace is allowed")
+        }
+        Err(err) => return Err(err).with_context(|| format!("reading {}", exe.display())),
+    };
     let data = std::fs::read(&exe).with_context(|| format!("reading {}", exe.display()))?;
     let inode = std::fs::metadata(&exe)?.ino();
     let plan = tracer_probes::discover(&exe).map_err(|err| {
@@ -188,6 +208,9 @@ pub fn dump(pid: u32) -> Result<Dump> {
     let memory = ProcessMemory::new(pid);
     let (found, stats) = tasks::scan(&memory, &regions, &vtable_set, &header_layout, &links)
         .map_err(|err| read_error(err, pid))?;
+    if has_exited(pid) {
+        bail!("process {pid} exited during the dump");
+    }
     let names: HashMap<u64, &str> = polls.iter().map(|(a, n)| (*a, n.as_str())).collect();
     let mut reader = ChainReader::new(&memory, &layouts, bias);
     let mut tasks = Vec::with_capacity(found.len());
@@ -351,6 +374,18 @@ fn load_bias(file: &object::File, regions: &[memory::Region], inode: u64) -> Opt
         .filter_map(|s| Some((s.address(), s.file_range().0)))
         .min_by_key(|&(address, _)| address)?;
     memory::load_bias(regions, inode, first)
+}
+
+/// Gone, or a zombie (exited, not yet reaped: no memory left to read).
+fn has_exited(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state follows the command name's closing parenthesis.
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .is_some_and(|state| state == "Z" || state == "X"),
+        Err(_) => true,
+    }
 }
 
 fn read_error(err: ReadError, pid: u32) -> anyhow::Error {
