@@ -14,8 +14,8 @@ mod trace;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
 use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Mutex;
 
@@ -45,7 +45,10 @@ fn build(profile: &str) -> PathBuf {
         .env("RUSTFLAGS", "--cfg tokio_unstable --cfg tokio_taskdump")
         .status()
         .expect("run cargo");
-    assert!(status.success(), "building the dump fixture ({profile}) failed");
+    assert!(
+        status.success(),
+        "building the dump fixture ({profile}) failed"
+    );
     target.join(profile).join("dump-fixture")
 }
 
@@ -183,7 +186,10 @@ fn full_debug_info_names_the_same_tasks_and_await_points_as_tokio() {
             .filter(|word| word.starts_with("dump_fixture::"))
         {
             let function = function.trim_end_matches("::{{closure}}");
-            assert!(chain_text.contains(function), "task {id}: {function} missing: {chain_text}");
+            assert!(
+                chain_text.contains(function),
+                "task {id}: {function} missing: {chain_text}"
+            );
         }
         // The await chain through the fixture's own async fns, with lines.
         assert_eq!(task["state"], "idle", "task {id}: {task:#}");
@@ -192,16 +198,40 @@ fn full_debug_info_names_the_same_tasks_and_await_points_as_tokio() {
         let short = name.strip_prefix("dump_fixture::").unwrap();
         let depth = if short == "nest1" { 5 } else { 1 };
         for level in 1..=depth {
-            let function = if depth == 1 { short.to_string() } else { format!("nest{level}") };
+            let function = if depth == 1 {
+                short.to_string()
+            } else {
+                format!("nest{level}")
+            };
             let frame = &frames.next().expect("an await frame")["await"];
-            assert_eq!(frame["function"], format!("dump_fixture::{function}"), "task {id}");
+            assert_eq!(
+                frame["function"],
+                format!("dump_fixture::{function}"),
+                "task {id}"
+            );
             if function != "selector" {
                 // select!'s await is in tokio's macro, not the fixture.
-                assert_eq!(frame["line"], expected_lines[&function], "task {id}: {function}");
+                assert_eq!(
+                    frame["line"], expected_lines[&function],
+                    "task {id}: {function}"
+                );
                 assert!(frame["file"].as_str().unwrap().ends_with("src/main.rs"));
             }
         }
     }
+    // The joiner's JoinHandle leads to the second lock waiter.
+    let joiner = ours
+        .values()
+        .find(|t| t["name"] == "dump_fixture::joiner")
+        .unwrap();
+    let joined = joiner["chain"][1]["joins_task"]
+        .as_u64()
+        .expect("the joined task's id");
+    assert_eq!(
+        ours[&joined]["name"], "dump_fixture::lock_waiter",
+        "{joiner:#}"
+    );
+
     let expected_names = [
         ("channel_waiter", 1),
         ("holder", 1),
@@ -219,7 +249,8 @@ fn full_debug_info_names_the_same_tasks_and_await_points_as_tokio() {
     assert_eq!(names, expected_names);
 
     // The terminal text groups identical chains.
-    let output = run_holding_turn(tracer().args(["dump", "--pid", &fixture.child.id().to_string()]));
+    let output =
+        run_holding_turn(tracer().args(["dump", "--pid", &fixture.child.id().to_string()]));
     assert!(output.status.success(), "{}", describe(&output));
     let text = String::from_utf8_lossy(&output.stdout);
     assert!(
@@ -235,7 +266,10 @@ fn line_tables_only_lists_the_tasks_and_says_what_is_missing() {
     let fixture = start(&build("lines"), "dump-lines", 3);
     let dump = dump_json(fixture.child.id());
     assert_eq!(dump["debug_info"], "no-types", "{dump:#}");
-    assert!(dump["notes"].to_string().contains("debug = true"), "{dump:#}");
+    assert!(
+        dump["notes"].to_string().contains("debug = true"),
+        "{dump:#}"
+    );
     let tasks = dump["tasks"].as_array().unwrap();
     let ids: BTreeSet<u64> = tasks.iter().map(|t| t["id"].as_u64().unwrap()).collect();
     assert_eq!(ids, fixture.tokio_dump.keys().copied().collect());
@@ -244,7 +278,10 @@ fn line_tables_only_lists_the_tasks_and_says_what_is_missing() {
         assert!(task["chain_note"].is_string());
         // Line tables name the function only: `{async_fn#0}`, no path.
         assert!(
-            task["future_type"].as_str().unwrap().contains("dump_fixture"),
+            task["future_type"]
+                .as_str()
+                .unwrap()
+                .contains("dump_fixture"),
             "{task:#}"
         );
     }
@@ -253,9 +290,17 @@ fn line_tables_only_lists_the_tasks_and_says_what_is_missing() {
 /// Runs `dump` expecting a clear error; returns stderr.
 fn dump_fails(command: &mut Command) -> String {
     let output = run_holding_turn(command);
-    assert!(!output.status.success(), "expected failure\n{}", describe(&output));
+    assert!(
+        !output.status.success(),
+        "expected failure\n{}",
+        describe(&output)
+    );
     let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
-    assert!(stderr.starts_with("error: "), "no clear error:\n{}", describe(&output));
+    assert!(
+        stderr.starts_with("error: "),
+        "no clear error:\n{}",
+        describe(&output)
+    );
     assert!(!stderr.contains("panicked"), "panic:\n{stderr}");
     stderr
 }
@@ -269,7 +314,11 @@ fn bad_targets_get_clear_errors() {
 
     // A program with a symbol table and no tokio (`sleep` is stripped).
     let dir = scratch_dir("dump-not-tokio");
-    std::fs::write(dir.join("main.c"), "#include <unistd.h>\nint main(void) { sleep(30); return 0; }\n").unwrap();
+    std::fs::write(
+        dir.join("main.c"),
+        "#include <unistd.h>\nint main(void) { sleep(30); return 0; }\n",
+    )
+    .unwrap();
     let status = Command::new("cc")
         .arg(dir.join("main.c"))
         .arg("-o")
@@ -281,7 +330,10 @@ fn bad_targets_get_clear_errors() {
     let stderr = dump_fails(tracer().args(["dump", "--pid", &sleeper.id().to_string()]));
     let _ = sleeper.kill();
     let _ = sleeper.wait();
-    assert!(stderr.contains("does not look like a tokio program"), "{stderr}");
+    assert!(
+        stderr.contains("does not look like a tokio program"),
+        "{stderr}"
+    );
 
     let stripped = scratch_dir("dump-stripped").join("dump-fixture");
     let status = Command::new("strip")

@@ -293,12 +293,18 @@ impl TypeReader<'_, '_> {
     }
 
     /// The offset and type of `path`'s last member, from `ty`'s start.
-    fn member_path(&mut self, ty: TypeRef, path: &[&str]) -> anyhow::Result<Option<(u64, TypeRef)>> {
+    fn member_path(
+        &mut self,
+        ty: TypeRef,
+        path: &[&str],
+    ) -> anyhow::Result<Option<(u64, TypeRef)>> {
         let (mut offset, mut ty) = (0, ty);
         for field in path {
-            let Some(member) = self.children_at(ty)?.into_iter().find(|c| {
-                c.tag.0 == gimli::DW_TAG_member && c.name.as_deref() == Some(*field)
-            }) else {
+            let Some(member) = self
+                .children_at(ty)?
+                .into_iter()
+                .find(|c| c.tag.0 == gimli::DW_TAG_member && c.name.as_deref() == Some(*field))
+            else {
                 return Ok(None);
             };
             let (Some(member_offset), Some(member_type)) = (member.offset, member.ty) else {
@@ -313,7 +319,8 @@ impl TypeReader<'_, '_> {
     /// `Cell<T, S>` → where `T` is, from `core.stage.stage`'s (`Stage<T>`)
     /// `Running.__0`; the task id and list links; and `Header` itself.
     fn task_future(&mut self, cell: GlobalOffset) -> anyhow::Result<Option<TaskFuture>> {
-        let Some((mut offset, mut ty)) = self.member_path(cell, &["core", "stage", "stage"])? else {
+        let Some((mut offset, mut ty)) = self.member_path(cell, &["core", "stage", "stage"])?
+        else {
             return Ok(None);
         };
         // Through the `UnsafeCell`s (tokio's loom shim wraps std's) to `Stage<T>`.
@@ -528,10 +535,7 @@ impl TypeReader<'_, '_> {
             .into_iter()
             .filter_map(|variant| {
                 let value = variant.value?;
-                let awaitee = variant
-                    .members
-                    .into_iter()
-                    .find(|m| m.name == "__awaitee");
+                let awaitee = variant.members.into_iter().find(|m| m.name == "__awaitee");
                 let (file, line) = source.remove(&value).unwrap_or_default();
                 Some(CoroutineState {
                     value,

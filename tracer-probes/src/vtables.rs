@@ -39,7 +39,10 @@ pub fn task_vtables(file: &object::File, poll_addresses: &[u64]) -> Vec<TaskVtab
     }
     for section in file.sections() {
         if section.address() == 0
-            || !matches!(section.kind(), SectionKind::Data | SectionKind::ReadOnlyData)
+            || !matches!(
+                section.kind(),
+                SectionKind::Data | SectionKind::ReadOnlyData
+            )
         {
             continue;
         }

@@ -36,12 +36,59 @@ pub enum Frame {
         line: Option<u64>,
     },
     /// An `async fn`/block not polled yet, or already finished.
-    NotStarted { function: String },
-    Finished { function: String },
+    NotStarted {
+        function: String,
+    },
+    Finished {
+        function: String,
+    },
     /// A future of tokio's own (or one without a layout): the end.
-    Leaf { name: String },
+    Leaf {
+        name: String,
+        /// A `JoinHandle`'s task: its header while reading, then its id
+        /// (see [`resolve_joins`]).
+        joins: Option<Joined>,
+    },
     /// Several futures awaited at once.
-    Branches { branches: Vec<Vec<Frame>> },
+    Branches {
+        branches: Vec<Vec<Frame>>,
+    },
+}
+
+/// The awaited task of a `JoinHandle`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Joined {
+    /// Its header's address, as read.
+    Header(u64),
+    /// The live task with that header.
+    Task { id: Option<u64>, header: u64 },
+}
+
+const JOIN_HANDLE: &str = "tokio::runtime::task::join::JoinHandle";
+
+/// Turns the `JoinHandle` headers in `chain` into the tasks found at them
+/// (`task_at`: header → id); a header that is no live task stays a header.
+pub fn resolve_joins(chain: &mut [Frame], task_at: &dyn Fn(u64) -> Option<Option<u64>>) {
+    for frame in chain {
+        match frame {
+            Frame::Leaf {
+                joins: Some(joined),
+                ..
+            } => {
+                if let Joined::Header(header) = *joined
+                    && let Some(id) = task_at(header)
+                {
+                    *joined = Joined::Task { id, header };
+                }
+            }
+            Frame::Branches { branches } => {
+                for branch in branches {
+                    resolve_joins(branch, task_at);
+                }
+            }
+            _ => {}
+        }
+    }
 }
 
 /// Types not entered: their contents are not what the task awaits, and
@@ -110,12 +157,16 @@ impl<'a> ChainReader<'a> {
             } => {
                 let function = method_name(&function_name(name), self_type.as_deref());
                 if name.starts_with("tokio::") {
-                    return Ok(vec![Frame::Leaf { name: function }]);
+                    return Ok(vec![Frame::Leaf {
+                        name: function,
+                        joins: None,
+                    }]);
                 }
                 let value = self.read_discriminant(address, state)?;
                 let Some(current) = states.iter().find(|s| s.value == value) else {
                     return Ok(vec![Frame::Leaf {
                         name: format!("{function} (unknown state {value})"),
+                        joins: None,
                     }]);
                 };
                 match current.name.as_str() {
@@ -134,9 +185,18 @@ impl<'a> ChainReader<'a> {
                     }
                 }
             }
-            _ if is_tokio_leaf(name) => Ok(vec![Frame::Leaf {
-                name: leaf_name(name),
-            }]),
+            _ if is_tokio_leaf(name) => {
+                let joins = match &desc.kind {
+                    TypeKind::Struct { members } if name.starts_with(JOIN_HANDLE) => {
+                        self.join_handle_task(address, members)?
+                    }
+                    _ => None,
+                };
+                Ok(vec![Frame::Leaf {
+                    name: leaf_name(name),
+                    joins,
+                }])
+            }
             _ if NOT_ENTERED.iter().any(|prefix| name.starts_with(prefix)) => Ok(Vec::new()),
             TypeKind::Struct { members } => {
                 if let Some(chain) = self.dyn_future(address, members, wrappers)? {
@@ -158,7 +218,9 @@ impl<'a> ChainReader<'a> {
                     None => Ok(Vec::new()),
                 }
             }
-            TypeKind::Pointer { target: Some(target) } => {
+            TypeKind::Pointer {
+                target: Some(target),
+            } => {
                 let pointer = self.memory.read_u64(address)?;
                 if pointer == 0 || pointer % 8 != 0 || !self.layouts.types.contains_key(target) {
                     return Ok(Vec::new());
@@ -171,6 +233,20 @@ impl<'a> ChainReader<'a> {
             }
             TypeKind::Pointer { target: None } | TypeKind::Other => Ok(Vec::new()),
         }
+    }
+
+    /// The header a `JoinHandle` points at (`JoinHandle { raw: RawTask {
+    /// ptr } }`: its `raw` member's first word).
+    fn join_handle_task(
+        &self,
+        address: u64,
+        members: &[Member],
+    ) -> Result<Option<Joined>, ReadError> {
+        let Some(raw) = members.iter().find(|m| m.name == "raw") else {
+            return Ok(None);
+        };
+        let header = self.memory.read_u64(address + raw.offset)?;
+        Ok((header != 0).then_some(Joined::Header(header)))
     }
 
     /// A `*mut dyn Future` (members `pointer` and `vtable`): the concrete
@@ -192,7 +268,11 @@ impl<'a> ChainReader<'a> {
         }
         let data = self.memory.read_u64(address + data.offset)?;
         let vtable = self.memory.read_u64(address + vtable.offset)?;
-        let Some(&concrete) = self.layouts.dyn_vtables.get(&vtable.wrapping_sub(self.bias)) else {
+        let Some(&concrete) = self
+            .layouts
+            .dyn_vtables
+            .get(&vtable.wrapping_sub(self.bias))
+        else {
             return Ok(Some(Vec::new()));
         };
         if data == 0 {
@@ -254,7 +334,11 @@ pub fn method_name(function: &str, self_type: Option<&str>) -> String {
     };
     let rest = &function[start + 2 + len + 1..];
     let self_name = self_type
-        .map(|t| t.trim_start_matches('&').trim_start_matches("mut ").trim_start_matches('*'))
+        .map(|t| {
+            t.trim_start_matches('&')
+                .trim_start_matches("mut ")
+                .trim_start_matches('*')
+        })
         .map(|t| t.trim_start_matches("const ").trim_start_matches("mut "))
         .map(|t| t.split('<').next().unwrap_or(t))
         .and_then(|t| t.rsplit("::").next())
@@ -294,12 +378,18 @@ mod tests {
 
     #[test]
     fn names_read_like_code() {
-        assert_eq!(function_name("app::handler::{async_fn_env#0}"), "app::handler");
+        assert_eq!(
+            function_name("app::handler::{async_fn_env#0}"),
+            "app::handler"
+        );
         assert_eq!(
             function_name("app::main::{async_block_env#1}"),
             "app::main::{async block}"
         );
-        assert_eq!(leaf_name("tokio::sync::notify::Notified<'_>"), "tokio::sync::notify::Notified");
+        assert_eq!(
+            leaf_name("tokio::sync::notify::Notified<'_>"),
+            "tokio::sync::notify::Notified"
+        );
         assert_eq!(
             method_name(
                 &function_name("tokio::sync::mutex::{impl#10}::lock::{async_fn_env#0}<u64>"),
@@ -313,7 +403,9 @@ mod tests {
             "app::idle"
         );
         assert!(is_tokio_leaf("tokio::time::sleep::Sleep"));
-        assert!(!is_tokio_leaf("tokio::runtime::task::trace::Root<app::f::{async_fn_env#0}>"));
+        assert!(!is_tokio_leaf(
+            "tokio::runtime::task::trace::Root<app::f::{async_fn_env#0}>"
+        ));
         assert!(!is_tokio_leaf("app::Sleep"));
     }
 }

@@ -46,9 +46,8 @@ impl ProcessMemory {
         };
         // SAFETY: `local` describes `buffer`, which we own mutably; the
         // remote range is only read by the kernel.
-        let read = unsafe {
-            libc::process_vm_readv(self.pid as libc::pid_t, &local, 1, &remote, 1, 0)
-        };
+        let read =
+            unsafe { libc::process_vm_readv(self.pid as libc::pid_t, &local, 1, &remote, 1, 0) };
         if read >= 0 {
             return Ok(read as usize);
         }
@@ -157,11 +156,14 @@ mod tests {
 
     #[test]
     fn maps_lines_parse_and_anonymous_writable_regions_may_hold_tasks() {
-        let heap = parse_line("55d0c000-55d2d000 rw-p 00000000 00:00 0                          [heap]").unwrap();
+        let heap =
+            parse_line("55d0c000-55d2d000 rw-p 00000000 00:00 0                          [heap]")
+                .unwrap();
         assert!(heap.may_hold_tasks());
         let anon = parse_line("7f0000000000-7f0000021000 rw-p 00000000 00:00 0 ").unwrap();
         assert!(anon.may_hold_tasks());
-        let data = parse_line("55d0a000-55d0b000 rw-p 0002a000 fd:01 1234 /usr/bin/app (deleted)").unwrap();
+        let data = parse_line("55d0a000-55d0b000 rw-p 0002a000 fd:01 1234 /usr/bin/app (deleted)")
+            .unwrap();
         assert!(!data.may_hold_tasks());
         assert_eq!(data.path, "/usr/bin/app");
         assert_eq!(data.file_offset, 0x2a000);

@@ -115,14 +115,19 @@ fn dump_process(pid: u32, regions: Vec<memory::Region>) -> Result<Dump> {
         Ok(path) => path,
         Err(_) if has_exited(pid) => bail!("process {pid} exited during the dump"),
         Err(err) if err.kind() == std::io::ErrorKind::PermissionDenied => {
-            bail!("no permission to inspect process {pid}: run as root, or as its user where ptrace is allowed")
+            bail!(
+                "no permission to inspect process {pid}: run as root, or as its user where ptrace is allowed"
+            )
         }
         Err(err) => return Err(err).with_context(|| format!("reading {}", exe.display())),
     };
     let data = std::fs::read(&exe).with_context(|| format!("reading {}", exe.display()))?;
     let inode = std::fs::metadata(&exe)?.ino();
     let plan = tracer_probes::discover(&exe).map_err(|err| {
-        anyhow::anyhow!("{}", format!("{err:#}").replace(&exe.display().to_string(), &exe_path.display().to_string()))
+        anyhow::anyhow!(
+            "{}",
+            format!("{err:#}").replace(&exe.display().to_string(), &exe_path.display().to_string())
+        )
     })?;
     let file = object::File::parse(&*data).context("parsing the executable")?;
 
@@ -159,10 +164,13 @@ fn dump_process(pid: u32, regions: Vec<memory::Region>) -> Result<Dump> {
                 DebugFile::Separate(path) => Some(path.clone()),
             };
             let debug_data = match &separate {
-                Some(path) => std::fs::read(path).with_context(|| format!("reading {}", path.display()))?,
+                Some(path) => {
+                    std::fs::read(path).with_context(|| format!("reading {}", path.display()))?
+                }
                 None => data.clone(),
             };
-            let debug_object = object::File::parse(&*debug_data).context("parsing the debug file")?;
+            let debug_object =
+                object::File::parse(&*debug_data).context("parsing the debug file")?;
             let layouts = FutureLayouts::read(&debug_object, &poll_addresses)
                 .context("reading the debug info")?;
             let level = if layouts.is_empty() {
@@ -191,8 +199,12 @@ fn dump_process(pid: u32, regions: Vec<memory::Region>) -> Result<Dump> {
     }
 
     let header_layout = header_layout(&layouts, plan.tokio_version.as_deref(), &mut notes)?;
-    let bias = load_bias(&file, &regions, inode)
-        .with_context(|| format!("cannot find where {} is loaded in process {pid}", exe_path.display()))?;
+    let bias = load_bias(&file, &regions, inode).with_context(|| {
+        format!(
+            "cannot find where {} is loaded in process {pid}",
+            exe_path.display()
+        )
+    })?;
     let poll_of_vtable: HashMap<u64, u64> = task_vtables
         .iter()
         .map(|v| (v.address.wrapping_add(bias), v.poll))
@@ -225,6 +237,10 @@ fn dump_process(pid: u32, regions: Vec<memory::Region>) -> Result<Dump> {
         task.future_type = names.get(&poll).copied().unwrap_or("?").to_string();
         tasks.push(task);
     }
+    let ids: HashMap<u64, Option<u64>> = tasks.iter().map(|t| (t.header, t.id)).collect();
+    for task in &mut tasks {
+        chain::resolve_joins(&mut task.chain, &|header| ids.get(&header).copied());
+    }
     let raced = tasks.iter().filter(|t| t.raced).count();
     tasks.sort_by_key(|t| (t.id.unwrap_or(u64::MAX), t.header));
     Ok(Dump {
@@ -255,7 +271,9 @@ fn read_task(
     let id_offset = match layout {
         Some(layout) => layout.id_offset,
         // tokio ≥ 1.23 without DWARF: the vtable's `id_offset` (word 9).
-        None => Some(memory.read_u64(found.vtable + 9 * 8)?).filter(|&off| off < 4096 && off % 8 == 0),
+        None => {
+            Some(memory.read_u64(found.vtable + 9 * 8)?).filter(|&off| off < 4096 && off % 8 == 0)
+        }
     };
     let read_id = || -> Result<Option<u64>, ReadError> {
         match id_offset {
@@ -273,12 +291,28 @@ fn read_task(
         let state_held = state_after & 0x3f == header.state & 0x3f;
         let chain_held = note.is_some() || previous.as_ref().is_some_and(|(_, _, p)| *p == chain);
         if state_held && chain_held {
-            return Ok(Some(task(found, header.state, header.owner_id, read_id()?, chain, note, false)));
+            return Ok(Some(task(
+                found,
+                header.state,
+                header.owner_id,
+                read_id()?,
+                chain,
+                note,
+                false,
+            )));
         }
         previous = Some((header.state, header.owner_id, chain));
     }
     let (state, owner_id, chain) = previous.expect("read at least once");
-    Ok(Some(task(found, state, owner_id, read_id()?, chain, None, true)))
+    Ok(Some(task(
+        found,
+        state,
+        owner_id,
+        read_id()?,
+        chain,
+        None,
+        true,
+    )))
 }
 
 fn task(
@@ -318,7 +352,10 @@ fn read_chain(
         return Ok((Vec::new(), Some(note)));
     };
     if state & tasks::COMPLETE != 0 {
-        return Ok((Vec::new(), Some("finished: its output waits for the JoinHandle")));
+        return Ok((
+            Vec::new(),
+            Some("finished: its output waits for the JoinHandle"),
+        ));
     }
     if state & tasks::RUNNING != 0 {
         return Ok((Vec::new(), Some("running on a worker now")));
@@ -371,7 +408,7 @@ fn header_layout(
 fn load_bias(file: &object::File, regions: &[memory::Region], inode: u64) -> Option<u64> {
     let first = file
         .segments()
-        .filter_map(|s| Some((s.address(), s.file_range().0)))
+        .map(|s| (s.address(), s.file_range().0))
         .min_by_key(|&(address, _)| address)?;
     memory::load_bias(regions, inode, first)
 }

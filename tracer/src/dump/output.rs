@@ -6,8 +6,12 @@ use std::fmt::Write as _;
 
 use serde_json::{Value, json};
 
-use super::chain::Frame;
+use super::chain::{Frame, Joined};
 use super::{DebugLevel, Dump, Task, tasks};
+
+/// Tasks print together when their future type, state, chain and missing
+/// chain's reason are the same.
+type GroupKey<'a> = (String, &'static str, &'a [Frame], Option<&'static str>);
 
 /// The terminal text.
 pub fn text(dump: &Dump) -> String {
@@ -33,7 +37,7 @@ pub fn text(dump: &Dump) -> String {
     }
 
     // Group by (future type, state, chain, why no chain).
-    let mut groups: BTreeMap<(String, &str, &[Frame], Option<&str>), Vec<&Task>> = BTreeMap::new();
+    let mut groups: BTreeMap<GroupKey, Vec<&Task>> = BTreeMap::new();
     for task in &dump.tasks {
         let key = (
             task.future_type.clone(),
@@ -57,7 +61,9 @@ pub fn text(dump: &Dump) -> String {
         let ids: Vec<String> = members
             .iter()
             .take(12)
-            .map(|t| t.id.map_or_else(|| format!("{:#x}", t.header), |id| id.to_string()))
+            .map(|t| {
+                t.id.map_or_else(|| format!("{:#x}", t.header), |id| id.to_string())
+            })
             .collect();
         let more = if members.len() > 12 { " …" } else { "" };
         let _ = writeln!(out, "  ids: {}{more}", ids.join(", "));
@@ -87,7 +93,11 @@ fn write_chain(out: &mut String, chain: &[Frame], indent: &str) {
             Frame::Branches { branches } => {
                 let _ = writeln!(out, "{indent}{arrow}one of:");
                 for (b, branch) in branches.iter().enumerate() {
-                    let mark = if b + 1 == branches.len() { "└" } else { "├" };
+                    let mark = if b + 1 == branches.len() {
+                        "└"
+                    } else {
+                        "├"
+                    };
                     let _ = writeln!(out, "{indent}  {mark} branch {}", b + 1);
                     write_chain(out, branch, &format!("{indent}    "));
                 }
@@ -111,7 +121,15 @@ fn frame_text(frame: &Frame) -> String {
         },
         Frame::NotStarted { function } => format!("{function} (not started)"),
         Frame::Finished { function } => format!("{function} (finished)"),
-        Frame::Leaf { name } => name.clone(),
+        Frame::Leaf {
+            name,
+            joins: Some(Joined::Task { id: Some(id), .. }),
+        } => format!("{name} of task {id}"),
+        Frame::Leaf {
+            name,
+            joins: Some(Joined::Task { id: None, header } | Joined::Header(header)),
+        } => format!("{name} of the task at {header:#x}"),
+        Frame::Leaf { name, joins: None } => name.clone(),
         Frame::Branches { .. } => "one of".to_string(),
     }
 }
@@ -184,7 +202,15 @@ fn frame_json(frame: &Frame) -> Value {
         } => json!({"await": {"function": function, "file": file, "line": line}}),
         Frame::NotStarted { function } => json!({"not_started": function}),
         Frame::Finished { function } => json!({"finished": function}),
-        Frame::Leaf { name } => json!({"leaf": name}),
+        Frame::Leaf { name, joins } => match joins {
+            Some(Joined::Task { id, header }) => {
+                json!({"leaf": name, "joins_task": id, "joins_header": format!("{header:#x}")})
+            }
+            Some(Joined::Header(header)) => {
+                json!({"leaf": name, "joins_task": null, "joins_header": format!("{header:#x}")})
+            }
+            None => json!({"leaf": name}),
+        },
         Frame::Branches { branches } => json!({
             "branches": branches
                 .iter()

@@ -169,7 +169,7 @@ pub fn read_header(
     header: u64,
     layout: &HeaderLayout,
 ) -> Result<Option<FoundTask>, ReadError> {
-    if header % 8 != 0 {
+    if !header.is_multiple_of(8) {
         return Ok(None);
     }
     let state = memory.read_u64(header)?;
@@ -221,9 +221,15 @@ mod tests {
     fn states_read_as_tokio_defines_them() {
         let one_ref = 1 << REF_SHIFT;
         assert_eq!(describe_state(one_ref), "idle");
-        assert_eq!(describe_state(one_ref | NOTIFIED | JOIN_INTEREST), "scheduled");
+        assert_eq!(
+            describe_state(one_ref | NOTIFIED | JOIN_INTEREST),
+            "scheduled"
+        );
         assert_eq!(describe_state(one_ref | RUNNING), "running");
-        assert_eq!(describe_state(one_ref | COMPLETE | JOIN_INTEREST), "complete");
+        assert_eq!(
+            describe_state(one_ref | COMPLETE | JOIN_INTEREST),
+            "complete"
+        );
         assert_eq!(describe_state(one_ref | COMPLETE | CANCELLED), "cancelled");
         assert_eq!(describe_state(one_ref | CANCELLED | NOTIFIED), "cancelling");
     }
