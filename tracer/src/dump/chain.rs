@@ -366,9 +366,11 @@ pub fn function_name(type_name: &str) -> String {
         // Generic async fns end in their arguments: `…::{async_fn_env#0}<u64>`.
         return type_name[..at].to_string();
     }
+    // A block inside an async fn: `app::serve::{async_fn#0}::{async_block_env#0}`.
+    let type_name = type_name.replace("::{async_fn#0}", "");
     match type_name.rfind("::{async_block_env#") {
         Some(at) => format!("{}::{{async block}}", &type_name[..at]),
-        None => type_name.to_string(),
+        None => type_name,
     }
 }
 
@@ -385,6 +387,10 @@ mod tests {
         assert_eq!(
             function_name("app::main::{async_block_env#1}"),
             "app::main::{async block}"
+        );
+        assert_eq!(
+            function_name("app::serve::{async_fn#0}::{async_block_env#0}"),
+            "app::serve::{async block}"
         );
         assert_eq!(
             leaf_name("tokio::sync::notify::Notified<'_>"),
