@@ -8,7 +8,8 @@
 //! (`joiner` awaits a second `lock_waiter`), a `select!` over a channel and a
 //! `Notify` (`selector`), nested async fns five deep (`nest1` … `nest5`,
 //! waiting on a `Notify`), and `IDLE` (second argument, default 20) copies
-//! of `idle` waiting on a `Notify`, to be grouped.
+//! of `idle` waiting on a `Notify`, to be grouped. 200 short tasks run and
+//! end before the dump: their freed cells are stale look-alikes.
 //!
 //! tokio's dump polls every task once in tracing mode; it is taken after the
 //! tasks have all reached their waits, and nothing wakes them afterwards, so
@@ -102,6 +103,11 @@ fn main() {
         tokio::spawn(nest1(never.clone()));
         for _ in 0..idle_tasks {
             tokio::spawn(idle(never.clone()));
+        }
+        // Tasks that ran and were freed: their cells stay in the heap with
+        // their vtable pointers, and must not be dumped as live tasks.
+        for n in 0..200u64 {
+            let _ = tokio::spawn(async move { std::hint::black_box(n) }).await;
         }
         // Let every task reach its wait.
         tokio::time::sleep(Duration::from_millis(300)).await;

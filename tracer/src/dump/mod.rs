@@ -380,6 +380,7 @@ fn header_layout(
         return Ok(HeaderLayout {
             vtable: header.vtable,
             owner_id: header.owner_id,
+            queue_next: header.queue_next,
         });
     }
     let minor = version
@@ -401,6 +402,7 @@ fn header_layout(
     Ok(HeaderLayout {
         vtable: 16,
         owner_id: Some(24),
+        queue_next: Some(8),
     })
 }
 

@@ -14,9 +14,11 @@
 //! A word equal to a vtable address can also be a stale copy in freed
 //! memory, so each candidate is validated before it is printed:
 //! - the state word is plausible: a reference count of at least one and
-//!   far below 2^32, not both RUNNING and COMPLETE (a freed cell's first
-//!   words are overwritten by the allocator's free-list pointers, which
-//!   fail this);
+//!   below 2^20, not both RUNNING and COMPLETE, and the injection-queue
+//!   link null or a user-space pointer (a freed cell's first two words are
+//!   overwritten by the allocator's free-list pointer and key, which fail
+//!   this: on the demo, freed cells read as ~5.4e8 references until this
+//!   bound was added);
 //! - the owner id (the `OwnedTasks` it was bound to) is set: a task never
 //!   bound to a runtime (a blocking-pool task) is not a runtime task;
 //! - the vtable's own offsets (trailer, scheduler, id) are small and aligned;
@@ -47,7 +49,16 @@ const CHUNK: usize = 4 << 20;
 pub struct HeaderLayout {
     pub vtable: u64,
     pub owner_id: Option<u64>,
+    pub queue_next: Option<u64>,
 }
+
+/// More references than this is not a task: a freed cell's first word is
+/// the allocator's (mangled) free-list pointer, which reads as hundreds of
+/// millions of references (seen: ~5.4e8 on the demo, glibc 2.41's tcache).
+const MAX_REFERENCES: u64 = 1 << 20;
+
+/// User-space addresses on x86-64 are below 2^47.
+const USER_END: u64 = 1 << 47;
 
 /// A task header found and validated.
 #[derive(Clone, Debug)]
@@ -178,8 +189,13 @@ pub fn read_header(
         Some(offset) => Some(memory.read_u64(header + offset)?).filter(|&id| id != 0),
         None => None,
     };
+    let queue_next = match layout.queue_next {
+        Some(offset) => memory.read_u64(header + offset)?,
+        None => 0,
+    };
     let references = state >> REF_SHIFT;
-    let plausible = (1..1 << 32).contains(&references)
+    let plausible = (1..MAX_REFERENCES).contains(&references)
+        && (queue_next == 0 || queue_next < USER_END && queue_next.is_multiple_of(8))
         && state & (RUNNING | COMPLETE) != (RUNNING | COMPLETE)
         && owner_id.is_none_or(|id| id < 1 << 48);
     Ok(plausible.then_some(FoundTask {
