@@ -210,14 +210,26 @@ fn dump_process(pid: u32, regions: Vec<memory::Region>) -> Result<Dump> {
         .map(|v| (v.address.wrapping_add(bias), v.poll))
         .collect();
     let vtable_set: HashSet<u64> = poll_of_vtable.keys().copied().collect();
+    let memory = ProcessMemory::new(pid);
+    // The owned-list links: from DWARF, else tokio ≥ 1.23's trailer (its
+    // offset in the vtable's word 7, `owned` its first field).
     let links: HashMap<u64, u64> = poll_of_vtable
         .iter()
-        .filter_map(|(&vtable, poll)| Some((vtable, layouts.tasks.get(poll)?.links_offset?)))
+        .filter_map(|(&vtable, poll)| {
+            let offset = match layouts.tasks.get(poll) {
+                Some(layout) => layout.links_offset?,
+                None if debug != DebugLevel::Types => memory
+                    .read_u64(vtable + 7 * 8)
+                    .ok()
+                    .filter(|&off| off < 1 << 16 && off.is_multiple_of(8))?,
+                None => return None,
+            };
+            Some((vtable, offset))
+        })
         .collect();
     let setup_ms = setup_start.elapsed().as_secs_f64() * 1e3;
 
     let read_start = Instant::now();
-    let memory = ProcessMemory::new(pid);
     let (found, stats) = tasks::scan(&memory, &regions, &vtable_set, &header_layout, &links)
         .map_err(|err| read_error(err, pid))?;
     if has_exited(pid) {

@@ -22,8 +22,14 @@
 //! - the owner id (the `OwnedTasks` it was bound to) is set: a task never
 //!   bound to a runtime (a blocking-pool task) is not a runtime task;
 //! - the vtable's own offsets (trailer, scheduler, id) are small and aligned;
-//! - the owned-list links, where the layout is known, are null or point at
-//!   another candidate whose link points back, with the same owner id.
+//! - the task is in its runtime's owned-task list, where the layout is
+//!   known: its links point at other candidates whose links point back,
+//!   with the same owner id, and the first of a list is pointed at by the
+//!   list's `head`, next to a `tail` that is a candidate too (a second pass
+//!   over the same memory finds those words). A complete task has left the
+//!   list: something (its JoinHandle) must still point at it. This is what
+//!   rejects a freed cell that still looks alive: its links were cleared
+//!   when it left the list. The dump fixture leaves 200 such cells behind.
 //!
 //! tokio's state bits (the same from 1.0 to 1.5x): RUNNING 1, COMPLETE 2,
 //! NOTIFIED 4, JOIN_INTEREST 8, JOIN_WAKER 16, CANCELLED 32, the reference
@@ -138,8 +144,10 @@ pub fn scan(
         }
     }
 
-    // The list links must agree: each neighbour is a task whose link
-    // points back, owned by the same runtime.
+    // Every live task is in its runtime's owned-task list (a complete one
+    // at least still referenced, by its JoinHandle): a freed cell whose
+    // header happens to look alive is in no list.
+    let references = find_references(memory, regions, &found)?;
     let mut stale = HashSet::new();
     for task in found.values() {
         let Some(&links_offset) = links.get(&task.vtable) else {
@@ -149,20 +157,40 @@ pub fn scan(
             stale.insert(task.header);
             continue;
         };
-        for (neighbour, back_is_next) in [(prev, true), (next, false)] {
-            if neighbour == 0 {
-                continue;
-            }
-            let agrees = found.get(&neighbour).is_some_and(|other| {
-                other.owner_id == task.owner_id
-                    && links
-                        .get(&other.vtable)
-                        .and_then(|&off| read_links(memory, other.header + off).ok())
-                        .is_some_and(|(p, n)| if back_is_next { n } else { p } == task.header)
-            });
-            if !agrees {
-                stale.insert(task.header);
-            }
+        let in_list = if task.state & COMPLETE != 0 {
+            references.contains_key(&task.header)
+        } else if prev == 0 {
+            // The list's head: a `LinkedList { head, tail }` pointing at it,
+            // whose tail is the task itself (alone) or another task.
+            references.get(&task.header).is_some_and(|tails| {
+                tails.iter().any(|&tail| {
+                    if next == 0 {
+                        tail == task.header
+                    } else {
+                        found.contains_key(&tail)
+                    }
+                })
+            })
+        } else {
+            true
+        };
+        let neighbours_agree =
+            [(prev, true), (next, false)]
+                .into_iter()
+                .all(|(neighbour, back_is_next)| {
+                    neighbour == 0
+                        || found.get(&neighbour).is_some_and(|other| {
+                            other.owner_id == task.owner_id
+                                && links
+                                    .get(&other.vtable)
+                                    .and_then(|&off| read_links(memory, other.header + off).ok())
+                                    .is_some_and(
+                                        |(p, n)| if back_is_next { n } else { p } == task.header,
+                                    )
+                        })
+                });
+        if !in_list || !neighbours_agree {
+            stale.insert(task.header);
         }
     }
     stats.rejected += stale.len();
@@ -204,6 +232,53 @@ pub fn read_header(
         state,
         owner_id,
     }))
+}
+
+/// For each found header, the words that follow a word pointing at it
+/// anywhere in `regions` outside the task's own first 64 bytes (a list
+/// head's `tail`, or whatever follows a JoinHandle or a waker).
+fn find_references(
+    memory: &ProcessMemory,
+    regions: &[Region],
+    found: &HashMap<u64, FoundTask>,
+) -> Result<HashMap<u64, Vec<u64>>, ReadError> {
+    let mut references: HashMap<u64, Vec<u64>> = HashMap::new();
+    let (Some(&low), Some(&high)) = (found.keys().min(), found.keys().max()) else {
+        return Ok(references);
+    };
+    let mut buffer = vec![0u8; CHUNK + 8];
+    for region in regions.iter().filter(|r| r.may_hold_tasks()) {
+        let mut address = region.start;
+        while address < region.end {
+            // One word more than the chunk: the word after the last one.
+            let len = (CHUNK + 8).min((region.end - address) as usize);
+            let read = match memory.read_partial(address, &mut buffer[..len]) {
+                Ok(read) => read & !7,
+                Err(ReadError::Unmapped) => 0,
+                Err(other) => return Err(other),
+            };
+            let words: Vec<u64> = buffer[..read]
+                .chunks_exact(8)
+                .map(|w| u64::from_le_bytes(w.try_into().expect("8 bytes")))
+                .collect();
+            for (index, &value) in words.iter().enumerate().take(CHUNK / 8) {
+                if value < low || value > high || !found.contains_key(&value) {
+                    continue;
+                }
+                let at = address + index as u64 * 8;
+                if (value..value + 64).contains(&at) {
+                    continue;
+                }
+                let after = words.get(index + 1).copied().unwrap_or(0);
+                references.entry(value).or_default().push(after);
+            }
+            if read < len.min(CHUNK) {
+                break;
+            }
+            address += CHUNK as u64;
+        }
+    }
+    Ok(references)
 }
 
 fn read_links(memory: &ProcessMemory, at: u64) -> Result<(u64, u64), ReadError> {
