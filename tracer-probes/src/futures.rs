@@ -29,7 +29,8 @@
 //! the futures tuple, `Pin<Box<dyn Future>>`). `dyn Future` objects are
 //! resolved through rustc's vtable variables (`<T as Future>::{vtable}`,
 //! `DW_AT_containing_type` = `T`). On the comparison fixture (`debug = true`,
-//! 4 M lines of `llvm-dwarfdump`) this reads in ~0.3 s.
+//! 4 M lines of `llvm-dwarfdump`) the dump's whole setup (symbols, vtables,
+//! this) takes 0.2–0.5 s; on the demo service 0.13–0.2 s.
 
 use std::borrow::Cow;
 use std::collections::{HashMap, HashSet, VecDeque};

@@ -6,7 +6,9 @@
 //! needs the same permission as ptrace: root, or the same user with
 //! `kernel.yama.ptrace_scope` allowing it). A page unmapped meanwhile gives
 //! a short read, a process gone `ESRCH`: both are reported, never guessed
-//! over. Measured here: 4 MiB chunks copy at ~5 GB/s.
+//! over. Reads are 4 MiB chunks while scanning; measured on the dump
+//! fixture with 10,008 tasks (30 MB of heap, scanned twice, then ~15 small
+//! reads per task): 150–450 ms in all, on a 2-core VM shared with builds.
 
 use std::io;
 
