@@ -366,8 +366,15 @@ pub fn function_name(type_name: &str) -> String {
         // Generic async fns end in their arguments: `…::{async_fn_env#0}<u64>`.
         return type_name[..at].to_string();
     }
-    // A block inside an async fn: `app::serve::{async_fn#0}::{async_block_env#0}`.
-    let type_name = type_name.replace("::{async_fn#0}", "");
+    // A block inside an async fn or block:
+    // `app::serve::{async_fn#0}::{async_block_env#0}`.
+    let mut type_name = type_name.replace("::{async_fn#0}", "");
+    while let Some(at) = type_name.find("::{async_block#") {
+        let Some(close) = type_name[at..].find('}') else {
+            break;
+        };
+        type_name.replace_range(at + 2..at + close + 1, "{async block}");
+    }
     match type_name.rfind("::{async_block_env#") {
         Some(at) => format!("{}::{{async block}}", &type_name[..at]),
         None => type_name,
@@ -391,6 +398,10 @@ mod tests {
         assert_eq!(
             function_name("app::serve::{async_fn#0}::{async_block_env#0}"),
             "app::serve::{async block}"
+        );
+        assert_eq!(
+            function_name("app::main::{async_block#0}::{async_block_env#0}"),
+            "app::main::{async block}::{async block}"
         );
         assert_eq!(
             leaf_name("tokio::sync::notify::Notified<'_>"),
