@@ -35,10 +35,12 @@
 use std::borrow::Cow;
 use std::collections::{HashMap, HashSet, VecDeque};
 
-use gimli::{AttributeValue, EndianSlice, RunTimeEndian, UnitOffset};
+use gimli::{EndianSlice, RunTimeEndian};
 use object::{Object, ObjectSection};
 
 use crate::dwarf::{self, GlobalOffset, Reader, Unit};
+
+mod dies;
 
 /// A type, by its DIE's offset in `.debug_info`.
 pub type TypeRef = usize;
@@ -189,34 +191,6 @@ impl FutureLayouts {
     }
 }
 
-/// A DIE's attributes that matter here.
-/// A DIE tag with a default, for `DieInfo`'s `Default`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct Tag(gimli::DwTag);
-
-impl Default for Tag {
-    fn default() -> Self {
-        Tag(gimli::DW_TAG_null)
-    }
-}
-
-#[derive(Default)]
-struct DieInfo {
-    /// The DIE's own offset.
-    die: GlobalOffset,
-    tag: Tag,
-    name: Option<String>,
-    size: Option<u64>,
-    ty: Option<GlobalOffset>,
-    offset: Option<u64>,
-    discr: Option<GlobalOffset>,
-    discr_value: Option<u64>,
-    file: Option<String>,
-    line: Option<u64>,
-    containing_type: Option<GlobalOffset>,
-    location: Option<u64>,
-}
-
 struct TypeReader<'a, 'data> {
     dwarf: &'a gimli::Dwarf<Reader<'data>>,
     units: &'a [Unit<'data>],
@@ -291,30 +265,6 @@ impl TypeReader<'_, '_> {
         }
         self.collect_types(roots)?;
         Ok(())
-    }
-
-    /// The offset and type of `path`'s last member, from `ty`'s start.
-    fn member_path(
-        &mut self,
-        ty: TypeRef,
-        path: &[&str],
-    ) -> anyhow::Result<Option<(u64, TypeRef)>> {
-        let (mut offset, mut ty) = (0, ty);
-        for field in path {
-            let Some(member) = self
-                .children_at(ty)?
-                .into_iter()
-                .find(|c| c.tag.0 == gimli::DW_TAG_member && c.name.as_deref() == Some(*field))
-            else {
-                return Ok(None);
-            };
-            let (Some(member_offset), Some(member_type)) = (member.offset, member.ty) else {
-                return Ok(None);
-            };
-            offset += member_offset;
-            ty = member_type;
-        }
-        Ok(Some((offset, ty)))
     }
 
     /// `Cell<T, S>` → where `T` is, from `core.stage.stage`'s (`Stage<T>`)
@@ -607,129 +557,5 @@ impl TypeReader<'_, '_> {
             )));
         }
         Ok(None)
-    }
-
-    fn members(&mut self, ty: TypeRef) -> anyhow::Result<Vec<Member>> {
-        Ok(self
-            .children_at(ty)?
-            .into_iter()
-            .filter(|c| c.tag.0 == gimli::DW_TAG_member)
-            .filter_map(|c| {
-                Some(Member {
-                    name: c.name.unwrap_or_default(),
-                    offset: c.offset.unwrap_or(0),
-                    ty: c.ty?,
-                })
-            })
-            .collect())
-    }
-
-    fn template_t(&self, unit: &Unit, die: UnitOffset) -> gimli::Result<Option<GlobalOffset>> {
-        let mut tree = unit.entries_tree(Some(die))?;
-        let mut children = tree.root()?.children();
-        while let Some(child) = children.next()? {
-            let entry = child.entry();
-            if entry.tag() != gimli::DW_TAG_template_type_parameter {
-                continue;
-            }
-            let is_t = match entry.attr_value(gimli::DW_AT_name) {
-                Some(value) => self.dwarf.attr_string(unit, value)?.slice() == b"T",
-                None => false,
-            };
-            if is_t {
-                return Ok(entry
-                    .attr_value(gimli::DW_AT_type)
-                    .and_then(|value| dwarf::global_offset(unit, value)));
-            }
-        }
-        Ok(None)
-    }
-
-    /// The direct children of a DIE.
-    fn children_at(&self, die: GlobalOffset) -> anyhow::Result<Vec<DieInfo>> {
-        let Some((unit, offset)) = dwarf::locate(self.units, die) else {
-            return Ok(Vec::new());
-        };
-        let mut tree = unit.entries_tree(Some(offset))?;
-        let mut children = tree.root()?.children();
-        let mut out = Vec::new();
-        while let Some(child) = children.next()? {
-            out.push(self.read_entry(unit, child.entry())?);
-        }
-        Ok(out)
-    }
-
-    fn info(&self, die: GlobalOffset) -> anyhow::Result<DieInfo> {
-        let Some((unit, offset)) = dwarf::locate(self.units, die) else {
-            return Ok(DieInfo::default());
-        };
-        let entry = unit.entry(offset)?;
-        Ok(self.read_entry(unit, &entry)?)
-    }
-
-    fn read_entry(
-        &self,
-        unit: &Unit,
-        entry: &gimli::DebuggingInformationEntry<Reader>,
-    ) -> gimli::Result<DieInfo> {
-        let mut info = DieInfo {
-            die: entry.offset().to_unit_section_offset(&unit.header).0,
-            tag: Tag(entry.tag()),
-            ..DieInfo::default()
-        };
-        for attr in entry.attrs() {
-            let value = attr.value();
-            match attr.name() {
-                gimli::DW_AT_name => {
-                    info.name = Some(
-                        self.dwarf
-                            .attr_string(unit, value)?
-                            .to_string_lossy()
-                            .into_owned(),
-                    )
-                }
-                gimli::DW_AT_byte_size => info.size = value.udata_value(),
-                gimli::DW_AT_type => info.ty = dwarf::global_offset(unit, value),
-                gimli::DW_AT_data_member_location => info.offset = value.udata_value(),
-                gimli::DW_AT_discr => info.discr = dwarf::global_offset(unit, value),
-                gimli::DW_AT_discr_value => info.discr_value = value.udata_value(),
-                gimli::DW_AT_containing_type => {
-                    info.containing_type = dwarf::global_offset(unit, value)
-                }
-                gimli::DW_AT_decl_line => info.line = value.udata_value(),
-                gimli::DW_AT_decl_file => info.file = self.file_name(unit, value),
-                gimli::DW_AT_location => {
-                    if let AttributeValue::Exprloc(expr) = value {
-                        let mut ops = expr.operations(unit.encoding());
-                        if let Ok(Some(gimli::Operation::Address { address })) = ops.next() {
-                            info.location = Some(address);
-                        }
-                    }
-                }
-                _ => {}
-            }
-        }
-        Ok(info)
-    }
-
-    fn file_name(&self, unit: &Unit, value: AttributeValue<Reader>) -> Option<String> {
-        let index = match value {
-            AttributeValue::FileIndex(index) => index,
-            other => other.udata_value()?,
-        };
-        let program = unit.line_program.as_ref()?;
-        let header = program.header();
-        let file = header.file(index)?;
-        let mut path = String::new();
-        if let Some(dir) = file.directory(header) {
-            let dir = self.dwarf.attr_string(unit, dir).ok()?;
-            path.push_str(&dir.to_string_lossy());
-        }
-        let name = self.dwarf.attr_string(unit, file.path_name()).ok()?;
-        let name = name.to_string_lossy();
-        if name.starts_with('/') || path.is_empty() {
-            return Some(name.into_owned());
-        }
-        Some(format!("{}/{}", path.trim_end_matches('/'), name))
     }
 }
