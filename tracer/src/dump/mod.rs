@@ -293,38 +293,47 @@ fn read_task(
             None => Ok(None),
         }
     };
-    let mut previous: Option<(u64, Option<u64>, Vec<Frame>)> = None;
+    // The cell up to the end of its future, copied at once per attempt.
+    let cell_bytes = layout
+        .and_then(|l| Some(l.future_offset + reader.layouts.types.get(&l.future_type)?.size))
+        .unwrap_or(0)
+        .max(id_offset.unwrap_or(0) + 8)
+        .clamp(64, 64 << 10) as usize;
+    let mut previous: Option<Task> = None;
     for _attempt in 0..ATTEMPTS {
-        let Some(header) = tasks::read_header(memory, found.header, header_layout)? else {
-            return Ok(None);
-        };
-        let (chain, note) = read_chain(reader, memory, found.header, header.state, layout, debug)?;
-        let state_after = memory.read_u64(found.header)?;
-        let state_held = state_after & 0x3f == header.state & 0x3f;
-        let chain_held = note.is_some() || previous.as_ref().is_some_and(|(_, _, p)| *p == chain);
-        if state_held && chain_held {
-            return Ok(Some(task(
+        memory.snapshot(found.header, cell_bytes)?;
+        let read = (|| {
+            let Some(header) = tasks::read_header(memory, found.header, header_layout)? else {
+                return Ok(None);
+            };
+            let (chain, note) =
+                read_chain(reader, memory, found.header, header.state, layout, debug)?;
+            Ok(Some(task(
                 found,
                 header.state,
                 header.owner_id,
                 read_id()?,
                 chain,
                 note,
-                false,
-            )));
+            )))
+        })();
+        memory.forget_snapshot();
+        let Some(task) = read? else {
+            return Ok(None);
+        };
+        // Read afresh: did the task change meanwhile?
+        let state_after = memory.read_u64(found.header)?;
+        let state_held = state_after & 0x3f == task.state & 0x3f;
+        let chain_held =
+            task.chain_note.is_some() || previous.as_ref().is_some_and(|p| p.chain == task.chain);
+        if state_held && chain_held {
+            return Ok(Some(task));
         }
-        previous = Some((header.state, header.owner_id, chain));
+        previous = Some(task);
     }
-    let (state, owner_id, chain) = previous.expect("read at least once");
-    Ok(Some(task(
-        found,
-        state,
-        owner_id,
-        read_id()?,
-        chain,
-        None,
-        true,
-    )))
+    let mut task = previous.expect("read at least once");
+    task.raced = true;
+    Ok(Some(task))
 }
 
 fn task(
@@ -334,7 +343,6 @@ fn task(
     id: Option<u64>,
     chain: Vec<Frame>,
     chain_note: Option<&'static str>,
-    raced: bool,
 ) -> Task {
     Task {
         header: found.header,
@@ -344,7 +352,7 @@ fn task(
         owner_id,
         chain,
         chain_note,
-        raced,
+        raced: false,
     }
 }
 

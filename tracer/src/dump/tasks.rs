@@ -148,12 +148,19 @@ pub fn scan(
     // at least still referenced, by its JoinHandle): a freed cell whose
     // header happens to look alive is in no list.
     let references = find_references(memory, regions, &found)?;
+    // Each task's links, read once.
+    let mut link_cache: HashMap<u64, Option<(u64, u64)>> = HashMap::new();
+    for task in found.values() {
+        if let Some(&offset) = links.get(&task.vtable) {
+            link_cache.insert(task.header, read_links(memory, task.header + offset).ok());
+        }
+    }
     let mut stale = HashSet::new();
     for task in found.values() {
-        let Some(&links_offset) = links.get(&task.vtable) else {
+        let Some(&task_links) = link_cache.get(&task.header) else {
             continue;
         };
-        let Ok((prev, next)) = read_links(memory, task.header + links_offset) else {
+        let Some((prev, next)) = task_links else {
             stale.insert(task.header);
             continue;
         };
@@ -181,9 +188,10 @@ pub fn scan(
                     neighbour == 0
                         || found.get(&neighbour).is_some_and(|other| {
                             other.owner_id == task.owner_id
-                                && links
-                                    .get(&other.vtable)
-                                    .and_then(|&off| read_links(memory, other.header + off).ok())
+                                && link_cache
+                                    .get(&other.header)
+                                    .copied()
+                                    .flatten()
                                     .is_some_and(
                                         |(p, n)| if back_is_next { n } else { p } == task.header,
                                     )
@@ -211,16 +219,26 @@ pub fn read_header(
     if !header.is_multiple_of(8) {
         return Ok(None);
     }
-    let state = memory.read_u64(header)?;
-    let vtable = memory.read_u64(header + layout.vtable)?;
-    let owner_id = match layout.owner_id {
-        Some(offset) => Some(memory.read_u64(header + offset)?).filter(|&id| id != 0),
-        None => None,
+    // One read for all the fields (they are in the first few words).
+    let end = [Some(layout.vtable), layout.owner_id, layout.queue_next]
+        .into_iter()
+        .flatten()
+        .max()
+        .unwrap_or(0)
+        + 8;
+    let mut bytes = [0u8; 256];
+    let Some(bytes) = bytes.get_mut(..end as usize) else {
+        return Ok(None);
     };
-    let queue_next = match layout.queue_next {
-        Some(offset) => memory.read_u64(header + offset)?,
-        None => 0,
+    memory.read(header, bytes)?;
+    let word = |offset: u64| {
+        let at = offset as usize;
+        u64::from_le_bytes(bytes[at..at + 8].try_into().expect("8 bytes"))
     };
+    let state = word(0);
+    let vtable = word(layout.vtable);
+    let owner_id = layout.owner_id.map(word).filter(|&id| id != 0);
+    let queue_next = layout.queue_next.map_or(0, word);
     let references = state >> REF_SHIFT;
     let plausible = (1..MAX_REFERENCES).contains(&references)
         && (queue_next == 0 || queue_next < USER_END && queue_next.is_multiple_of(8))
