@@ -7,6 +7,9 @@
 //! probe replaces so the kernel can emulate it ([`placement`]), and name the
 //! `T` of each `tokio::runtime::task::raw::poll::<T, S>` instance
 //! ([`naming`]), from DWARF when the binary has it, else from its symbols.
+//!
+//! For `dump`: where each task type's vtable is ([`vtables`]), and the
+//! layouts of task cells and async state machines from DWARF ([`futures`]).
 
 pub mod catalog;
 pub mod disasm;

@@ -7,8 +7,9 @@
 //! `kernel.yama.ptrace_scope` allowing it). A page unmapped meanwhile gives
 //! a short read, a process gone `ESRCH`: both are reported, never guessed
 //! over. Reads are 4 MiB chunks while scanning; measured on the dump
-//! fixture with 10,008 tasks (30 MB of heap, scanned twice, then ~15 small
-//! reads per task): 150–450 ms in all, on a 2-core VM shared with builds.
+//! fixture with 10,008 tasks (30 MB of heap, scanned twice, then 7 reads
+//! per task, one of them the task's whole cell): 150–550 ms in all, on a
+//! 2-core VM shared with other engineers' builds (load average 40+).
 
 use std::cell::RefCell;
 use std::io;
