@@ -105,6 +105,38 @@ const NOT_ENTERED: &[&str] = &[
     "core::marker::",
 ];
 
+/// How a value was reached, and through how many non-state-machine
+/// values since the last state machine.
+#[derive(Clone, Copy)]
+enum Reached {
+    /// As an awaitee, a member, or a `dyn Future`'s object.
+    ByValue(u32),
+    /// Through a thin pointer (`&mut F` in a `select!`, or any captured
+    /// reference).
+    ByPointer(u32),
+}
+
+impl Reached {
+    fn wrappers(self) -> u32 {
+        match self {
+            Reached::ByValue(n) | Reached::ByPointer(n) => n,
+        }
+    }
+}
+
+/// tokio futures that a pointer may lead to (`tokio::pin!(sleep)` then
+/// `&mut sleep` in a `select!`). Other tokio types behind a pointer (a
+/// captured `&Notify`, `&Mutex`) are not what the task awaits.
+const POINTED_AT_FUTURES: &[&str] = &[
+    "tokio::time::sleep::Sleep",
+    "tokio::sync::notify::Notified",
+    "tokio::sync::batch_semaphore::Acquire",
+    "tokio::runtime::io::scheduled_io::Readiness",
+    "tokio::runtime::task::join::JoinHandle",
+    "tokio::sync::oneshot::Receiver",
+    "tokio::io::util::",
+];
+
 /// tokio types looked through rather than named as leaves.
 const TOKIO_WRAPPERS: &[&str] = &[
     "tokio::runtime::task::trace::Root",
@@ -137,10 +169,16 @@ impl<'a> ChainReader<'a> {
     /// The chain of the future of type `ty` at `address`.
     pub fn chain(&mut self, address: u64, ty: TypeRef) -> Result<Vec<Frame>, ReadError> {
         self.nodes = 0;
-        self.walk(address, ty, 0)
+        self.walk(address, ty, Reached::ByValue(0))
     }
 
-    fn walk(&mut self, address: u64, ty: TypeRef, wrappers: u32) -> Result<Vec<Frame>, ReadError> {
+    fn walk(
+        &mut self,
+        address: u64,
+        ty: TypeRef,
+        reached: Reached,
+    ) -> Result<Vec<Frame>, ReadError> {
+        let wrappers = reached.wrappers();
         self.nodes += 1;
         if self.nodes > MAX_NODES || wrappers > MAX_WRAPPERS {
             return Ok(Vec::new());
@@ -179,11 +217,23 @@ impl<'a> ChainReader<'a> {
                             line: current.line,
                         }];
                         if let Some(awaitee) = &current.awaitee {
-                            chain.extend(self.walk(address + awaitee.offset, awaitee.ty, 0)?);
+                            chain.extend(self.walk(
+                                address + awaitee.offset,
+                                awaitee.ty,
+                                Reached::ByValue(0),
+                            )?);
                         }
                         Ok(chain)
                     }
                 }
+            }
+            // Through a pointer, only known futures: a captured `&Notify`
+            // is not something the task awaits.
+            _ if is_tokio_leaf(name)
+                && matches!(reached, Reached::ByPointer(_))
+                && !POINTED_AT_FUTURES.iter().any(|f| name.starts_with(f)) =>
+            {
+                Ok(Vec::new())
             }
             _ if is_tokio_leaf(name) => {
                 let joins = match &desc.kind {
@@ -226,7 +276,7 @@ impl<'a> ChainReader<'a> {
                     return Ok(Vec::new());
                 }
                 // A dangling pointer is not the task's problem: no chain.
-                match self.walk(pointer, *target, wrappers + 1) {
+                match self.walk(pointer, *target, Reached::ByPointer(wrappers + 1)) {
                     Err(ReadError::Unmapped) => Ok(Vec::new()),
                     other => other,
                 }
@@ -278,7 +328,8 @@ impl<'a> ChainReader<'a> {
         if data == 0 {
             return Ok(Some(Vec::new()));
         }
-        self.walk(data, concrete, wrappers + 1).map(Some)
+        self.walk(data, concrete, Reached::ByValue(wrappers + 1))
+            .map(Some)
     }
 
     /// Every member that leads to a future; several make branches.
@@ -290,7 +341,11 @@ impl<'a> ChainReader<'a> {
     ) -> Result<Vec<Frame>, ReadError> {
         let mut found = Vec::new();
         for member in members {
-            let chain = self.walk(address + member.offset, member.ty, wrappers + 1)?;
+            let chain = self.walk(
+                address + member.offset,
+                member.ty,
+                Reached::ByValue(wrappers + 1),
+            )?;
             if !chain.is_empty() {
                 found.push(chain);
             }

@@ -163,11 +163,11 @@ fn dump_process(pid: u32, regions: Vec<memory::Region>) -> Result<Dump> {
                 DebugFile::Itself => None,
                 DebugFile::Separate(path) => Some(path.clone()),
             };
-            let debug_data = match &separate {
-                Some(path) => {
-                    std::fs::read(path).with_context(|| format!("reading {}", path.display()))?
-                }
-                None => data.clone(),
+            let debug_data: std::borrow::Cow<[u8]> = match &separate {
+                Some(path) => std::fs::read(path)
+                    .with_context(|| format!("reading {}", path.display()))?
+                    .into(),
+                None => data.as_slice().into(),
             };
             let debug_object =
                 object::File::parse(&*debug_data).context("parsing the debug file")?;
