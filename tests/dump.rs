@@ -167,7 +167,7 @@ fn full_debug_info_names_the_same_tasks_and_await_points_as_tokio() {
         "task sets differ\nours: {dump:#}\ntokio's: {:#?}",
         fixture.tokio_dump
     );
-    assert_eq!(theirs.len(), 8 + IDLE_TASKS);
+    assert_eq!(theirs.len(), 9 + IDLE_TASKS);
 
     let expected_lines = await_lines();
     let mut names = BTreeMap::<String, usize>::new();
@@ -201,13 +201,13 @@ fn full_debug_info_names_the_same_tasks_and_await_points_as_tokio() {
         assert_eq!(task["raced"], false);
         let mut frames = task["chain"].as_array().unwrap().iter();
         let short = name.strip_prefix("dump_fixture::").unwrap();
-        let depth = if short == "nest1" { 5 } else { 1 };
-        for level in 1..=depth {
-            let function = if depth == 1 {
-                short.to_string()
-            } else {
-                format!("nest{level}")
-            };
+        let functions: Vec<String> = match short {
+            "nest1" => (1..=5).map(|level| format!("nest{level}")).collect(),
+            // Through the `dyn Future`'s vtable to the concrete async fn.
+            "boxed" => vec!["boxed".into(), "boxed_inner".into()],
+            _ => vec![short.to_string()],
+        };
+        for function in functions {
             let frame = &frames.next().expect("an await frame")["await"];
             assert_eq!(
                 frame["function"],
@@ -244,6 +244,7 @@ fn full_debug_info_names_the_same_tasks_and_await_points_as_tokio() {
         ("joiner", 1),
         ("lock_waiter", 2),
         ("nest1", 1),
+        ("boxed", 1),
         ("selector", 1),
         ("sleeper", 1),
     ];
@@ -299,7 +300,7 @@ fn ten_thousand_tasks_are_all_found_and_read() {
     let dump = dump_json(fixture.child.id());
     let tasks = dump["tasks"].as_array().unwrap();
     assert_eq!(tasks.len(), fixture.tokio_dump.len());
-    assert_eq!(tasks.len(), 8 + 10_000);
+    assert_eq!(tasks.len(), 9 + 10_000);
     let idle_at_notified = tasks
         .iter()
         .filter(|t| {

@@ -7,7 +7,8 @@
 //! a `sleep` (`sleeper`), the `JoinHandle` of a task blocked elsewhere
 //! (`joiner` awaits a second `lock_waiter`), a `select!` over a channel and a
 //! `Notify` (`selector`), nested async fns five deep (`nest1` … `nest5`,
-//! waiting on a `Notify`), and `IDLE` (second argument, default 20) copies
+//! waiting on a `Notify`), a `Pin<Box<dyn Future>>` (`boxed` awaits
+//! `boxed_inner` through one), and `IDLE` (second argument, default 20) copies
 //! of `idle` waiting on a `Notify`, to be grouped. 200 short tasks run and
 //! end before the dump: their freed cells are stale look-alikes.
 //!
@@ -73,6 +74,16 @@ async fn nest5(never: &Notify) {
     never.notified().await;
 }
 
+async fn boxed_inner(never: Arc<Notify>) {
+    never.notified().await;
+}
+
+async fn boxed(never: Arc<Notify>) {
+    let inner: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> =
+        Box::pin(boxed_inner(never));
+    inner.await;
+}
+
 async fn idle(never: Arc<Notify>) {
     never.notified().await;
 }
@@ -101,6 +112,7 @@ fn main() {
         tokio::spawn(joiner(lock.clone()));
         tokio::spawn(selector(select_rx, never.clone()));
         tokio::spawn(nest1(never.clone()));
+        tokio::spawn(boxed(never.clone()));
         for _ in 0..idle_tasks {
             tokio::spawn(idle(never.clone()));
         }
