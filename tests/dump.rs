@@ -167,7 +167,7 @@ fn full_debug_info_names_the_same_tasks_and_await_points_as_tokio() {
         "task sets differ\nours: {dump:#}\ntokio's: {:#?}",
         fixture.tokio_dump
     );
-    assert_eq!(theirs.len(), 9 + IDLE_TASKS);
+    assert_eq!(theirs.len(), 10 + IDLE_TASKS);
 
     let expected_lines = await_lines();
     let mut names = BTreeMap::<String, usize>::new();
@@ -245,6 +245,7 @@ fn full_debug_info_names_the_same_tasks_and_await_points_as_tokio() {
         ("lock_waiter", 2),
         ("nest1", 1),
         ("boxed", 1),
+        ("timed", 1),
         ("selector", 1),
         ("sleeper", 1),
     ];
@@ -300,7 +301,7 @@ fn ten_thousand_tasks_are_all_found_and_read() {
     let dump = dump_json(fixture.child.id());
     let tasks = dump["tasks"].as_array().unwrap();
     assert_eq!(tasks.len(), fixture.tokio_dump.len());
-    assert_eq!(tasks.len(), 9 + 10_000);
+    assert_eq!(tasks.len(), 10 + 10_000);
     let idle_at_notified = tasks
         .iter()
         .filter(|t| {

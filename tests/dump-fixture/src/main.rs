@@ -8,7 +8,7 @@
 //! (`joiner` awaits a second `lock_waiter`), a `select!` over a channel and a
 //! `Notify` (`selector`), nested async fns five deep (`nest1` … `nest5`,
 //! waiting on a `Notify`), a `Pin<Box<dyn Future>>` (`boxed` awaits
-//! `boxed_inner` through one), and `IDLE` (second argument, default 20) copies
+//! `boxed_inner` through one), a `timeout` (`timed`), and `IDLE` (second argument, default 20) copies
 //! of `idle` waiting on a `Notify`, to be grouped. 200 short tasks run and
 //! end before the dump: their freed cells are stale look-alikes.
 //!
@@ -84,6 +84,10 @@ async fn boxed(never: Arc<Notify>) {
     inner.await;
 }
 
+async fn timed(never: Arc<Notify>) {
+    let _ = tokio::time::timeout(Duration::from_secs(86_400), never.notified()).await;
+}
+
 async fn idle(never: Arc<Notify>) {
     never.notified().await;
 }
@@ -113,6 +117,7 @@ fn main() {
         tokio::spawn(selector(select_rx, never.clone()));
         tokio::spawn(nest1(never.clone()));
         tokio::spawn(boxed(never.clone()));
+        tokio::spawn(timed(never.clone()));
         for _ in 0..idle_tasks {
             tokio::spawn(idle(never.clone()));
         }
