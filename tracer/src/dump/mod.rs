@@ -40,6 +40,10 @@ use chain::{ChainReader, Frame};
 use memory::{ProcessMemory, ReadError};
 use tasks::{FoundTask, HeaderLayout, ScanStats};
 
+/// Task ids at or above this are not ids (2^48: a million spawns a second
+/// for nine years).
+const MAX_TASK_ID: u64 = 1 << 48;
+
 /// Reads of one task before it is reported as raced.
 const ATTEMPTS: usize = 3;
 
@@ -293,6 +297,8 @@ fn read_task(
             None => Ok(None),
         }
     };
+    // Ids count up from 1: a huge one is not a task's (a stale cell's).
+    let implausible = |task: &Task| task.id.is_some_and(|id| id >= MAX_TASK_ID);
     // The cell up to the end of its future, copied at once per attempt.
     let cell_bytes = layout
         .and_then(|l| Some(l.future_offset + reader.layouts.types.get(&l.future_type)?.size))
@@ -321,6 +327,9 @@ fn read_task(
         let Some(task) = read? else {
             return Ok(None);
         };
+        if implausible(&task) {
+            return Ok(None);
+        }
         // Read afresh: did the task change meanwhile?
         let state_after = memory.read_u64(found.header)?;
         let state_held = state_after & 0x3f == task.state & 0x3f;

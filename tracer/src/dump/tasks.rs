@@ -27,7 +27,8 @@
 //!   with the same owner id, and the first of a list is pointed at by the
 //!   list's `head`, next to a `tail` that is a candidate too (a second pass
 //!   over the same memory finds those words). A complete task has left the
-//!   list: something (its JoinHandle) must still point at it. This is what
+//!   list: something (its JoinHandle) must still point at it, and its
+//!   owner id must be that of a runtime whose listed tasks were found. This is what
 //!   rejects a freed cell that still looks alive: its links were cleared
 //!   when it left the list. The dump fixture leaves 200 such cells behind.
 //!
@@ -198,6 +199,19 @@ pub fn scan(
                         })
                 });
         if !in_list || !neighbours_agree {
+            stale.insert(task.header);
+        }
+    }
+    // A complete task left its list, so only its owner id vouches for it:
+    // it must be the id of a runtime whose listed tasks were found (a stale
+    // cell's "owner id" is whatever the allocator left there; seen: 481).
+    let live_owners: HashSet<Option<u64>> = found
+        .values()
+        .filter(|t| t.state & COMPLETE == 0 && !stale.contains(&t.header))
+        .map(|t| t.owner_id)
+        .collect();
+    for task in found.values() {
+        if task.state & COMPLETE != 0 && !live_owners.contains(&task.owner_id) {
             stale.insert(task.header);
         }
     }
