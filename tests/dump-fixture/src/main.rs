@@ -94,7 +94,9 @@ async fn idle(never: Arc<Notify>) {
 
 fn main() {
     let mut args = std::env::args().skip(1);
-    let dump_path = args.next().expect("usage: dump-fixture DUMP_FILE [IDLE_TASKS]");
+    let dump_path = args
+        .next()
+        .expect("usage: dump-fixture DUMP_FILE [IDLE_TASKS]");
     let idle_tasks: usize = args.next().map_or(20, |n| n.parse().expect("a task count"));
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
