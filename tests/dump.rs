@@ -451,3 +451,48 @@ fn a_target_that_exits_during_the_dump_gives_a_dump_or_a_clear_error() {
 unsafe extern "C" {
     fn kill(pid: i32, signal: i32) -> i32;
 }
+
+#[test]
+fn dump_at_end_follows_the_summary_of_a_recording() {
+    require_root();
+    let fixture = start(&build("release"), "dump-at-end", IDLE_TASKS);
+    let dir = scratch_dir("dump-at-end-trace");
+    let output = dir.join("trace.json");
+    let result = trace::run(
+        tracer()
+            .args(["--pid", &fixture.child.id().to_string(), "--duration", "1s"])
+            .args(["--dump-at-end", "-o"])
+            .arg(&output),
+    );
+    assert!(result.status.success(), "{}", describe(&result));
+    let stdout = String::from_utf8_lossy(&result.stdout);
+    let (summary, at_end) = stdout
+        .split_once("\ntasks at the end: ")
+        .unwrap_or_else(|| panic!("no dump after the summary:\n{stdout}"));
+    assert!(
+        summary.contains("stopped: the duration ran out"),
+        "{stdout}"
+    );
+    // Nothing was polled while recording: the tasks wait, and say where.
+    assert!(
+        at_end.contains(&format!("\n{IDLE_TASKS} tasks, idle: dump_fixture::idle\n")),
+        "{at_end}"
+    );
+    let nest5 = await_lines()["nest5"];
+    assert!(
+        at_end.contains(&format!("→ dump_fixture::nest5 (src/main.rs:{nest5})")),
+        "{at_end}"
+    );
+    let trace: Value = serde_json::from_slice(&std::fs::read(&output).unwrap()).unwrap();
+    assert!(trace.is_object() || trace.is_array());
+
+    // A launched command is stopped when recording ends: nothing to dump.
+    let stderr = dump_fails(
+        tracer()
+            .args(["--dump-at-end", "-o"])
+            .arg(dir.join("t.json"))
+            .arg("--")
+            .arg("true"),
+    );
+    assert!(stderr.contains("--dump-at-end needs --pid"), "{stderr}");
+}

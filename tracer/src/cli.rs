@@ -107,6 +107,12 @@ pub struct RecordArgs {
     #[arg(long, value_name = "FILE")]
     pub folded: Option<PathBuf>,
 
+    /// When recording stops, list the tasks still alive and where each one
+    /// waits, as `dump` does (with `--pid` only: a launched command is
+    /// stopped when recording ends).
+    #[arg(long)]
+    pub dump_at_end: bool,
+
     /// Size of the kernel-to-tracer ring buffer (e.g. 16M, 64MiB); rounded up
     /// to a power of two. Raise it if events are lost.
     #[arg(long, default_value = "16M", value_parser = parse_ring_size)]

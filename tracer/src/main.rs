@@ -76,6 +76,10 @@ fn dump_tasks(args: DumpArgs) -> Result<ExitCode> {
 }
 
 fn run_record(args: RecordArgs) -> Result<ExitCode> {
+    if args.dump_at_end && args.pid.is_none() {
+        bail!("--dump-at-end needs --pid: a launched command is stopped when recording ends");
+    }
+    let dump_at_end = args.dump_at_end.then_some(args.pid).flatten();
     let target = match (args.pid, args.command.is_empty()) {
         (Some(_), false) => bail!("give either --pid or a command after --, not both"),
         (Some(pid), true) => TargetSpec::Pid(pid),
@@ -127,6 +131,15 @@ fn run_record(args: RecordArgs) -> Result<ExitCode> {
     println!("stopped: {}", outcome.stop);
     if let Some(status) = outcome.command_status {
         println!("command exited: {status}");
+    }
+    if let Some(pid) = dump_at_end {
+        match rt_ebpf_trace::dump::dump(pid) {
+            Ok(dump) => print!(
+                "\ntasks at the end: {}",
+                rt_ebpf_trace::dump::output::text(&dump)
+            ),
+            Err(err) => println!("\ntasks at the end: not read ({err:#})"),
+        }
     }
     // The trace is complete; the probes are still being removed.
     let _ = std::io::stdout().flush();
