@@ -15,11 +15,11 @@ use object::{Object, ObjectSection};
 
 use crate::generics;
 
-type Reader<'data> = EndianSlice<'data, RunTimeEndian>;
-type Unit<'data> = gimli::Unit<Reader<'data>>;
+pub(crate) type Reader<'data> = EndianSlice<'data, RunTimeEndian>;
+pub(crate) type Unit<'data> = gimli::Unit<Reader<'data>>;
 
 /// A DIE anywhere in `.debug_info`, by its section offset.
-type GlobalOffset = usize;
+pub(crate) type GlobalOffset = usize;
 
 /// Does the binary carry DWARF describing its functions?
 pub fn has_debug_info(file: &object::File) -> bool {
@@ -36,12 +36,12 @@ pub fn poll_task_types(file: &object::File, poll_addresses: &[u64]) -> HashMap<u
 }
 
 /// A `raw::poll` instance as the debug info describes it.
-struct PollDie {
-    address: u64,
+pub(crate) struct PollDie {
+    pub(crate) address: u64,
     /// `DW_AT_name`, e.g. `poll<m::f::{async_fn_env#0}, alloc::sync::Arc<…>>`.
     name: Option<String>,
     /// The DIE of `T`'s type.
-    task_type: Option<GlobalOffset>,
+    pub(crate) task_type: Option<GlobalOffset>,
 }
 
 fn read_poll_task_types(
@@ -96,7 +96,7 @@ fn first_generic_arg(subprogram_name: &str) -> Option<String> {
         .next()
 }
 
-fn find_poll_dies(
+pub(crate) fn find_poll_dies(
     dwarf: &gimli::Dwarf<Reader>,
     units: &[Unit],
     unit: &Unit,
@@ -182,7 +182,7 @@ fn template_param_t(
 }
 
 /// A reference attribute as a `.debug_info` section offset.
-fn global_offset(unit: &Unit, value: AttributeValue<Reader>) -> Option<GlobalOffset> {
+pub(crate) fn global_offset(unit: &Unit, value: AttributeValue<Reader>) -> Option<GlobalOffset> {
     match value {
         AttributeValue::UnitRef(offset) => Some(offset.to_unit_section_offset(&unit.header).0),
         AttributeValue::DebugInfoRef(offset) => Some(offset.0),
@@ -191,7 +191,7 @@ fn global_offset(unit: &Unit, value: AttributeValue<Reader>) -> Option<GlobalOff
 }
 
 /// The unit holding a DIE, and the DIE's offset in it.
-fn locate<'u, 'data>(
+pub(crate) fn locate<'u, 'data>(
     units: &'u [Unit<'data>],
     global: GlobalOffset,
 ) -> Option<(&'u Unit<'data>, UnitOffset)> {
@@ -204,7 +204,7 @@ fn locate<'u, 'data>(
 
 /// The full path (`crate::module::fn_name::{async_fn_env#0}`) of each DIE in
 /// `dies`, from the named namespaces, structs, enums and unions around it.
-fn qualified_names(
+pub(crate) fn qualified_names(
     dwarf: &gimli::Dwarf<Reader>,
     units: &[Unit],
     dies: &HashSet<GlobalOffset>,

@@ -7,13 +7,18 @@
 //! probe replaces so the kernel can emulate it ([`placement`]), and name the
 //! `T` of each `tokio::runtime::task::raw::poll::<T, S>` instance
 //! ([`naming`]), from DWARF when the binary has it, else from its symbols.
+//!
+//! For `dump`: where each task type's vtable is ([`vtables`]), and the
+//! layouts of task cells and async state machines from DWARF ([`futures`]).
 
 pub mod catalog;
 pub mod disasm;
 pub mod discover;
+pub mod futures;
 pub mod naming;
 pub mod placement;
 pub mod return_sites;
+pub mod vtables;
 
 mod dwarf;
 mod generics;

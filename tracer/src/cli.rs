@@ -16,7 +16,7 @@ use clap::{Args, Parser, Subcommand};
     name = "rt-ebpf-trace",
     version,
     args_conflicts_with_subcommands = true,
-    after_help = "Examples:\n  sudo rt-ebpf-trace --pid 1234 -o trace.json\n  sudo rt-ebpf-trace -o trace.json --duration 10s -- ./my-app --flag\n  rt-ebpf-trace probes --binary ./my-app"
+    after_help = "Examples:\n  sudo rt-ebpf-trace --pid 1234 -o trace.json\n  sudo rt-ebpf-trace -o trace.json --duration 10s -- ./my-app --flag\n  rt-ebpf-trace probes --binary ./my-app\n  sudo rt-ebpf-trace dump --pid 1234"
 )]
 pub struct Cli {
     #[command(subcommand)]
@@ -34,6 +34,19 @@ pub struct Cli {
 pub enum Command {
     /// List the probe points found in a binary, without tracing anything.
     Probes(ProbesArgs),
+    /// List the live tasks of a running tokio process and where each one
+    /// waits (its await chain), without stopping it or writing to it.
+    Dump(DumpArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct DumpArgs {
+    /// The process to dump.
+    #[arg(short, long)]
+    pub pid: u32,
+    /// Print every task as JSON instead of the grouped text.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Args, Debug)]
@@ -100,6 +113,12 @@ pub struct RecordArgs {
     /// (`task;frame;…;frame count`), for flamegraph tools.
     #[arg(long, value_name = "FILE")]
     pub folded: Option<PathBuf>,
+
+    /// When recording stops, list the tasks still alive and where each one
+    /// waits, as `dump` does (with `--pid` only: a launched command is
+    /// stopped when recording ends).
+    #[arg(long)]
+    pub dump_at_end: bool,
 
     /// Size of the kernel-to-tracer ring buffer (e.g. 16M, 64MiB); rounded up
     /// to a power of two. Raise it if events are lost.

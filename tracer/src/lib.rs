@@ -10,7 +10,11 @@
 //!   writes the trace (Perfetto protobuf or Chrome JSON) and the summary;
 //! - [`serve`] hands the finished trace to the Perfetto UI (`--open`);
 //! - `tracer-symbolize` unwinds the captured stacks and names their frames.
+//!
+//! [`dump`] is the other command: the live tasks of a process and where each
+//! waits, read from its memory.
 
+pub mod dump;
 pub mod output_file;
 pub mod record;
 pub mod serve;

@@ -9,7 +9,7 @@ use anyhow::{Result, bail};
 use clap::Parser;
 use rt_ebpf_trace::record::{self, Mode, RecordOptions, Settings, TargetSpec};
 
-use cli::{Cli, Command, ModeArg, ProbesArgs, RecordArgs};
+use cli::{Cli, Command, DumpArgs, ModeArg, ProbesArgs, RecordArgs};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -24,6 +24,7 @@ fn main() -> ExitCode {
 
     let result = match cli.command {
         Some(Command::Probes(args)) => list_probes(args),
+        Some(Command::Dump(args)) => dump_tasks(args),
         None => run_record(cli.record),
     };
     match result {
@@ -68,7 +69,31 @@ fn how_to_open(output: &std::path::Path) -> String {
     }
 }
 
+fn dump_tasks(args: DumpArgs) -> Result<ExitCode> {
+    let dump = rt_ebpf_trace::dump::dump(args.pid)?;
+    log::info!(
+        "dump: setup {:.1} ms (binary and debug info), scan and read {:.1} ms ({} bytes in {} regions)",
+        dump.setup_ms,
+        dump.read_ms,
+        dump.stats.bytes,
+        dump.stats.regions
+    );
+    let mut stdout = std::io::stdout().lock();
+    if args.json {
+        serde_json::to_writer_pretty(&mut stdout, &rt_ebpf_trace::dump::output::json(&dump))?;
+        writeln!(stdout)?;
+    } else {
+        write!(stdout, "{}", rt_ebpf_trace::dump::output::text(&dump))?;
+    }
+    stdout.flush()?;
+    Ok(ExitCode::SUCCESS)
+}
+
 fn run_record(args: RecordArgs) -> Result<ExitCode> {
+    if args.dump_at_end && args.pid.is_none() {
+        bail!("--dump-at-end needs --pid: a launched command is stopped when recording ends");
+    }
+    let dump_at_end = args.dump_at_end.then_some(args.pid).flatten();
     let target = match (args.pid, args.command.is_empty()) {
         (Some(_), false) => bail!("give either --pid or a command after --, not both"),
         (Some(pid), true) => TargetSpec::Pid(pid),
@@ -128,6 +153,15 @@ fn run_record(args: RecordArgs) -> Result<ExitCode> {
     println!("stopped: {}", outcome.stop);
     if let Some(status) = outcome.command_status {
         println!("command exited: {status}");
+    }
+    if let Some(pid) = dump_at_end {
+        match rt_ebpf_trace::dump::dump(pid) {
+            Ok(dump) => print!(
+                "\ntasks at the end: {}",
+                rt_ebpf_trace::dump::output::text(&dump)
+            ),
+            Err(err) => println!("\ntasks at the end: not read ({err:#})"),
+        }
     }
     // The trace is complete; the probes are still being removed.
     let _ = std::io::stdout().flush();
