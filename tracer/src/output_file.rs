@@ -50,7 +50,7 @@ const NAME_MAX: usize = 255;
 /// devices has effects (a watchdog, `/dev/mem`, a tape that rewinds).
 fn is_harmless_char_device(rdev: u64) -> bool {
     let (major, minor) = (libc::major(rdev), libc::minor(rdev));
-    matches!((major, minor), (1, 3)) || matches!(major, 4 | 5 | 136..=143)
+    (major == 1 && minor == 3) || matches!(major, 4 | 5 | 136..=143)
 }
 
 /// An output file, checked and ready to be written, published by name only
