@@ -80,7 +80,7 @@ fn names_in(dir: &Path) -> Vec<String> {
 #[test]
 fn planted_symlinks_redirect_nothing_and_outputs_are_private_to_the_sudo_user() {
     require_root();
-    let fixture = Fixture::start("multi_worker", Profile::Release, 60.0);
+    let fixture = Fixture::start("multi_worker", Profile::Release, 600.0);
     let dir = scratch_dir("planted-symlinks");
     let victims = scratch_dir("planted-symlinks-victims");
     // A user who owns the working directory plants names the tracer might
@@ -147,7 +147,7 @@ fn planted_symlinks_redirect_nothing_and_outputs_are_private_to_the_sudo_user() 
 #[test]
 fn devices_and_fifos_are_written_into_never_replaced() {
     require_root();
-    let fixture = Fixture::start("multi_worker", Profile::Release, 60.0);
+    let fixture = Fixture::start("multi_worker", Profile::Release, 600.0);
     let dir = scratch_dir("special-outputs");
     // A device like /dev/null, made here so a bug can't break the machine's.
     let null = dir.join("null");
@@ -189,7 +189,7 @@ fn devices_and_fifos_are_written_into_never_replaced() {
 #[test]
 fn the_trace_can_go_to_stdout() {
     require_root();
-    let fixture = Fixture::start("multi_worker", Profile::Release, 60.0);
+    let fixture = Fixture::start("multi_worker", Profile::Release, 600.0);
     let dir = scratch_dir("stdout");
     // `> out.txt`: stdout is a regular file in another directory.
     let out = dir.join("out.txt");
@@ -224,7 +224,7 @@ fn the_trace_can_go_to_stdout() {
 #[test]
 fn a_block_device_is_refused_before_attaching() {
     require_root();
-    let fixture = Fixture::start("multi_worker", Profile::Release, 60.0);
+    let fixture = Fixture::start("multi_worker", Profile::Release, 600.0);
     let dir = scratch_dir("block-device");
     let disk = dir.join("disk");
     mknod(&disk, libc::S_IFBLK, 7, 0);
@@ -245,7 +245,7 @@ fn a_block_device_is_refused_before_attaching() {
 #[test]
 fn bad_output_paths_are_refused_before_attaching() {
     require_root();
-    let fixture = Fixture::start("multi_worker", Profile::Release, 60.0);
+    let fixture = Fixture::start("multi_worker", Profile::Release, 600.0);
     let dir = scratch_dir("bad-output-paths");
     let too_long = dir.join(format!("{}.json", "t".repeat(252)));
     let a_directory = dir.join("a-directory");
@@ -288,7 +288,7 @@ fn bad_output_paths_are_refused_before_attaching() {
 #[test]
 fn a_name_near_the_length_limit_is_written() {
     require_root();
-    let fixture = Fixture::start("multi_worker", Profile::Release, 60.0);
+    let fixture = Fixture::start("multi_worker", Profile::Release, 600.0);
     let dir = scratch_dir("long-name");
     // 255 bytes: the longest name the file system takes.
     let output = dir.join(format!("{}.json", "t".repeat(250)));
@@ -301,7 +301,7 @@ fn a_name_near_the_length_limit_is_written() {
 #[test]
 fn max_size_stops_recording_with_a_whole_trace() {
     require_root();
-    let fixture = Fixture::start("multi_worker", Profile::Release, 60.0);
+    let fixture = Fixture::start("multi_worker", Profile::Release, 600.0);
     let dir = scratch_dir("max-size");
     let output = dir.join("trace.json");
     let result = run(tracer()

@@ -10,7 +10,7 @@ use clap::{Args, Parser, Subcommand};
 ///
 /// Attaches eBPF uprobes to tokio's task poll and worker park functions and
 /// writes a trace that ui.perfetto.dev opens: which worker polled which task,
-/// for how long, and when workers parked. Needs root (or CAP_BPF+CAP_PERFMON).
+/// for how long, and when workers parked. Needs root (CAP_SYS_ADMIN).
 #[derive(Parser, Debug)]
 #[command(
     name = "rt-ebpf-trace",
