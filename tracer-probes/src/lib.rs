@@ -174,6 +174,11 @@ pub struct ProbePlan {
     /// task vtable's `poll` (see [`return_sites`]), deduplicated, in order
     /// of the probed address.
     pub poll_returns: Vec<ReturnSite>,
+    /// Poll ends need uretprobes on `raw::poll` too: no return site was
+    /// found for some scheduler the binary runs (or none at all). Where
+    /// both fire, the uretprobe ends the poll and the return site finds
+    /// nothing open.
+    pub poll_end_uretprobes: bool,
     /// Poll sites found but not probed, with why (see
     /// [`catalog::RUNTIME_THREAD_TASKS`]).
     pub skipped: Vec<(ProbeSite, &'static str)>,

@@ -37,6 +37,9 @@ pub struct TraceSink<'a> {
     /// The task type (probe site) of each live task, learned from its polls:
     /// samples and stacks carry only the task id.
     task_sites: HashMap<u64, u32>,
+    /// The task type (probe site) of the poll open on each thread: how
+    /// samples are attributed where tokio keeps no task id (< 1.23).
+    thread_polls: HashMap<u32, u32>,
     pub events: u64,
     malformed: u64,
 }
@@ -82,6 +85,7 @@ impl<'a> TraceSink<'a> {
             thread_names: HashMap::new(),
             stacks,
             task_sites: HashMap::new(),
+            thread_polls: HashMap::new(),
             events: 0,
             malformed,
         };
@@ -102,7 +106,17 @@ impl<'a> TraceSink<'a> {
 
     fn event(&mut self, event: &Event) -> Result<()> {
         self.events += 1;
-        match EventKind::from_u32(event.kind) {
+        let kind = EventKind::from_u32(event.kind);
+        match kind {
+            Some(EventKind::PollStart) => {
+                self.thread_polls.insert(event.tid, event.site);
+            }
+            Some(EventKind::PollEnd | EventKind::ParkStart) => {
+                self.thread_polls.remove(&event.tid);
+            }
+            _ => {}
+        }
+        match kind {
             Some(EventKind::PollStart) if event.task_id != 0 => {
                 self.task_sites.insert(event.task_id, event.site);
             }
@@ -112,7 +126,8 @@ impl<'a> TraceSink<'a> {
             Some(EventKind::PollEnd) if event.addr != 0 => {
                 // Where the polled task now waits (the last await point
                 // of this poll); resolved to frames at the end.
-                let (waits_at, await_stack) = StackTable::await_keys(event.task_id, event.addr);
+                let (waits_at, await_stack) =
+                    StackTable::await_keys(event.task_id, event.addr, event.site);
                 let args = json!({
                     "waits_at": self.writer.deferred(&waits_at),
                     "await_stack": self.writer.deferred(&await_stack),
@@ -131,7 +146,10 @@ impl<'a> TraceSink<'a> {
 
     /// A CPU sample: an instant on its thread's track, with the task it hit.
     fn sample(&mut self, sample: &Sample) -> Result<()> {
-        let site = self.task_sites.get(&sample.task_id).copied();
+        let site = match sample.task_id {
+            0 => self.thread_polls.get(&sample.tid).copied(),
+            id => self.task_sites.get(&id).copied(),
+        };
         self.stacks.count_sample(site, sample.stack);
         let args = json!({
             "task_id": (sample.task_id != 0).then_some(sample.task_id),
@@ -220,9 +238,9 @@ impl<'a> TraceSink<'a> {
         let scheduler = SchedulerSummary::from_timeline(&self.timeline, self.renderer.task_types());
         let types = self.renderer.task_types().clone();
         let symbolized = self.stacks.symbolize(&|site| types.short_name(site));
-        let trace_bytes = self
-            .writer
-            .finish_resolving(&metadata, &mut |key| symbolized.resolve(key))?;
+        let trace_bytes = self.writer.finish_resolving(&metadata, &mut |key| {
+            symbolized.resolve(key, &|site| types.full_name(Some(site)).map(str::to_owned))
+        })?;
         if let Some(folded) = folded {
             symbolized.write_folded(folded)?;
         }

@@ -190,10 +190,13 @@ impl StackTable {
     /// The deferred-value keys of a task's await point: where it waits (the
     /// innermost frame of the program's own code) and the async call chain
     /// out from there.
-    pub fn await_keys(task_id: u64, key: u64) -> (String, String) {
+    /// `site` is the polled task's probe site: where the program's own
+    /// code was inlined into tokio's harness (no frame of its own without
+    /// DWARF), the task's type names where it waits.
+    pub fn await_keys(task_id: u64, key: u64, site: u32) -> (String, String) {
         (
-            format!("waits_at:{task_id}:{key}"),
-            format!("await_stack:{task_id}:{key}"),
+            format!("waits_at:{task_id}:{key}:{site}"),
+            format!("await_stack:{task_id}:{key}:{site}"),
         )
     }
 
@@ -270,7 +273,8 @@ pub struct Symbolized {
 impl Symbolized {
     /// The value for a deferred key (see [`StackTable::await_keys`] and
     /// [`StackTable::stack_key`]).
-    pub fn resolve(&self, key: &str) -> Value {
+    /// `task_type` names a poll site's task type (see [`StackTable::await_keys`]).
+    pub fn resolve(&self, key: &str, task_type: &dyn Fn(u32) -> Option<String>) -> Value {
         if let Some(rest) = key.strip_prefix("stack:") {
             let frames = rest
                 .parse::<usize>()
@@ -285,12 +289,12 @@ impl Symbolized {
         };
         let mut parts = rest.split(':').map(|p| p.parse::<u64>().unwrap_or(0));
         let (task_id, await_key) = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
-        let chain = self
+        let site = parts.next().map(|site| site as u32);
+        let frames = self
             .await_stacks
             .get(&(task_id, await_key))
-            .and_then(|&id| self.frames.get(id as usize))
-            .map(|frames| await_chain(frames))
-            .unwrap_or_default();
+            .and_then(|&id| self.frames.get(id as usize));
+        let chain = frames.map(|frames| await_chain(frames)).unwrap_or_default();
         match (what, chain.first()) {
             ("waits_at", Some(innermost)) => json!(describe(innermost)),
             ("await_stack", Some(_)) => json!(
@@ -299,6 +303,13 @@ impl Symbolized {
                     .map(|frame| describe(frame))
                     .collect::<Vec<_>>()
             ),
+            // The stack reached tokio's harness without a frame of the
+            // program's own: its future was inlined there (symbols only).
+            ("waits_at", None) if frames.is_some_and(|f| reaches_harness(f)) => {
+                site.and_then(task_type).map_or(Value::Null, |name| {
+                    json!(format!("{name} (inlined into tokio's task harness)"))
+                })
+            }
             _ => Value::Null,
         }
     }
@@ -337,12 +348,37 @@ impl Symbolized {
 /// library's frames of the waker registration trimmed off the top) out to
 /// the task's future (tokio's harness and scheduler trimmed off the bottom).
 fn await_chain(frames: &[Frame]) -> Vec<&Frame> {
-    let is_runtime_or_std = |frame: &&Frame| is_library_frame(frame);
-    let mut chain: Vec<&Frame> = frames.iter().skip_while(is_runtime_or_std).collect();
-    if let Some(harness) = chain.iter().position(|frame| is_task_harness(frame)) {
-        chain.truncate(harness);
-    }
-    chain
+    // Only the task's own stack: a first "own" frame found beyond tokio's
+    // harness is the scheduler's caller (e.g. `main`, where `block_on` was
+    // inlined), not where the task waits.
+    let own_task = match first_harness(frames) {
+        Some(harness) => &frames[..harness],
+        None => frames,
+    };
+    own_task
+        .iter()
+        .skip_while(|frame| is_library_frame(frame))
+        .collect()
+}
+
+/// Where the task's stack ends: the first harness frame after the waker's
+/// own frames (`task::waker::clone_waker` is in the same module).
+fn first_harness(frames: &[Frame]) -> Option<usize> {
+    frames.iter().position(|frame| {
+        is_task_harness(frame)
+            && !frame
+                .function
+                .as_deref()
+                .is_some_and(|f| f.contains("::task::waker::"))
+            && !frame
+                .file
+                .as_deref()
+                .is_some_and(|f| f.ends_with("/task/waker.rs"))
+    })
+}
+
+fn reaches_harness(frames: &[Frame]) -> bool {
+    first_harness(frames).is_some()
 }
 
 /// tokio's task harness, where a task's poll starts (`raw::poll`,
