@@ -175,6 +175,7 @@ pub fn discover(binary: &Path) -> anyhow::Result<ProbePlan> {
     Ok(ProbePlan {
         binary: binary.to_path_buf(),
         stripped: !symbols.has_symtab,
+        debug_info: dwarf::has_debug_info(&file),
         tokio_version,
         sites,
         poll_returns,

@@ -11,6 +11,7 @@
 pub mod catalog;
 pub mod disasm;
 pub mod discover;
+pub mod features;
 pub mod naming;
 pub mod placement;
 pub mod return_sites;
@@ -162,6 +163,8 @@ pub struct ProbePlan {
     pub binary: std::path::PathBuf,
     /// The binary has no `.symtab`.
     pub stripped: bool,
+    /// The binary has DWARF (`.debug_info`): file:line in stacks.
+    pub debug_info: bool,
     /// The tokio version compiled in, e.g. "1.54.1", if the binary says.
     pub tokio_version: Option<String>,
     /// The attach cookie of a site is its index here. Poll sites come first,
