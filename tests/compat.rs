@@ -169,6 +169,7 @@ fn record(binary: &Path, cell: &Cell) -> (Trace, String) {
 /// What one trace holds, reduced to what the features are checked on.
 struct Seen<'a> {
     pid: u64,
+    abandoned: u64,
     polls: Vec<&'a Value>,
     events: &'a [Value],
 }
@@ -178,6 +179,9 @@ impl<'a> Seen<'a> {
         let events = trace.events().as_slice();
         Seen {
             pid: trace.metadata()["target_pid"].as_u64().unwrap_or(0),
+            abandoned: trace.metadata()["abandoned_polls"]
+                .as_u64()
+                .unwrap_or(u64::MAX),
             polls: events
                 .iter()
                 .filter(|e| e["ph"] == "X" && e["cat"] == "poll")
@@ -224,6 +228,15 @@ impl<'a> Seen<'a> {
                 let types: std::collections::BTreeSet<&str> =
                     own.iter().filter_map(|p| p["name"].as_str()).collect();
                 at_least("polls of the service's tasks", own.len(), 50)?;
+                // A poll whose end was never seen is abandoned: a missed
+                // return site or a refused probe shows here.
+                let abandoned = self.abandoned as usize;
+                if abandoned * 50 > self.polls.len() {
+                    return Err(format!(
+                        "{abandoned} polls abandoned of {} (their ends were not seen)",
+                        self.polls.len()
+                    ));
+                }
                 at_least("task types of the service", types.len(), 6)
             }
             Feature::Parks => at_least("parks", self.count("X", "park"), 1),

@@ -146,7 +146,7 @@ pub fn discover(binary: &Path) -> anyhow::Result<ProbePlan> {
         Some(layout) => find_poll_returns(&code, layout.vtable_offset),
         None => Vec::new(),
     };
-    let uncovered = uncovered_schedulers(&sites, &poll_returns);
+    let uncovered = uncovered_schedulers(&sites, &poll_returns, &symbols);
     let poll_end_uretprobes = poll_returns.is_empty() || !uncovered.is_empty();
     if poll_returns.is_empty() {
         warnings.push(
@@ -308,39 +308,63 @@ fn site(
     })
 }
 
-/// The schedulers the binary runs (a park function of theirs is probed, or
-/// for the blocking pool a `BlockingTask` is polled) whose code holds none
-/// of the `raw::poll` calls found, and which no shared task function
-/// covers either: their poll ends would be missed at return sites.
-fn uncovered_schedulers(sites: &[ProbeSite], returns: &[ReturnSite]) -> Vec<&'static str> {
+/// The schedulers the binary has code of (for the blocking pool: a
+/// `BlockingTask` is polled) whose `raw::poll` calls were not all found:
+/// their poll ends would be missed at return sites.
+///
+/// A call is credited by the function holding it: a scheduler's own
+/// (named by [`catalog::POLL_CALLERS`]), a shared task function (every
+/// scheduler), the program's own code (current_thread: `block_on` inlined
+/// into its caller, e.g. `main` under LTO), or std's thread start or
+/// thread-local access (runtime threads' bodies inlined there: the
+/// multi-thread workers and the blocking pool, never current_thread, which
+/// runs on the thread that called `block_on`). The matrix test checks the
+/// result: no poll abandoned in any cell.
+fn uncovered_schedulers(
+    sites: &[ProbeSite],
+    returns: &[ReturnSite],
+    symbols: &SymbolTable,
+) -> Vec<&'static str> {
     let in_code = |function: &str, caller: &catalog::PollCaller| {
         caller
             .path_fragments
             .iter()
             .any(|fragment| function.contains(fragment))
     };
-    if returns.iter().any(|site| {
-        catalog::SHARED_POLL_CALLERS
+    let library = |function: &str| {
+        ["tokio::", "std::", "core::", "alloc::", "<"]
             .iter()
-            .any(|prefix| site.function.starts_with(prefix))
-    }) {
-        return Vec::new();
-    }
+            .any(|prefix| function.starts_with(prefix))
+    };
+    let credits = |function: &str, caller: &catalog::PollCaller| {
+        if in_code(function, caller)
+            || catalog::SHARED_POLL_CALLERS
+                .iter()
+                .any(|prefix| function.starts_with(prefix))
+        {
+            return true;
+        }
+        let named = catalog::POLL_CALLERS.iter().any(|c| in_code(function, c));
+        match caller.name {
+            "current_thread" => !named && !library(function),
+            _ => !named && (function.starts_with("std::") || function.starts_with("core::")),
+        }
+    };
     catalog::POLL_CALLERS
         .iter()
         .filter(|caller| {
-            let runs = if caller.name == "blocking pool" {
+            let present = if caller.name == "blocking pool" {
                 sites.iter().any(|site| {
                     site.task_type
                         .as_ref()
                         .is_some_and(|t| t.full.contains("BlockingTask<"))
                 })
             } else {
-                sites
-                    .iter()
-                    .any(|site| site.kind == SiteKind::Park && in_code(&site.symbol, caller))
+                symbols
+                    .functions()
+                    .any(|(_, group)| group.iter().any(|symbol| in_code(&symbol.path, caller)))
             };
-            runs && !returns.iter().any(|site| in_code(&site.function, caller))
+            present && !returns.iter().any(|site| credits(&site.function, caller))
         })
         .map(|caller| caller.name)
         .collect()
