@@ -361,20 +361,15 @@ fn await_chain(frames: &[Frame]) -> Vec<&Frame> {
         .collect()
 }
 
-/// Where the task's stack ends: the first harness frame after the waker's
-/// own frames (`task::waker::clone_waker` is in the same module).
+/// Where the task's stack ends: the first harness frame after the frames
+/// the capture starts in, which are tokio's task module too (the waker's
+/// clone, its inlined `State::ref_inc`, a `JoinHandle`'s read of its output).
 fn first_harness(frames: &[Frame]) -> Option<usize> {
-    frames.iter().position(|frame| {
-        is_task_harness(frame)
-            && !frame
-                .function
-                .as_deref()
-                .is_some_and(|f| f.contains("::task::waker::"))
-            && !frame
-                .file
-                .as_deref()
-                .is_some_and(|f| f.ends_with("/task/waker.rs"))
-    })
+    let start = frames.iter().position(|frame| !is_task_harness(frame))?;
+    frames[start..]
+        .iter()
+        .position(is_task_harness)
+        .map(|at| start + at)
 }
 
 fn reaches_harness(frames: &[Frame]) -> bool {
@@ -385,11 +380,12 @@ fn reaches_harness(frames: &[Frame]) -> bool {
 /// `Harness::poll`, `Core::poll`…): the bottom of the task's own stack.
 fn is_task_harness(frame: &Frame) -> bool {
     let in_task_module = |path: &str| path.contains("tokio") && path.contains("/runtime/task/");
-    frame
-        .function
-        .as_deref()
-        .is_some_and(|f| f.contains("tokio::runtime::task::"))
-        || frame.file.as_deref().is_some_and(in_task_module)
+    // The path itself, not its generic arguments (DWARF's short names
+    // carry them: `with_mut<tokio::runtime::task::core::Stage<…>>`).
+    frame.function.as_deref().is_some_and(|f| {
+        f.trim_start_matches('<')
+            .starts_with("tokio::runtime::task::")
+    }) || frame.file.as_deref().is_some_and(in_task_module)
 }
 
 /// A frame of code that is not the program's own: by its source file (a
