@@ -192,6 +192,23 @@ pub fn all_cells() -> Vec<Cell> {
             profile,
         });
     }
+    // Where frame pointers once put a poll's return site on alignment
+    // padding the kernel refused to probe (tokio 1.28).
+    let frame_pointers = PROFILES
+        .iter()
+        .find(|profile| profile.label == "frame pointers")
+        .copied()
+        .expect("the frame pointers profile");
+    let v1_28 = VERSIONS
+        .iter()
+        .find(|version| version.label == "1.28")
+        .copied()
+        .expect("tokio 1.28 in the matrix");
+    cells.push(Cell {
+        version: v1_28,
+        flavour: Flavour::Multi,
+        profile: frame_pointers,
+    });
     cells
 }
 

@@ -361,15 +361,9 @@ fn await_chain(frames: &[Frame]) -> Vec<&Frame> {
         .collect()
 }
 
-/// Where the task's stack ends: the first harness frame after the frames
-/// the capture starts in, which are tokio's task module too (the waker's
-/// clone, its inlined `State::ref_inc`, a `JoinHandle`'s read of its output).
+/// Where the task's stack ends: the first frame of tokio's harness.
 fn first_harness(frames: &[Frame]) -> Option<usize> {
-    let start = frames.iter().position(|frame| !is_task_harness(frame))?;
-    frames[start..]
-        .iter()
-        .position(is_task_harness)
-        .map(|at| start + at)
+    frames.iter().position(is_task_harness)
 }
 
 fn reaches_harness(frames: &[Frame]) -> bool {
@@ -378,14 +372,30 @@ fn reaches_harness(frames: &[Frame]) -> bool {
 
 /// tokio's task harness, where a task's poll starts (`raw::poll`,
 /// `Harness::poll`, `Core::poll`…): the bottom of the task's own stack.
+/// Not the rest of the task module, which captures start in (the waker's
+/// clone, its inlined `State::ref_inc`), nor a `JoinHandle`'s read of its
+/// task's output (`Harness::try_read_output`, in harness.rs too).
 fn is_task_harness(frame: &Frame) -> bool {
-    let in_task_module = |path: &str| path.contains("tokio") && path.contains("/runtime/task/");
+    const HARNESS_PATHS: [&str; 3] = [
+        "tokio::runtime::task::harness::",
+        "tokio::runtime::task::core::",
+        "tokio::runtime::task::raw::poll",
+    ];
+    const HARNESS_FILES: [&str; 2] = ["/runtime/task/harness.rs", "/runtime/task/core.rs"];
+    let Some(function) = frame.function.as_deref() else {
+        return false;
+    };
+    if function.contains("read_output") || function.contains("join_waker") {
+        return false;
+    }
     // The path itself, not its generic arguments (DWARF's short names
     // carry them: `with_mut<tokio::runtime::task::core::Stage<…>>`).
-    frame.function.as_deref().is_some_and(|f| {
-        f.trim_start_matches('<')
-            .starts_with("tokio::runtime::task::")
-    }) || frame.file.as_deref().is_some_and(in_task_module)
+    let path = function.trim_start_matches('<');
+    HARNESS_PATHS.iter().any(|p| path.starts_with(p))
+        || frame
+            .file
+            .as_deref()
+            .is_some_and(|file| file.contains("tokio") && HARNESS_FILES.iter().any(|f| file.ends_with(f)))
 }
 
 /// A frame of code that is not the program's own: by its source file (a
