@@ -294,15 +294,12 @@ impl Symbolized {
             .await_stacks
             .get(&(task_id, await_key))
             .and_then(|&id| self.frames.get(id as usize));
-        let chain = frames.map(|frames| await_chain(frames)).unwrap_or_default();
+        let chain: Vec<String> = frames
+            .map(|frames| described_chain(frames))
+            .unwrap_or_default();
         match (what, chain.first()) {
-            ("waits_at", Some(innermost)) => json!(describe(innermost)),
-            ("await_stack", Some(_)) => json!(
-                chain
-                    .iter()
-                    .map(|frame| describe(frame))
-                    .collect::<Vec<_>>()
-            ),
+            ("waits_at", Some(innermost)) => json!(innermost),
+            ("await_stack", Some(_)) => json!(chain),
             // The stack reached tokio's harness without a frame of the
             // program's own: its future was inlined there (symbols only).
             ("waits_at", None) if frames.is_some_and(|f| reaches_harness(f)) => {
@@ -361,6 +358,36 @@ fn await_chain(frames: &[Frame]) -> Vec<&Frame> {
         .collect()
 }
 
+/// The await chain, described. With line tables only, rustc names an
+/// inlined async fn `{async_fn#0}` with no path (and emits no namespace
+/// for it): the outermost one, the task's own future, gets its path from
+/// the harness frame right outside it, whose generic arguments name its
+/// type (`poll<app::handler::{async_fn_env#0}, …>`).
+fn described_chain(frames: &[Frame]) -> Vec<String> {
+    let chain = await_chain(frames);
+    let mut described: Vec<String> = chain.iter().map(|frame| describe(frame)).collect();
+    if let (Some(last), Some(harness)) = (described.last_mut(), first_harness(frames))
+        && last.starts_with('{')
+        && let Some(path) = frames[harness]
+            .function
+            .as_deref()
+            .and_then(future_path_in_generics)
+    {
+        *last = format!("{path}::{last}");
+    }
+    described
+}
+
+/// `poll<app::handler::{async_fn_env#0}, …>` → `app::handler`.
+fn future_path_in_generics(function: &str) -> Option<&str> {
+    let args = &function[function.find('<')? + 1..];
+    let end = args
+        .find("::{async_fn_env#")
+        .or_else(|| args.find("::{closure_env#"))?;
+    let path = &args[..end];
+    (!path.is_empty() && !path.contains(['<', ',', ' '])).then_some(path)
+}
+
 /// Where the task's stack ends: the first frame of tokio's harness.
 fn first_harness(frames: &[Frame]) -> Option<usize> {
     frames.iter().position(is_task_harness)
@@ -392,10 +419,9 @@ fn is_task_harness(frame: &Frame) -> bool {
     // carry them: `with_mut<tokio::runtime::task::core::Stage<…>>`).
     let path = function.trim_start_matches('<');
     HARNESS_PATHS.iter().any(|p| path.starts_with(p))
-        || frame
-            .file
-            .as_deref()
-            .is_some_and(|file| file.contains("tokio") && HARNESS_FILES.iter().any(|f| file.ends_with(f)))
+        || frame.file.as_deref().is_some_and(|file| {
+            file.contains("tokio") && HARNESS_FILES.iter().any(|f| file.ends_with(f))
+        })
 }
 
 /// A frame of code that is not the program's own: by its source file (a
