@@ -434,7 +434,10 @@ fn is_library_frame(frame: &Frame) -> bool {
                 || file.starts_with("/rustc/")
                 || file.contains("/library/")
         }
-        (None, Some(function)) => is_library_function(function),
+        // Compiler-made helpers with no source (`__rust_try`, the
+        // catch_unwind frame in every debug build's await stack) are not
+        // the program's either.
+        (None, Some(function)) => function.starts_with("__") || is_library_function(function),
         (None, None) => true,
     }
 }
