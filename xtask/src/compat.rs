@@ -65,7 +65,7 @@ fn table(repo: &Path) -> Result<String> {
             "| {} | {} | {} |",
             results
                 .get("tokio")
-                .map(|(_, v)| v.clone())
+                .map(|(version, _)| version.clone())
                 .unwrap_or_else(|| cell.version.label.to_owned()),
             match cell.flavour {
                 matrix::Flavour::Multi => "multi-thread",

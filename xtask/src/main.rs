@@ -33,6 +33,9 @@ enum Command {
         #[arg(long)]
         all: bool,
     },
+    /// Rewrite the README's compatibility table from the results the last
+    /// matrix run left (`cargo xtask test --matrix` does this itself).
+    CompatTable,
     /// Build the eBPF object, first installing what it needs (nightly
     /// toolchain, rust-src, bpf-linker) if missing.
     BuildEbpf(ebpf::Options),
@@ -61,6 +64,7 @@ fn run(command: Command) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Bench(options) => bench::run(&options),
+        Command::CompatTable => compat::write_table(),
         Command::CompatBuild { all } => compat::build(&if all {
             compat::all_cells()
         } else {
