@@ -392,6 +392,19 @@ mod tests {
     use super::*;
 
     #[test]
+    fn task_layouts_follow_the_header_through_the_versions() {
+        let vtable = |v| task_layout(v).map(|l| l.vtable_offset);
+        assert_eq!(vtable((1, 8, 5)), Some(40));
+        assert_eq!(vtable((1, 9, 0)), Some(32));
+        assert_eq!(vtable((1, 20, 6)), Some(32));
+        assert_eq!(vtable((1, 21, 0)), Some(16));
+        assert_eq!(task_layout((1, 22, 0)).unwrap().id_offset_slot, None);
+        assert_eq!(task_layout((1, 23, 0)).unwrap().id_offset_slot, Some(9));
+        assert_eq!(task_layout((1, 54, 1)).unwrap().id_offset_slot, Some(9));
+        assert_eq!(task_layout((0, 3, 0)), None);
+    }
+
+    #[test]
     fn inner_park_function_wins_over_its_callers() {
         let present = [
             "tokio::runtime::scheduler::current_thread::Context::park",

@@ -592,6 +592,60 @@ mod tests {
     }
 
     #[test]
+    fn a_chain_stops_at_the_harness_even_without_an_own_frame_before_it() {
+        // The user's future inlined into Harness::poll (symbols only): the
+        // first "own" frame beyond the harness is where block_on was
+        // inlined, not where the task waits.
+        let frames = [
+            symbol_only("tokio::runtime::task::waker::clone_waker"),
+            symbol_only("tokio::runtime::task::harness::Harness<T,S>::poll"),
+            symbol_only("tokio::runtime::scheduler::current_thread::CoreGuard::block_on"),
+            symbol_only("app::main"),
+        ];
+        assert!(await_chain(&frames).is_empty());
+        assert!(reaches_harness(&frames));
+        // A JoinHandle's read of its output is not the harness.
+        let join = [
+            symbol_only("tokio::runtime::task::waker::clone_waker"),
+            symbol_only("tokio::runtime::task::harness::Harness<T,S>::try_read_output"),
+            frame("app::outer::{{closure}}", 20),
+            symbol_only("tokio::runtime::task::raw::poll"),
+        ];
+        let chain: Vec<String> = await_chain(&join).into_iter().map(describe).collect();
+        assert_eq!(chain, ["app::outer::{{closure}} (main.rs:20)"]);
+    }
+
+    #[test]
+    fn compiler_helpers_are_not_the_programs_frames() {
+        assert!(is_library_frame(&symbol_only("__rust_try")));
+        assert!(!is_library_frame(&symbol_only("app::handler::{{closure}}")));
+    }
+
+    #[test]
+    fn line_table_async_fns_get_their_path_from_the_harness() {
+        let mut harness = frame(
+            "poll<app::handler::{async_fn_env#0}, alloc::sync::Arc<tokio::runtime::scheduler::multi_thread::handle::Handle>>",
+            369,
+        );
+        harness.file =
+            Some("/root/.cargo/registry/src/x/tokio-1.54.1/src/runtime/task/core.rs".into());
+        let frames = [
+            symbol_only("tokio::runtime::task::waker::clone_waker"),
+            frame("{async_fn#0}", 30),
+            frame("{async_fn#0}", 20),
+            harness,
+        ];
+        assert_eq!(
+            described_chain(&frames),
+            [
+                "{async_fn#0} (main.rs:30)",
+                "app::handler::{async_fn#0} (main.rs:20)"
+            ]
+        );
+        assert_eq!(future_path_in_generics("poll<T>"), None);
+    }
+
+    #[test]
     fn folded_names_have_no_separators() {
         assert_eq!(folded_name(&frame("a b;c", 1)), "a_b_c");
     }
