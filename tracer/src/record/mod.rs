@@ -8,6 +8,7 @@
 //! render the trace from the spill file ([`sink`]), with the stacks
 //! symbolized at the end ([`stacks`]).
 
+mod await_chain;
 pub mod drain;
 pub mod launch;
 pub mod loader;
