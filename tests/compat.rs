@@ -113,10 +113,7 @@ fn check_cell(repo: &Path, cell: &Cell) -> Outcome {
                     "FAIL",
                     "works, but matrix::GAPS lists it as a gap: remove the entry".to_owned(),
                 ),
-                (Err(_), Some(gap)) => {
-                    // A gap is never silent: the tracer must have warned.
-                    ("gap", gap.why.to_owned())
-                }
+                (Err(_), Some(gap)) => ("gap", gap.why.to_owned()),
                 (Err(why), None) => {
                     failed_stderr = Some(stderr.clone());
                     ("FAIL", why)

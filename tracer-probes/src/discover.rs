@@ -146,6 +146,14 @@ pub fn discover(binary: &Path) -> anyhow::Result<ProbePlan> {
         Some(layout) => find_poll_returns(&code, layout.vtable_offset),
         None => Vec::new(),
     };
+    if !park_groups.is_empty() {
+        for scheduler in schedulers_without_park(&sites, &symbols) {
+            warnings.push(format!(
+                "no park function of the {scheduler} scheduler found (tokio < 1.17's current-thread \
+                 scheduler parks from inside block_on): its idle time will not be traced"
+            ));
+        }
+    }
     let uncovered = uncovered_schedulers(&sites, &poll_returns, &symbols);
     let poll_end_uretprobes = poll_returns.is_empty() || !uncovered.is_empty();
     if poll_returns.is_empty() {
@@ -306,6 +314,30 @@ fn site(
         task_arg,
         task_type: None,
     })
+}
+
+/// The schedulers (not the blocking pool) whose code is in the binary but
+/// none of whose park functions is probed.
+fn schedulers_without_park(sites: &[ProbeSite], symbols: &SymbolTable) -> Vec<&'static str> {
+    let in_code = |function: &str, caller: &catalog::PollCaller| {
+        caller
+            .path_fragments
+            .iter()
+            .any(|fragment| function.contains(fragment))
+    };
+    catalog::POLL_CALLERS
+        .iter()
+        .filter(|caller| caller.name != "blocking pool")
+        .filter(|caller| {
+            symbols
+                .functions()
+                .any(|(_, group)| group.iter().any(|symbol| in_code(&symbol.path, caller)))
+                && !sites
+                    .iter()
+                    .any(|site| site.kind == SiteKind::Park && in_code(&site.symbol, caller))
+        })
+        .map(|caller| caller.name)
+        .collect()
 }
 
 /// The schedulers the binary has code of (for the blocking pool: a
