@@ -81,8 +81,11 @@ impl<'a, W: Write> JsonWriter<'a, W> {
                     "truncated": slice.truncated,
                 });
                 if let Some((_, point)) = self.info.symbols.await_point(task_id, await_key) {
-                    args["waits_at"] = json!(point.waits_at());
-                    args["await_stack"] = json!(point.chain);
+                    let task_type = types.full_name(Some(site));
+                    if let Some(waits_at) = point.waits_at(task_type) {
+                        args["waits_at"] = json!(waits_at);
+                        args["await_stack"] = json!(point.stack(task_type));
+                    }
                 }
                 let name = types.short_name(Some(site));
                 self.writer

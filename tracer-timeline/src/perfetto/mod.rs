@@ -307,7 +307,7 @@ impl<'a, W: Write> PerfettoWriter<'a, W> {
                     string_note(p, Note::TaskType, iid);
                 }
                 if let Some((waits_at, stack)) =
-                    seq.await_point(i, &w.info.symbols, task_id, await_key)
+                    seq.await_point(i, &w.info.symbols, &w.info.types, site, task_id, await_key)
                 {
                     string_note(p, Note::WaitsAt, waits_at);
                     string_note(p, Note::AwaitStack, stack);

@@ -127,8 +127,9 @@ pub struct Sequence {
     next_name: u64,
     /// `debug_annotation_string_values`, by text.
     strings: HashMap<String, u64>,
-    /// By await chain: interned `waits_at` and `await_stack`.
-    awaits: HashMap<u32, (u64, u64)>,
+    /// By await chain (and, for a future inlined into the harness, the
+    /// task's site, which names it): interned `waits_at` and `await_stack`.
+    awaits: HashMap<(u32, u32), (u64, u64)>,
     notes: HashMap<String, u64>,
 }
 
@@ -245,16 +246,28 @@ impl Sequence {
         &mut self,
         i: &mut Encoder,
         symbols: &Symbols,
+        types: &TaskTypes,
+        site: u32,
         task_id: u64,
         key: u64,
     ) -> Option<(u64, u64)> {
         let (index, point) = symbols.await_point(task_id, key)?;
-        if let Some(&known) = self.awaits.get(&index) {
+        let cache_key = (
+            index,
+            if point.inlined_into_harness {
+                site
+            } else {
+                u32::MAX
+            },
+        );
+        if let Some(&known) = self.awaits.get(&cache_key) {
             return Some(known);
         }
-        let waits_at = self.string_value(i, point.waits_at());
-        let stack = self.string_value(i, &point.chain.join("\n"));
-        self.awaits.insert(index, (waits_at, stack));
+        let task_type = types.full_name(Some(site));
+        let waits_at = point.waits_at(task_type)?;
+        let waits_at = self.string_value(i, &waits_at);
+        let stack = self.string_value(i, &point.stack(task_type).join("\n"));
+        self.awaits.insert(cache_key, (waits_at, stack));
         Some((waits_at, stack))
     }
 

@@ -8,6 +8,7 @@
 //! symbolize the stacks ([`stacks`]) and render the trace from the spill
 //! file in one pass ([`sink`]) into the output ([`trace_file`]).
 
+mod await_chain;
 pub mod detach;
 pub mod drain;
 pub mod launch;
@@ -21,8 +22,8 @@ pub mod spill;
 pub mod stacks;
 pub mod status;
 pub mod target;
-pub mod trace_size;
 pub mod trace_file;
+pub mod trace_size;
 
 pub use loader::Settings;
 pub use session::{Mode, Outcome, RecordOptions, StopReason, TargetSpec, record};
