@@ -390,23 +390,24 @@ impl<'a, W: Write> PerfettoWriter<'a, W> {
                 |_, _, _| {},
             );
         }
-        let types = &self.info.types;
-        self.instant(
-            wake.tid,
-            wake.ts_ns,
-            Name::Wake,
-            Some(Category::Wake),
-            Some(flow),
-            |p, i, seq| {
-                if wake.task_id != 0 {
-                    uint_note(p, Note::TaskId, wake.task_id);
-                }
-                if let Some(iid) = wake.site.and_then(|site| seq.task_type(i, site, types)) {
-                    string_note(p, Note::TaskType, iid);
-                }
-                waker_notes(p, i, seq, Note::Waker, wake.waker);
-            },
-        )
+        // Who woke is in the name (a fixed iid: most wakes on a server are
+        // the I/O driver's, one per request); the woken task's type is on
+        // the poll the flow leads to.
+        let name = match wake.waker {
+            Waker::Driver => Name::WakeByDriver,
+            Waker::Thread => Name::WakeByThread,
+            Waker::Task { .. } => Name::WakeByTask,
+        };
+        self.instant(wake.tid, wake.ts_ns, name, None, Some(flow), |p, _, _| {
+            if wake.task_id != 0 {
+                uint_note(p, Note::TaskId, wake.task_id);
+            }
+            if let Waker::Task { task_id } = wake.waker
+                && task_id != 0
+            {
+                uint_note(p, Note::WakerTaskId, task_id);
+            }
+        })
     }
 
     fn task_end(&mut self, end: &TaskEnd) -> Result<()> {
