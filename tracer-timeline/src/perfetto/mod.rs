@@ -79,7 +79,9 @@ pub struct PerfettoWriter<'a, W: Write> {
     interned: Encoder,
     main: Sequence,
     samples: Sequence,
-    threads: HashMap<u32, ThreadTrack>,
+    /// Boxed: taken out and put back for every output (a sequence's
+    /// interning tables are a few hundred bytes to move otherwise).
+    threads: HashMap<u32, Box<ThreadTrack>>,
     next_sequence: u32,
     counters_described: [bool; 3],
     /// Flows started and not yet ended: a wake whose task was not polled
@@ -189,7 +191,7 @@ impl<'a, W: Write> PerfettoWriter<'a, W> {
 
     /// The thread's track, its sequence started on first use and described
     /// with `name` (or "thread TID" until the timeline names it).
-    fn thread(&mut self, tid: u32, name: Option<&ThreadName>) -> Result<ThreadTrack> {
+    fn thread(&mut self, tid: u32, name: Option<&ThreadName>) -> Result<Box<ThreadTrack>> {
         if let Some(mut thread) = self.threads.remove(&tid) {
             if let Some(name) = name {
                 self.describe_thread(&mut thread, tid, &name.name, name.sort_index)?;
@@ -199,7 +201,7 @@ impl<'a, W: Write> PerfettoWriter<'a, W> {
         let mut sequence = Sequence::new(self.next_sequence, self.info.start_ns);
         self.next_sequence += 1;
         self.start_sequence(&mut sequence, Some(THREAD_UUID_BASE + tid as u64), false)?;
-        let mut thread = ThreadTrack { sequence };
+        let mut thread = Box::new(ThreadTrack { sequence });
         match name {
             Some(name) => self.describe_thread(&mut thread, tid, &name.name, name.sort_index)?,
             None => self.describe_thread(&mut thread, tid, &format!("thread {tid}"), u32::MAX)?,
