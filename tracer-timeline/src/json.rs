@@ -2,7 +2,7 @@
 //! events, for tools that read JSON (`-o trace.json`). Perfetto's native
 //! format ([`crate::perfetto`]) is the default: this one is ~10× larger
 //! (310 against 29 bytes an event on the HTTP benchmark, BENCHMARKS.md),
-//! ~3× slower to write, and has no real CPU samples (Perfetto's JSON
+//! slower to write, and has no real CPU samples (Perfetto's JSON
 //! importer has no callstacks).
 //!
 //! - Slices become complete ("X") events named after the task's type, with
