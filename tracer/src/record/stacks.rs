@@ -184,12 +184,9 @@ impl StackTable {
                 .ok()
                 .filter(|maps| !maps.mappings().is_empty())
         };
-        let maps = match &self.unwinding {
-            Some(unwinding) => {
-                Some(live_maps().unwrap_or_else(|| ProcessMaps::parse(&unwinding.maps_text)))
-            }
-            None => None,
-        };
+        let maps = self.unwinding.as_ref().map(|unwinding| {
+            live_maps().unwrap_or_else(|| ProcessMaps::parse(&unwinding.maps_text))
+        });
         let mut stacks = Vec::with_capacity(self.stacks.len());
         if let Some(maps) = maps {
             let mut symbolizer = Symbolizer::new(&maps);
