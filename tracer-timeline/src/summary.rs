@@ -3,22 +3,12 @@
 use std::fmt;
 use std::path::PathBuf;
 
+use crate::findings::{Finding, findings, format_permille};
 use crate::histogram::Histogram;
 use crate::json::task_label;
 use crate::task_types::TaskTypes;
 use crate::tasks::{LongPoll, TaskTotals, TaskTypeStats};
 use crate::timeline::{ThreadStats, Timeline};
-
-/// A worker doing more than this share of all workers' busy time (in
-/// per-mille) is flagged as an imbalance...
-pub const IMBALANCE_BUSY_SHARE_PERMILLE: u128 = 700;
-/// ...when there are at least this many workers...
-pub const IMBALANCE_MIN_WORKERS: usize = 2;
-/// ...and it was busy at least this share of the recording (per-mille): a
-/// mostly idle runtime is not worth a warning.
-pub const IMBALANCE_MIN_BUSY_PERMILLE: u128 = 100;
-/// A single poll longer than this held its worker hostage: flagged as a hog.
-pub const HOG_POLL_NS: u64 = 10_000_000;
 
 /// One traced thread, as shown in the summary table.
 pub struct WorkerSummary {
@@ -66,6 +56,10 @@ pub struct SchedulerSummary {
 pub struct TaskTypeSummary {
     pub name: String,
     pub stats: TaskTypeStats,
+    /// Where tasks of this type were spawned ("file:line" or a function),
+    /// most spawns first; empty where spawns were not traced or not
+    /// symbolized.
+    pub spawned_from: Vec<String>,
 }
 
 pub struct LongPollSummary {
@@ -82,6 +76,7 @@ impl SchedulerSummary {
             .map(|(site, stats)| TaskTypeSummary {
                 name: types.short_name(site),
                 stats: stats.clone(),
+                spawned_from: Vec::new(),
             })
             .collect();
         task_types.sort_by(|a, b| {
@@ -109,10 +104,19 @@ impl SchedulerSummary {
 impl fmt::Display for Summary {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(f, "recorded {}", human_duration(self.duration_ns))?;
+        let findings = self.findings();
         self.fmt_worker_table(f)?;
-        self.fmt_imbalance(f)?;
+        for finding in findings
+            .iter()
+            .filter(|f| matches!(f, Finding::Imbalance(_)))
+        {
+            writeln!(f, "{finding}")?;
+        }
         self.fmt_tasks(f)?;
         self.fmt_longest_polls(f)?;
+        for finding in findings.iter().filter(|f| matches!(f, Finding::Hog(_))) {
+            writeln!(f, "{finding}")?;
+        }
         self.fmt_scheduling_delay(f)?;
         self.fmt_event_counts(f)?;
         match &self.output {
@@ -131,6 +135,11 @@ impl fmt::Display for Summary {
 }
 
 impl Summary {
+    /// What the summary flags (see [`crate::findings`]).
+    pub fn findings(&self) -> Vec<Finding> {
+        findings(self)
+    }
+
     fn fmt_worker_table(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         if self.workers.is_empty() {
             return writeln!(f, "no worker activity seen");
@@ -172,42 +181,6 @@ impl Summary {
             ]);
         }
         table.write(f, 2)
-    }
-
-    /// One worker doing most of the work while the others sit parked.
-    fn fmt_imbalance(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let workers: Vec<&WorkerSummary> = self
-            .workers
-            .iter()
-            .filter(|w| is_runtime_worker(&w.stats))
-            .collect();
-        if workers.len() < IMBALANCE_MIN_WORKERS || self.duration_ns == 0 {
-            return Ok(());
-        }
-        let all_busy: u64 = workers.iter().map(|w| w.stats.busy_ns).sum();
-        let Some(busiest) = workers.iter().max_by_key(|w| w.stats.busy_ns) else {
-            return Ok(());
-        };
-        let busy = u128::from(busiest.stats.busy_ns);
-        let share = permille(busy, u128::from(all_busy));
-        let of_recording = permille(busy, u128::from(self.duration_ns));
-        if share <= IMBALANCE_BUSY_SHARE_PERMILLE || of_recording < IMBALANCE_MIN_BUSY_PERMILLE {
-            return Ok(());
-        }
-        let others = workers.len() as u128 - 1;
-        let others_parked: u128 = workers
-            .iter()
-            .filter(|w| w.tid != busiest.tid)
-            .map(|w| u128::from(w.stats.parked_ns))
-            .sum();
-        let parked = permille(others_parked, others * u128::from(self.duration_ns));
-        writeln!(
-            f,
-            "IMBALANCE: worker {} did {} of the busy time while others were parked {} of the time",
-            busiest.name,
-            format_permille(share),
-            format_permille(parked)
-        )
     }
 
     fn fmt_tasks(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -278,21 +251,7 @@ impl Summary {
                 ),
             ]);
         }
-        table.write(f, 2)?;
-        for long in polls
-            .iter()
-            .filter(|long| long.poll.duration_ns > HOG_POLL_NS)
-        {
-            writeln!(
-                f,
-                "HOG: {} {} held worker {} for {} in one poll",
-                task_label(long.poll.task_id, long.poll.task),
-                long.name,
-                self.thread_name(long.poll.tid),
-                human_duration(long.poll.duration_ns)
-            )?;
-        }
-        Ok(())
+        table.write(f, 2)
     }
 
     fn fmt_scheduling_delay(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -330,7 +289,8 @@ impl Summary {
         table.write(f, 2)
     }
 
-    fn thread_name(&self, tid: u32) -> String {
+    /// The thread's name, or "tid N".
+    pub(crate) fn thread_name(&self, tid: u32) -> String {
         self.workers
             .iter()
             .find(|w| w.tid == tid)
@@ -367,7 +327,7 @@ impl Summary {
 
 /// A thread of the runtime proper: it polled or parked, and not only
 /// `spawn_blocking` work.
-fn is_runtime_worker(stats: &ThreadStats) -> bool {
+pub(crate) fn is_runtime_worker(stats: &ThreadStats) -> bool {
     stats.ran_tasks_or_parked() && !stats.is_blocking_pool()
 }
 
@@ -376,19 +336,15 @@ fn busy_percent(part: u64, whole: u64) -> String {
     if whole == 0 {
         return "-".to_owned();
     }
-    format_permille(permille(u128::from(part), u128::from(whole)))
+    format_permille(permille(u128::from(part), u128::from(whole)) as u64)
 }
 
 /// `part / whole` in thousandths, rounded; 0 when `whole` is 0.
-fn permille(part: u128, whole: u128) -> u128 {
+pub(crate) fn permille(part: u128, whole: u128) -> u128 {
     if whole == 0 {
         return 0;
     }
     div_round(part * 1000, whole)
-}
-
-fn format_permille(permille: u128) -> String {
-    format!("{}.{}%", permille / 10, permille % 10)
 }
 
 /// A text table whose columns line up: the first column left-aligned, the

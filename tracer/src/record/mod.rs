@@ -21,8 +21,8 @@ pub mod spill;
 pub mod stacks;
 pub mod status;
 pub mod target;
-pub mod trace_size;
 pub mod trace_file;
+pub mod trace_size;
 
 pub use loader::Settings;
 pub use session::{Mode, Outcome, RecordOptions, StopReason, TargetSpec, record};

@@ -77,7 +77,10 @@ impl TraceFile {
         let file = buffered
             .into_inner()
             .map_err(|err| anyhow!("writing {shown}: {}", err.error()))?;
-        let name = self.name.take().expect("a trace file has its temporary's name until finished");
+        let name = self
+            .name
+            .take()
+            .expect("a trace file has its temporary's name until finished");
         self.output.publish(Temporary { file, name })
     }
 }
