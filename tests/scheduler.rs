@@ -258,6 +258,24 @@ fn spawns_record_their_call_site() {
             "call site {call_site:#x} is not spawner.rs:{spawn_line}: {frames:#?}"
         );
     }
+
+    // The trace says it in words: every spawn instant's `spawned_at` is
+    // the closure in main at the tokio::spawn line.
+    let source = std::fs::read_to_string(binary_source("spawner")).unwrap();
+    let spawn_line = source
+        .lines()
+        .position(|line| line.contains("tokio::spawn("))
+        .unwrap()
+        + 1;
+    let spawns = events_with(&trace, "i", "spawn");
+    assert_eq!(spawns.len(), TASKS, "one spawn instant per task");
+    for spawn in spawns {
+        let at = spawn["args"]["spawned_at"].as_str().unwrap_or_default();
+        assert!(
+            at.starts_with("spawner::main") && at.ends_with(&format!("(spawner.rs:{spawn_line})")),
+            "{spawn}"
+        );
+    }
 }
 
 /// The fixture's source file of binary `name`.

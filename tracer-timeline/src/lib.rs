@@ -25,6 +25,7 @@ mod scheduler_tests;
 pub mod summary;
 pub mod summary_json;
 pub mod symbols;
+mod table;
 pub mod task_types;
 pub mod tasks;
 #[cfg(test)]

@@ -400,7 +400,7 @@ fn summary_of(timeline: &Timeline, duration_ns: u64) -> Summary {
                 stats: stats.clone(),
             })
             .collect(),
-        scheduler: SchedulerSummary::from_timeline(timeline, &types()),
+        scheduler: SchedulerSummary::from_timeline(timeline, &types(), &Default::default()),
         ..Summary::default()
     }
 }
@@ -517,7 +517,10 @@ fn chrome_flows_pair_up_and_bind_to_slices() {
         process_name: "test".into(),
         start_ns: 1_000,
         types: types(),
-        symbols: Default::default(),
+        symbols: crate::symbols::Symbols {
+            call_sites: [(0x5555_0009, "app::main (main.rs:7)".to_owned())].into(),
+            ..Default::default()
+        },
     };
     let mut bytes = Vec::new();
     let mut writer = Format::Json.writer(&mut bytes, &info).unwrap();
@@ -544,6 +547,21 @@ fn chrome_flows_pair_up_and_bind_to_slices() {
     }
     writer.finish(&serde_json::json!({})).unwrap();
     drop(writer);
+    // The summary names where each type was spawned from: task 9 (site A).
+    let summary = SchedulerSummary::from_timeline(&timeline, &types(), &info.symbols);
+    let spawned: Vec<_> = summary
+        .task_types
+        .iter()
+        .map(|t| (t.name.as_str(), t.spawned_from.clone()))
+        .filter(|(_, from)| !from.is_empty())
+        .collect();
+    assert_eq!(
+        spawned,
+        vec![(
+            types().short_name(Some(SITE_A)).as_str(),
+            vec!["app::main (main.rs:7)".to_owned()]
+        )]
+    );
 
     let trace: Value = serde_json::from_str(std::str::from_utf8(&bytes).unwrap()).unwrap();
     let events = trace["traceEvents"].as_array().unwrap();
@@ -602,6 +620,7 @@ fn chrome_flows_pair_up_and_bind_to_slices() {
         .find(|i| i["name"] == "spawn task 9")
         .expect("spawn instant");
     assert_eq!(spawn["args"]["call_site"], "0x55550009");
+    assert_eq!(spawn["args"]["spawned_at"], "app::main (main.rs:7)");
     assert!(
         of_phase("M").any(|m| m["name"] == "thread_name" && m["args"]["name"] == "thread #0"),
         "threads are named"

@@ -1,11 +1,14 @@
 //! The short report printed when recording ends.
 
+use std::collections::HashMap;
 use std::fmt;
 use std::path::PathBuf;
 
 use crate::findings::{Finding, findings, format_permille};
 use crate::histogram::Histogram;
 use crate::json::task_label;
+use crate::symbols::Symbols;
+use crate::table::Table;
 use crate::task_types::TaskTypes;
 use crate::tasks::{LongPoll, TaskTotals, TaskTypeStats};
 use crate::timeline::{ThreadStats, Timeline};
@@ -70,13 +73,14 @@ pub struct LongPollSummary {
 
 impl SchedulerSummary {
     /// Collects what the report needs from a finished timeline.
-    pub fn from_timeline(timeline: &Timeline, types: &TaskTypes) -> Self {
+    /// `symbols` name the spawn call sites.
+    pub fn from_timeline(timeline: &Timeline, types: &TaskTypes, symbols: &Symbols) -> Self {
         let mut task_types: Vec<TaskTypeSummary> = timeline
             .task_types()
             .map(|(site, stats)| TaskTypeSummary {
                 name: types.short_name(site),
                 stats: stats.clone(),
-                spawned_from: Vec::new(),
+                spawned_from: spawned_from(&stats.spawn_call_sites, symbols),
             })
             .collect();
         task_types.sort_by(|a, b| {
@@ -99,6 +103,23 @@ impl SchedulerSummary {
             longest_polls,
         }
     }
+}
+
+/// The places tasks were spawned from, most spawns first (call sites on
+/// the same line are one place).
+fn spawned_from(call_sites: &HashMap<u64, u64>, symbols: &Symbols) -> Vec<String> {
+    let mut places: HashMap<&str, u64> = HashMap::new();
+    for (&address, &count) in call_sites {
+        if let Some(place) = symbols.call_site(address) {
+            *places.entry(place).or_default() += count;
+        }
+    }
+    let mut places: Vec<(&str, u64)> = places.into_iter().collect();
+    places.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(b.0)));
+    places
+        .into_iter()
+        .map(|(place, _)| place.to_owned())
+        .collect()
 }
 
 impl fmt::Display for Summary {
@@ -224,7 +245,24 @@ impl Summary {
                 stats.times_woken.to_string(),
             ]);
         }
-        table.write(f, 2)
+        table.write(f, 2)?;
+        let spawned: Vec<&TaskTypeSummary> = scheduler
+            .task_types
+            .iter()
+            .filter(|t| !t.spawned_from.is_empty())
+            .collect();
+        if !spawned.is_empty() {
+            writeln!(f, "spawned from:")?;
+        }
+        for task_type in spawned {
+            writeln!(
+                f,
+                "  {}: {}",
+                task_type.name,
+                task_type.spawned_from.join(", ")
+            )?;
+        }
+        Ok(())
     }
 
     fn fmt_longest_polls(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -345,50 +383,6 @@ pub(crate) fn permille(part: u128, whole: u128) -> u128 {
         return 0;
     }
     div_round(part * 1000, whole)
-}
-
-/// A text table whose columns line up: the first column left-aligned, the
-/// others right-aligned.
-struct Table {
-    rows: Vec<Vec<String>>,
-}
-
-impl Table {
-    fn new(header: &[&str]) -> Self {
-        Self {
-            rows: vec![header.iter().map(|h| (*h).to_owned()).collect()],
-        }
-    }
-
-    fn row(&mut self, cells: Vec<String>) {
-        self.rows.push(cells);
-    }
-
-    fn write(&self, f: &mut fmt::Formatter<'_>, indent: usize) -> fmt::Result {
-        let columns = self.rows[0].len();
-        let widths: Vec<usize> = (0..columns)
-            .map(|column| {
-                self.rows
-                    .iter()
-                    .map(|row| row.get(column).map_or(0, |cell| cell.chars().count()))
-                    .max()
-                    .unwrap_or(0)
-            })
-            .collect();
-        for row in &self.rows {
-            write!(f, "{:indent$}", "")?;
-            for (column, width) in widths.iter().enumerate() {
-                let cell = row.get(column).map_or("", String::as_str);
-                if column == 0 {
-                    write!(f, "{cell:<width$}")?;
-                } else {
-                    write!(f, "  {cell:>width$}")?;
-                }
-            }
-            writeln!(f)?;
-        }
-        Ok(())
-    }
 }
 
 /// A duration in the largest unit that keeps it readable:

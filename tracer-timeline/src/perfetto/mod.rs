@@ -355,21 +355,31 @@ impl<'a, W: Write> PerfettoWriter<'a, W> {
     }
 
     fn spawn(&mut self, spawn: &Spawn) -> Result<()> {
+        let info = self.info;
+        let symbols = &info.symbols;
         self.instant(
             spawn.tid,
             spawn.ts_ns,
             Name::Spawn,
             Some(Category::Spawn),
             Some(spawn.flow),
-            |p, _, _| {
+            |p, i, seq| {
                 if spawn.task_id != 0 {
                     uint_note(p, Note::TaskId, spawn.task_id);
+                }
+                if let Some(at) = symbols.call_site(spawn.call_site) {
+                    let iid = seq.string_value(i, at);
+                    string_note(p, Note::SpawnedAt, iid);
                 }
                 if spawn.spawner_id != 0 {
                     uint_note(p, Note::SpawnerTaskId, spawn.spawner_id);
                 }
                 if spawn.call_site != 0 {
-                    uint_note(p, Note::CallSite, spawn.call_site);
+                    // An address: shown in hex, as JSON's "0x…" string.
+                    p.begin(event::DEBUG_ANNOTATIONS);
+                    p.varint(annotation::NAME_IID, Note::CallSite.iid());
+                    p.varint(annotation::POINTER_VALUE, spawn.call_site);
+                    p.end();
                 }
             },
         )

@@ -62,6 +62,7 @@ pub enum Note {
     WakerTaskId,
     SpawnerTaskId,
     CallSite,
+    SpawnedAt,
     Polls,
     BusyNs,
     LongestPollNs,
@@ -72,7 +73,7 @@ pub enum Note {
     Header,
 }
 
-const NOTES: [&str; 18] = [
+const NOTES: [&str; 19] = [
     "task_id",
     "task_type",
     "waits_at",
@@ -83,6 +84,7 @@ const NOTES: [&str; 18] = [
     "waker_task_id",
     "spawner_task_id",
     "call_site",
+    "spawned_at",
     "polls",
     "busy_ns",
     "longest_poll_ns",

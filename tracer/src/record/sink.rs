@@ -137,7 +137,7 @@ pub fn render(input: RenderInput, recording: Recording, file: &mut TraceFile) ->
         abandoned_polls: timeline.abandoned(),
         output: Some(path),
         trace_bytes: 0,
-        scheduler: SchedulerSummary::from_timeline(&timeline, &info.types),
+        scheduler: SchedulerSummary::from_timeline(&timeline, &info.types, &info.symbols),
     };
     // Findings are decided once, by the summary; the trace carries them too.
     let findings: Vec<serde_json::Value> =
