@@ -2,9 +2,7 @@
 //! ends, the blocking pool, and the summary's flags, on real fixture
 //! programs launched under the tracer.
 
-mod support;
-#[path = "support/trace.rs"]
-mod trace;
+use test_support::{self as support, trace};
 
 use std::collections::{BTreeMap, BTreeSet};
 

@@ -30,10 +30,10 @@ pub fn run(options: &Options) -> Result<()> {
     // root's cargo writing into the user's tests/fixtures/target and cargo
     // home. Built here first, as the user, the tests find them up to date.
     step("building the test fixtures");
-    for profile in ["release", "lto", "release-debug", "lto-debug"] {
+    for profile in test_support::Profile::EVERY {
         cmd::run(
             cargo()
-                .args(["build", "--quiet", "--profile", profile])
+                .args(["build", "--quiet", "--profile", profile.cargo_name()])
                 .current_dir(repo.join("tests/fixtures")),
         )?;
     }
