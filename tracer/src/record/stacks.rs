@@ -200,18 +200,15 @@ impl StackTable {
                 .ok()
                 .filter(|maps| !maps.mappings().is_empty())
         };
-        let maps = match &self.unwinding {
-            Some(unwinding) => {
-                Some(live_maps().unwrap_or_else(|| ProcessMaps::parse(&unwinding.maps_text)))
-            }
-            None => None,
-        };
+        // The maps read at the first capture, or else at the first spawn.
+        let maps_text = self
+            .unwinding
+            .as_ref()
+            .map(|unwinding| unwinding.maps_text.as_str())
+            .or(self.call_site_maps.as_deref());
+        let maps = maps_text.map(|text| live_maps().unwrap_or_else(|| ProcessMaps::parse(text)));
         let mut stacks = Vec::with_capacity(self.stacks.len());
         let mut call_sites = HashMap::new();
-        let maps = maps.or_else(|| {
-            let text = self.call_site_maps.as_deref()?;
-            Some(live_maps().unwrap_or_else(|| ProcessMaps::parse(text)))
-        });
         if let Some(maps) = maps {
             let mut symbolizer = Symbolizer::new(&maps);
             for &address in &self.call_sites {
