@@ -181,3 +181,83 @@ fn hogs(summary: &Summary) -> impl Iterator<Item = Hog> + '_ {
 pub fn format_permille(permille: u64) -> String {
     format!("{}.{}%", permille / 10, permille % 10)
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::summary::{Summary, WorkerSummary};
+    use crate::timeline::ThreadStats;
+
+    fn worker_stats(busy_ns: u64, parked_ns: u64) -> ThreadStats {
+        ThreadStats {
+            polls: 100,
+            parks: 10,
+            busy_ns,
+            parked_ns,
+            ..ThreadStats::default()
+        }
+    }
+
+    fn summary_with(workers: Vec<ThreadStats>) -> Summary {
+        Summary {
+            duration_ns: 1_000_000_000,
+            workers: workers
+                .into_iter()
+                .enumerate()
+                .map(|(i, stats)| WorkerSummary {
+                    tid: 100 + i as u32,
+                    name: format!("worker #{i}"),
+                    stats,
+                })
+                .collect(),
+            ..Summary::default()
+        }
+    }
+
+    #[test]
+    fn imbalance_is_flagged_when_one_worker_does_the_work() {
+        let text = summary_with(vec![
+            worker_stats(900_000_000, 50_000_000),
+            worker_stats(10_000_000, 980_000_000),
+            worker_stats(0, 1_000_000_000),
+        ])
+        .to_string();
+        let line = text
+            .lines()
+            .find(|l| l.starts_with("IMBALANCE"))
+            .unwrap_or_else(|| panic!("{text}"));
+        assert!(
+            line.contains("worker #0") && line.contains("98.9%"),
+            "{line}"
+        );
+        assert!(
+            line.contains("99.0%"),
+            "others parked (980+1000)/2000: {line}"
+        );
+    }
+
+    #[test]
+    fn balanced_or_idle_runtimes_are_not_flagged() {
+        let balanced = summary_with(vec![
+            worker_stats(500_000_000, 400_000_000),
+            worker_stats(450_000_000, 500_000_000),
+        ])
+        .to_string();
+        assert!(!balanced.contains("IMBALANCE"), "{balanced}");
+        // One worker did everything, but that was 1% of the time.
+        let idle = summary_with(vec![
+            worker_stats(10_000_000, 0),
+            worker_stats(0, 990_000_000),
+        ])
+        .to_string();
+        assert!(!idle.contains("IMBALANCE"), "{idle}");
+        // A lone worker cannot be unbalanced; a blocking-pool thread is not a worker.
+        let blocking = ThreadStats {
+            polls: 3,
+            blocking_polls: 3,
+            busy_ns: 10_000_000,
+            ..ThreadStats::default()
+        };
+        let lone = summary_with(vec![worker_stats(900_000_000, 0), blocking]).to_string();
+        assert!(!lone.contains("IMBALANCE"), "{lone}");
+    }
+}
