@@ -1,8 +1,6 @@
 //! Bad input gets a clear, specific error, a non-zero exit, and no file.
 
-mod support;
-#[path = "support/trace.rs"]
-mod trace;
+use test_support::{self as support, trace};
 
 use std::os::unix::process::CommandExt;
 use std::process::Command;

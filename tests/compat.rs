@@ -12,9 +12,7 @@
 
 #[path = "compat/matrix.rs"]
 mod matrix;
-mod support;
-#[path = "support/trace.rs"]
-mod trace;
+use test_support::{self as support, trace};
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;

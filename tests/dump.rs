@@ -8,9 +8,7 @@
 //! build cannot show, its async fns being inlined — every `.await` of the
 //! fixture's source on the way, with its line.
 
-mod support;
-#[path = "support/trace.rs"]
-mod trace;
+use test_support::{self as support, trace};
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{BufRead, BufReader};

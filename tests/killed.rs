@@ -2,9 +2,7 @@
 //! `systemctl stop` and the OOM killer do) leaves nothing behind: no
 //! breakpoint in the target's code, no file in the output's directory.
 
-mod support;
-#[path = "support/trace.rs"]
-mod trace;
+use test_support::{self as support, trace};
 
 use std::io::{BufRead, BufReader, Read, Seek, SeekFrom};
 use std::path::Path;

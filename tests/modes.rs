@@ -1,9 +1,7 @@
 //! What each `--mode` records, and that tracing leaves the traced program's
 //! results alone: real fixtures, real probes (as root).
 
-mod support;
-#[path = "support/trace.rs"]
-mod trace;
+use test_support::{self as support, trace};
 
 use serde_json::Value;
 use support::Profile;

@@ -3,9 +3,7 @@
 //! replaces a device or FIFO, checks every output path before attaching, and
 //! leaves its files private to the user who asked for them.
 
-mod support;
-#[path = "support/trace.rs"]
-mod trace;
+use test_support::{self as support, trace};
 
 use std::ffi::CString;
 use std::io::Read;

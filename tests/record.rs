@@ -1,9 +1,7 @@
 //! End to end: real tokio fixture processes, real uprobes (as root), and
 //! assertions on the trace file the tracer writes.
 
-mod support;
-#[path = "support/trace.rs"]
-mod trace;
+use test_support::{self as support, trace};
 
 use std::collections::{BTreeMap, BTreeSet};
 

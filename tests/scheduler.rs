@@ -2,9 +2,7 @@
 //! ends, the blocking pool, and the summary's flags, on real fixture
 //! programs launched under the tracer.
 
-mod support;
-#[path = "support/trace.rs"]
-mod trace;
+use test_support::{self as support, trace};
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -258,6 +256,24 @@ fn spawns_record_their_call_site() {
             "call site {call_site:#x} is not spawner.rs:{spawn_line}: {frames:#?}"
         );
     }
+
+    // The trace says it in words: every spawn instant's `spawned_at` is
+    // the closure in main at the tokio::spawn line.
+    let source = std::fs::read_to_string(binary_source("spawner")).unwrap();
+    let spawn_line = source
+        .lines()
+        .position(|line| line.contains("tokio::spawn("))
+        .unwrap()
+        + 1;
+    let spawns = events_with(&trace, "i", "spawn");
+    assert_eq!(spawns.len(), TASKS, "one spawn instant per task");
+    for spawn in spawns {
+        let at = spawn["args"]["spawned_at"].as_str().unwrap_or_default();
+        assert!(
+            at.starts_with("spawner::main") && at.ends_with(&format!("(spawner.rs:{spawn_line})")),
+            "{spawn}"
+        );
+    }
 }
 
 /// The fixture's source file of binary `name`.
@@ -337,6 +353,7 @@ fn a_task_hogging_its_worker_is_flagged() {
     let fixture = Fixture::start("multi_worker", Profile::Release, 60.0);
     let dir = scratch_dir("imbalance");
     let output = dir.join("trace.pftrace");
+    let summary_json = dir.join("summary.json");
     let result = run(tracer()
         .args([
             "--pid",
@@ -345,7 +362,9 @@ fn a_task_hogging_its_worker_is_flagged() {
             "2s",
             "-o",
         ])
-        .arg(&output));
+        .arg(&output)
+        .arg("--summary-json")
+        .arg(&summary_json));
     assert!(result.status.success(), "{}", describe(&result));
     let stdout = String::from_utf8_lossy(&result.stdout);
     assert!(stdout.contains("IMBALANCE: worker"), "{stdout}");
@@ -353,6 +372,54 @@ fn a_task_hogging_its_worker_is_flagged() {
         stdout.contains("HOG: task") && stdout.contains("fixture_busy_task"),
         "{stdout}"
     );
+
+    // The same findings, as data: in --summary-json...
+    let text = std::fs::read_to_string(&summary_json).expect("--summary-json was written");
+    let summary: Value = serde_json::from_str(&text).expect("--summary-json is JSON");
+    let workers = summary["workers"].as_array().expect("workers");
+    let polls: u64 = workers.iter().map(|w| w["polls"].as_u64().unwrap()).sum();
+    assert!(polls > 100, "{summary}");
+    assert_eq!(summary["polls"].as_u64(), Some(polls), "{summary}");
+    assert!(
+        workers
+            .iter()
+            .filter(|w| w["runtime_worker"] == true)
+            .count()
+            >= 2,
+        "{summary}"
+    );
+    let findings = summary["findings"].as_array().expect("findings");
+    let hog = findings
+        .iter()
+        .find(|f| f["kind"] == "HOG")
+        .unwrap_or_else(|| panic!("no HOG finding: {summary}"));
+    assert!(
+        hog["task_type"]
+            .as_str()
+            .is_some_and(|t| t.contains("fixture_busy_task")),
+        "{hog}"
+    );
+    // The busy task spins 50 ms a poll.
+    assert!(hog["poll_ns"].as_u64().unwrap() >= 40_000_000, "{hog}");
+    assert!(hog["task_id"].as_u64().unwrap() > 0, "{hog}");
+    let imbalance = findings
+        .iter()
+        .find(|f| f["kind"] == "IMBALANCE")
+        .unwrap_or_else(|| panic!("no IMBALANCE finding: {summary}"));
+    assert!(
+        imbalance["busy_share_permille"].as_u64().unwrap() > 700,
+        "{imbalance}"
+    );
+    assert_eq!(imbalance["worker"], hog["worker"], "{summary}");
+    assert!(stdout.contains(hog["worker"].as_str().unwrap()), "{stdout}");
+
+    // ...and in the trace's metadata (a JSON string in a Perfetto trace).
+    let trace = Trace::load(&output);
+    let in_trace = match &trace.metadata()["findings"] {
+        Value::String(text) => serde_json::from_str(text).expect("findings are JSON"),
+        other => other.clone(),
+    };
+    assert_eq!(&in_trace, &summary["findings"], "{}", trace.metadata());
 }
 
 #[test]

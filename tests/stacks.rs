@@ -4,9 +4,7 @@
 //! built with line tables and without frame pointers (`release-debug`,
 //! `lto-debug`), so the tracer must unwind from .eh_frame.
 
-mod support;
-#[path = "support/trace.rs"]
-mod trace;
+use test_support::{self as support, trace};
 
 use std::ops::RangeInclusive;
 use std::path::PathBuf;

@@ -1,7 +1,5 @@
-//! Running the tracer and reading back the trace it wrote. Included by the
-//! tracer package's tests only (it needs the tracer binary's path), next to
-//! `support/mod.rs`.
-#![allow(dead_code)]
+//! Running the tracer and reading back the trace it wrote (the tracer
+//! package's integration tests).
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -10,13 +8,30 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use crate::support::{self, Profile};
+use crate::fixtures::{self as support, Profile};
 
 /// The tracer binary under test.
 pub fn tracer() -> Command {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_rt-ebpf-trace"));
+    let mut command = Command::new(tracer_binary());
     command.env("RUST_LOG", "warn");
     command
+}
+
+/// Cargo builds a package's binaries before its integration tests, into the
+/// directory above the tests' own (`target/<profile>/deps/<test>-<hash>`).
+fn tracer_binary() -> PathBuf {
+    let test = std::env::current_exe().expect("the test's own path");
+    let binary = test
+        .ancestors()
+        .nth(2)
+        .expect("a test binary is in target/<profile>/deps")
+        .join("rt-ebpf-trace");
+    assert!(
+        binary.exists(),
+        "{} is missing: run the tracer's tests with cargo (`cargo xtask test`)",
+        binary.display()
+    );
+    binary
 }
 
 /// Integration tests attach real probes: they need root. Say so plainly
@@ -70,13 +85,15 @@ impl Drop for Fixture {
     }
 }
 
-/// A fresh directory for one test's output files.
+/// A fresh directory of its own (a new name in `$TMPDIR`, made by
+/// `tempfile`) for one test's output files. It is kept after the test, so
+/// that a failed test's trace can be looked at.
 pub fn scratch_dir(test: &str) -> PathBuf {
-    let dir =
-        std::env::temp_dir().join(format!("rt-ebpf-trace-test-{}-{test}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+    tempfile::Builder::new()
+        .prefix(&format!("rt-ebpf-trace-test-{test}-"))
+        .tempdir()
+        .expect("a scratch directory in $TMPDIR")
+        .keep()
 }
 
 /// Held while a tracer runs: one tracer at a time across all tests.
@@ -86,7 +103,10 @@ pub fn scratch_dir(test: &str) -> PathBuf {
 /// entry events (see NOTES.md). The tests trace the same fixture binaries
 /// in parallel threads, so they take turns; this also keeps the 2-core CI
 /// machine from being oversubscribed by busy fixtures.
-pub struct TracerTurn(std::fs::File);
+pub struct TracerTurn {
+    /// Locked while the turn lasts; closing it unlocks.
+    _lock: std::fs::File,
+}
 
 pub fn tracer_turn() -> TracerTurn {
     let path = std::env::temp_dir().join("rt-ebpf-trace-tests.lock");
@@ -97,7 +117,7 @@ pub fn tracer_turn() -> TracerTurn {
         .open(&path)
         .expect("open lock file");
     file.lock().expect("lock");
-    TracerTurn(file)
+    TracerTurn { _lock: file }
 }
 
 /// Runs the tracer to completion, with a generous time limit.

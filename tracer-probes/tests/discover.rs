@@ -1,8 +1,7 @@
 //! `discover` on the real fixture programs: the probe sites, their file
 //! offsets and instructions, and the task type names.
 
-#[path = "../../tests/support/mod.rs"]
-mod support;
+use test_support as support;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

@@ -5,8 +5,7 @@
 //! graph built here, one instruction per node.
 
 mod common;
-#[path = "../../tests/support/mod.rs"]
-mod support;
+use test_support as support;
 
 use common::fixtures;
 use iced_x86::{

@@ -3,8 +3,7 @@
 //! decoded here from the enclosing symbol independently of `discover`.
 
 mod common;
-#[path = "../../tests/support/mod.rs"]
-mod support;
+use test_support as support;
 
 use common::fixtures;
 use iced_x86::{Code, Decoder, DecoderOptions, FlowControl, Instruction, OpKind, Register};

@@ -4,8 +4,7 @@
 //! the fixture's own symbol table, independently of `vtables`.
 
 mod common;
-#[path = "../../tests/support/mod.rs"]
-mod support;
+use test_support as support;
 
 use std::collections::HashSet;
 

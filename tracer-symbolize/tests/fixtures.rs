@@ -9,11 +9,11 @@ use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-#[path = "../../tests/support/mod.rs"]
-mod support;
+use test_support as support;
 
 use object::{Object, ObjectSegment, ObjectSymbol};
 use support::Profile;
+use tempfile::TempDir;
 use tracer_symbolize::{CapturedStack, DebugInfoLocator, Frame, ProcessMaps, Symbolizer, Unwinder};
 
 fn dwarf_fixtures() -> &'static Path {
@@ -22,28 +22,17 @@ fn dwarf_fixtures() -> &'static Path {
 }
 
 /// A fresh directory of this test's own, removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(name: &str) -> Self {
-        let dir =
-            std::env::temp_dir().join(format!("tracer-symbolize-{}-{name}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        TempDir(dir)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
+fn temp_dir(name: &str) -> TempDir {
+    tempfile::Builder::new()
+        .prefix(&format!("tracer-symbolize-{name}-"))
+        .tempdir()
+        .unwrap()
 }
 
 /// Copies a fixture binary into `dir`: other tests may rebuild the original
 /// while we read or run it.
 fn copy_into(binary: &Path, dir: &TempDir) -> PathBuf {
-    let copy = dir.0.join(binary.file_name().unwrap());
+    let copy = dir.path().join(binary.file_name().unwrap());
     std::fs::copy(binary, &copy).unwrap();
     copy
 }
@@ -153,7 +142,7 @@ fn check_spin_for_with_lines(symbolizer: &mut Symbolizer, spin_for: Range<u64>) 
 
 #[test]
 fn release_build_without_dwarf_names_functions_from_symbols() {
-    let dir = TempDir::new("release");
+    let dir = temp_dir("release");
     let binary = copy_into(&support::fixture("multi_worker", Profile::Release), &dir);
     assert!(!has_debug_info(&binary), "the release profile has no DWARF");
     let spin_for = function_range(&binary, "fixtures::spin_for");
@@ -174,7 +163,7 @@ fn release_build_without_dwarf_names_functions_from_symbols() {
 
 #[test]
 fn dwarf_build_gives_lines_and_inline_chains() {
-    let dir = TempDir::new("dwarf");
+    let dir = temp_dir("dwarf");
     let binary = copy_into(&dwarf_fixtures().join("multi_worker"), &dir);
     assert!(has_debug_info(&binary));
     let spin_for = function_range(&binary, "fixtures::spin_for");
@@ -193,9 +182,9 @@ fn dwarf_build_gives_lines_and_inline_chains() {
 
 #[test]
 fn separate_debug_file_through_gnu_debuglink() {
-    let dir = TempDir::new("debuglink");
+    let dir = temp_dir("debuglink");
     let binary = copy_into(&dwarf_fixtures().join("multi_worker"), &dir);
-    let debug = dir.0.join("multi_worker.debug");
+    let debug = dir.path().join("multi_worker.debug");
     // Without build IDs, only the debuglink's CRC can tell a debug file
     // that belongs to the binary from one that does not.
     run(
@@ -261,7 +250,7 @@ fn separate_debug_file_through_gnu_debuglink() {
 
 #[test]
 fn separate_debug_file_through_build_id() {
-    let dir = TempDir::new("build-id");
+    let dir = temp_dir("build-id");
     let binary = copy_into(&dwarf_fixtures().join("multi_worker"), &dir);
     let build_id: String = {
         let data = std::fs::read(&binary).unwrap();
@@ -273,7 +262,7 @@ fn separate_debug_file_through_build_id() {
             .map(|b| format!("{b:02x}"))
             .collect()
     };
-    let debug_dir = dir.0.join("debug");
+    let debug_dir = dir.path().join("debug");
     let id_dir = debug_dir.join(".build-id").join(&build_id[..2]);
     std::fs::create_dir_all(&id_dir).unwrap();
     let debug = id_dir.join(format!("{}.debug", &build_id[2..]));
@@ -387,7 +376,7 @@ fn sample_thread(pid: u32, tid: i32) -> Option<(u64, u64, u64, Vec<u8>)> {
 
 #[test]
 fn unwinds_and_symbolizes_a_running_fixture_from_outside() {
-    let dir = TempDir::new("running");
+    let dir = temp_dir("running");
     let binary = copy_into(&dwarf_fixtures().join("multi_worker"), &dir);
     let (_running, pid) = start(&binary);
     let maps = ProcessMaps::read(pid).unwrap();

@@ -109,6 +109,7 @@ impl<'a, W: Write> JsonWriter<'a, W> {
             // The type is known only from the task's polls, which come later.
             "spawner": spawner_label(spawn.spawner_id),
             "call_site": call_site,
+            "spawned_at": self.info.symbols.call_site(spawn.call_site),
         });
         let ts = self.relative(spawn.ts_ns);
         let name = format!("spawn {}", task_label(spawn.task_id, spawn.task));

@@ -10,10 +10,12 @@
 //!   Perfetto's native protobuf (the default), [`json`] Chrome JSON through
 //!   [`chrome`]. [`symbols`] holds the symbolized stacks they look up.
 //! - [`task_types`] names task types by probe site.
-//! - [`summary`] renders the short text report printed when recording ends.
+//! - [`summary`] renders the short text report printed when recording ends;
+//!   [`findings`] decides what it flags (HOG, IMBALANCE) as typed values.
 
 pub mod chrome;
 pub mod counters;
+pub mod findings;
 pub mod histogram;
 pub mod json;
 pub mod output;
@@ -21,7 +23,9 @@ pub mod perfetto;
 #[cfg(test)]
 mod scheduler_tests;
 pub mod summary;
+pub mod summary_json;
 pub mod symbols;
+mod table;
 pub mod task_types;
 pub mod tasks;
 #[cfg(test)]

@@ -188,6 +188,8 @@ pub struct TaskStats {
     pub spawned_ns: Option<u64>,
     /// The spawning task's id; 0 when not spawned from a task or not seen.
     pub spawner_id: u64,
+    /// Where it was spawned (`Spawn::call_site`); 0 if unknown.
+    pub spawn_call_site: u64,
     /// The first event that mentioned the task: its life in the trace starts here.
     pub first_seen_ns: u64,
     pub polls: u64,

@@ -11,7 +11,7 @@ use crate::output::{TimelineOutput, Wake, Waker, WokenPoll};
 use crate::summary::{SchedulerSummary, Summary, WorkerSummary};
 use crate::task_types::{TaskName, TaskTypes};
 use crate::test_util::{event, park_end, park_start, poll_end};
-use crate::timeline::{ThreadStats, Timeline};
+use crate::timeline::Timeline;
 use crate::writer::{Format, TraceInfo};
 
 const SITE_A: u32 = 0;
@@ -400,83 +400,9 @@ fn summary_of(timeline: &Timeline, duration_ns: u64) -> Summary {
                 stats: stats.clone(),
             })
             .collect(),
-        scheduler: SchedulerSummary::from_timeline(timeline, &types()),
+        scheduler: SchedulerSummary::from_timeline(timeline, &types(), &Default::default()),
         ..Summary::default()
     }
-}
-
-fn worker_stats(busy_ns: u64, parked_ns: u64) -> ThreadStats {
-    ThreadStats {
-        polls: 100,
-        parks: 10,
-        busy_ns,
-        parked_ns,
-        ..ThreadStats::default()
-    }
-}
-
-fn summary_with(workers: Vec<ThreadStats>) -> Summary {
-    Summary {
-        duration_ns: 1_000_000_000,
-        workers: workers
-            .into_iter()
-            .enumerate()
-            .map(|(i, stats)| WorkerSummary {
-                tid: 100 + i as u32,
-                name: format!("worker #{i}"),
-                stats,
-            })
-            .collect(),
-        ..Summary::default()
-    }
-}
-
-#[test]
-fn imbalance_is_flagged_when_one_worker_does_the_work() {
-    let text = summary_with(vec![
-        worker_stats(900_000_000, 50_000_000),
-        worker_stats(10_000_000, 980_000_000),
-        worker_stats(0, 1_000_000_000),
-    ])
-    .to_string();
-    let line = text
-        .lines()
-        .find(|l| l.starts_with("IMBALANCE"))
-        .unwrap_or_else(|| panic!("{text}"));
-    assert!(
-        line.contains("worker #0") && line.contains("98.9%"),
-        "{line}"
-    );
-    assert!(
-        line.contains("99.0%"),
-        "others parked (980+1000)/2000: {line}"
-    );
-}
-
-#[test]
-fn balanced_or_idle_runtimes_are_not_flagged() {
-    let balanced = summary_with(vec![
-        worker_stats(500_000_000, 400_000_000),
-        worker_stats(450_000_000, 500_000_000),
-    ])
-    .to_string();
-    assert!(!balanced.contains("IMBALANCE"), "{balanced}");
-    // One worker did everything, but that was 1% of the time.
-    let idle = summary_with(vec![
-        worker_stats(10_000_000, 0),
-        worker_stats(0, 990_000_000),
-    ])
-    .to_string();
-    assert!(!idle.contains("IMBALANCE"), "{idle}");
-    // A lone worker cannot be unbalanced; a blocking-pool thread is not a worker.
-    let blocking = ThreadStats {
-        polls: 3,
-        blocking_polls: 3,
-        busy_ns: 10_000_000,
-        ..ThreadStats::default()
-    };
-    let lone = summary_with(vec![worker_stats(900_000_000, 0), blocking]).to_string();
-    assert!(!lone.contains("IMBALANCE"), "{lone}");
 }
 
 #[test]
@@ -517,7 +443,10 @@ fn chrome_flows_pair_up_and_bind_to_slices() {
         process_name: "test".into(),
         start_ns: 1_000,
         types: types(),
-        symbols: Default::default(),
+        symbols: crate::symbols::Symbols {
+            call_sites: [(0x5555_0009, "app::main (main.rs:7)".to_owned())].into(),
+            ..Default::default()
+        },
     };
     let mut bytes = Vec::new();
     let mut writer = Format::Json.writer(&mut bytes, &info).unwrap();
@@ -544,6 +473,21 @@ fn chrome_flows_pair_up_and_bind_to_slices() {
     }
     writer.finish(&serde_json::json!({})).unwrap();
     drop(writer);
+    // The summary names where each type was spawned from: task 9 (site A).
+    let summary = SchedulerSummary::from_timeline(&timeline, &types(), &info.symbols);
+    let spawned: Vec<_> = summary
+        .task_types
+        .iter()
+        .map(|t| (t.name.as_str(), t.spawned_from.clone()))
+        .filter(|(_, from)| !from.is_empty())
+        .collect();
+    assert_eq!(
+        spawned,
+        vec![(
+            types().short_name(Some(SITE_A)).as_str(),
+            vec!["app::main (main.rs:7)".to_owned()]
+        )]
+    );
 
     let trace: Value = serde_json::from_str(std::str::from_utf8(&bytes).unwrap()).unwrap();
     let events = trace["traceEvents"].as_array().unwrap();
@@ -602,6 +546,7 @@ fn chrome_flows_pair_up_and_bind_to_slices() {
         .find(|i| i["name"] == "spawn task 9")
         .expect("spawn instant");
     assert_eq!(spawn["args"]["call_site"], "0x55550009");
+    assert_eq!(spawn["args"]["spawned_at"], "app::main (main.rs:7)");
     assert!(
         of_phase("M").any(|m| m["name"] == "thread_name" && m["args"]["name"] == "thread #0"),
         "threads are named"

@@ -1,24 +1,17 @@
 //! The short report printed when recording ends.
 
+use std::collections::HashMap;
 use std::fmt;
 use std::path::PathBuf;
 
+use crate::findings::{Finding, findings, format_permille};
 use crate::histogram::Histogram;
 use crate::json::task_label;
+use crate::symbols::Symbols;
+use crate::table::Table;
 use crate::task_types::TaskTypes;
 use crate::tasks::{LongPoll, TaskTotals, TaskTypeStats};
 use crate::timeline::{ThreadStats, Timeline};
-
-/// A worker doing more than this share of all workers' busy time (in
-/// per-mille) is flagged as an imbalance...
-pub const IMBALANCE_BUSY_SHARE_PERMILLE: u128 = 700;
-/// ...when there are at least this many workers...
-pub const IMBALANCE_MIN_WORKERS: usize = 2;
-/// ...and it was busy at least this share of the recording (per-mille): a
-/// mostly idle runtime is not worth a warning.
-pub const IMBALANCE_MIN_BUSY_PERMILLE: u128 = 100;
-/// A single poll longer than this held its worker hostage: flagged as a hog.
-pub const HOG_POLL_NS: u64 = 10_000_000;
 
 /// One traced thread, as shown in the summary table.
 pub struct WorkerSummary {
@@ -66,6 +59,10 @@ pub struct SchedulerSummary {
 pub struct TaskTypeSummary {
     pub name: String,
     pub stats: TaskTypeStats,
+    /// Where tasks of this type were spawned ("file:line" or a function),
+    /// most spawns first; empty where spawns were not traced or not
+    /// symbolized.
+    pub spawned_from: Vec<String>,
 }
 
 pub struct LongPollSummary {
@@ -76,12 +73,14 @@ pub struct LongPollSummary {
 
 impl SchedulerSummary {
     /// Collects what the report needs from a finished timeline.
-    pub fn from_timeline(timeline: &Timeline, types: &TaskTypes) -> Self {
+    /// `symbols` name the spawn call sites.
+    pub fn from_timeline(timeline: &Timeline, types: &TaskTypes, symbols: &Symbols) -> Self {
         let mut task_types: Vec<TaskTypeSummary> = timeline
             .task_types()
             .map(|(site, stats)| TaskTypeSummary {
                 name: types.short_name(site),
                 stats: stats.clone(),
+                spawned_from: spawned_from(&stats.spawn_call_sites, symbols),
             })
             .collect();
         task_types.sort_by(|a, b| {
@@ -106,13 +105,39 @@ impl SchedulerSummary {
     }
 }
 
+/// The places tasks were spawned from, most spawns first (call sites on
+/// the same line are one place).
+fn spawned_from(call_sites: &HashMap<u64, u64>, symbols: &Symbols) -> Vec<String> {
+    let mut places: HashMap<&str, u64> = HashMap::new();
+    for (&address, &count) in call_sites {
+        if let Some(place) = symbols.call_site(address) {
+            *places.entry(place).or_default() += count;
+        }
+    }
+    let mut places: Vec<(&str, u64)> = places.into_iter().collect();
+    places.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(b.0)));
+    places
+        .into_iter()
+        .map(|(place, _)| place.to_owned())
+        .collect()
+}
+
 impl fmt::Display for Summary {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(f, "recorded {}", human_duration(self.duration_ns))?;
+        let findings = self.findings();
         self.fmt_worker_table(f)?;
-        self.fmt_imbalance(f)?;
+        for finding in findings
+            .iter()
+            .filter(|f| matches!(f, Finding::Imbalance(_)))
+        {
+            writeln!(f, "{finding}")?;
+        }
         self.fmt_tasks(f)?;
         self.fmt_longest_polls(f)?;
+        for finding in findings.iter().filter(|f| matches!(f, Finding::Hog(_))) {
+            writeln!(f, "{finding}")?;
+        }
         self.fmt_scheduling_delay(f)?;
         self.fmt_event_counts(f)?;
         match &self.output {
@@ -131,6 +156,11 @@ impl fmt::Display for Summary {
 }
 
 impl Summary {
+    /// What the summary flags (see [`crate::findings`]).
+    pub fn findings(&self) -> Vec<Finding> {
+        findings(self)
+    }
+
     fn fmt_worker_table(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         if self.workers.is_empty() {
             return writeln!(f, "no worker activity seen");
@@ -174,42 +204,6 @@ impl Summary {
         table.write(f, 2)
     }
 
-    /// One worker doing most of the work while the others sit parked.
-    fn fmt_imbalance(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let workers: Vec<&WorkerSummary> = self
-            .workers
-            .iter()
-            .filter(|w| is_runtime_worker(&w.stats))
-            .collect();
-        if workers.len() < IMBALANCE_MIN_WORKERS || self.duration_ns == 0 {
-            return Ok(());
-        }
-        let all_busy: u64 = workers.iter().map(|w| w.stats.busy_ns).sum();
-        let Some(busiest) = workers.iter().max_by_key(|w| w.stats.busy_ns) else {
-            return Ok(());
-        };
-        let busy = u128::from(busiest.stats.busy_ns);
-        let share = permille(busy, u128::from(all_busy));
-        let of_recording = permille(busy, u128::from(self.duration_ns));
-        if share <= IMBALANCE_BUSY_SHARE_PERMILLE || of_recording < IMBALANCE_MIN_BUSY_PERMILLE {
-            return Ok(());
-        }
-        let others = workers.len() as u128 - 1;
-        let others_parked: u128 = workers
-            .iter()
-            .filter(|w| w.tid != busiest.tid)
-            .map(|w| u128::from(w.stats.parked_ns))
-            .sum();
-        let parked = permille(others_parked, others * u128::from(self.duration_ns));
-        writeln!(
-            f,
-            "IMBALANCE: worker {} did {} of the busy time while others were parked {} of the time",
-            busiest.name,
-            format_permille(share),
-            format_permille(parked)
-        )
-    }
-
     fn fmt_tasks(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let scheduler = &self.scheduler;
         let totals = &scheduler.totals;
@@ -251,7 +245,24 @@ impl Summary {
                 stats.times_woken.to_string(),
             ]);
         }
-        table.write(f, 2)
+        table.write(f, 2)?;
+        let spawned: Vec<&TaskTypeSummary> = scheduler
+            .task_types
+            .iter()
+            .filter(|t| !t.spawned_from.is_empty())
+            .collect();
+        if !spawned.is_empty() {
+            writeln!(f, "spawned from:")?;
+        }
+        for task_type in spawned {
+            writeln!(
+                f,
+                "  {}: {}",
+                task_type.name,
+                task_type.spawned_from.join(", ")
+            )?;
+        }
+        Ok(())
     }
 
     fn fmt_longest_polls(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -278,21 +289,7 @@ impl Summary {
                 ),
             ]);
         }
-        table.write(f, 2)?;
-        for long in polls
-            .iter()
-            .filter(|long| long.poll.duration_ns > HOG_POLL_NS)
-        {
-            writeln!(
-                f,
-                "HOG: {} {} held worker {} for {} in one poll",
-                task_label(long.poll.task_id, long.poll.task),
-                long.name,
-                self.thread_name(long.poll.tid),
-                human_duration(long.poll.duration_ns)
-            )?;
-        }
-        Ok(())
+        table.write(f, 2)
     }
 
     fn fmt_scheduling_delay(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -330,7 +327,8 @@ impl Summary {
         table.write(f, 2)
     }
 
-    fn thread_name(&self, tid: u32) -> String {
+    /// The thread's name, or "tid N".
+    pub(crate) fn thread_name(&self, tid: u32) -> String {
         self.workers
             .iter()
             .find(|w| w.tid == tid)
@@ -367,7 +365,7 @@ impl Summary {
 
 /// A thread of the runtime proper: it polled or parked, and not only
 /// `spawn_blocking` work.
-fn is_runtime_worker(stats: &ThreadStats) -> bool {
+pub(crate) fn is_runtime_worker(stats: &ThreadStats) -> bool {
     stats.ran_tasks_or_parked() && !stats.is_blocking_pool()
 }
 
@@ -376,63 +374,15 @@ fn busy_percent(part: u64, whole: u64) -> String {
     if whole == 0 {
         return "-".to_owned();
     }
-    format_permille(permille(u128::from(part), u128::from(whole)))
+    format_permille(permille(u128::from(part), u128::from(whole)) as u64)
 }
 
 /// `part / whole` in thousandths, rounded; 0 when `whole` is 0.
-fn permille(part: u128, whole: u128) -> u128 {
+pub(crate) fn permille(part: u128, whole: u128) -> u128 {
     if whole == 0 {
         return 0;
     }
     div_round(part * 1000, whole)
-}
-
-fn format_permille(permille: u128) -> String {
-    format!("{}.{}%", permille / 10, permille % 10)
-}
-
-/// A text table whose columns line up: the first column left-aligned, the
-/// others right-aligned.
-struct Table {
-    rows: Vec<Vec<String>>,
-}
-
-impl Table {
-    fn new(header: &[&str]) -> Self {
-        Self {
-            rows: vec![header.iter().map(|h| (*h).to_owned()).collect()],
-        }
-    }
-
-    fn row(&mut self, cells: Vec<String>) {
-        self.rows.push(cells);
-    }
-
-    fn write(&self, f: &mut fmt::Formatter<'_>, indent: usize) -> fmt::Result {
-        let columns = self.rows[0].len();
-        let widths: Vec<usize> = (0..columns)
-            .map(|column| {
-                self.rows
-                    .iter()
-                    .map(|row| row.get(column).map_or(0, |cell| cell.chars().count()))
-                    .max()
-                    .unwrap_or(0)
-            })
-            .collect();
-        for row in &self.rows {
-            write!(f, "{:indent$}", "")?;
-            for (column, width) in widths.iter().enumerate() {
-                let cell = row.get(column).map_or("", String::as_str);
-                if column == 0 {
-                    write!(f, "{cell:<width$}")?;
-                } else {
-                    write!(f, "  {cell:>width$}")?;
-                }
-            }
-            writeln!(f)?;
-        }
-        Ok(())
-    }
 }
 
 /// A duration in the largest unit that keeps it readable:

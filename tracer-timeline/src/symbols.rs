@@ -93,9 +93,20 @@ pub struct Symbols {
     /// (task id, await key) → index in `await_chains`.
     pub await_points: HashMap<(u64, u64), u32>,
     pub await_chains: Vec<AwaitPoint>,
+    /// Spawn call sites (the address `spawn` returns to) → where the spawn
+    /// was called, described ("app::main (main.rs:12)").
+    pub call_sites: HashMap<u64, String>,
 }
 
 impl Symbols {
+    /// Where a spawn with this call site was called from, if symbolized.
+    pub fn call_site(&self, address: u64) -> Option<&str> {
+        if address == 0 {
+            return None;
+        }
+        self.call_sites.get(&address).map(String::as_str)
+    }
+
     pub fn stack(&self, id: StackId) -> &[SymbolFrame] {
         self.stacks.get(id as usize).map_or(&[], Vec::as_slice)
     }

@@ -37,6 +37,9 @@ pub struct TaskTypeStats {
     pub longest_poll_ns: u64,
     pub times_woken: u64,
     pub scheduling_delay: Histogram,
+    /// Spawns by call site (`Spawn::call_site`), of the tasks counted in
+    /// `tasks`. Bounded by the program's spawn calls.
+    pub spawn_call_sites: HashMap<u64, u64>,
 }
 
 /// One poll, kept because it is among the longest.
@@ -138,6 +141,7 @@ impl TaskTracker {
         let task = self.insert(ev.task, ev.task_id, ev.ts_ns);
         task.stats.spawned_ns = Some(ev.ts_ns);
         task.stats.spawner_id = ev.other_task_id;
+        task.stats.spawn_call_site = ev.addr;
         task.runnable = Some(Runnable {
             since_ns: ev.ts_ns,
             flow,
@@ -237,6 +241,12 @@ impl TaskTracker {
             // not be attributed to the type until now.
             type_stats.tasks += 1;
             type_stats.times_woken += task.stats.times_woken;
+            if task.stats.spawn_call_site != 0 {
+                *type_stats
+                    .spawn_call_sites
+                    .entry(task.stats.spawn_call_site)
+                    .or_default() += 1;
+            }
         }
         if let Some(woken) = &woken {
             type_stats.scheduling_delay.record(woken.delay_ns);

@@ -114,6 +114,11 @@ pub struct RecordArgs {
     #[arg(long, value_name = "FILE")]
     pub folded: Option<PathBuf>,
 
+    /// Also write the summary as JSON (workers, polls, tasks, scheduling
+    /// delay, findings such as HOG and IMBALANCE), for scripts and CI gates.
+    #[arg(long, value_name = "FILE")]
+    pub summary_json: Option<PathBuf>,
+
     /// When recording stops, list the tasks still alive and where each one
     /// waits, as `dump` does (with `--pid` only: a launched command is
     /// stopped when recording ends).

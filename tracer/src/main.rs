@@ -154,6 +154,7 @@ fn run_record(args: RecordArgs) -> Result<ExitCode> {
         },
         sample_hz,
         folded: args.folded,
+        summary_json: args.summary_json,
         max_size: args.max_size,
     };
     let runtime = tokio::runtime::Builder::new_current_thread()

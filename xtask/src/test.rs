@@ -24,6 +24,7 @@ pub fn run(options: &Options) -> Result<()> {
         root::require_sudo("the integration tests")?;
     }
 
+    preflight()?;
     ebpf::build(&ebpf::Options {
         debug: false,
         reinstall_bpf_linker: false,
@@ -34,10 +35,10 @@ pub fn run(options: &Options) -> Result<()> {
     // root's cargo writing into the user's tests/fixtures/target and cargo
     // home. Built here first, as the user, the tests find them up to date.
     step("building the test fixtures");
-    for profile in ["release", "lto", "release-debug", "lto-debug"] {
+    for profile in test_support::Profile::EVERY {
         cmd::run(
             cargo()
-                .args(["build", "--quiet", "--profile", profile])
+                .args(["build", "--quiet", "--profile", profile.cargo_name()])
                 .current_dir(repo.join("tests/fixtures")),
         )?;
     }
@@ -79,6 +80,32 @@ pub fn run(options: &Options) -> Result<()> {
     }
     // Cargo's status is ours, whatever it is: it already said what failed.
     std::process::exit(status.code().unwrap_or(1));
+}
+
+/// The integration tests attach uprobes and load BPF programs that need the
+/// kernel's BTF: on a machine without either they would all fail, each with
+/// the tracer's error. Say it once, before building anything. (The same
+/// check as the tracer's own, `record/preflight.rs`.)
+fn preflight() -> Result<()> {
+    let needs = [
+        (
+            "/sys/bus/event_source/devices/uprobe/type",
+            "uprobes (CONFIG_UPROBE_EVENTS)",
+        ),
+        (
+            "/sys/kernel/btf/vmlinux",
+            "BTF type information (CONFIG_DEBUG_INFO_BTF, Linux 5.8+)",
+        ),
+    ];
+    for (path, what) in needs {
+        if !std::path::Path::new(path).exists() {
+            anyhow::bail!(
+                "this machine cannot run the integration tests: the kernel has no {what} \
+                 ({path} is missing); the tracer needs it to attach its probes"
+            );
+        }
+    }
+    Ok(())
 }
 
 /// The integration tests check every Perfetto trace against Perfetto's own

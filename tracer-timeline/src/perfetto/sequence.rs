@@ -66,6 +66,7 @@ pub enum Note {
     WakerTaskId,
     SpawnerTaskId,
     CallSite,
+    SpawnedAt,
     Polls,
     BusyNs,
     LongestPollNs,
@@ -76,7 +77,7 @@ pub enum Note {
     Header,
 }
 
-const NOTES: [&str; 17] = [
+const NOTES: [&str; 18] = [
     "task_id",
     "task_type",
     "waits_at",
@@ -86,6 +87,7 @@ const NOTES: [&str; 17] = [
     "waker_task_id",
     "spawner_task_id",
     "call_site",
+    "spawned_at",
     "polls",
     "busy_ns",
     "longest_poll_ns",

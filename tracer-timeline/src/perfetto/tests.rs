@@ -101,6 +101,7 @@ fn info() -> TraceInfo {
             stacks: vec![vec![frame("inner", 3), frame("outer", 9)]],
             await_points,
             await_chains,
+            call_sites: Default::default(),
         },
     }
 }

@@ -3,29 +3,31 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt, symlink};
 
 use super::*;
 
-struct Dir(PathBuf);
+/// A fresh directory of the test's own (`tempfile`), removed on drop.
+struct Dir {
+    path: PathBuf,
+    _removed_on_drop: tempfile::TempDir,
+}
 
 impl Dir {
     fn new(test: &str) -> Dir {
-        let dir = std::env::temp_dir().join(format!("output-file-{}-{test}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        Dir(dir)
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("output-file-{test}-"))
+            .tempdir()
+            .unwrap();
+        Dir {
+            path: dir.path().to_path_buf(),
+            _removed_on_drop: dir,
+        }
     }
 
     fn names(&self) -> Vec<String> {
-        let mut names: Vec<String> = std::fs::read_dir(&self.0)
+        let mut names: Vec<String> = std::fs::read_dir(&self.path)
             .unwrap()
             .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
             .collect();
         names.sort();
         names
-    }
-}
-
-impl Drop for Dir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
     }
 }
 
@@ -38,7 +40,7 @@ fn write_and_publish(output: &OutputFile, text: &str) -> u64 {
 #[test]
 fn nothing_has_a_name_until_published_and_then_only_the_output() {
     let dir = Dir::new("unnamed");
-    let path = dir.0.join("trace.json");
+    let path = dir.path.join("trace.json");
     let output = OutputFile::check(&path).unwrap();
     let mut temporary = output.temporary().unwrap();
     temporary.file.write_all(b"{}").unwrap();
@@ -52,9 +54,9 @@ fn nothing_has_a_name_until_published_and_then_only_the_output() {
 #[test]
 fn an_existing_file_or_symlink_is_replaced_not_written_through() {
     let dir = Dir::new("replace");
-    let victim = dir.0.join("victim");
+    let victim = dir.path.join("victim");
     std::fs::write(&victim, "precious").unwrap();
-    let path = dir.0.join("trace.json");
+    let path = dir.path.join("trace.json");
     symlink(&victim, &path).unwrap();
     let output = OutputFile::check(&path).unwrap();
     write_and_publish(&output, "new");
@@ -70,7 +72,7 @@ fn an_existing_file_or_symlink_is_replaced_not_written_through() {
 #[test]
 fn without_o_tmpfile_random_names_are_used_and_cleaned_up() {
     let dir = Dir::new("fallback");
-    let path = dir.0.join("trace.json");
+    let path = dir.path.join("trace.json");
     let mut output = OutputFile::check(&path).unwrap();
     let Destination::Named { tmpfile, .. } = &mut output.destination else {
         panic!("a regular output");
@@ -94,7 +96,7 @@ fn the_sudo_user_gets_the_file() {
         return;
     }
     let dir = Dir::new("owner");
-    let path = dir.0.join("trace.json");
+    let path = dir.path.join("trace.json");
     let mut output = OutputFile::check(&path).unwrap();
     output.owner = Some((65534, 65533));
     write_and_publish(&output, "x");
@@ -106,9 +108,9 @@ fn the_sudo_user_gets_the_file() {
 fn bad_paths_are_refused_by_name() {
     let dir = Dir::new("bad");
     let cases = [
-        (dir.0.clone(), "is a directory"),
-        (dir.0.join("missing/trace.json"), "No such file"),
-        (dir.0.join("t".repeat(256)), "too long"),
+        (dir.path.clone(), "is a directory"),
+        (dir.path.join("missing/trace.json"), "No such file"),
+        (dir.path.join("t".repeat(256)), "too long"),
         (PathBuf::from("/dev/loop0"), "block device"),
         (PathBuf::from("/dev/mem"), "character device (1:1)"),
     ];

@@ -98,7 +98,7 @@ fn is_task_harness(frame: &Frame) -> bool {
 /// A frame of code that is not the program's own: by its source file (a
 /// crate from the cargo registry, or the standard library, whose paths are
 /// `/rustc/<hash>/library/…`) when debug info gives one, else by its path.
-fn is_library_frame(frame: &Frame) -> bool {
+pub(super) fn is_library_frame(frame: &Frame) -> bool {
     match (&frame.file, &frame.function) {
         (Some(file), _) => {
             file.contains("/.cargo/registry/")

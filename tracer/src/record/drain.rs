@@ -13,7 +13,7 @@ use std::collections::HashMap;
 
 use anyhow::Result;
 use aya::maps::{MapData, RingBuf};
-use tracer_common::StackKind;
+use tracer_common::{Event, EventKind, StackKind};
 
 use super::spill::{SpillReader, SpillWriter};
 use super::stacks::{Capture, StackId, StackTable};
@@ -95,6 +95,13 @@ impl Recorder {
         };
         if let Some(tid) = self.spill.push(&record)? {
             self.note_thread(tid);
+            // A spawn's call site is symbolized with the stacks, after
+            // recording (only its address is noted now).
+            // SAFETY: `push` accepted it: exactly an `Event`'s size.
+            let event: Event = unsafe { std::ptr::read_unaligned(record.as_ptr().cast()) };
+            if event.kind == EventKind::Spawn as u32 {
+                self.stacks.add_call_site(event.addr);
+            }
         }
         Ok(true)
     }

@@ -2,6 +2,7 @@
 //! until a stop condition, then render the trace from it and finalize.
 
 use std::ffi::OsString;
+use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitStatus;
 use std::time::Duration;
@@ -65,6 +66,8 @@ pub struct RecordOptions {
     pub sample_hz: Option<u64>,
     /// Where to write the samples as folded stacks, if anywhere.
     pub folded: Option<PathBuf>,
+    /// Where to write the summary as JSON, if anywhere.
+    pub summary_json: Option<PathBuf>,
     /// Stop recording when the trace is estimated to reach this size.
     pub max_size: Option<u64>,
 }
@@ -128,6 +131,11 @@ pub async fn record(options: RecordOptions) -> Result<Outcome> {
     let output = OutputFile::check(&options.output)?;
     let folded = options
         .folded
+        .as_deref()
+        .map(OutputFile::check)
+        .transpose()?;
+    let summary_json = options
+        .summary_json
         .as_deref()
         .map(OutputFile::check)
         .transpose()?;
@@ -252,6 +260,14 @@ pub async fn record(options: RecordOptions) -> Result<Outcome> {
     summary.trace_bytes = trace_file.finish()?;
     if let (Some(folded), Some(file)) = (&folded, folded_file) {
         folded.publish(file)?;
+    }
+    if let Some(output) = &summary_json {
+        let mut file = output.temporary()?;
+        let text = serde_json::to_string_pretty(&summary.to_json())? + "\n";
+        file.file
+            .write_all(text.as_bytes())
+            .with_context(|| format!("writing {}", output.path().display()))?;
+        output.publish(file)?;
     }
     target.terminate_launched(Duration::from_secs(5)).await;
     let command_status = target.exit_status();

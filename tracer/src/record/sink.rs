@@ -13,6 +13,7 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use serde_json::json;
 use tracer_probes::ProbePlan;
+use tracer_timeline::findings::Finding;
 use tracer_timeline::output::TimelineOutput;
 use tracer_timeline::summary::{SchedulerSummary, Summary, WorkerSummary};
 use tracer_timeline::task_types::{TaskName, TaskTypes};
@@ -61,6 +62,7 @@ pub fn render(input: RenderInput, recording: Recording, file: &mut TraceFile) ->
         symbols,
     };
     let format = file.format();
+    let path = file.path().to_path_buf();
     let mut writer = format.writer(&mut *file, &info)?;
     let mut timeline =
         Timeline::with_task_types(info.types.clone()).with_thread_comms(thread_comms);
@@ -115,6 +117,31 @@ pub fn render(input: RenderInput, recording: Recording, file: &mut TraceFile) ->
     let duration_ns = input.end_ns.saturating_sub(input.start_ns);
     let render_ms = rendering.elapsed().as_millis() as u64;
     log::info!("rendered {event_count} events into the trace in {render_ms} ms");
+    let workers = timeline
+        .threads()
+        .map(|(tid, stats)| WorkerSummary {
+            tid,
+            name: timeline
+                .thread_name(tid)
+                .map_or_else(|| format!("tid {tid}"), str::to_owned),
+            stats: stats.clone(),
+        })
+        .collect();
+    let summary = Summary {
+        start_ns: input.start_ns,
+        duration_ns,
+        workers,
+        events: event_count,
+        lost_events: counters.lost_events,
+        unmatched_ends: timeline.unmatched_ends(),
+        abandoned_polls: timeline.abandoned(),
+        output: Some(path),
+        trace_bytes: 0,
+        scheduler: SchedulerSummary::from_timeline(&timeline, &info.types, &info.symbols),
+    };
+    // Findings are decided once, by the summary; the trace carries them too.
+    let findings: Vec<serde_json::Value> =
+        summary.findings().iter().map(Finding::to_json).collect();
     let metadata = json!({
         "tracer": concat!("rt-ebpf-trace ", env!("CARGO_PKG_VERSION")),
         "target_pid": input.pid,
@@ -133,6 +160,7 @@ pub fn render(input: RenderInput, recording: Recording, file: &mut TraceFile) ->
         "samples": sample_count,
         "await_stacks": await_captures,
         "stack_captures_without_stack": empty_captures,
+        "findings": findings,
     });
     // The same figures for tools reading `-v` (the benchmark), whatever
     // the trace's format.
@@ -143,28 +171,7 @@ pub fn render(input: RenderInput, recording: Recording, file: &mut TraceFile) ->
         write_folded(file, &info.symbols, &folded).context("writing the folded stacks")?;
     }
 
-    let workers = timeline
-        .threads()
-        .map(|(tid, stats)| WorkerSummary {
-            tid,
-            name: timeline
-                .thread_name(tid)
-                .map_or_else(|| format!("tid {tid}"), str::to_owned),
-            stats: stats.clone(),
-        })
-        .collect();
-    Ok(Summary {
-        start_ns: input.start_ns,
-        duration_ns,
-        workers,
-        events: event_count,
-        lost_events: counters.lost_events,
-        unmatched_ends: timeline.unmatched_ends(),
-        abandoned_polls: timeline.abandoned(),
-        output: Some(file.path().to_path_buf()),
-        trace_bytes: 0,
-        scheduler: SchedulerSummary::from_timeline(&timeline, &info.types),
-    })
+    Ok(summary)
 }
 
 /// The task type of each probe site, by site index (the cookie the eBPF side

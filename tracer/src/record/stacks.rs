@@ -8,10 +8,10 @@
 //! before the trace is written: the result is `tracer_timeline`'s typed
 //! [`Symbols`], which the trace writers look up (and intern) as they go.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::io::Write;
 
-use super::await_chain::{described_chain, reaches_harness};
+use super::await_chain::{described_chain, is_library_frame, reaches_harness};
 use anyhow::{Context, Result};
 use tracer_common::{STACK_HEADER_SIZE, StackHeader, StackKind};
 use tracer_symbolize::{CapturedStack, Frame, ProcessMaps, Symbolizer, Unwinder};
@@ -47,6 +47,11 @@ pub struct StackTable {
     ids: HashMap<Vec<u64>, StackId>,
     /// Where each task waits: (task id, await key) → stack.
     await_stacks: HashMap<(u64, u64), StackId>,
+    /// Spawn call sites seen (the address the spawn function returns to).
+    call_sites: HashSet<u64>,
+    /// /proc/PID/maps at the first call site, for when no capture came and
+    /// the process is gone by the end.
+    call_site_maps: Option<String>,
     pub await_captures: u64,
     /// Captures with no stack to show: none could be read, or it unwound
     /// to no frame.
@@ -85,8 +90,20 @@ impl StackTable {
             stacks: Vec::new(),
             ids: HashMap::new(),
             await_stacks: HashMap::new(),
+            call_sites: HashSet::new(),
+            call_site_maps: None,
             await_captures: 0,
             empty_captures: 0,
+        }
+    }
+
+    /// Notes a spawn's call site, to be symbolized with the stacks.
+    pub fn add_call_site(&mut self, address: u64) {
+        if address == 0 || !self.call_sites.insert(address) {
+            return;
+        }
+        if self.call_site_maps.is_none() && self.unwinding.is_none() {
+            self.call_site_maps = std::fs::read_to_string(format!("/proc/{}/maps", self.pid)).ok();
         }
     }
 
@@ -184,12 +201,28 @@ impl StackTable {
                 .ok()
                 .filter(|maps| !maps.mappings().is_empty())
         };
-        let maps = self.unwinding.as_ref().map(|unwinding| {
-            live_maps().unwrap_or_else(|| ProcessMaps::parse(&unwinding.maps_text))
-        });
+        // The maps read at the first capture, or else at the first spawn.
+        let maps_text = self
+            .unwinding
+            .as_ref()
+            .map(|unwinding| unwinding.maps_text.as_str())
+            .or(self.call_site_maps.as_deref());
+        let maps = maps_text.map(|text| live_maps().unwrap_or_else(|| ProcessMaps::parse(text)));
         let mut stacks = Vec::with_capacity(self.stacks.len());
+        let mut call_sites = HashMap::new();
         if let Some(maps) = maps {
             let mut symbolizer = Symbolizer::new(&maps);
+            for &address in &self.call_sites {
+                // A return address: the call is the instruction before it.
+                let frames: Vec<SymbolFrame> = symbolizer
+                    .symbolize(address, true)
+                    .into_iter()
+                    .map(symbol_frame)
+                    .collect();
+                if let Some(at) = spawned_at(&frames) {
+                    call_sites.insert(address, at);
+                }
+            }
             let progress = Progress::new(self.stacks.len());
             for (done, addresses) in self.stacks.iter().enumerate() {
                 let stack: Vec<SymbolFrame> = addresses
@@ -229,6 +262,7 @@ impl StackTable {
             stacks,
             await_points,
             await_chains,
+            call_sites,
         }
     }
 }
@@ -283,6 +317,18 @@ pub fn write_folded(
     }
     out.flush()?;
     Ok(())
+}
+
+/// Where a spawn was called: the innermost frame of the program's own code
+/// at the spawn function's return address (tokio's `spawn` →
+/// `spawn_inner` → `Handle::spawn` are often inlined there; their frames
+/// are skipped), else the outermost frame there.
+fn spawned_at(frames: &[SymbolFrame]) -> Option<String> {
+    frames
+        .iter()
+        .find(|frame| !is_library_frame(frame))
+        .or(frames.last())
+        .map(SymbolFrame::describe)
 }
 
 /// A frame name for the folded format: no spaces or semicolons.
@@ -348,6 +394,32 @@ mod tests {
             inlined: true,
             module: "/app".to_string(),
         }
+    }
+
+    #[test]
+    fn a_spawn_is_placed_at_the_programs_own_frame() {
+        let tokio = |function: &str| SymbolFrame {
+            file: Some("/root/.cargo/registry/src/x/tokio-1.54.1/src/task/spawn.rs".into()),
+            ..frame(function, 168)
+        };
+        // tokio's spawn path inlined into the caller, innermost first.
+        let frames = [
+            tokio("tokio::runtime::handle::Handle::spawn"),
+            tokio("tokio::task::spawn::spawn_inner"),
+            tokio("tokio::task::spawn::spawn"),
+            frame("app::main::{{closure}}", 12),
+            frame("app::main", 10),
+        ];
+        assert_eq!(
+            spawned_at(&frames).as_deref(),
+            Some("app::main::{{closure}} (main.rs:12)")
+        );
+        // Not inlined: the address is inside tokio; say so rather than nothing.
+        assert_eq!(
+            spawned_at(&frames[..1]).as_deref(),
+            Some("tokio::runtime::handle::Handle::spawn (spawn.rs:168)")
+        );
+        assert_eq!(spawned_at(&[]), None);
     }
 
     #[test]

@@ -1,5 +1,5 @@
-//! Helpers shared by the integration tests: building the fixture programs.
-#![allow(dead_code)]
+//! The fixture programs (`tests/fixtures`): the profiles they are built in
+//! and building them.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -18,12 +18,22 @@ pub enum Profile {
 }
 
 impl Profile {
+    /// Every profile the fixtures are built in: `cargo xtask test` builds
+    /// them all up front; tests/fixtures/Cargo.toml declares the same ones
+    /// (a test below checks).
+    pub const EVERY: [Profile; 4] = [
+        Profile::Release,
+        Profile::Lto,
+        Profile::ReleaseDebug,
+        Profile::LtoDebug,
+    ];
     /// The profiles every test runs in: how users ship, without debug info.
     pub const ALL: [Profile; 2] = [Profile::Release, Profile::Lto];
     /// The profiles with line tables, built only when a test asks for one.
     pub const WITH_DEBUG_INFO: [Profile; 2] = [Profile::ReleaseDebug, Profile::LtoDebug];
 
-    fn cargo_name(self) -> &'static str {
+    /// The profile's name for cargo's `--profile`.
+    pub fn cargo_name(self) -> &'static str {
         match self {
             Profile::Release => "release",
             Profile::Lto => "lto",
@@ -38,9 +48,11 @@ impl Profile {
 }
 
 pub fn repo_root() -> PathBuf {
+    // This crate is tests/support.
     Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
+        .ancestors()
+        .nth(2)
+        .expect("tests/support is two levels down")
         .to_path_buf()
 }
 
@@ -101,4 +113,28 @@ fn build_fixtures(args: &[&str], env: &[(&str, &str)], what: &str) {
         .status()
         .expect("run cargo to build the fixtures");
     assert!(status.success(), "building the fixtures ({what}) failed");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// tests/fixtures/Cargo.toml declares every custom profile of the list
+    /// and no other (`release` is cargo's own).
+    #[test]
+    fn the_fixtures_declare_the_profiles_of_the_list() {
+        let manifest = std::fs::read_to_string(fixtures_dir().join("Cargo.toml")).unwrap();
+        let mut declared: Vec<&str> = manifest
+            .lines()
+            .filter_map(|line| line.trim().strip_prefix("[profile.")?.strip_suffix(']'))
+            .collect();
+        declared.sort_unstable();
+        let mut listed: Vec<&str> = Profile::EVERY
+            .iter()
+            .map(|profile| profile.cargo_name())
+            .filter(|name| *name != "release")
+            .collect();
+        listed.sort_unstable();
+        assert_eq!(declared, listed);
+    }
 }
