@@ -3,6 +3,8 @@
 //! kernel writes it into the ring buffer and user space reads it back as bytes.
 #![no_std]
 
+pub mod watch;
+
 /// What happened. Stored as a `u32` in [`Event::kind`].
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -165,4 +167,6 @@ mod user {
     unsafe impl aya::Pod for super::Event {}
     unsafe impl aya::Pod for super::TaskIdLayout {}
     unsafe impl aya::Pod for super::StackHeader {}
+    unsafe impl aya::Pod for super::watch::WatchEvent {}
+    unsafe impl aya::Pod for super::watch::WatchStackHeader {}
 }

@@ -9,6 +9,8 @@
 #![no_std]
 #![no_main]
 
+mod watch;
+
 use aya_log_ebpf::warn;
 use aya_ebpf::{
     EbpfContext,
@@ -51,7 +53,7 @@ static SHORT_POLLS: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 /// `BPF_RB_NO_WAKEUP`: records are committed without waking the tracer.
 /// Waking it costs the probed thread an interrupt per event; the tracer
 /// drains on a timer instead (every few milliseconds).
-const NO_WAKEUP: u64 = 1;
+pub(crate) const NO_WAKEUP: u64 = 1;
 
 /// Resized by user space (`--ring-buffer-size`).
 #[map(name = "EVENTS")]
@@ -125,7 +127,7 @@ fn poll_end_at_return_sites() -> bool {
 static STACK_BYTES: u32 = STACK_BYTES_MAX as u32;
 
 #[inline(always)]
-fn stack_bytes() -> u32 {
+pub(crate) fn stack_bytes() -> u32 {
     unsafe { core::ptr::read_volatile(&STACK_BYTES) }
 }
 
@@ -160,12 +162,12 @@ static LOST: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 static ENABLED: Array<u32> = Array::with_max_entries(1, 0);
 
 #[inline(always)]
-fn enabled() -> bool {
+pub(crate) fn enabled() -> bool {
     ENABLED.get(0).is_some_and(|flag| *flag != 0)
 }
 
 #[inline(always)]
-fn target_tgid() -> u32 {
+pub(crate) fn target_tgid() -> u32 {
     // A volatile read, so the compiler does not fold the initial 0 in.
     unsafe { core::ptr::read_volatile(&TARGET_TGID) }
 }
@@ -177,7 +179,7 @@ fn task_id_layout() -> TaskIdLayout {
 
 /// Returns the current thread id if it belongs to the target process.
 #[inline(always)]
-fn target_thread() -> Option<u32> {
+pub(crate) fn target_thread() -> Option<u32> {
     let pid_tgid = bpf_get_current_pid_tgid();
     if (pid_tgid >> 32) as u32 != target_tgid() || !enabled() {
         return None;
@@ -186,7 +188,7 @@ fn target_thread() -> Option<u32> {
 }
 
 #[inline(always)]
-fn attach_cookie<C: EbpfContext>(ctx: &C) -> u32 {
+pub(crate) fn attach_cookie<C: EbpfContext>(ctx: &C) -> u32 {
     unsafe { bpf_get_attach_cookie(ctx.as_ptr()) as u32 }
 }
 

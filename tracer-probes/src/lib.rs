@@ -13,6 +13,7 @@ pub mod disasm;
 pub mod discover;
 pub mod naming;
 pub mod placement;
+pub mod poll_code;
 pub mod return_sites;
 
 mod dwarf;

@@ -34,6 +34,57 @@ pub struct Cli {
 pub enum Command {
     /// List the probe points found in a binary, without tracing anything.
     Probes(ProbesArgs),
+    /// Always on: watch a running process with no per-poll probe (CPU
+    /// samples, parks, blocking switches), print findings and per-second
+    /// health, and keep the last --keep seconds for a trace on SIGUSR1 and
+    /// at exit.
+    Watch(WatchArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct WatchArgs {
+    /// Watch this running process.
+    #[arg(short, long)]
+    pub pid: u32,
+
+    /// Where the kept window is written at exit (Chrome JSON). On SIGUSR1
+    /// it goes to FILE with `.usr1-N` before the extension.
+    #[arg(short, long, default_value = "watch.json")]
+    pub output: PathBuf,
+
+    /// Stop after this long; otherwise on Ctrl-C, SIGTERM, or the target's exit.
+    #[arg(short, long, value_parser = parse_duration)]
+    pub duration: Option<Duration>,
+
+    /// How much recent history to keep in memory for the trace.
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    pub keep: Duration,
+
+    /// At most this much memory for the kept history (oldest dropped first).
+    #[arg(long, default_value = "64M", value_parser = parse_memory_size)]
+    pub keep_memory: u64,
+
+    /// CPU samples per second per CPU (each costs the sampled thread a
+    /// stack copy: the watch tier's main cost).
+    #[arg(long, default_value_t = 99, value_parser = clap::value_parser!(u64).range(1..=10_000))]
+    pub sample_hz: u64,
+
+    /// Report a worker off CPU (asleep, not parked) at least this long as BLOCKING.
+    #[arg(long, default_value = "5ms", value_parser = parse_duration)]
+    pub blocking: Duration,
+
+    /// Report a task type seen on one worker across samples at least this
+    /// far apart, with no park in between, as HOG.
+    #[arg(long, default_value = "20ms", value_parser = parse_duration)]
+    pub hog: Duration,
+
+    /// Bytes of user stack copied per capture.
+    #[arg(long, default_value = "16K", value_parser = parse_stack_size)]
+    pub stack_size: u32,
+
+    /// No per-second health line on the terminal (findings are still printed).
+    #[arg(long)]
+    pub quiet: bool,
 }
 
 #[derive(Args, Debug)]
@@ -106,6 +157,32 @@ pub struct RecordArgs {
 }
 
 /// Parses a stack capture size: 512 bytes to 16K, a multiple of 8.
+/// A byte count with an optional K/M/G suffix (powers of 1024).
+fn parse_memory_size(text: &str) -> Result<u64, String> {
+    let text = text.trim();
+    let (digits, unit) = match text.char_indices().find(|(_, c)| !c.is_ascii_digit()) {
+        Some((at, _)) => text.split_at(at),
+        None => (text, ""),
+    };
+    let number: u64 = digits
+        .parse()
+        .map_err(|_| format!("not a size: {text:?} (e.g. 64M)"))?;
+    let factor: u64 = match unit.to_ascii_uppercase().as_str() {
+        "" | "B" => 1,
+        "K" | "KB" | "KIB" => 1 << 10,
+        "M" | "MB" | "MIB" => 1 << 20,
+        "G" | "GB" | "GIB" => 1 << 30,
+        _ => return Err(format!("unknown size unit in {text:?} (use K, M or G)")),
+    };
+    let bytes = number
+        .checked_mul(factor)
+        .ok_or_else(|| format!("{text:?} is too large"))?;
+    if bytes < 1 << 20 {
+        return Err(format!("{text:?} is too small: give at least 1M"));
+    }
+    Ok(bytes)
+}
+
 fn parse_stack_size(text: &str) -> Result<u32, String> {
     let text = text.trim();
     let (number, multiplier) = match text.strip_suffix(['k', 'K']) {

@@ -11,3 +11,4 @@
 //! - `tracer-symbolize` unwinds the captured stacks and names their frames.
 
 pub mod record;
+pub mod watch;

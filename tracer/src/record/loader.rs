@@ -20,7 +20,7 @@ use tracer_common::{EventKind, names};
 use tracer_probes::{ProbePlan, ProbeSite, SiteKind, TaskArg};
 
 /// The eBPF object built by `cargo xtask build-ebpf` (see build.rs).
-static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(env!("TRACER_EBPF_OBJECT"));
+pub(crate) static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(env!("TRACER_EBPF_OBJECT"));
 
 /// The eBPF programs, one entry and one return program per kind of site.
 const POLL_START: &str = "poll_start";

@@ -1,0 +1,176 @@
+//! Writes the flight recorder's window as a trace: the one place the watch
+//! tier touches a trace format (today the Chrome JSON writer; the native
+//! Perfetto writer can take its place here alone).
+//!
+//! One track per worker: parks and off-CPU spans as slices, samples as
+//! instants with their stacks, findings as slices in category `finding`
+//! with their stacks; on the process's own track an instant `health` per
+//! interval whose args are the health record, and a counter of each
+//! worker's busy share.
+
+use std::collections::BTreeSet;
+use std::path::Path;
+
+use anyhow::Result;
+use serde_json::{Value, json};
+use tracer_timeline::chrome::ChromeTraceWriter;
+
+use super::keep::{FlightRecorder, Kept};
+use super::report::Names;
+use super::stacks::StackReader;
+
+/// What the trace's metadata says besides the window itself.
+pub struct WindowInfo<'a> {
+    pub process: &'a str,
+    /// Why it was written: "exit", "SIGUSR1".
+    pub reason: &'a str,
+    pub keep_memory: u64,
+    pub lost: u64,
+    pub sample_hz: u64,
+}
+
+pub fn write_window(
+    path: &Path,
+    pid: u32,
+    recorder: &FlightRecorder,
+    names: &mut Names,
+    reader: &mut StackReader,
+    info: &WindowInfo,
+) -> Result<u64> {
+    let mut writer = ChromeTraceWriter::create(path)?;
+    writer.process_name(pid, info.process)?;
+    let start = recorder.span().map_or(0, |(first, _)| first);
+    let rel = |ts: u64| ts.saturating_sub(start);
+    let tids: BTreeSet<u32> = recorder
+        .items()
+        .filter_map(|item| match &item.kept {
+            Kept::Park { tid, .. } | Kept::OffCpu { tid, .. } => Some(*tid),
+            Kept::Sample(capture) => Some(capture.tid),
+            Kept::Finding(finding) => Some(finding.tid),
+            Kept::Health(_) => None,
+        })
+        .collect();
+    for (index, &tid) in tids.iter().enumerate() {
+        let name = names.worker(tid);
+        writer.thread_name(pid, tid, &name, index as u32 + 1)?;
+    }
+    let (mut samples, mut parks, mut findings) = (0u64, 0u64, 0u64);
+    for item in recorder.items() {
+        let ts = rel(item.ts_ns);
+        match &item.kept {
+            Kept::Park { tid, end_ns } => {
+                parks += 1;
+                writer.complete(
+                    pid,
+                    *tid,
+                    "park",
+                    "park",
+                    ts,
+                    end_ns.saturating_sub(item.ts_ns),
+                    &json!({}),
+                )?;
+            }
+            Kept::OffCpu {
+                tid,
+                duration_ns,
+                preempted,
+            } => {
+                let name = if *preempted {
+                    "off CPU (preempted)"
+                } else {
+                    "off CPU (blocked)"
+                };
+                writer.complete(pid, *tid, name, "off_cpu", ts, *duration_ns, &json!({}))?;
+            }
+            Kept::Sample(capture) => {
+                samples += 1;
+                let args = json!({
+                    "task": names.task(capture.site),
+                    "user_stack": reader.user_frames(capture),
+                    "kernel_stack": reader.kernel_frames(capture),
+                    "in_kernel": !capture.kernel.is_empty(),
+                });
+                writer.instant(pid, capture.tid, "sample", "sample", ts, &args)?;
+            }
+            Kept::Finding(finding) => {
+                findings += 1;
+                let args = json!({
+                    "finding": finding.kind,
+                    "task": names.task(finding.site),
+                    "duration_ns": finding.duration_ns,
+                    "reason": finding.reason,
+                    "summary": finding.line,
+                    "user_stack": finding.user_stack,
+                    "kernel_stack": finding.kernel_stack,
+                });
+                let name = format!("{} {}", finding.kind, names.task(finding.site));
+                writer.complete(
+                    pid,
+                    finding.tid,
+                    &name,
+                    "finding",
+                    rel(finding.start_ns),
+                    finding.duration_ns.max(1),
+                    &args,
+                )?;
+            }
+            Kept::Health(health) => {
+                let workers: Vec<Value> = health
+                    .workers
+                    .iter()
+                    .map(|w| json!({"tid": w.tid, "busy": w.busy, "parks": w.parks}))
+                    .collect();
+                let cpu: Vec<Value> = health
+                    .samples_by_site
+                    .iter()
+                    .map(|(site, samples)| {
+                        json!({
+                            "task": names.task(*site),
+                            "samples": samples,
+                            "cpu_ms": *samples as f64 * 1000.0 / info.sample_hz as f64,
+                        })
+                    })
+                    .collect();
+                let args = json!({
+                    "interval_ns": health.end_ns - health.start_ns,
+                    "workers": workers,
+                    "imbalance": health.imbalance,
+                    "hogs": health.hogs,
+                    "blocking": health.blocking,
+                    "blocked_ns": health.blocked_ns,
+                    "preempted_ns": health.preempted_ns,
+                    "kernel_samples": health.kernel_samples,
+                    "cpu_by_task": cpu,
+                });
+                writer.instant(pid, pid, "health", "health", rel(health.end_ns), &args)?;
+                for worker in &health.workers {
+                    let busy_percent = (worker.busy * 100.0).round() as u64;
+                    writer.counter(
+                        pid,
+                        "busy %",
+                        &names.thread(worker.tid),
+                        rel(health.end_ns),
+                        busy_percent,
+                    )?;
+                }
+            }
+        }
+    }
+    let (first, last) = recorder.span().unwrap_or((0, 0));
+    let metadata = json!({
+        "tool": "rt-ebpf-trace watch",
+        "written_on": info.reason,
+        "target_pid": pid,
+        "window_start_ns": first,
+        "window_ns": last - first,
+        "samples": samples,
+        "parks": parks,
+        "findings": findings,
+        "sample_hz": info.sample_hz,
+        "kept_bytes": recorder.bytes(),
+        "keep_memory_bound": info.keep_memory,
+        "dropped_for_memory": recorder.dropped_for_memory,
+        "lost_events": info.lost,
+    });
+    writer.finish(&metadata)
+}
