@@ -66,7 +66,7 @@ pub struct WatchArgs {
 
     /// CPU samples per second per CPU (each costs the sampled thread a
     /// stack copy: the watch tier's main cost).
-    #[arg(long, default_value_t = 99, value_parser = clap::value_parser!(u64).range(1..=10_000))]
+    #[arg(long, default_value_t = 199, value_parser = clap::value_parser!(u64).range(1..=10_000))]
     pub sample_hz: u64,
 
     /// Report a worker off CPU (asleep, not parked) at least this long as BLOCKING.
@@ -75,7 +75,7 @@ pub struct WatchArgs {
 
     /// Report a task type seen on one worker across samples at least this
     /// far apart, with no park in between, as HOG.
-    #[arg(long, default_value = "20ms", value_parser = parse_duration)]
+    #[arg(long, default_value = "10ms", value_parser = parse_duration)]
     pub hog: Duration,
 
     /// Bytes of user stack copied per capture.

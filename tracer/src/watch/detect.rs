@@ -10,7 +10,11 @@
 //!   the same type back to back (a worker polls at most 61 tasks between
 //!   parks), and the poll began before the first sample and ended after the
 //!   last: the span is a lower bound on how long the worker was held, and
-//!   is reported as such.
+//!   is reported as such. A preemption that starts after the run's last
+//!   sample, with still no park, extends it to the thread's return: the
+//!   worker was held (not parked) all along; how much of the span was
+//!   preempted is reported with the finding, since on an overloaded
+//!   machine that part is the machine's doing, not the task's.
 //! - **Health**, every interval: each worker's busy share (time not parked),
 //!   imbalance (busiest over the mean), findings, time blocked and
 //!   preempted, CPU per task type (samples / rate).
@@ -45,12 +49,15 @@ pub struct Hog {
     pub first_ns: u64,
     pub last_ns: u64,
     pub samples: u32,
+    /// Of the span, how long the thread was preempted.
+    pub preempted_ns: u64,
     /// The last sample's stacks.
     pub capture: Capture,
 }
 
 impl Hog {
-    /// At least this long (the span between the first and last sample).
+    /// At least this long (the span between the first sample and the last
+    /// sample or the end of a preemption after it).
     pub fn lower_bound_ns(&self) -> u64 {
         self.last_ns - self.first_ns
     }
@@ -106,6 +113,7 @@ struct Run {
     last_ns: u64,
     samples: u32,
     park_count: u64,
+    preempted_ns: u64,
     last: Capture,
 }
 
@@ -174,6 +182,16 @@ impl Detector {
     ) {
         if preempted {
             self.preempted_ns += duration_ns;
+            // Still in the run if nothing parked since its last sample.
+            if let Some(run) = self
+                .workers
+                .get_mut(&tid)
+                .and_then(|worker| worker.run.as_mut())
+                && ts_ns >= run.last_ns
+            {
+                run.last_ns = ts_ns + duration_ns;
+                run.preempted_ns += duration_ns;
+            }
             return;
         }
         self.blocked_ns += duration_ns;
@@ -214,7 +232,7 @@ impl Detector {
         };
         if continues {
             let run = worker.run.as_mut().expect("matched above");
-            run.last_ns = capture.ts_ns;
+            run.last_ns = run.last_ns.max(capture.ts_ns);
             run.samples += 1;
             run.last = capture;
             return;
@@ -227,6 +245,7 @@ impl Detector {
                 last_ns: capture.ts_ns,
                 samples: 1,
                 park_count,
+                preempted_ns: 0,
                 last: capture,
             });
         }
@@ -236,7 +255,7 @@ impl Detector {
     }
 
     fn end_run(&mut self, tid: u32, run: Run) {
-        if run.samples < 2 || run.last_ns - run.first_ns < self.thresholds.hog_ns {
+        if run.last_ns - run.first_ns < self.thresholds.hog_ns {
             return;
         }
         self.hogs += 1;
@@ -246,6 +265,7 @@ impl Detector {
             first_ns: run.first_ns,
             last_ns: run.last_ns,
             samples: run.samples,
+            preempted_ns: run.preempted_ns,
             capture: run.last,
         }));
     }
@@ -364,6 +384,20 @@ mod tests {
         d.sample(sample(7, 130 * MS, Some(3)));
         d.finish_runs();
         assert!(d.take_findings().is_empty());
+    }
+
+    #[test]
+    fn a_preemption_after_the_last_sample_extends_the_run() {
+        let mut d = detector();
+        d.sample(sample(7, 100 * MS, Some(3)));
+        d.sample(sample(7, 105 * MS, Some(3)));
+        d.off_cpu(7, 106 * MS, 24 * MS, 0, true, None);
+        d.park_start(7, 130 * MS);
+        let found = d.take_findings();
+        let [Finding::Hog(hog)] = found.as_slice() else {
+            panic!("{found:?}")
+        };
+        assert_eq!((hog.lower_bound_ns(), hog.preempted_ns), (30 * MS, 24 * MS));
     }
 
     #[test]

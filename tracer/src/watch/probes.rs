@@ -118,7 +118,9 @@ impl WatchProbes {
                 .attach(
                     PerfEventConfig::Software(SoftwareEvent::CpuClock),
                     PerfEventScope::AllProcessesOneCpu { cpu },
-                    SamplePolicy::Frequency(sample_hz),
+                    // A fixed period rather than a frequency the kernel keeps
+                    // adjusting: hogs are told by consecutive samples.
+                    SamplePolicy::Period(1_000_000_000 / sample_hz),
                     false,
                 )
                 .with_context(|| format!("could not start sampling CPU {cpu}"))?;

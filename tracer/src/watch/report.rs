@@ -76,7 +76,8 @@ fn ms(ns: u64) -> String {
 
 /// `prev_state` as people say it.
 fn sleep_state(state: u32) -> &'static str {
-    match state {
+    // Modifier bits (TASK_FREEZABLE, …) ride above the sleep kind.
+    match state & 3 {
         1 => "interruptible sleep",
         2 => "uninterruptible sleep (D)",
         _ => "sleep",
@@ -117,11 +118,16 @@ pub fn describe_hog(hog: &Hog, names: &mut Names, reader: &mut StackReader) -> F
     let kernel_stack = reader.kernel_frames(&hog.capture);
     let place = where_line(&kernel_stack, &user_stack, LINE_USER_FRAMES);
     let line = format!(
-        "HOG: task type {} held worker {} for at least {} ({} samples, no park in between) in {place}",
+        "HOG: task type {} held worker {} for at least {} ({} samples{}, no park in between) in {place}",
         names.task(Some(hog.site)),
         names.worker(hog.tid),
         ms(hog.lower_bound_ns()),
         hog.samples,
+        if hog.preempted_ns > 0 {
+            format!("; {} of it preempted", ms(hog.preempted_ns))
+        } else {
+            String::new()
+        },
     );
     FindingRecord {
         kind: "HOG",
