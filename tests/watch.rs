@@ -232,6 +232,68 @@ fn sigusr1_writes_the_kept_window() {
     assert_eq!(Trace::load(&output).metadata()["written_on"], "exit");
 }
 
+#[test]
+fn a_blocking_finding_escalates_to_full_detail() {
+    require_root();
+    let _turn = tracer_turn();
+    let faults = Faults::start("sleep", Profile::Release);
+    let dir = scratch_dir("watch-incident");
+    let output = dir.join("watch.json");
+    let result = run_holding_turn(
+        tracer()
+            .args(["watch", "--duration", "4s", "--quiet"])
+            .args([
+                "--on-blocking",
+                "10ms",
+                "--detail",
+                "1s",
+                "--max-incidents",
+                "1",
+            ])
+            .arg("--pid")
+            .arg(faults.0.id().to_string())
+            .arg("-o")
+            .arg(&output),
+    );
+    assert!(result.status.success(), "{}", describe(&result));
+    let stdout = String::from_utf8_lossy(&result.stdout).into_owned();
+    // One incident only, however many findings came after it.
+    assert_eq!(
+        lines(&stdout, "incident 1: full probes recording").len(),
+        1,
+        "{stdout}"
+    );
+    assert!(lines(&stdout, "incident 2").is_empty(), "{stdout}");
+    let incident = Trace::load(&dir.join("watch.incident-1.json"));
+    assert!(!dir.join("watch.incident-2.json").exists());
+    // The detail window has every poll, named after its task type; the
+    // injected task's polls among them.
+    let polls = incident.polls();
+    assert!(
+        polls.len() > 50,
+        "{} polls in the detail window",
+        polls.len()
+    );
+    assert!(
+        polls
+            .iter()
+            .any(|poll| poll.name.contains("fixture_injected_task")),
+        "no poll of the injected task: {:?}",
+        polls.iter().map(|poll| &poll.name).collect::<Vec<_>>()
+    );
+    // And the kept window before it: the finding that set it off.
+    let findings: Vec<&Value> = incident
+        .events()
+        .iter()
+        .filter(|e| e["cat"] == "finding")
+        .collect();
+    assert!(
+        !findings.is_empty(),
+        "the triggering finding is not in the incident trace"
+    );
+    assert_eq!(incident.metadata()["abandoned_polls"], 0);
+}
+
 const SIGINT: i32 = 2;
 const SIGUSR1: i32 = 10;
 

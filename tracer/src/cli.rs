@@ -85,6 +85,25 @@ pub struct WatchArgs {
     /// No per-second health line on the terminal (findings are still printed).
     #[arg(long)]
     pub quiet: bool,
+
+    /// Escalation: on a trigger, attach the full probes for this long and
+    /// write one incident trace (FILE with `.incident-N`): the kept window,
+    /// then the full detail. SIGUSR1 is then a trigger too. Default 5s when
+    /// --on-hog or --on-blocking is given.
+    #[arg(long, value_parser = parse_duration)]
+    pub detail: Option<Duration>,
+
+    /// Escalate on a hog at least this long (e.g. 50ms).
+    #[arg(long, value_parser = parse_duration)]
+    pub on_hog: Option<Duration>,
+
+    /// Escalate on a worker blocked at least this long (e.g. 10ms).
+    #[arg(long, value_parser = parse_duration)]
+    pub on_blocking: Option<Duration>,
+
+    /// At most this many incident traces; later triggers are ignored.
+    #[arg(long, default_value_t = 10)]
+    pub max_incidents: u32,
 }
 
 #[derive(Args, Debug)]

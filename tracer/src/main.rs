@@ -126,16 +126,22 @@ fn run_watch(args: WatchArgs) -> Result<ExitCode> {
         hog: args.hog,
         stack_bytes: args.stack_size,
         quiet: args.quiet,
+        detail: args.detail,
+        on_hog: args.on_hog,
+        on_blocking: args.on_blocking,
+        max_incidents: args.max_incidents,
     };
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
     let outcome = runtime.block_on(rt_ebpf_trace::watch::watch(options))?;
     println!(
-        "stopped: {}; findings: {} blocking, {} hogs; peak kept memory {:.1} MiB",
+        "stopped: {}; findings: {} blocking, {} hogs; incidents: {} ({} triggers ignored); peak kept memory {:.1} MiB",
         outcome.stop,
         outcome.blocking,
         outcome.hogs,
+        outcome.incidents,
+        outcome.ignored_triggers,
         outcome.peak_kept_bytes as f64 / (1u64 << 20) as f64
     );
     let _ = std::io::stdout().flush();

@@ -21,6 +21,8 @@
 //! Measured costs are in BENCHMARKS.md and NOTES.md.
 
 pub mod detect;
+mod escalate;
+pub mod incident;
 pub mod keep;
 pub mod kernel;
 pub mod probes;
@@ -67,7 +69,24 @@ pub struct WatchOptions {
     pub hog: Duration,
     pub stack_bytes: u32,
     pub quiet: bool,
+    /// Escalation: how long the full probes record after a trigger.
+    pub detail: Option<Duration>,
+    /// Escalate on a hog at least this long (its lower bound).
+    pub on_hog: Option<Duration>,
+    /// Escalate on a worker blocked at least this long.
+    pub on_blocking: Option<Duration>,
+    pub max_incidents: u32,
 }
+
+impl WatchOptions {
+    /// Escalation is on when any of its options was given.
+    fn escalates(&self) -> bool {
+        self.detail.is_some() || self.on_hog.is_some() || self.on_blocking.is_some()
+    }
+}
+
+/// `--detail` when escalation is on but the option was not given.
+const DEFAULT_DETAIL: Duration = Duration::from_secs(5);
 
 pub struct WatchOutcome {
     pub stop: StopReason,
@@ -75,6 +94,9 @@ pub struct WatchOutcome {
     pub hogs: u64,
     pub lost: u64,
     pub traces_written: Vec<PathBuf>,
+    pub incidents: u32,
+    /// Triggers ignored (an incident was running, or none was left).
+    pub ignored_triggers: u32,
     pub peak_kept_bytes: usize,
     /// The probes being removed; join before exiting.
     pub detaching: std::thread::JoinHandle<()>,
@@ -112,6 +134,7 @@ struct Watcher {
     blocking: u64,
     hogs: u64,
     malformed: u64,
+    escalation: Option<incident::Escalation>,
 }
 
 pub async fn watch(options: WatchOptions) -> Result<WatchOutcome> {
@@ -148,6 +171,17 @@ pub async fn watch(options: WatchOptions) -> Result<WatchOutcome> {
         min_off_cpu_ns: 1_000_000.min(options.blocking.as_nanos() as u64),
     })?;
     let reader = StackReader::new(target.pid, &target.exe, &poll_code)?;
+    let escalation = options.escalates().then(|| {
+        incident::Escalation::new(
+            plan.clone(),
+            target.exe.clone(),
+            target.pid,
+            options.stack_bytes,
+            options.detail.unwrap_or(DEFAULT_DETAIL),
+            options.max_incidents,
+            options.output.clone(),
+        )
+    });
     let attaching = std::time::Instant::now();
     if let Err(err) = probes.attach(&plan, &target.exe, target.pid, options.sample_hz) {
         if !target.is_alive() {
@@ -194,6 +228,7 @@ pub async fn watch(options: WatchOptions) -> Result<WatchOutcome> {
         blocking: 0,
         hogs: 0,
         malformed: 0,
+        escalation,
         options,
     };
     let process = format!("{} (pid {})", target.name, target.pid);
@@ -217,8 +252,13 @@ pub async fn watch(options: WatchOptions) -> Result<WatchOutcome> {
         tokio::select! {
             _ = drain_tick.tick() => {
                 watcher.drain(&mut event_ring, &mut stack_ring, monotonic_ns().saturating_sub(REORDER_WINDOW_NS));
+                watcher.escalate(&process)?;
             }
             _ = usr1.recv() => {
+                if watcher.escalation.is_some() {
+                    watcher.start_incident("SIGUSR1".to_string(), monotonic_ns());
+                    continue;
+                }
                 usr1_count += 1;
                 let path = numbered(&watcher.options.output, "usr1", usr1_count);
                 let lost = probes.lost().unwrap_or(0);
@@ -242,7 +282,19 @@ pub async fn watch(options: WatchOptions) -> Result<WatchOutcome> {
     watcher.drain(&mut event_ring, &mut stack_ring, u64::MAX);
     watcher.detector.finish_runs();
     watcher.report_findings();
-    let detaching = probes.detach_in_background();
+    // An incident still recording ends here, shorter than asked.
+    watcher.finish_incident(&process)?;
+    let watch_detaching = probes.detach_in_background();
+    let (incidents, ignored_triggers, escalation) = match watcher.escalation.take() {
+        Some(escalation) => (escalation.incidents, escalation.ignored, Some(escalation)),
+        None => (0, 0, None),
+    };
+    let detaching = std::thread::spawn(move || {
+        let _ = watch_detaching.join();
+        if let Some(escalation) = escalation {
+            escalation.join();
+        }
+    });
     let output = watcher.options.output.clone();
     watcher.write(&output, &process, "exit", lost)?;
     println!(
@@ -260,6 +312,8 @@ pub async fn watch(options: WatchOptions) -> Result<WatchOutcome> {
         hogs: watcher.hogs,
         lost,
         traces_written,
+        incidents,
+        ignored_triggers,
         peak_kept_bytes: watcher.recorder.peak_bytes,
         detaching,
     })
@@ -389,6 +443,9 @@ impl Watcher {
     /// Prints the new findings and keeps them for the trace.
     fn report_findings(&mut self) {
         for finding in self.detector.take_findings() {
+            // Escalate first: naming the stacks can take a while (the
+            // first symbolization loads the binary's symbols).
+            self.check_trigger(&finding);
             let record = match &finding {
                 Finding::Blocking(blocking) => {
                     self.blocking += 1;

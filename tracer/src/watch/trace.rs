@@ -40,6 +40,60 @@ pub fn write_window(
     let mut writer = ChromeTraceWriter::create(path)?;
     writer.process_name(pid, info.process)?;
     let start = recorder.span().map_or(0, |(first, _)| first);
+    let counts = write_kept(
+        &mut writer,
+        pid,
+        start,
+        None,
+        recorder,
+        names,
+        reader,
+        info.sample_hz,
+    )?;
+    let (first, last) = recorder.span().unwrap_or((0, 0));
+    let metadata = json!({
+        "tool": "rt-ebpf-trace watch",
+        "written_on": info.reason,
+        "target_pid": pid,
+        "window_start_ns": first,
+        "window_ns": last - first,
+        "samples": counts.samples,
+        "parks": counts.parks,
+        "findings": counts.findings,
+        "sample_hz": info.sample_hz,
+        "kept_bytes": recorder.bytes(),
+        "keep_memory_bound": info.keep_memory,
+        "dropped_for_memory": recorder.dropped_for_memory,
+        "lost_events": info.lost,
+    });
+    writer.finish(&metadata)
+}
+
+/// What [`write_kept`] wrote.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct KeptCounts {
+    pub samples: u64,
+    pub parks: u64,
+    pub findings: u64,
+}
+
+/// Writes the kept items into `writer`, times relative to `start_ns`.
+/// With `until_ns`, parks, samples and off-CPU spans from then on are left
+/// out (an incident's detail window shows those in full); findings and
+/// health records are all written.
+#[allow(clippy::too_many_arguments)]
+pub fn write_kept(
+    writer: &mut ChromeTraceWriter,
+    pid: u32,
+    start_ns: u64,
+    until_ns: Option<u64>,
+    recorder: &FlightRecorder,
+    names: &mut Names,
+    reader: &mut StackReader,
+    sample_hz: u64,
+) -> Result<KeptCounts> {
+    let start = start_ns;
+    let until = until_ns.unwrap_or(u64::MAX);
     let rel = |ts: u64| ts.saturating_sub(start);
     let tids: BTreeSet<u32> = recorder
         .items()
@@ -54,12 +108,19 @@ pub fn write_window(
         let name = names.worker(tid);
         writer.thread_name(pid, tid, &name, index as u32 + 1)?;
     }
-    let (mut samples, mut parks, mut findings) = (0u64, 0u64, 0u64);
+    let mut counts = KeptCounts::default();
     for item in recorder.items() {
         let ts = rel(item.ts_ns);
+        let detailed = matches!(
+            item.kept,
+            Kept::Park { .. } | Kept::Sample(_) | Kept::OffCpu { .. }
+        );
+        if detailed && item.ts_ns >= until {
+            continue;
+        }
         match &item.kept {
             Kept::Park { tid, end_ns } => {
-                parks += 1;
+                counts.parks += 1;
                 writer.complete(
                     pid,
                     *tid,
@@ -83,7 +144,7 @@ pub fn write_window(
                 writer.complete(pid, *tid, name, "off_cpu", ts, *duration_ns, &json!({}))?;
             }
             Kept::Sample(capture) => {
-                samples += 1;
+                counts.samples += 1;
                 let args = json!({
                     "task": names.task(capture.site),
                     "user_stack": reader.user_frames(capture),
@@ -93,7 +154,7 @@ pub fn write_window(
                 writer.instant(pid, capture.tid, "sample", "sample", ts, &args)?;
             }
             Kept::Finding(finding) => {
-                findings += 1;
+                counts.findings += 1;
                 let args = json!({
                     "finding": finding.kind,
                     "task": names.task(finding.site),
@@ -127,7 +188,7 @@ pub fn write_window(
                         json!({
                             "task": names.task(*site),
                             "samples": samples,
-                            "cpu_ms": *samples as f64 * 1000.0 / info.sample_hz as f64,
+                            "cpu_ms": *samples as f64 * 1000.0 / sample_hz as f64,
                         })
                     })
                     .collect();
@@ -156,21 +217,5 @@ pub fn write_window(
             }
         }
     }
-    let (first, last) = recorder.span().unwrap_or((0, 0));
-    let metadata = json!({
-        "tool": "rt-ebpf-trace watch",
-        "written_on": info.reason,
-        "target_pid": pid,
-        "window_start_ns": first,
-        "window_ns": last - first,
-        "samples": samples,
-        "parks": parks,
-        "findings": findings,
-        "sample_hz": info.sample_hz,
-        "kept_bytes": recorder.bytes(),
-        "keep_memory_bound": info.keep_memory,
-        "dropped_for_memory": recorder.dropped_for_memory,
-        "lost_events": info.lost,
-    });
-    writer.finish(&metadata)
+    Ok(counts)
 }

@@ -1,0 +1,108 @@
+//! The watcher's side of escalation: which findings trigger an incident,
+//! and writing the incident trace (the kept window, then the detail window
+//! that [`incident`](super::incident) recorded).
+
+use std::time::Duration;
+
+use anyhow::Result;
+
+use super::detect::Finding;
+use super::{Watcher, monotonic_ns, trace};
+
+impl Watcher {
+    /// Starts an incident if `finding` is over an `--on-*` threshold.
+    pub(super) fn check_trigger(&mut self, finding: &Finding) {
+        let at_least = |threshold: Option<Duration>, ns: u64| {
+            threshold.is_some_and(|threshold| ns >= threshold.as_nanos() as u64)
+        };
+        let trigger = match finding {
+            Finding::Blocking(b) if at_least(self.options.on_blocking, b.duration_ns) => (
+                format!(
+                    "BLOCKING for {} ms on tid {}",
+                    b.duration_ns / 1_000_000,
+                    b.tid
+                ),
+                b.ts_ns + b.duration_ns,
+            ),
+            Finding::Hog(h) if at_least(self.options.on_hog, h.lower_bound_ns()) => (
+                format!(
+                    "HOG for at least {} ms on tid {}",
+                    h.lower_bound_ns() / 1_000_000,
+                    h.tid
+                ),
+                h.last_ns,
+            ),
+            _ => return,
+        };
+        self.start_incident(trigger.0, trigger.1);
+    }
+
+    /// Attaches the full probes, unless an incident runs (or can't yet).
+    pub(super) fn start_incident(&mut self, what: String, when: u64) {
+        let Some(escalation) = &mut self.escalation else {
+            return;
+        };
+        match escalation.trigger(what.clone(), when, monotonic_ns()) {
+            Ok(Some((number, attach))) => println!(
+                "incident {number}: full probes recording {:.0} ms after the trigger \
+                 (attached in {:.0} ms): {what}",
+                (monotonic_ns().saturating_sub(when)) as f64 / 1e6,
+                attach.as_secs_f64() * 1e3
+            ),
+            Ok(None) => {
+                log::debug!("trigger ignored (an incident is running or none is left): {what}")
+            }
+            Err(err) => eprintln!("could not start an incident: {err:#}"),
+        }
+    }
+
+    /// Ends an incident whose detail window is over.
+    pub(super) fn escalate(&mut self, process: &str) -> Result<()> {
+        let Some(escalation) = &mut self.escalation else {
+            return Ok(());
+        };
+        if escalation.drain()? {
+            self.finish_incident(process)?;
+        }
+        Ok(())
+    }
+
+    /// Writes the running incident's trace: the kept window up to the
+    /// detail's start, then the detail window.
+    pub(super) fn finish_incident(&mut self, process: &str) -> Result<()> {
+        let Some(escalation) = &mut self.escalation else {
+            return Ok(());
+        };
+        let Some(detail) = &escalation.active else {
+            return Ok(());
+        };
+        let (path, detail_start) = (detail.incident.path.clone(), detail.incident.start_ns);
+        let end_ns = monotonic_ns();
+        let window_start = self
+            .recorder
+            .span()
+            .map_or(detail_start, |(first, _)| first.min(detail_start));
+        let mut writer = tracer_timeline::chrome::ChromeTraceWriter::create(&path)?;
+        writer.process_name(self.options.pid, process)?;
+        trace::write_kept(
+            &mut writer,
+            self.options.pid,
+            window_start,
+            Some(detail_start),
+            &self.recorder,
+            &mut self.names,
+            &mut self.reader,
+            self.options.sample_hz,
+        )?;
+        if let Some((incident, events)) = escalation.finish(end_ns, window_start, writer)? {
+            println!(
+                "incident {}: wrote {} ({:.1} s kept before it, {:.1} s of full detail, {events} events)",
+                incident.number,
+                incident.path.display(),
+                (detail_start - window_start) as f64 / 1e9,
+                (end_ns - detail_start) as f64 / 1e9,
+            );
+        }
+        Ok(())
+    }
+}

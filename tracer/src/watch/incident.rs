@@ -1,0 +1,260 @@
+//! Escalation: on a trigger (`--on-hog`, `--on-blocking`, SIGUSR1), the
+//! full recording probes are attached for `--detail`, and one incident
+//! trace is written: the kept window up to the trigger (watch data), then
+//! the detail window (every poll, park, wake, await point), so the incident
+//! is seen from before it started.
+//!
+//! Speed: the full probes' eBPF object is loaded ahead of time (30–200 ms
+//! here), so a trigger only attaches them (5–25 ms for ~30 probes) and
+//! flips `ENABLED`. Removing them waits an RCU grace period per probe
+//! (3–4 s for 30 here, NOTES.md): that happens on a background thread, and
+//! the next incident's object is loaded on another, so neither the target
+//! nor the watcher waits. One incident at a time; at most
+//! `--max-incidents` files.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use aya::maps::{MapData, RingBuf};
+use tracer_probes::ProbePlan;
+use tracer_timeline::chrome::ChromeTraceWriter;
+
+use crate::record::Mode;
+use crate::record::drain::Recorder;
+use crate::record::loader::{self, LoadedProbes, Settings};
+use crate::record::sink::{Costs, TraceSink};
+use crate::record::spill::SpillWriter;
+
+/// Full probes being loaded (or loaded, waiting); or none left to use.
+enum Spare {
+    Loading(std::thread::JoinHandle<Result<LoadedProbes>>),
+    None,
+}
+
+/// An incident, as reported.
+#[derive(Clone, Debug)]
+pub struct Incident {
+    pub number: u32,
+    /// What set it off, for people.
+    pub trigger: String,
+    /// When what set it off happened (a finding's start; a signal's arrival).
+    pub trigger_ns: u64,
+    /// When the full probes were recording.
+    pub start_ns: u64,
+    pub path: PathBuf,
+}
+
+/// A detail window being recorded.
+pub struct Detail {
+    pub incident: Incident,
+    until: Instant,
+    probes: LoadedProbes,
+    ring: RingBuf<MapData>,
+    stack_ring: RingBuf<MapData>,
+    recorder: Recorder,
+}
+
+pub struct Escalation {
+    plan: ProbePlan,
+    exe: PathBuf,
+    pid: u32,
+    stack_bytes: u32,
+    detail_for: Duration,
+    max_incidents: u32,
+    output: PathBuf,
+    spare: Spare,
+    pub active: Option<Detail>,
+    pub incidents: u32,
+    /// Triggers that came while an incident ran, or after the last one allowed.
+    pub ignored: u32,
+    /// Probe removals in progress; joined at exit.
+    detaching: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Escalation {
+    pub fn new(
+        plan: ProbePlan,
+        exe: PathBuf,
+        pid: u32,
+        stack_bytes: u32,
+        detail_for: Duration,
+        max_incidents: u32,
+        output: PathBuf,
+    ) -> Self {
+        let mut escalation = Escalation {
+            plan,
+            exe,
+            pid,
+            stack_bytes,
+            detail_for,
+            max_incidents,
+            output,
+            spare: Spare::None,
+            active: None,
+            incidents: 0,
+            ignored: 0,
+            detaching: Vec::new(),
+        };
+        escalation.load_spare();
+        escalation
+    }
+
+    /// Starts loading the next incident's probes on a thread of its own.
+    fn load_spare(&mut self) {
+        if self.incidents >= self.max_incidents {
+            self.spare = Spare::None;
+            return;
+        }
+        let plan = self.plan.clone();
+        let (pid, stack_bytes) = (self.pid, self.stack_bytes);
+        self.spare = Spare::Loading(std::thread::spawn(move || {
+            let loading = Instant::now();
+            let loaded = loader::load(
+                &plan,
+                pid,
+                &Settings {
+                    ring_bytes: tracer_common::DEFAULT_RING_BYTES,
+                    min_poll: Duration::ZERO,
+                    stack_bytes,
+                },
+            );
+            log::info!(
+                "full probes loaded for the next incident in {:?}",
+                loading.elapsed()
+            );
+            loaded
+        }));
+    }
+
+    /// Attaches the full probes now, if no incident runs, the last one's
+    /// probes are gone (attaching while they are being removed waits on the
+    /// kernel's uprobe locks for seconds), the next probes are loaded, and
+    /// an incident is left. Never waits: a trigger that comes too early is
+    /// ignored (counted). Returns the incident's number and how long
+    /// attaching took.
+    pub fn trigger(
+        &mut self,
+        trigger: String,
+        trigger_ns: u64,
+        now_ns: u64,
+    ) -> Result<Option<(u32, Duration)>> {
+        let detaching = self.detaching.iter().any(|handle| !handle.is_finished());
+        if self.active.is_some() || self.incidents >= self.max_incidents || detaching {
+            self.ignored += 1;
+            return Ok(None);
+        }
+        let probes = match std::mem::replace(&mut self.spare, Spare::None) {
+            Spare::Loading(handle) if handle.is_finished() => handle
+                .join()
+                .map_err(|_| anyhow::anyhow!("loading the full probes panicked"))??,
+            still_loading => {
+                self.spare = still_loading;
+                self.ignored += 1;
+                return Ok(None);
+            }
+        };
+        let attaching = Instant::now();
+        let mut probes = probes;
+        probes
+            .attach(&self.plan, &self.exe, self.pid, Mode::Full.probe_set())
+            .context("attaching the full probes for an incident")?;
+        probes.set_enabled(true)?;
+        let stack_ring = probes.take_stacks()?;
+        let ring = probes.take_events()?;
+        self.incidents += 1;
+        let number = self.incidents;
+        let spill = SpillWriter::create_in(directory_of(&self.output))?;
+        self.active = Some(Detail {
+            incident: Incident {
+                number,
+                trigger,
+                trigger_ns,
+                start_ns: now_ns,
+                path: numbered(&self.output, number),
+            },
+            until: Instant::now() + self.detail_for,
+            probes,
+            ring,
+            stack_ring,
+            recorder: Recorder::new(self.pid, spill),
+        });
+        Ok(Some((number, attaching.elapsed())))
+    }
+
+    /// Drains the detail window's rings; true when its time is up.
+    pub fn drain(&mut self) -> Result<bool> {
+        let Some(detail) = &mut self.active else {
+            return Ok(false);
+        };
+        while detail.recorder.drain_batch(&mut detail.ring)? {}
+        detail.recorder.drain_stacks(&mut detail.stack_ring);
+        Ok(Instant::now() >= detail.until)
+    }
+
+    /// Ends the detail window: recording stops at once, the probes are
+    /// removed in the background, and the incident trace is written into
+    /// `writer` (which already holds the kept window, times relative to
+    /// `window_start_ns`). Returns the incident and the events recorded.
+    pub fn finish(
+        &mut self,
+        end_ns: u64,
+        window_start_ns: u64,
+        writer: ChromeTraceWriter,
+    ) -> Result<Option<(Incident, u64)>> {
+        let Some(detail) = self.active.take() else {
+            return Ok(None);
+        };
+        let Detail {
+            incident,
+            mut probes,
+            mut ring,
+            mut stack_ring,
+            mut recorder,
+            ..
+        } = detail;
+        probes.set_enabled(false)?;
+        let counters = probes.counters()?;
+        recorder.drain_all(&mut ring)?;
+        recorder.drain_stacks(&mut stack_ring);
+        let events = recorder.events();
+        let number = incident.number;
+        self.detaching.push(std::thread::spawn(move || {
+            let removing = Instant::now();
+            let _ = probes.detach_in_background().join();
+            log::info!(
+                "incident {number}: full probes removed in {:?}",
+                removing.elapsed()
+            );
+        }));
+        self.load_spare();
+        let rendering = Instant::now();
+        let recording = recorder.finish()?;
+        let sink = TraceSink::replay(&self.plan, self.pid, window_start_ns, writer, recording)?;
+        let costs = Costs {
+            recording_cpu_ns: 0,
+            render_ms: rendering.elapsed().as_millis() as u64,
+        };
+        sink.finish(end_ns, &counters, costs, &incident.path, None)?;
+        Ok(Some((incident, events)))
+    }
+
+    /// Waits for the probe removals still running (at exit).
+    pub fn join(self) {
+        for handle in self.detaching {
+            let _ = handle.join();
+        }
+    }
+}
+
+/// `watch.json` → `watch.incident-2.json`.
+fn numbered(path: &Path, n: u32) -> PathBuf {
+    super::numbered(path, "incident", n)
+}
+
+fn directory_of(path: &Path) -> &Path {
+    match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir,
+        _ => Path::new("."),
+    }
+}
