@@ -199,6 +199,10 @@ pub async fn watch(options: WatchOptions) -> Result<WatchOutcome> {
     );
     let mut event_ring = probes.take_ring(names::WATCH_EVENTS)?;
     let mut stack_ring = probes.take_ring(names::WATCH_STACKS)?;
+    // With -v, what each program costs (read back at the end).
+    let stats = log::log_enabled!(log::Level::Info)
+        .then(probes::collect_stats)
+        .flatten();
     probes.set_enabled(true)?;
     println!(
         "watching {} (pid {}): {} Hz samples, parks, blocking switches; keeping the last {} (at most {} MiB)",
@@ -278,6 +282,12 @@ pub async fn watch(options: WatchOptions) -> Result<WatchOutcome> {
         }
     };
     probes.set_enabled(false)?;
+    if stats.is_some() {
+        for (name, runs, average) in probes.program_stats() {
+            log::info!("program {name}: {runs} runs, {average:?} each on average");
+        }
+    }
+    drop(stats);
     let lost = probes.lost()?;
     watcher.drain(&mut event_ring, &mut stack_ring, u64::MAX);
     watcher.detector.finish_runs();

@@ -4,6 +4,7 @@
 
 use std::num::NonZeroU32;
 use std::path::Path;
+use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow};
 use aya::{
@@ -157,6 +158,27 @@ impl WatchProbes {
         Ok(counter.get(&0, 0)?.iter().sum())
     }
 
+    /// Each program's runs and average run time, when the kernel kept
+    /// statistics (see [`collect_stats`]): what a park, a sample and a
+    /// context switch cost in the programs themselves, traps excluded.
+    pub fn program_stats(&self) -> Vec<(&'static str, u64, Duration)> {
+        let mut stats = Vec::new();
+        for name in [PARK_START, PARK_END, SAMPLE, SWITCH] {
+            let Some(program) = self.ebpf.program(name) else {
+                continue;
+            };
+            if let Ok(info) = program.info() {
+                let runs = info.run_count();
+                let average = info
+                    .run_time()
+                    .checked_div(runs.max(1) as u32)
+                    .unwrap_or_default();
+                stats.push((name, runs, average));
+            }
+        }
+        stats
+    }
+
     /// Removes everything on a thread of its own: each uprobe's removal
     /// waits for an RCU grace period (~100 ms here, NOTES.md), so neither the
     /// watcher nor the target may wait for it. The park links are dropped
@@ -200,4 +222,11 @@ fn switch(ebpf: &mut Ebpf) -> Result<&mut BtfTracePoint> {
         .with_context(|| format!("the eBPF object has no program {SWITCH}"))?
         .try_into()
         .with_context(|| format!("the eBPF program {SWITCH} is not a BTF tracepoint"))
+}
+
+/// Turns on the kernel's per-program run-time statistics while the
+/// returned descriptor is held (they cost every program run ~50 ns, so
+/// only with `-v`).
+pub fn collect_stats() -> Option<std::os::fd::OwnedFd> {
+    aya::sys::enable_stats(aya::sys::Stats::RunTime).ok()
 }
