@@ -294,6 +294,32 @@ fn a_blocking_finding_escalates_to_full_detail() {
     assert_eq!(incident.metadata()["abandoned_polls"], 0);
 }
 
+#[test]
+fn bad_input_is_a_clear_error() {
+    require_root();
+    let no_pid = tracer()
+        .args(["watch", "--pid", "999999999"])
+        .output()
+        .expect("run");
+    assert!(!no_pid.status.success());
+    let stderr = String::from_utf8_lossy(&no_pid.stderr);
+    assert!(stderr.contains("no process with pid 999999999"), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+
+    let faults = Faults::start("healthy", Profile::Release);
+    let bad_dir = tracer()
+        .args(["watch", "-o", "/nonexistent-dir/w.json", "--pid"])
+        .arg(faults.0.id().to_string())
+        .output()
+        .expect("run");
+    assert!(!bad_dir.status.success());
+    let stderr = String::from_utf8_lossy(&bad_dir.stderr);
+    assert!(
+        stderr.contains("/nonexistent-dir is not a directory"),
+        "{stderr}"
+    );
+}
+
 const SIGINT: i32 = 2;
 const SIGUSR1: i32 = 10;
 
