@@ -134,6 +134,8 @@ struct Watcher {
     blocking: u64,
     hogs: u64,
     malformed: u64,
+    /// Records drained from both rings.
+    drained: u64,
     escalation: Option<incident::Escalation>,
 }
 
@@ -232,6 +234,7 @@ pub async fn watch(options: WatchOptions) -> Result<WatchOutcome> {
         blocking: 0,
         hogs: 0,
         malformed: 0,
+        drained: 0,
         escalation,
         options,
     };
@@ -342,11 +345,13 @@ impl Watcher {
         // span, so draining the events second never finds a span whose
         // capture is still in the ring.
         while let Some(record) = stack_ring.next() {
+            self.drained += 1;
             if let Some(capture) = self.reader.read(&record) {
                 self.pending.push(Record::Capture(capture));
             }
         }
         while let Some(record) = event_ring.next() {
+            self.drained += 1;
             if record.len() < WATCH_EVENT_SIZE {
                 self.malformed += 1;
                 continue;
@@ -479,6 +484,8 @@ impl Watcher {
             keep_memory: self.options.keep_memory,
             lost,
             sample_hz: self.options.sample_hz,
+            events: self.drained,
+            malformed: self.malformed + self.reader.malformed,
         };
         trace::write_window(
             path,

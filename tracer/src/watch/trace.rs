@@ -27,6 +27,10 @@ pub struct WindowInfo<'a> {
     pub keep_memory: u64,
     pub lost: u64,
     pub sample_hz: u64,
+    /// Records drained from the rings since watching began.
+    pub events: u64,
+    /// Records too short or of an unknown kind.
+    pub malformed: u64,
 }
 
 pub fn write_window(
@@ -65,6 +69,8 @@ pub fn write_window(
         "keep_memory_bound": info.keep_memory,
         "dropped_for_memory": recorder.dropped_for_memory,
         "lost_events": info.lost,
+        "events": info.events,
+        "malformed_events": info.malformed,
     });
     writer.finish(&metadata)
 }
