@@ -51,6 +51,8 @@ pub struct Hog {
     pub samples: u32,
     /// Of the span, how long the thread was preempted.
     pub preempted_ns: u64,
+    /// Announced while it ran (it crossed `ongoing_hog_ns`).
+    pub announced: bool,
     /// The last sample's stacks.
     pub capture: Capture,
 }
@@ -115,11 +117,26 @@ struct Run {
     park_count: u64,
     preempted_ns: u64,
     last: Capture,
+    /// Already announced as an ongoing hog (see [`Detector::take_ongoing`]).
+    announced: bool,
 }
 
 pub struct Thresholds {
     pub blocking_ns: u64,
     pub hog_ns: u64,
+    /// Announce a hog run as soon as it spans this long (`--on-hog`), so
+    /// that escalation starts while it still runs: a poll that never
+    /// returns never ends its run.
+    pub ongoing_hog_ns: Option<u64>,
+}
+
+/// A hog run that crossed `ongoing_hog_ns` and still runs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OngoingHog {
+    pub tid: u32,
+    pub site: usize,
+    pub span_ns: u64,
+    pub last_ns: u64,
 }
 
 pub struct Detector {
@@ -134,6 +151,7 @@ pub struct Detector {
     kernel_samples: u64,
     /// Findings not yet taken by the caller.
     found: Vec<Finding>,
+    ongoing: Vec<OngoingHog>,
 }
 
 impl Detector {
@@ -149,6 +167,7 @@ impl Detector {
             samples_by_site: BTreeMap::new(),
             kernel_samples: 0,
             found: Vec::new(),
+            ongoing: Vec::new(),
         }
     }
 
@@ -235,6 +254,21 @@ impl Detector {
             run.last_ns = run.last_ns.max(capture.ts_ns);
             run.samples += 1;
             run.last = capture;
+            let span_ns = run.last_ns - run.first_ns;
+            if !run.announced
+                && self
+                    .thresholds
+                    .ongoing_hog_ns
+                    .is_some_and(|at| span_ns >= at)
+            {
+                run.announced = true;
+                self.ongoing.push(OngoingHog {
+                    tid,
+                    site: run.site,
+                    span_ns,
+                    last_ns: run.last_ns,
+                });
+            }
             return;
         }
         let ended = worker.run.take();
@@ -247,6 +281,7 @@ impl Detector {
                 park_count,
                 preempted_ns: 0,
                 last: capture,
+                announced: false,
             });
         }
         if let Some(run) = ended {
@@ -268,8 +303,14 @@ impl Detector {
             last_ns: run.last_ns,
             samples: run.samples,
             preempted_ns: run.preempted_ns,
+            announced: run.announced,
             capture: run.last,
         }));
+    }
+
+    /// Hog runs that crossed `ongoing_hog_ns` since the last call.
+    pub fn take_ongoing(&mut self) -> Vec<OngoingHog> {
+        std::mem::take(&mut self.ongoing)
     }
 
     /// Findings made since the last call.
@@ -354,6 +395,7 @@ mod tests {
             Thresholds {
                 blocking_ns: 5 * MS,
                 hog_ns: 20 * MS,
+                ongoing_hog_ns: Some(25 * MS),
             },
             0,
         )
@@ -365,6 +407,13 @@ mod tests {
         for i in 0..4 {
             d.sample(sample(7, 100 * MS + i * 10 * MS, Some(3)));
         }
+        // Announced while still running, once.
+        let ongoing = d.take_ongoing();
+        assert_eq!(ongoing.len(), 1, "{ongoing:?}");
+        assert_eq!(
+            (ongoing[0].tid, ongoing[0].site, ongoing[0].span_ns),
+            (7, 3, 30 * MS)
+        );
         d.sample(sample(7, 150 * MS, Some(4)));
         let found = d.take_findings();
         assert_eq!(found.len(), 1, "{found:?}");

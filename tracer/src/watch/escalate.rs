@@ -24,45 +24,62 @@ impl Watcher {
                 ),
                 b.ts_ns + b.duration_ns,
             ),
-            Finding::Hog(h) if at_least(self.options.on_hog, h.lower_bound_ns()) => (
-                format!(
-                    "HOG for at least {} ms on tid {}",
-                    h.lower_bound_ns() / 1_000_000,
-                    h.tid
-                ),
-                h.last_ns,
-            ),
+            // Announced while running already (`take_ongoing`) when it was
+            // long enough then; a run that crossed the threshold only with
+            // a preemption at its end is triggered here.
+            Finding::Hog(h)
+                if !h.announced && at_least(self.options.on_hog, h.lower_bound_ns()) =>
+            {
+                (
+                    format!(
+                        "HOG for at least {} ms on tid {}",
+                        h.lower_bound_ns() / 1_000_000,
+                        h.tid
+                    ),
+                    h.last_ns,
+                )
+            }
             _ => return,
         };
         self.start_incident(trigger.0, trigger.1);
     }
 
-    /// Attaches the full probes, unless an incident runs (or can't yet).
+    /// Starts attaching the full probes, unless an incident runs (or can't yet).
     pub(super) fn start_incident(&mut self, what: String, when: u64) {
         let Some(escalation) = &mut self.escalation else {
             return;
         };
-        match escalation.trigger(what.clone(), when, monotonic_ns()) {
-            Ok(Some((number, attach))) => println!(
-                "incident {number}: full probes recording {:.0} ms after the trigger \
-                 (attached in {:.0} ms): {what}",
-                (monotonic_ns().saturating_sub(when)) as f64 / 1e6,
-                attach.as_secs_f64() * 1e3
-            ),
-            Ok(None) => {
-                log::debug!("trigger ignored (an incident is running or none is left): {what}")
-            }
-            Err(err) => eprintln!("could not start an incident: {err:#}"),
+        match escalation.trigger(what.clone(), when) {
+            Some(number) => log::info!("incident {number}: attaching the full probes: {what}"),
+            None => log::debug!("trigger ignored (an incident is running or none is left): {what}"),
         }
     }
 
-    /// Ends an incident whose detail window is over.
-    pub(super) fn escalate(&mut self, process: &str) -> Result<()> {
+    /// Reports an incident whose full probes started recording, and ends
+    /// one whose detail window is over (any, `at_exit`).
+    pub(super) fn escalate(&mut self, process: &str, at_exit: bool) -> Result<()> {
         let Some(escalation) = &mut self.escalation else {
             return Ok(());
         };
-        if escalation.drain()? {
-            self.finish_incident(process)?;
+        // An incident that fails is reported; watching goes on.
+        let (started, over) = match escalation.drain(at_exit) {
+            Ok(drained) => drained,
+            Err(err) => {
+                eprintln!("incident: {err:#}");
+                return Ok(());
+            }
+        };
+        if let Some((incident, took)) = started {
+            println!(
+                "incident {}: full probes recording {:.0} ms after the trigger (attached in {:.0} ms): {}",
+                incident.number,
+                incident.start_ns.saturating_sub(incident.trigger_ns) as f64 / 1e6,
+                took.as_secs_f64() * 1e3,
+                incident.trigger
+            );
+        }
+        if over && let Err(err) = self.finish_incident(process) {
+            eprintln!("incident: could not write its trace: {err:#}");
         }
         Ok(())
     }

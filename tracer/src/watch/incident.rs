@@ -45,6 +45,15 @@ pub struct Incident {
     pub path: PathBuf,
 }
 
+/// Full probes attached and recording.
+struct Attached {
+    probes: LoadedProbes,
+    ring: RingBuf<MapData>,
+    stack_ring: RingBuf<MapData>,
+    enabled_ns: u64,
+    took: Duration,
+}
+
 /// A detail window being recorded.
 pub struct Detail {
     pub incident: Incident,
@@ -65,6 +74,8 @@ pub struct Escalation {
     output: PathBuf,
     spare: Spare,
     pub active: Option<Detail>,
+    /// An incident whose probes are being attached.
+    attaching: Option<(Incident, std::thread::JoinHandle<Result<Attached>>)>,
     pub incidents: u32,
     /// Triggers that came while an incident ran, or after the last one allowed.
     pub ignored: u32,
@@ -92,6 +103,7 @@ impl Escalation {
             output,
             spare: Spare::None,
             active: None,
+            attaching: None,
             incidents: 0,
             ignored: 0,
             detaching: Vec::new(),
@@ -127,69 +139,111 @@ impl Escalation {
         }));
     }
 
-    /// Attaches the full probes now, if no incident runs, the last one's
-    /// probes are gone (attaching while they are being removed waits on the
-    /// kernel's uprobe locks for seconds), the next probes are loaded, and
-    /// an incident is left. Never waits: a trigger that comes too early is
-    /// ignored (counted). Returns the incident's number and how long
-    /// attaching took.
-    pub fn trigger(
-        &mut self,
-        trigger: String,
-        trigger_ns: u64,
-        now_ns: u64,
-    ) -> Result<Option<(u32, Duration)>> {
+    /// Starts attaching the full probes, on a thread of its own (attaching
+    /// ~30 uprobes took 14–28 ms here, but 5.2 s once on the loaded VM: the
+    /// kernel's uprobe registration waits on RCU), if no incident runs or
+    /// is being attached, the last one's probes are gone (attaching while
+    /// they are being removed waits on the kernel's uprobe locks for
+    /// seconds), the next probes are loaded, and an incident is left.
+    /// Never waits: a trigger that comes too early is ignored (counted).
+    /// Returns the incident's number when it starts.
+    pub fn trigger(&mut self, trigger: String, trigger_ns: u64) -> Option<u32> {
         let detaching = self.detaching.iter().any(|handle| !handle.is_finished());
-        if self.active.is_some() || self.incidents >= self.max_incidents || detaching {
+        let busy = self.active.is_some() || self.attaching.is_some();
+        if busy || self.incidents >= self.max_incidents || detaching {
             self.ignored += 1;
-            return Ok(None);
+            return None;
         }
-        let probes = match std::mem::replace(&mut self.spare, Spare::None) {
-            Spare::Loading(handle) if handle.is_finished() => handle
-                .join()
-                .map_err(|_| anyhow::anyhow!("loading the full probes panicked"))??,
+        let loading = match std::mem::replace(&mut self.spare, Spare::None) {
+            Spare::Loading(handle) if handle.is_finished() => handle,
             still_loading => {
                 self.spare = still_loading;
                 self.ignored += 1;
-                return Ok(None);
+                return None;
             }
         };
-        let attaching = Instant::now();
-        let mut probes = probes;
-        probes
-            .attach(&self.plan, &self.exe, self.pid, Mode::Full.probe_set())
-            .context("attaching the full probes for an incident")?;
-        probes.set_enabled(true)?;
-        let stack_ring = probes.take_stacks()?;
-        let ring = probes.take_events()?;
         self.incidents += 1;
         let number = self.incidents;
-        let spill = SpillWriter::create_in(directory_of(&self.output))?;
-        self.active = Some(Detail {
-            incident: Incident {
+        let (plan, exe, pid) = (self.plan.clone(), self.exe.clone(), self.pid);
+        let handle = std::thread::spawn(move || -> Result<Attached> {
+            let mut probes = loading
+                .join()
+                .map_err(|_| anyhow::anyhow!("loading the full probes panicked"))??;
+            let attaching = Instant::now();
+            probes
+                .attach(&plan, &exe, pid, Mode::Full.probe_set())
+                .context("attaching the full probes for an incident")?;
+            probes.set_enabled(true)?;
+            let enabled_ns = super::monotonic_ns();
+            let stack_ring = probes.take_stacks()?;
+            let ring = probes.take_events()?;
+            Ok(Attached {
+                probes,
+                ring,
+                stack_ring,
+                enabled_ns,
+                took: attaching.elapsed(),
+            })
+        });
+        self.attaching = Some((
+            Incident {
                 number,
                 trigger,
                 trigger_ns,
-                start_ns: now_ns,
+                start_ns: 0,
                 path: numbered(&self.output, number),
             },
-            until: Instant::now() + self.detail_for,
-            probes,
-            ring,
-            stack_ring,
-            recorder: Recorder::new(self.pid, spill),
-        });
-        Ok(Some((number, attaching.elapsed())))
+            handle,
+        ));
+        Some(number)
     }
 
-    /// Drains the detail window's rings; true when its time is up.
-    pub fn drain(&mut self) -> Result<bool> {
+    /// When the full probes of a triggered incident are recording: the
+    /// incident (its `start_ns` set) and how long attaching took.
+    fn poll_attached(&mut self, wait: bool) -> Result<Option<(Incident, Duration)>> {
+        let ready = self
+            .attaching
+            .as_ref()
+            .is_some_and(|(_, handle)| wait || handle.is_finished());
+        if !ready {
+            return Ok(None);
+        }
+        let (mut incident, handle) = self.attaching.take().expect("checked");
+        let attached = match handle.join() {
+            Ok(Ok(attached)) => attached,
+            Ok(Err(err)) => {
+                self.load_spare();
+                return Err(err);
+            }
+            Err(_) => {
+                self.load_spare();
+                anyhow::bail!("attaching the full probes panicked");
+            }
+        };
+        incident.start_ns = attached.enabled_ns;
+        let spill = SpillWriter::create_in(directory_of(&self.output))?;
+        self.active = Some(Detail {
+            incident: incident.clone(),
+            until: Instant::now() + self.detail_for,
+            probes: attached.probes,
+            ring: attached.ring,
+            stack_ring: attached.stack_ring,
+            recorder: Recorder::new(self.pid, spill),
+        });
+        Ok(Some((incident, attached.took)))
+    }
+
+    /// Starts the detail window once its probes are attached (the
+    /// incident and the attach time, to report), and drains its rings.
+    /// `at_exit` waits for an attach in progress. True when its time is up.
+    pub fn drain(&mut self, at_exit: bool) -> Result<(Option<(Incident, Duration)>, bool)> {
+        let started = self.poll_attached(at_exit)?;
         let Some(detail) = &mut self.active else {
-            return Ok(false);
+            return Ok((started, false));
         };
         while detail.recorder.drain_batch(&mut detail.ring)? {}
         detail.recorder.drain_stacks(&mut detail.stack_ring);
-        Ok(Instant::now() >= detail.until)
+        Ok((started, at_exit || Instant::now() >= detail.until))
     }
 
     /// Ends the detail window: recording stops at once, the probes are

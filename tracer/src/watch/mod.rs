@@ -223,6 +223,7 @@ pub async fn watch(options: WatchOptions) -> Result<WatchOutcome> {
             Thresholds {
                 blocking_ns: options.blocking.as_nanos() as u64,
                 hog_ns: options.hog.as_nanos() as u64,
+                ongoing_hog_ns: options.on_hog.map(|on_hog| on_hog.as_nanos() as u64),
             },
             start_ns,
         ),
@@ -259,7 +260,7 @@ pub async fn watch(options: WatchOptions) -> Result<WatchOutcome> {
         tokio::select! {
             _ = drain_tick.tick() => {
                 watcher.drain(&mut event_ring, &mut stack_ring, monotonic_ns().saturating_sub(REORDER_WINDOW_NS));
-                watcher.escalate(&process)?;
+                watcher.escalate(&process, false)?;
             }
             _ = usr1.recv() => {
                 if watcher.escalation.is_some() {
@@ -296,7 +297,7 @@ pub async fn watch(options: WatchOptions) -> Result<WatchOutcome> {
     watcher.detector.finish_runs();
     watcher.report_findings();
     // An incident still recording ends here, shorter than asked.
-    watcher.finish_incident(&process)?;
+    watcher.escalate(&process, true)?;
     let watch_detaching = probes.detach_in_background();
     let (incidents, ignored_triggers, escalation) = match watcher.escalation.take() {
         Some(escalation) => (escalation.incidents, escalation.ignored, Some(escalation)),
@@ -457,6 +458,14 @@ impl Watcher {
 
     /// Prints the new findings and keeps them for the trace.
     fn report_findings(&mut self) {
+        for hog in self.detector.take_ongoing() {
+            let what = format!(
+                "HOG for at least {} ms so far on tid {}",
+                hog.span_ns / 1_000_000,
+                hog.tid
+            );
+            self.start_incident(what, hog.last_ns);
+        }
         for finding in self.detector.take_findings() {
             // Escalate first: naming the stacks can take a while (the
             // first symbolization loads the binary's symbols).
