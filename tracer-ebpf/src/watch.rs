@@ -35,7 +35,7 @@ use tracer_common::watch::{
     WatchStackHeader, WatchStackKind,
 };
 
-use crate::{NO_WAKEUP, attach_cookie, enabled, stack_bytes, target_thread, target_tgid};
+use crate::{NO_WAKEUP, attach_cookie, enabled, stack_bytes, target_tgid, target_thread};
 
 /// Off-CPU spans shorter than this are not sent (set by user space).
 #[unsafe(no_mangle)]
@@ -160,7 +160,15 @@ fn saved_user_regs() -> Option<(u64, u64, u64)> {
 /// `STACK_BYTES` of user stack from `sp` up (shorter where that would run
 /// off the stack's top).
 #[inline(always)]
-fn capture<C: EbpfContext>(ctx: &C, kind: WatchStackKind, tid: u32, ts_ns: u64, user: (u64, u64, u64), in_kernel: bool, flags: u32) {
+fn capture<C: EbpfContext>(
+    ctx: &C,
+    kind: WatchStackKind,
+    tid: u32,
+    ts_ns: u64,
+    user: (u64, u64, u64),
+    in_kernel: bool,
+    flags: u32,
+) {
     let Some(mut record) = WATCH_STACKS.reserve::<WatchStackRecord>(0) else {
         count_lost();
         return;
@@ -170,7 +178,12 @@ fn capture<C: EbpfContext>(ctx: &C, kind: WatchStackKind, tid: u32, ts_ns: u64, 
     if in_kernel {
         let kernel = unsafe { core::ptr::addr_of_mut!((*record_ptr).header.kernel) };
         let got = unsafe {
-            generated::bpf_get_stack(ctx.as_ptr(), kernel.cast(), (KERNEL_FRAMES_MAX * 8) as u32, 0)
+            generated::bpf_get_stack(
+                ctx.as_ptr(),
+                kernel.cast(),
+                (KERNEL_FRAMES_MAX * 8) as u32,
+                0,
+            )
         };
         if got > 0 {
             kernel_frames = (got as u32) / 8;
@@ -187,7 +200,8 @@ fn capture<C: EbpfContext>(ctx: &C, kind: WatchStackKind, tid: u32, ts_ns: u64, 
             break;
         }
         let data = unsafe { core::ptr::addr_of_mut!((*record_ptr).data) };
-        let read = unsafe { generated::bpf_probe_read_user(data.cast(), want as u32, sp as *const _) };
+        let read =
+            unsafe { generated::bpf_probe_read_user(data.cast(), want as u32, sp as *const _) };
         if read == 0 {
             len = want as u32;
             break;
@@ -224,7 +238,15 @@ pub fn watch_sample(ctx: PerfEventContext) -> u32 {
     } else {
         (regs.rip, regs.rsp, regs.rbp)
     };
-    capture(&ctx, WatchStackKind::Sample, tid, ts_ns, user, in_kernel, worker_flags(tid));
+    capture(
+        &ctx,
+        WatchStackKind::Sample,
+        tid,
+        ts_ns,
+        user,
+        in_kernel,
+        worker_flags(tid),
+    );
     0
 }
 

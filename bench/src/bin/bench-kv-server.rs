@@ -21,7 +21,9 @@ fn main() {
         let listener = TcpListener::bind("127.0.0.1:0")
             .await
             .unwrap_or_else(|err| fail(&format!("cannot listen on 127.0.0.1: {err}")));
-        let address = listener.local_addr().expect("a bound socket has an address");
+        let address = listener
+            .local_addr()
+            .expect("a bound socket has an address");
         println!("ready {address}");
         let store: Store = Arc::default();
         tokio::spawn(accept_loop(listener, store))
@@ -68,11 +70,18 @@ fn answer(request: &[u8], store: &Store, reply: &mut Vec<u8>) {
     match command {
         b"SET" => {
             let value = words.next().unwrap_or_default().to_vec();
-            store.lock().expect("no panics while held").insert(key.to_vec(), value);
+            store
+                .lock()
+                .expect("no panics while held")
+                .insert(key.to_vec(), value);
             reply.extend_from_slice(b"+OK\n");
         }
         b"GET" => {
-            let value = store.lock().expect("no panics while held").get(key).cloned();
+            let value = store
+                .lock()
+                .expect("no panics while held")
+                .get(key)
+                .cloned();
             match value {
                 Some(value) => {
                     reply.push(b'$');
