@@ -70,7 +70,7 @@ async fn client(
             None => Instant::now(),
         };
         let key = k % 1000;
-        let request = if k % 2 == 0 {
+        let request = if k.is_multiple_of(2) {
             format!("SET key:{key} value-{k}\n")
         } else {
             format!("GET key:{key}\n")
