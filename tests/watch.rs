@@ -10,6 +10,7 @@ mod support;
 mod trace;
 
 use std::io::{BufRead, BufReader};
+use std::os::unix::fs::PermissionsExt;
 use std::process::{Child, Command, Stdio};
 
 use serde_json::Value;
@@ -230,6 +231,17 @@ fn sigusr1_writes_the_kept_window() {
     );
     // And the exit trace too.
     assert_eq!(Trace::load(&output).metadata()["written_on"], "exit");
+    // Written like every output (`OutputFile`): 0600, nothing else left.
+    for path in [&usr1, &output] {
+        let mode = std::fs::metadata(path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600, "{}", path.display());
+    }
+    let mut names: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["watch.json", "watch.usr1-1.json"]);
 }
 
 #[test]
