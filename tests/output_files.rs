@@ -42,7 +42,7 @@ fn mkfifo(path: &Path) {
 /// Reads what is written into a FIFO until its writer closes it, or, if
 /// nothing ever came, until the tracer is done (a tracer that replaced the
 /// FIFO never writes into it).
-fn read_fifo(fifo: &Path, tracer_done: &AtomicBool) -> String {
+fn read_fifo(fifo: &Path, tracer_done: &AtomicBool) -> Vec<u8> {
     use std::os::unix::fs::OpenOptionsExt;
     // Non-blocking: opening a FIFO for reading waits for a writer.
     let mut file = std::fs::OpenOptions::new()
@@ -64,7 +64,15 @@ fn read_fifo(fifo: &Path, tracer_done: &AtomicBool) -> String {
             Err(err) => panic!("reading the FIFO: {err}"),
         }
     }
-    String::from_utf8(bytes).unwrap()
+    bytes
+}
+
+/// Decodes a Perfetto trace that arrived as bytes (through a FIFO or
+/// stdout), from a copy outside the test's directory.
+fn load_trace_bytes(bytes: &[u8], name: &str) -> Trace {
+    let copy = scratch_dir(&format!("{name}-copy")).join("trace.pftrace");
+    std::fs::write(&copy, bytes).unwrap();
+    Trace::load(&copy)
 }
 
 /// The names in `dir`, sorted.
@@ -166,11 +174,11 @@ fn devices_and_fifos_are_written_into_never_replaced() {
         .arg("--folded")
         .arg(&null));
     tracer_done.store(true, Ordering::Relaxed);
-    let text = reader.join().unwrap();
+    let bytes = reader.join().unwrap();
     assert!(result.status.success(), "{}", describe(&result));
-    let trace: serde_json::Value =
-        serde_json::from_str(&text).expect("a whole trace through the FIFO");
-    assert!(trace["metadata"].is_object());
+    // A whole Perfetto trace (no `.json` name: the default format).
+    let trace = load_trace_bytes(&bytes, "fifo");
+    assert!(!trace.polls().is_empty(), "no polls through the FIFO");
     let null_meta = std::fs::symlink_metadata(&null).unwrap();
     assert!(
         null_meta.file_type().is_char_device(),
@@ -202,20 +210,12 @@ fn the_trace_can_go_to_stdout() {
         .unwrap();
     let result = trace::wait_with_limit(child, std::time::Duration::from_secs(120));
     assert!(result.status.success(), "{}", describe(&result));
-    let stdout = std::fs::read_to_string(&out).unwrap();
-    // The trace first, then the summary.
-    let mut values = serde_json::Deserializer::from_str(&stdout).into_iter::<serde_json::Value>();
-    let trace = values
-        .next()
-        .expect("a trace on stdout")
-        .expect("valid JSON");
-    let end = values.byte_offset();
-    assert!(
-        trace["traceEvents"]
-            .as_array()
-            .is_some_and(|e| !e.is_empty())
-    );
-    assert!(stdout[end..].contains("stopped:"), "{stdout}");
+    // The trace alone on stdout (it would not be whole with text after
+    // it); the summary on stderr.
+    let trace = load_trace_bytes(&std::fs::read(&out).unwrap(), "stdout");
+    assert!(!trace.polls().is_empty(), "no polls on stdout");
+    let stderr = String::from_utf8_lossy(&result.stderr);
+    assert!(stderr.contains("stopped:"), "{stderr}");
     let link = std::fs::symlink_metadata("/dev/stdout").unwrap();
     assert!(link.file_type().is_symlink(), "/dev/stdout was replaced");
     assert_eq!(names_in(&dir), ["out.txt"]);

@@ -43,6 +43,7 @@ pub fn run(options: &Options) -> Result<()> {
     }
 
     ensure_perfetto_python()?;
+    ensure_capsh()?;
 
     let mut test = cargo();
     if options.matrix {
@@ -103,6 +104,35 @@ fn ensure_perfetto_python() -> Result<()> {
         "--disable-pip-version-check",
         "perfetto",
     ]))
+}
+
+/// The privileges test drops capabilities with `capsh` (Debian's
+/// libcap2-bin): install it when it is missing and we may (as root).
+fn ensure_capsh() -> Result<()> {
+    let present = std::process::Command::new("capsh")
+        .arg("--version")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|status| status.success());
+    if present || !root::is_root() {
+        return Ok(());
+    }
+    step("installing capsh (libcap2-bin: the privileges test drops capabilities with it)");
+    let installed = std::process::Command::new("apt-get")
+        .args(["install", "-y", "-qq", "libcap2-bin"])
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .status()
+        .is_ok_and(|status| status.success());
+    if !installed {
+        cmd::run(std::process::Command::new("apt-get").args(["update", "-qq"]))?;
+        cmd::run(
+            std::process::Command::new("apt-get")
+                .args(["install", "-y", "-qq", "libcap2-bin"])
+                .env("DEBIAN_FRONTEND", "noninteractive"),
+        )?;
+    }
+    Ok(())
 }
 
 /// The host triple as cargo spells it in `CARGO_TARGET_<TRIPLE>_RUNNER`.
