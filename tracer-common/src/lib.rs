@@ -3,6 +3,8 @@
 //! kernel writes it into the ring buffer and user space reads it back as bytes.
 #![no_std]
 
+pub mod watch;
+
 /// What happened. Stored as a `u32` in [`Event::kind`].
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -155,11 +157,19 @@ pub enum Counter {
     ShortPolls = 1,
     /// CPU samples that hit the target in the kernel (no user stack to show).
     KernelSamples = 2,
+    /// Watch-tier records (`WATCH_EVENTS`, `WATCH_STACKS`) dropped because
+    /// their ring buffer was full.
+    WatchLost = 3,
 }
 
 impl Counter {
     /// Every counter, in slot order.
-    pub const ALL: [Counter; 3] = [Counter::Lost, Counter::ShortPolls, Counter::KernelSamples];
+    pub const ALL: [Counter; 4] = [
+        Counter::Lost,
+        Counter::ShortPolls,
+        Counter::KernelSamples,
+        Counter::WatchLost,
+    ];
     /// The number of slots of the `COUNTERS` map.
     pub const SLOTS: u32 = Self::ALL.len() as u32;
 }
@@ -189,7 +199,15 @@ pub mod names {
         pub const AWAIT_SEEN: &str = "AWAIT_SEEN";
         /// Whether a warning was logged already.
         pub const WARNED: &str = "WARNED";
-        pub const ALL: [&str; 8] = [
+        /// Watch tier: parks and worker off-CPU spans.
+        pub const WATCH_EVENTS: &str = "WATCH_EVENTS";
+        /// Watch tier: samples' and blocking switches' stacks.
+        pub const WATCH_STACKS: &str = "WATCH_STACKS";
+        /// Watch tier: the target's workers and whether each is parked.
+        pub const WORKERS: &str = "WORKERS";
+        /// Watch tier: workers off CPU while not parked, until they return.
+        pub const OFF_CPU: &str = "OFF_CPU";
+        pub const ALL: [&str; 12] = [
             EVENTS,
             STACKS,
             COUNTERS,
@@ -198,6 +216,10 @@ pub mod names {
             SITE_ID_OFFSET,
             AWAIT_SEEN,
             WARNED,
+            WATCH_EVENTS,
+            WATCH_STACKS,
+            WORKERS,
+            OFF_CPU,
         ];
     }
 
@@ -208,12 +230,15 @@ pub mod names {
         pub const MIN_POLL_NS: &str = "MIN_POLL_NS";
         pub const STACK_BYTES: &str = "STACK_BYTES";
         pub const POLL_END_AT_RETURN_SITES: &str = "POLL_END_AT_RETURN_SITES";
-        pub const ALL: [&str; 5] = [
+        /// Watch tier: off-CPU spans shorter than this are not sent.
+        pub const MIN_OFF_CPU_NS: &str = "MIN_OFF_CPU_NS";
+        pub const ALL: [&str; 6] = [
             TARGET_TGID,
             TASK_ID_LAYOUT,
             MIN_POLL_NS,
             STACK_BYTES,
             POLL_END_AT_RETURN_SITES,
+            MIN_OFF_CPU_NS,
         ];
     }
 
@@ -243,7 +268,18 @@ pub mod names {
         pub const AWAIT_POINT: &str = "await_point";
         /// A CPU sample (perf event).
         pub const SAMPLE: &str = "sample";
-        /// The uprobe and uretprobe programs (every program but [`SAMPLE`]).
+        /// Watch tier: entry of a park function (uprobe).
+        pub const WATCH_PARK_START: &str = "watch_park_start";
+        /// Watch tier: return of a park function (uretprobe).
+        pub const WATCH_PARK_END: &str = "watch_park_end";
+        /// Watch tier: a CPU sample with kernel stacks (perf event).
+        pub const WATCH_SAMPLE: &str = "watch_sample";
+        /// Watch tier: `sched_switch` (BTF tracepoint).
+        pub const WATCH_SWITCH: &str = "watch_switch";
+        /// The watch tier's uprobe and uretprobe programs.
+        pub const WATCH_UPROBES: [&str; 2] = [WATCH_PARK_START, WATCH_PARK_END];
+        /// The record mode's uprobe and uretprobe programs (every program
+        /// but [`SAMPLE`] and the watch tier's).
         pub const UPROBES: [&str; 11] = [
             POLL_START,
             POLL_END,
@@ -269,4 +305,6 @@ mod user {
     unsafe impl aya::Pod for super::Event {}
     unsafe impl aya::Pod for super::TaskIdLayout {}
     unsafe impl aya::Pod for super::StackHeader {}
+    unsafe impl aya::Pod for super::watch::WatchEvent {}
+    unsafe impl aya::Pod for super::watch::WatchStackHeader {}
 }

@@ -63,13 +63,18 @@ pub fn stack_bytes() -> u32 {
     unsafe { core::ptr::read_volatile(&STACK_BYTES) }
 }
 
+/// The process traced (or watched).
+#[inline(always)]
+pub fn target_tgid() -> u32 {
+    unsafe { core::ptr::read_volatile(&TARGET_TGID) }
+}
+
 /// Returns the current thread id if it belongs to the target process and
 /// recording is on.
 #[inline(always)]
 pub fn target_thread() -> Option<u32> {
     let pid_tgid = bpf_get_current_pid_tgid();
-    let target = unsafe { core::ptr::read_volatile(&TARGET_TGID) };
-    if (pid_tgid >> 32) as u32 != target || !enabled() {
+    if (pid_tgid >> 32) as u32 != target_tgid() || !enabled() {
         return None;
     }
     Some(pid_tgid as u32)
@@ -78,7 +83,7 @@ pub fn target_thread() -> Option<u32> {
 /// Slot 0 of `ENABLED`: user space clears it to stop at once (removing the
 /// probes themselves takes seconds).
 #[inline(always)]
-fn enabled() -> bool {
+pub fn enabled() -> bool {
     ENABLED.get(0).is_some_and(|flag| *flag != 0)
 }
 

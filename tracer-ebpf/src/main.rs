@@ -16,9 +16,11 @@
 //! (every map, declared once), [`emit`] (one event into the ring buffer),
 //! [`task_id`] (reading tokio's task id), and one module per group of
 //! programs: [`poll`], [`park`], [`scheduler`] (spawn, wake, task end,
-//! unpark), [`stacks`] (await points and CPU samples). Maps, globals and
-//! programs are named after their identifiers, which are the names in
-//! `tracer_common::names` (a test of the tracer checks the built object).
+//! unpark), [`stacks`] (await points and CPU samples), and [`watch`] (the
+//! always-on watch tier's own programs and maps, loaded without the others).
+//! Maps, globals and programs are named after their identifiers, which are
+//! the names in `tracer_common::names` (a test of the tracer checks the
+//! built object).
 #![no_std]
 #![no_main]
 // aya-ebpf's map methods take `impl Borrow<K>`; passing the keys and values
@@ -34,6 +36,7 @@ mod poll;
 mod scheduler;
 mod stacks;
 mod task_id;
+mod watch;
 
 #[cfg(not(test))]
 #[panic_handler]

@@ -18,6 +18,7 @@ pub mod features;
 pub mod futures;
 pub mod naming;
 pub mod placement;
+pub mod poll_code;
 pub mod return_sites;
 pub mod vtables;
 

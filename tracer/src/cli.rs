@@ -37,6 +37,11 @@ pub enum Command {
     /// List the live tasks of a running tokio process and where each one
     /// waits (its await chain), without stopping it or writing to it.
     Dump(DumpArgs),
+    /// Always on: watch a running process with no per-poll probe (CPU
+    /// samples, parks, blocking switches), print findings and per-second
+    /// health, and keep the last --keep seconds for a trace on SIGUSR1 and
+    /// at exit.
+    Watch(WatchArgs),
 }
 
 #[derive(Args, Debug)]
@@ -47,6 +52,73 @@ pub struct DumpArgs {
     /// Print every task as JSON instead of the grouped text.
     #[arg(long)]
     pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct WatchArgs {
+    /// Watch this running process.
+    #[arg(short, long)]
+    pub pid: u32,
+
+    /// Where the kept window is written at exit (Chrome JSON: the name must
+    /// end in `.json` or `.json.gz`). On SIGUSR1 it goes to FILE with
+    /// `.usr1-N` before the extension.
+    #[arg(short, long, default_value = "watch.json")]
+    pub output: PathBuf,
+
+    /// Stop after this long; otherwise on Ctrl-C, SIGTERM, or the target's exit.
+    #[arg(short, long, value_parser = parse_duration)]
+    pub duration: Option<Duration>,
+
+    /// How much recent history to keep in memory for the trace.
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    pub keep: Duration,
+
+    /// At most this much memory for the kept history (oldest dropped first).
+    #[arg(long, default_value = "64M", value_parser = parse_memory_size)]
+    pub keep_memory: u64,
+
+    /// CPU samples per second per CPU (each costs the sampled thread a
+    /// stack copy: the watch tier's main cost).
+    #[arg(long, default_value_t = 199, value_parser = clap::value_parser!(u64).range(1..=10_000))]
+    pub sample_hz: u64,
+
+    /// Report a worker off CPU (asleep, not parked) at least this long as BLOCKING.
+    #[arg(long, default_value = "5ms", value_parser = parse_duration)]
+    pub blocking: Duration,
+
+    /// Report a task type seen on one worker across samples at least this
+    /// far apart, with no park in between, as HOG.
+    #[arg(long, default_value = "10ms", value_parser = parse_duration)]
+    pub hog: Duration,
+
+    /// Bytes of user stack copied per capture.
+    #[arg(long, default_value = "16K", value_parser = parse_stack_size)]
+    pub stack_size: u32,
+
+    /// No per-second health line on the terminal (findings are still printed).
+    #[arg(long)]
+    pub quiet: bool,
+
+    /// Escalation: on a trigger, attach the full probes for this long and
+    /// write the full detail as a Perfetto trace (FILE's stem with
+    /// `.incident-N.pftrace`) and the kept window before it (with
+    /// `.incident-N.window.json`). SIGUSR1 is then a trigger too. Default 5s
+    /// when --on-hog or --on-blocking is given.
+    #[arg(long, value_parser = parse_duration)]
+    pub detail: Option<Duration>,
+
+    /// Escalate on a hog at least this long (e.g. 50ms).
+    #[arg(long, value_parser = parse_duration)]
+    pub on_hog: Option<Duration>,
+
+    /// Escalate on a worker blocked at least this long (e.g. 10ms).
+    #[arg(long, value_parser = parse_duration)]
+    pub on_blocking: Option<Duration>,
+
+    /// At most this many incident traces; later triggers are ignored.
+    #[arg(long, default_value_t = 10)]
+    pub max_incidents: u32,
 }
 
 #[derive(Args, Debug)]
@@ -143,6 +215,32 @@ pub struct RecordArgs {
 }
 
 /// Parses a stack capture size: 512 bytes to 16K, a multiple of 8.
+/// A byte count with an optional K/M/G suffix (powers of 1024).
+fn parse_memory_size(text: &str) -> Result<u64, String> {
+    let text = text.trim();
+    let (digits, unit) = match text.char_indices().find(|(_, c)| !c.is_ascii_digit()) {
+        Some((at, _)) => text.split_at(at),
+        None => (text, ""),
+    };
+    let number: u64 = digits
+        .parse()
+        .map_err(|_| format!("not a size: {text:?} (e.g. 64M)"))?;
+    let factor: u64 = match unit.to_ascii_uppercase().as_str() {
+        "" | "B" => 1,
+        "K" | "KB" | "KIB" => 1 << 10,
+        "M" | "MB" | "MIB" => 1 << 20,
+        "G" | "GB" | "GIB" => 1 << 30,
+        _ => return Err(format!("unknown size unit in {text:?} (use K, M or G)")),
+    };
+    let bytes = number
+        .checked_mul(factor)
+        .ok_or_else(|| format!("{text:?} is too large"))?;
+    if bytes < 1 << 20 {
+        return Err(format!("{text:?} is too small: give at least 1M"));
+    }
+    Ok(bytes)
+}
+
 fn parse_stack_size(text: &str) -> Result<u32, String> {
     let text = text.trim();
     let (number, multiplier) = match text.strip_suffix(['k', 'K']) {

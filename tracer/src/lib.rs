@@ -11,10 +11,12 @@
 //! - [`serve`] hands the finished trace to the Perfetto UI (`--open`);
 //! - `tracer-symbolize` unwinds the captured stacks and names their frames.
 //!
-//! [`dump`] is the other command: the live tasks of a process and where each
-//! waits, read from its memory.
+//! [`dump`] is another command: the live tasks of a process and where each
+//! waits, read from its memory; [`watch`] the always-on tier (no per-poll
+//! probe, findings and a kept window, escalation to full detail).
 
 pub mod dump;
 pub mod output_file;
 pub mod record;
 pub mod serve;
+pub mod watch;

@@ -9,7 +9,7 @@ use anyhow::{Result, bail};
 use clap::Parser;
 use rt_ebpf_trace::record::{self, Mode, RecordOptions, Settings, TargetSpec};
 
-use cli::{Cli, Command, DumpArgs, ModeArg, ProbesArgs, RecordArgs};
+use cli::{Cli, Command, DumpArgs, ModeArg, ProbesArgs, RecordArgs, WatchArgs};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -25,6 +25,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Some(Command::Probes(args)) => list_probes(args),
         Some(Command::Dump(args)) => dump_tasks(args),
+        Some(Command::Watch(args)) => run_watch(args),
         None => run_record(cli.record),
     };
     match result {
@@ -210,5 +211,40 @@ fn run_record(args: RecordArgs) -> Result<ExitCode> {
         }
         None => writeln!(out, "{}", how_to_open(&output))?,
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn run_watch(args: WatchArgs) -> Result<ExitCode> {
+    let options = rt_ebpf_trace::watch::WatchOptions {
+        pid: args.pid,
+        output: args.output,
+        duration: args.duration,
+        keep: args.keep,
+        keep_memory: args.keep_memory,
+        sample_hz: args.sample_hz,
+        blocking: args.blocking,
+        hog: args.hog,
+        stack_bytes: args.stack_size,
+        quiet: args.quiet,
+        detail: args.detail,
+        on_hog: args.on_hog,
+        on_blocking: args.on_blocking,
+        max_incidents: args.max_incidents,
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let outcome = runtime.block_on(rt_ebpf_trace::watch::watch(options))?;
+    println!(
+        "stopped: {}; findings: {} blocking, {} hogs; incidents: {} ({} triggers ignored); peak kept memory {:.1} MiB",
+        outcome.stop,
+        outcome.blocking,
+        outcome.hogs,
+        outcome.incidents,
+        outcome.ignored_triggers,
+        outcome.peak_kept_bytes as f64 / (1u64 << 20) as f64
+    );
+    let _ = std::io::stdout().flush();
+    let _ = outcome.detaching.join();
     Ok(ExitCode::SUCCESS)
 }

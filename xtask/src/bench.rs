@@ -47,6 +47,13 @@ pub struct Options {
     /// see `bench/formats.rs`).
     #[arg(long)]
     pub formats: bool,
+    /// Only these workloads (e.g. `--workload http --workload kv`); all by default.
+    #[arg(long = "workload")]
+    pub workloads: Vec<String>,
+    /// Only the conditions whose label contains one of these (e.g.
+    /// `--condition untraced --condition watch`); all by default.
+    #[arg(long = "condition")]
+    pub conditions: Vec<String>,
 }
 
 pub fn run(options: &Options) -> Result<()> {
@@ -59,9 +66,11 @@ pub fn run(options: &Options) -> Result<()> {
     if options.formats {
         return formats::run(options);
     }
-    ensure_tool("bpftrace")?;
     let tools = build(options)?;
     let plan = Plan::new(options, &tools)?;
+    if plan.conditions.contains(&Condition::Bpftrace) {
+        ensure_tool("bpftrace")?;
+    }
     eprintln!(
         "conditions: {}; {} runs each, interleaved",
         plan.conditions
@@ -74,6 +83,10 @@ pub fn run(options: &Options) -> Result<()> {
     let started = Instant::now();
     let mut results = Vec::new();
     for workload in Workload::ALL {
+        if !options.workloads.is_empty() && !options.workloads.iter().any(|w| w == workload.name())
+        {
+            continue;
+        }
         results.extend(measure_workload(&plan, &tools, workload)?);
     }
     let report = Report {
@@ -101,6 +114,12 @@ fn command_line(options: &Options) -> String {
     }
     if let Some(runs) = options.runs {
         write!(line, " --runs {runs}").expect("writing to a String");
+    }
+    for workload in &options.workloads {
+        write!(line, " --workload {workload}").expect("writing to a String");
+    }
+    for condition in &options.conditions {
+        write!(line, " --condition {condition}").expect("writing to a String");
     }
     line
 }
@@ -130,6 +149,8 @@ struct Tools {
     work: PathBuf,
     http_server: PathBuf,
     load: PathBuf,
+    kv_server: PathBuf,
+    kv_load: PathBuf,
     /// Where traces and generated bpftrace scripts go.
     scratch: PathBuf,
 }
@@ -162,9 +183,17 @@ fn build(options: &Options) -> Result<Tools> {
         work: release.join("bench-work"),
         http_server: release.join("bench-http-server"),
         load: release.join("bench-load"),
+        kv_server: release.join("bench-kv-server"),
+        kv_load: release.join("bench-kv-load"),
         scratch,
     };
-    for program in [&tools.work, &tools.http_server, &tools.load] {
+    for program in [
+        &tools.work,
+        &tools.http_server,
+        &tools.load,
+        &tools.kv_server,
+        &tools.kv_load,
+    ] {
         if !program.is_file() {
             bail!(
                 "{} is not built (run without --no-build)",
@@ -181,14 +210,17 @@ fn build(options: &Options) -> Result<Tools> {
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Workload {
     Http,
+    /// bench-kv-server: a Redis-like request/response server, many connections.
+    Kv,
     Spawn,
     PingPong,
     Yield,
 }
 
 impl Workload {
-    const ALL: [Workload; 4] = [
+    const ALL: [Workload; 5] = [
         Workload::Http,
+        Workload::Kv,
         Workload::Spawn,
         Workload::PingPong,
         Workload::Yield,
@@ -197,6 +229,7 @@ impl Workload {
     fn name(self) -> &'static str {
         match self {
             Workload::Http => "http",
+            Workload::Kv => "kv",
             Workload::Spawn => "spawn",
             Workload::PingPong => "pingpong",
             Workload::Yield => "yield",
@@ -206,7 +239,7 @@ impl Workload {
     /// What one op is, for the table.
     fn op(self) -> &'static str {
         match self {
-            Workload::Http => "request",
+            Workload::Http | Workload::Kv => "request",
             Workload::Spawn => "task",
             Workload::PingPong => "round trip",
             Workload::Yield => "yield",
@@ -218,7 +251,7 @@ impl Workload {
     /// paces the fixed-load runs, short next to a run.
     fn batch(self) -> u64 {
         match self {
-            Workload::Http => 1,
+            Workload::Http | Workload::Kv => 1,
             Workload::Spawn => 3000,
             Workload::PingPong => 5000,
             Workload::Yield => 2000,
@@ -247,6 +280,8 @@ enum Condition {
     Untraced,
     /// rt-ebpf-trace; `None` when it has no `--mode` option.
     Tracer(Option<String>),
+    /// `rt-ebpf-trace watch`, the always-on tier (no per-poll probe).
+    Watch,
     Bpftrace,
 }
 
@@ -256,6 +291,7 @@ impl Condition {
             Condition::Untraced => "untraced".into(),
             Condition::Tracer(None) => "rt-ebpf-trace".into(),
             Condition::Tracer(Some(mode)) => format!("rt-ebpf-trace --mode {mode}"),
+            Condition::Watch => "rt-ebpf-trace watch".into(),
             Condition::Bpftrace => "bpftrace".into(),
         }
     }
@@ -283,7 +319,20 @@ impl Plan {
                 .into_iter()
                 .map(Condition::Tracer),
         );
+        if has_watch(&tools.tracer)? {
+            conditions.push(Condition::Watch);
+        }
         conditions.push(Condition::Bpftrace);
+        if !options.conditions.is_empty() {
+            // Untraced stays: every figure is relative to it.
+            conditions.retain(|condition| {
+                *condition == Condition::Untraced
+                    || options
+                        .conditions
+                        .iter()
+                        .any(|wanted| condition.label().contains(wanted.as_str()))
+            });
+        }
         let seconds = if options.quick { 1.0 } else { 2.0 };
         Ok(Plan {
             runs,
@@ -291,6 +340,14 @@ impl Plan {
             seconds,
         })
     }
+}
+
+/// Whether the tracer has the `watch` command (its `--help` lists it).
+fn has_watch(tracer: &Path) -> Result<bool> {
+    let help = cmd::output(Command::new(tracer).arg("--help"))?;
+    Ok(help
+        .lines()
+        .any(|line| line.trim_start().starts_with("watch ")))
 }
 
 /// The tracer's modes, from `--help`: `[None]` when it has no `--mode`.
@@ -461,12 +518,15 @@ fn run_once(
     let tracer_cpu_at_go = tracer.as_ref().map_or(0.0, |t| process_cpu(t.child.id()));
     let cpu_before = children_cpu()?;
     let mut sample = match workload {
-        Workload::Http => {
+        Workload::Http | Workload::Kv => {
             let address = ready_line
                 .strip_prefix("ready ")
-                .context("the HTTP server did not say where it listens")?
+                .context("the server did not say where it listens")?
                 .to_owned();
-            let sample = http_load(plan, tools, &address, offered)?;
+            let sample = match workload {
+                Workload::Kv => kv_load(plan, tools, &address, offered)?,
+                _ => http_load(plan, tools, &address, offered)?,
+            };
             // The server serves until killed. The load client was reaped
             // already, so what the kill adds to our CPU times is the server's.
             let cpu_before = children_cpu()?;
@@ -527,6 +587,7 @@ fn spawn_workload(
 ) -> Result<Target> {
     let mut command = match workload {
         Workload::Http => Command::new(&tools.http_server),
+        Workload::Kv => Command::new(&tools.kv_server),
         _ => {
             let mut command = Command::new(&tools.work);
             command
@@ -547,6 +608,25 @@ fn spawn_workload(
         .with_context(|| format!("could not start `{}`", cmd::display(&command)))?;
     let stdout = BufReader::new(child.stdout.take().expect("stdout is piped"));
     Ok(Target { child, stdout })
+}
+
+/// bench-kv-load, 64 connections, flat out or at `rate`.
+fn kv_load(plan: &Plan, tools: &Tools, address: &str, rate: Option<f64>) -> Result<Sample> {
+    let mut command = Command::new(&tools.kv_load);
+    command.args([
+        "--address",
+        address,
+        "--seconds",
+        &plan.seconds.to_string(),
+        "--connections",
+        "64",
+    ]);
+    if let Some(rate) = rate {
+        command.args(["--rate", &rate.to_string()]);
+    }
+    let out = cmd::output(&mut command)?;
+    let line = out.lines().find(|l| l.starts_with("result ")).unwrap_or("");
+    parse_result(line)
 }
 
 /// Flat out: wrk, one thread and 32 connections. At a fixed rate: our own
@@ -606,9 +686,15 @@ struct TracerOutput {
 
 impl Tracer {
     fn start(tools: &Tools, condition: &Condition, workload: Workload, pid: u32) -> Result<Tracer> {
+        // The watch tier's kept window is Chrome JSON (`watch` refuses other names).
+        let extension = if *condition == Condition::Watch {
+            "json"
+        } else {
+            "pftrace"
+        };
         let trace = tools
             .scratch
-            .join(format!("trace-{}.pftrace", workload.name()));
+            .join(format!("trace-{}.{extension}", workload.name()));
         let mut command = match condition {
             Condition::Tracer(mode) => {
                 let mut command = Command::new(&tools.tracer);
@@ -619,6 +705,14 @@ impl Tracer {
                 if let Some(mode) = mode {
                     command.args(["--mode", mode]);
                 }
+                command
+            }
+            Condition::Watch => {
+                let mut command = Command::new(&tools.tracer);
+                // -v logs "attached N park probes…", the go signal.
+                command
+                    .args(["watch", "-v", "--quiet", "--pid", &pid.to_string(), "-o"])
+                    .arg(&trace);
                 command
             }
             _ => {
@@ -644,7 +738,7 @@ impl Tracer {
         let stdout = child.stdout.take().expect("stdout is piped");
         let stderr = child.stderr.take().expect("stderr is piped");
         let output = match condition {
-            Condition::Tracer(_) => {
+            Condition::Tracer(_) | Condition::Watch => {
                 let stdout = thread::spawn(move || read_all(stdout));
                 thread::spawn(move || {
                     let mut out = watch_lines(stderr, &attached_tx, |l| {
@@ -735,6 +829,7 @@ impl Tracer {
 fn workload_binary(tools: &Tools, workload: Workload) -> &Path {
     match workload {
         Workload::Http => &tools.http_server,
+        Workload::Kv => &tools.kv_server,
         _ => &tools.work,
     }
 }
@@ -1423,9 +1518,10 @@ impl Machine {
             tracer_version: cmd::output(Command::new(&tools.tracer).arg("--version"))?
                 .trim()
                 .to_owned(),
-            bpftrace_version: cmd::output(Command::new("bpftrace").arg("--version"))?
-                .trim()
-                .to_owned(),
+            // Not installed when no run used it.
+            bpftrace_version: cmd::output(Command::new("bpftrace").arg("--version"))
+                .map(|version| version.trim().to_owned())
+                .unwrap_or_else(|_| "no bpftrace".to_owned()),
         })
     }
 }

@@ -28,11 +28,11 @@ use super::detach::Detacher;
 
 /// The eBPF object built by `cargo xtask build-ebpf` (see build.rs).
 #[cfg(not(ebpf_object_missing))]
-pub(super) static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(env!("TRACER_EBPF_OBJECT"));
+pub(crate) static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(env!("TRACER_EBPF_OBJECT"));
 
 /// Built without the object (build.rs warned): [`check_object`] refuses.
 #[cfg(ebpf_object_missing)]
-pub(super) static EBPF_OBJECT: &[u8] = &[];
+pub(crate) static EBPF_OBJECT: &[u8] = &[];
 
 /// Fails when this tracer was built without its eBPF object (a check-only
 /// or editor build of a fresh clone): it can list probes but not trace.
@@ -86,6 +86,9 @@ pub struct LoadedProbes {
     sampling: Vec<PerfEventLinkId>,
 }
 
+/// The size a ring buffer this mode doesn't use is created with: one page.
+pub(crate) const UNUSED_RING_BYTES: u32 = 4096;
+
 /// Loads the programs and maps, configured for one target process. Nothing is
 /// attached yet.
 pub fn load(plan: &ProbePlan, target_pid: u32, settings: &Settings) -> Result<LoadedProbes> {
@@ -101,6 +104,9 @@ pub fn load(plan: &ProbePlan, target_pid: u32, settings: &Settings) -> Result<Lo
             true,
         )
         .map_max_entries(maps::EVENTS, settings.ring_bytes)
+        // The watch tier's rings are unused here: one page each, not 4 + 8 MiB.
+        .map_max_entries(maps::WATCH_EVENTS, UNUSED_RING_BYTES)
+        .map_max_entries(maps::WATCH_STACKS, UNUSED_RING_BYTES)
         .load(EBPF_OBJECT)
         .context("the kernel refused to load the eBPF programs")?;
     for name in UPROBES {

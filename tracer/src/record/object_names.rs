@@ -80,13 +80,22 @@ fn every_global_is_named_in_tracer_common_and_none_else() {
 fn every_program_is_named_in_tracer_common_and_none_else() {
     let programs = declared().programs;
     let names: BTreeSet<String> = programs.iter().map(|(name, _)| name.clone()).collect();
-    let expected = set(programs::UPROBES.into_iter().chain([programs::SAMPLE]));
+    let expected = set(programs::UPROBES
+        .into_iter()
+        .chain(programs::WATCH_UPROBES)
+        .chain([
+            programs::SAMPLE,
+            programs::WATCH_SAMPLE,
+            programs::WATCH_SWITCH,
+        ]));
     assert_eq!(names, expected);
-    // The loader treats the uprobe list as uprobes or uretprobes, and the
-    // sampler as a perf event program.
+    // The loaders treat the uprobe lists as uprobes or uretprobes, the
+    // samplers as perf event programs, and the switch as a BTF tracepoint.
     for (name, section) in &programs {
-        let kinds: &[&str] = if name == programs::SAMPLE {
+        let kinds: &[&str] = if name == programs::SAMPLE || name == programs::WATCH_SAMPLE {
             &["perf_event"]
+        } else if name == programs::WATCH_SWITCH {
+            &["tp_btf/sched_switch"]
         } else {
             &["uprobe", "uretprobe"]
         };
