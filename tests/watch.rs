@@ -5,9 +5,7 @@
 //! task type and a stack naming the blocking function; a healthy run must
 //! report nothing; SIGUSR1 must write a valid trace of the kept window.
 
-mod support;
-#[path = "support/trace.rs"]
-mod trace;
+use test_support::{self as support, trace};
 
 use std::io::{BufRead, BufReader};
 use std::os::unix::fs::PermissionsExt;
