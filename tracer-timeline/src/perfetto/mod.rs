@@ -275,7 +275,7 @@ impl<'a, W: Write> PerfettoWriter<'a, W> {
                 SliceKind::Park => p.varint(event::NAME_IID, Name::Park.iid()),
             }
             if let Some(flow) = start.woken_by {
-                p.fixed64(event::TERMINATING_FLOW_IDS, flow);
+                p.varint(event::TERMINATING_FLOW_IDS_OLD, flow);
                 w.pending_flows.remove(&flow);
             }
             p.end();
@@ -310,10 +310,11 @@ impl<'a, W: Write> PerfettoWriter<'a, W> {
                 if let Some(iid) = seq.task_type(i, site, &w.info.types) {
                     string_note(p, Note::TaskType, iid);
                 }
-                if let Some((waits_at, stack)) =
-                    seq.await_point(i, &w.info.symbols, &w.info.types, site, task_id, await_key)
+                // No `waits_at`: it is always the stack's first line (six
+                // bytes a poll, a fifth of the poll's end).
+                if let Some(stack) =
+                    seq.await_stack(i, &w.info.symbols, &w.info.types, site, task_id, await_key)
                 {
-                    string_note(p, Note::WaitsAt, waits_at);
                     string_note(p, Note::AwaitStack, stack);
                 }
             }
@@ -350,7 +351,7 @@ impl<'a, W: Write> PerfettoWriter<'a, W> {
             }
             notes(&mut w.packet, &mut w.interned, &mut thread.sequence);
             if let Some(flow) = flow {
-                w.packet.fixed64(event::FLOW_IDS, flow);
+                w.packet.varint(event::FLOW_IDS_OLD, flow);
                 w.pending_flows.insert(flow);
             }
             w.packet.end();
@@ -545,7 +546,7 @@ impl<'a, W: Write> PerfettoWriter<'a, W> {
             p.varint(event::NAME_IID, Name::NotPolled.iid());
             p.varint(event::CATEGORY_IIDS, Category::Tracer.iid());
             for flow in flows {
-                p.fixed64(event::TERMINATING_FLOW_IDS, flow);
+                p.varint(event::TERMINATING_FLOW_IDS_OLD, flow);
             }
             p.end();
             self.end_packet()?;
