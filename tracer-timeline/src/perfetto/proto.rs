@@ -12,7 +12,6 @@
 
 /// Protobuf wire types.
 const VARINT: u8 = 0;
-const FIXED64: u8 = 1;
 const LEN: u8 = 2;
 
 /// `trace.proto`: `Trace`.
@@ -198,11 +197,6 @@ impl Encoder {
         self.varint(field, value as u64);
     }
 
-    pub fn fixed64(&mut self, field: u32, value: u64) {
-        self.tag(field, FIXED64);
-        self.buf.extend_from_slice(&value.to_le_bytes());
-    }
-
     pub fn bytes(&mut self, field: u32, value: &[u8]) {
         self.tag(field, LEN);
         self.raw_varint(value.len() as u64);
@@ -262,8 +256,8 @@ mod tests {
         enc.string(2, "testing");
         assert_eq!(enc.buf, b"\x12\x07testing");
         enc.clear();
-        enc.fixed64(47, 1);
-        assert_eq!(enc.buf, [0xf9, 0x02, 1, 0, 0, 0, 0, 0, 0, 0]);
+        enc.varint(36, 300);
+        assert_eq!(enc.buf, [0xa0, 0x02, 0xac, 0x02]);
     }
 
     #[test]

@@ -16,7 +16,7 @@ use crate::writer::{Format, TraceInfo};
 #[derive(Debug, Clone, Copy)]
 enum Field<'a> {
     Varint(u64),
-    Fixed64(u64),
+    Fixed64,
     Bytes(&'a [u8]),
 }
 
@@ -42,9 +42,8 @@ fn fields(data: &[u8]) -> Vec<(u32, Field<'_>)> {
         let value = match key & 7 {
             0 => Field::Varint(varint(data, &mut at)),
             1 => {
-                let bytes: [u8; 8] = data[at..at + 8].try_into().unwrap();
                 at += 8;
-                Field::Fixed64(u64::from_le_bytes(bytes))
+                Field::Fixed64
             }
             2 => {
                 let len = varint(data, &mut at) as usize;
