@@ -255,6 +255,9 @@ def main(path):
                     problems.add(f"{where}: undefined string value {note.string_value_iid}")
                 if key == "await_stack" and value is not None:
                     value = value.split("\n")
+                    # The writer leaves out `waits_at`, the stack's first
+                    # line; the JSON trace has both.
+                    args["waits_at"] = value[0]
             elif note.HasField("uint_value"):
                 value = note.uint_value
             elif note.HasField("int_value"):
@@ -268,11 +271,13 @@ def main(path):
             else:
                 value = None
             args[key] = value
-        for flow in event.flow_ids:
+        # Trace processor reads the deprecated varint fields (the writer's,
+        # 36 and 42) where the fixed64 ones are absent.
+        for flow in list(event.flow_ids) or list(event.flow_ids_old):
             flows_out[flow] += 1
             events.append({"ph": "s", "cat": "wake", "name": "wake", "id": flow,
                            "pid": pid, "tid": tid, "_ts": ts})
-        for flow in event.terminating_flow_ids:
+        for flow in list(event.terminating_flow_ids) or list(event.terminating_flow_ids_old):
             flows_in[flow] += 1
             events.append({"ph": "f", "bp": "e", "cat": "wake", "name": "wake", "id": flow,
                            "pid": pid, "tid": tid, "_ts": ts})

@@ -76,7 +76,7 @@ impl Format {
     /// for size estimates while recording.
     pub fn bytes_per_event(self) -> u64 {
         match self {
-            Format::Perfetto => 31,
+            Format::Perfetto => 26,
             Format::Json => 312,
         }
     }

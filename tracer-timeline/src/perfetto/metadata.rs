@@ -18,15 +18,17 @@ impl<W: Write> PerfettoWriter<'_, W> {
     pub(super) fn metadata(&mut self, metadata: &Value) -> Result<()> {
         let mut main = std::mem::take(&mut self.main);
         let end_ns = self
-            .threads
-            .values()
+            .tracks
+            .iter()
+            .flatten()
             .map(|thread| thread.sequence.last_ns())
             .chain([main.last_ns(), self.samples.last_ns()])
             .max()
             .unwrap_or(self.info.start_ns);
         let clamped: u64 = self
-            .threads
-            .values()
+            .tracks
+            .iter()
+            .flatten()
             .map(|thread| thread.sequence.clamped)
             .chain([main.clamped, self.samples.clamped])
             .sum();
@@ -44,7 +46,7 @@ impl<W: Write> PerfettoWriter<'_, W> {
             p.varint(event::NAME_IID, Name::NotPolled.iid());
             p.varint(event::CATEGORY_IIDS, Category::Tracer.iid());
             for flow in flows {
-                p.fixed64(event::TERMINATING_FLOW_IDS, flow);
+                p.varint(event::TERMINATING_FLOW_IDS_OLD, flow);
             }
             p.end();
             self.end_packet()?;

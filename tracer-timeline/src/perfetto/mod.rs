@@ -5,9 +5,14 @@
 //! a busy server takes ~300 bytes an event, so a minute of tracing is
 //! gigabytes and more than a browser tab loads. Here strings are interned
 //! once per sequence, slices need no track or pid (a per-sequence default),
-//! and timestamps are deltas on an incremental clock: 29 bytes an event on
-//! the HTTP benchmark flat out, against JSON's 310 (NOTES.md breaks the 29
-//! down: mostly the poll's arguments and the fixed64 flow ids).
+//! and timestamps are deltas on an incremental clock: 24 bytes an event on
+//! the HTTP benchmark flat out, against JSON's 310 (NOTES.md breaks it
+//! down: per request a poll end with its arguments, 29 bytes; the driver's
+//! wake instant, 24; the poll's begin, 18). Flow ids are varints in the
+//! deprecated `flow_ids_old`/`terminating_flow_ids_old` fields, which trace
+//! processor still reads: 5 bytes an end instead of 10 in the fixed64
+//! ones. A poll carries no `waits_at` (the JSON trace's name for the await
+//! stack's first line).
 //! It also carries what JSON cannot: CPU samples with interned callstacks
 //! (frames with function, file:line, inlined frames and the mapping), which
 //! the UI turns into flamegraphs for an area selection.
@@ -52,6 +57,7 @@ mod samples;
 mod sequence;
 
 use std::collections::{HashMap, HashSet};
+use std::hash::{BuildHasherDefault, Hasher};
 use std::io::Write;
 
 use anyhow::{Context, Result};
@@ -73,6 +79,8 @@ const PROCESS_UUID: u64 = 1;
 const COUNTER_UUID_BASE: u64 = 2;
 /// Thread track uuids are this plus the tid.
 const THREAD_UUID_BASE: u64 = 1 << 32;
+/// Packets are handed to the output in chunks of about this size.
+const PENDING_BYTES: usize = 64 * 1024;
 
 pub struct PerfettoWriter<'a, W: Write> {
     out: W,
@@ -82,14 +90,22 @@ pub struct PerfettoWriter<'a, W: Write> {
     interned: Encoder,
     main: Sequence,
     samples: Sequence,
-    /// Boxed: taken out and put back for every output (a sequence's
-    /// interning tables are a few hundred bytes to move otherwise).
-    threads: HashMap<u32, Box<ThreadTrack>>,
+    /// Each thread's track, by tid: an index into `tracks`, whose entries
+    /// are taken out and put back for every output (boxed: moving a
+    /// pointer, not a few hundred bytes of interning tables), with the last
+    /// thread's index at hand (outputs come in runs on one thread).
+    thread_index: HashMap<u32, usize>,
+    tracks: Vec<Option<Box<ThreadTrack>>>,
+    last_thread: Option<(u32, usize)>,
+    /// Whole packets not yet handed to `out`: one `write_all` per 64 KiB
+    /// rather than per packet (~20 bytes).
+    pending: Vec<u8>,
     next_sequence: u32,
     counters_described: [bool; 3],
     /// Flows started and not yet ended: a wake whose task was not polled
     /// again before the end (recording stopped first, or the task ended).
-    pending_flows: HashSet<u64>,
+    /// Hashed by [`FlowHasher`]: a set insert and remove per wake.
+    pending_flows: HashSet<u64, BuildHasherDefault<FlowHasher>>,
     /// What the sample sequence has interned of the stacks.
     callstacks: Callstacks,
     packets: u64,
@@ -108,10 +124,13 @@ impl<'a, W: Write> PerfettoWriter<'a, W> {
             interned: Encoder::default(),
             main: Sequence::new(MAIN_SEQUENCE, info.start_ns),
             samples: Sequence::new(SAMPLE_SEQUENCE, info.start_ns),
-            threads: HashMap::new(),
+            thread_index: HashMap::new(),
+            tracks: Vec::new(),
+            last_thread: None,
+            pending: Vec::with_capacity(PENDING_BYTES + 4096),
             next_sequence: SAMPLE_SEQUENCE + 1,
             counters_described: [false; 3],
-            pending_flows: HashSet::new(),
+            pending_flows: HashSet::default(),
             callstacks: Callstacks::default(),
             packets: 0,
         };
@@ -187,15 +206,32 @@ impl<'a, W: Write> PerfettoWriter<'a, W> {
     fn emit(&mut self) -> Result<()> {
         debug_assert!(!self.packet.is_open());
         self.packets += 1;
+        self.pending.extend_from_slice(&self.packet.buf);
+        if self.pending.len() >= PENDING_BYTES {
+            self.flush_pending()?;
+        }
+        Ok(())
+    }
+
+    fn flush_pending(&mut self) -> Result<()> {
         self.out
-            .write_all(&self.packet.buf)
-            .context("writing the trace")
+            .write_all(&self.pending)
+            .context("writing the trace")?;
+        self.pending.clear();
+        Ok(())
     }
 
     /// The thread's track, its sequence started on first use and described
     /// with `name` (or "thread TID" until the timeline names it).
     fn thread(&mut self, tid: u32, name: Option<&ThreadName>) -> Result<Box<ThreadTrack>> {
-        if let Some(mut thread) = self.threads.remove(&tid) {
+        let index = match self.last_thread {
+            Some((last, index)) if last == tid => Some(index),
+            _ => self.thread_index.get(&tid).copied(),
+        };
+        if let Some(index) = index
+            && let Some(mut thread) = self.tracks[index].take()
+        {
+            self.last_thread = Some((tid, index));
             if let Some(name) = name {
                 self.describe_thread(&mut thread, tid, &name.name, name.sort_index)?;
             }
@@ -244,14 +280,27 @@ impl<'a, W: Write> PerfettoWriter<'a, W> {
     ) -> Result<()> {
         let mut thread = self.thread(tid, None)?;
         let result = write(self, &mut thread);
-        self.threads.insert(tid, thread);
+        self.put_back(tid, thread);
         result
     }
 
     fn thread_name(&mut self, name: &ThreadName) -> Result<()> {
         let thread = self.thread(name.tid, Some(name))?;
-        self.threads.insert(name.tid, thread);
+        self.put_back(name.tid, thread);
         Ok(())
+    }
+
+    /// Puts a thread's track taken by [`thread`](Self::thread) back.
+    fn put_back(&mut self, tid: u32, thread: Box<ThreadTrack>) {
+        let index = match self.last_thread {
+            Some((last, index)) if last == tid => index,
+            _ => *self.thread_index.entry(tid).or_insert_with(|| {
+                self.tracks.push(None);
+                self.tracks.len() - 1
+            }),
+        };
+        self.tracks[index] = Some(thread);
+        self.last_thread = Some((tid, index));
     }
 
     fn slice_start(&mut self, start: &SliceStart) -> Result<()> {
@@ -276,7 +325,7 @@ impl<'a, W: Write> PerfettoWriter<'a, W> {
                 SliceKind::Park => p.varint(event::NAME_IID, Name::Park.iid()),
             }
             if let Some(flow) = start.woken_by {
-                p.fixed64(event::TERMINATING_FLOW_IDS, flow);
+                p.varint(event::TERMINATING_FLOW_IDS_OLD, flow);
                 w.pending_flows.remove(&flow);
             }
             p.end();
@@ -311,10 +360,11 @@ impl<'a, W: Write> PerfettoWriter<'a, W> {
                 if let Some(iid) = seq.task_type(i, site, &w.info.types) {
                     string_note(p, Note::TaskType, iid);
                 }
-                if let Some((waits_at, stack)) =
-                    seq.await_point(i, &w.info.symbols, &w.info.types, site, task_id, await_key)
+                // No `waits_at`: it is always the stack's first line (six
+                // bytes a poll, a fifth of the poll's end).
+                if let Some(stack) =
+                    seq.await_stack(i, &w.info.symbols, &w.info.types, site, task_id, await_key)
                 {
-                    string_note(p, Note::WaitsAt, waits_at);
                     string_note(p, Note::AwaitStack, stack);
                 }
             }
@@ -351,7 +401,7 @@ impl<'a, W: Write> PerfettoWriter<'a, W> {
             }
             notes(&mut w.packet, &mut w.interned, &mut thread.sequence);
             if let Some(flow) = flow {
-                w.packet.fixed64(event::FLOW_IDS, flow);
+                w.packet.varint(event::FLOW_IDS_OLD, flow);
                 w.pending_flows.insert(flow);
             }
             w.packet.end();
@@ -545,6 +595,7 @@ impl<W: Write> TraceWriter for PerfettoWriter<'_, W> {
 
     fn finish(&mut self, metadata: &Value) -> Result<()> {
         self.metadata(metadata)?;
+        self.flush_pending()?;
         self.out.flush().context("writing the trace")
     }
 }
@@ -587,6 +638,32 @@ fn waker_notes(p: &mut Encoder, i: &mut Encoder, seq: &mut Sequence, note: Note,
         && task_id != 0
     {
         uint_note(p, Note::WakerTaskId, task_id);
+    }
+}
+
+/// Hashes flow ids (the timeline's sequential `u64`s) by one multiply
+/// instead of std's SipHash (an insert and a remove per wake): the
+/// synthetic render (`tests::render_rate`) went from 160 to 150 ns an event.
+#[derive(Default)]
+struct FlowHasher(u64);
+
+impl Hasher for FlowHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &byte in bytes {
+            self.write_u64(byte as u64);
+        }
+    }
+
+    fn write_u64(&mut self, value: u64) {
+        // Fibonacci hashing: the high bits (hashbrown's control bytes) and
+        // the low ones (the bucket) both vary with every bit of the id.
+        self.0 = (self.0 ^ value)
+            .wrapping_mul(0x9e37_79b9_7f4a_7c15)
+            .rotate_left(32);
     }
 }
 

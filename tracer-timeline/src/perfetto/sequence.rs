@@ -59,7 +59,6 @@ const CATEGORIES: [&str; 5] = ["blocking", "spawn", "task_end", "unpark", "trace
 pub enum Note {
     TaskId = 1,
     TaskType,
-    WaitsAt,
     AwaitStack,
     Truncated,
     EndLost,
@@ -77,10 +76,9 @@ pub enum Note {
     Header,
 }
 
-const NOTES: [&str; 18] = [
+const NOTES: [&str; 17] = [
     "task_id",
     "task_type",
-    "waits_at",
     "await_stack",
     "truncated",
     "end_lost",
@@ -133,8 +131,8 @@ pub struct Sequence {
     /// `debug_annotation_string_values`, by text.
     strings: HashMap<String, u64>,
     /// By await chain (and, for a future inlined into the harness, the
-    /// task's site, which names it): interned `waits_at` and `await_stack`.
-    awaits: HashMap<(u32, u32), (u64, u64)>,
+    /// task's site, which names it): the interned `await_stack`.
+    awaits: HashMap<(u32, u32), u64>,
     notes: HashMap<String, u64>,
 }
 
@@ -245,9 +243,10 @@ impl Sequence {
         self.task_types[index]
     }
 
-    /// The string iids of where task `task_id` waits at `key` and its await
-    /// stack (one frame a line), if known.
-    pub fn await_point(
+    /// The string iid of task `task_id`'s await stack at `key` (one frame a
+    /// line, innermost first: its first line is where the task waits), if
+    /// known.
+    pub fn await_stack(
         &mut self,
         i: &mut Encoder,
         symbols: &Symbols,
@@ -255,7 +254,7 @@ impl Sequence {
         site: u32,
         task_id: u64,
         key: u64,
-    ) -> Option<(u64, u64)> {
+    ) -> Option<u64> {
         let (index, point) = symbols.await_point(task_id, key)?;
         let cache_key = (
             index,
@@ -268,12 +267,13 @@ impl Sequence {
         if let Some(&known) = self.awaits.get(&cache_key) {
             return Some(known);
         }
-        let task_type = types.full_name(Some(site));
-        let waits_at = point.waits_at(task_type)?;
-        let waits_at = self.string_value(i, &waits_at);
-        let stack = self.string_value(i, &point.stack(task_type).join("\n"));
-        self.awaits.insert(cache_key, (waits_at, stack));
-        Some((waits_at, stack))
+        let stack = point.stack(types.full_name(Some(site)));
+        if stack.is_empty() {
+            return None;
+        }
+        let stack = self.string_value(i, &stack.join("\n"));
+        self.awaits.insert(cache_key, stack);
+        Some(stack)
     }
 
     /// A `debug_annotation_string_values` iid for `text`.

@@ -16,7 +16,7 @@ use crate::writer::{Format, TraceInfo};
 #[derive(Debug, Clone, Copy)]
 enum Field<'a> {
     Varint(u64),
-    Fixed64(u64),
+    Fixed64,
     Bytes(&'a [u8]),
 }
 
@@ -42,9 +42,8 @@ fn fields(data: &[u8]) -> Vec<(u32, Field<'_>)> {
         let value = match key & 7 {
             0 => Field::Varint(varint(data, &mut at)),
             1 => {
-                let bytes: [u8; 8] = data[at..at + 8].try_into().unwrap();
                 at += 8;
-                Field::Fixed64(u64::from_le_bytes(bytes))
+                Field::Fixed64
             }
             2 => {
                 let len = varint(data, &mut at) as usize;
@@ -197,8 +196,8 @@ fn slices_balance_and_flows_have_both_ends() {
         }
         for (number, value) in &track_event {
             match (number, value) {
-                (47, Field::Fixed64(id)) => flows_out.push(*id),
-                (48, Field::Fixed64(id)) => flows_in.push(*id),
+                (36, Field::Varint(id)) => flows_out.push(*id),
+                (42, Field::Varint(id)) => flows_in.push(*id),
                 _ => {}
             }
         }
@@ -216,7 +215,9 @@ fn slices_balance_and_flows_have_both_ends() {
         "ping",
         "pong",
         "app::ping",
-        "inner (main.rs:3)",
+        // The await stack; where the task waits is its first line, not a
+        // string (and an annotation) of its own.
+        "inner (main.rs:3)\nouter (main.rs:9)",
         "inner",
         "bin/app",
         "1.54.1",
@@ -226,6 +227,11 @@ fn slices_balance_and_flows_have_both_ends() {
             "{expected} not interned: {strings:?}"
         );
     }
+    assert!(
+        !strings
+            .iter()
+            .any(|s| s == "inner (main.rs:3)" || s == "waits_at")
+    );
     assert_eq!(
         strings.iter().filter(|s| *s == "app::ping").count(),
         1,
@@ -254,7 +260,7 @@ fn flows_match_the_json_trace() {
 
 /// Bytes per event of a long ping-pong between two workers (polls, wakes,
 /// parks): what interning and delta timestamps buy. A worst case: every
-/// poll wakes the other task (a flow: two fixed64 ids) and is followed by
+/// poll wakes the other task (a flow: two varint ids) and is followed by
 /// a park.
 fn bytes_per_event(format: Format, info: &TraceInfo) -> f64 {
     let mut events = Vec::new();
@@ -308,4 +314,93 @@ fn an_event_takes_a_few_bytes() {
     let json = bytes_per_event(Format::Json, &info);
     assert!(proto < 21.0, "{proto:.1} bytes an event");
     assert!(proto * 4.0 < json, "{proto:.1} vs {json:.1} bytes an event");
+}
+
+/// This thread's CPU time (ns), from the scheduler's own accounting.
+fn thread_cpu_ns() -> u64 {
+    let stat = std::fs::read_to_string("/proc/thread-self/schedstat").unwrap();
+    stat.split_whitespace().next().unwrap().parse().unwrap()
+}
+
+/// What one core renders, on a synthetic recording shaped like the HTTP
+/// benchmark flat out: two workers, 32 connection tasks, each request a
+/// park in which the I/O driver wakes a task, then its poll ending at an
+/// await point. Timeline and writer only (no spill read, no symbolizing).
+/// CPU time, not wall time: the machine is shared. Run it with
+/// `cargo test --release -p tracer-timeline -- --ignored --nocapture render_rate`.
+#[test]
+#[ignore = "a measurement: run by hand in release mode"]
+fn render_rate() {
+    let mut info = info();
+    const TASKS: u64 = 32;
+    for task in 1..=TASKS {
+        info.symbols.await_points.insert((task, 77), 0);
+    }
+    let mut events = Vec::new();
+    let mut ts = 10_000;
+    for request in 0..400_000u64 {
+        let tid = 1 + (request % 2) as u32;
+        let task = 1 + (request * 7) % TASKS;
+        let mut next = |ev: Event| {
+            ts += 300 + (request * 7919) % 700;
+            Event { ts_ns: ts, ..ev }
+        };
+        events.push(next(park_start(0, tid)));
+        events.push(next(Event {
+            task,
+            task_id: task,
+            ..event(0, tid, EventKind::Wake)
+        }));
+        events.push(next(park_end(0, tid)));
+        events.push(next(poll_start(0, tid, task, (task % 2) as u32)));
+        events.push(next(Event {
+            addr: 77,
+            ..poll_end(0, tid)
+        }));
+    }
+    for format in [Format::Perfetto, Format::Json] {
+        let mut bytes = 0u64;
+        let started = thread_cpu_ns();
+        {
+            let mut out = std::io::BufWriter::new(Counting(&mut bytes));
+            let mut timeline = Timeline::with_task_types(info.types.clone());
+            let mut writer = format.writer(&mut out, &info).unwrap();
+            let mut outputs = Vec::new();
+            for ev in &events {
+                timeline.push(ev, &mut outputs);
+                for output in outputs.drain(..) {
+                    writer.write(&output).unwrap();
+                }
+            }
+            timeline.finish(ts + 1, &mut outputs);
+            for output in outputs.drain(..) {
+                writer.write(&output).unwrap();
+            }
+            writer.finish(&serde_json::json!({})).unwrap();
+        }
+        let cpu_ns = thread_cpu_ns() - started;
+        let n = events.len() as f64;
+        println!(
+            "{format:?}: {} events in {:.0} ms of CPU: {:.2} M events/s, {:.0} ns an event, {:.1} bytes an event",
+            events.len(),
+            cpu_ns as f64 / 1e6,
+            n / (cpu_ns as f64 / 1e9) / 1e6,
+            cpu_ns as f64 / n,
+            bytes as f64 / n
+        );
+        assert!(bytes > 0);
+    }
+}
+
+/// Counts the bytes written, keeps none.
+struct Counting<'a>(&'a mut u64);
+
+impl std::io::Write for Counting<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        *self.0 += buf.len() as u64;
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }

@@ -287,7 +287,7 @@ fn monotonic_ns() -> u64 {
 
 /// CPU time (user + system) of the whole tracer process, all its threads,
 /// in ns: what recording costs the machine besides the probes themselves.
-fn process_cpu_ns() -> u64 {
+pub(super) fn process_cpu_ns() -> u64 {
     clock_ns(libc::CLOCK_PROCESS_CPUTIME_ID)
 }
 

@@ -22,6 +22,7 @@ use tracer_timeline::writer::TraceInfo;
 
 use super::drain::Recording;
 use super::loader::KernelCounters;
+use super::session::process_cpu_ns;
 use super::stacks::{StackId, write_folded};
 use super::trace_file::TraceFile;
 
@@ -45,6 +46,8 @@ pub struct RenderInput<'a> {
 /// caller publishes it) and returns the summary (without the file's size).
 pub fn render(input: RenderInput, recording: Recording, file: &mut TraceFile) -> Result<Summary> {
     let rendering = Instant::now();
+    // CPU time too: the wall time says little on a loaded machine.
+    let render_cpu_start = process_cpu_ns();
     let Recording {
         events,
         samples,
@@ -54,6 +57,7 @@ pub fn render(input: RenderInput, recording: Recording, file: &mut TraceFile) ->
     } = recording;
     let (await_captures, empty_captures) = (stacks.await_captures, stacks.empty_captures);
     let symbols = stacks.symbolize();
+    let symbolize_cpu_ns = process_cpu_ns().saturating_sub(render_cpu_start);
     let info = TraceInfo {
         pid: input.pid,
         process_name: input.process_name.clone(),
@@ -116,6 +120,7 @@ pub fn render(input: RenderInput, recording: Recording, file: &mut TraceFile) ->
     let counters = input.counters;
     let duration_ns = input.end_ns.saturating_sub(input.start_ns);
     let render_ms = rendering.elapsed().as_millis() as u64;
+    let render_cpu_ms = process_cpu_ns().saturating_sub(render_cpu_start) / 1_000_000;
     log::info!("rendered {event_count} events into the trace in {render_ms} ms");
     let workers = timeline
         .threads()
@@ -150,6 +155,8 @@ pub fn render(input: RenderInput, recording: Recording, file: &mut TraceFile) ->
         "events": event_count,
         "recording_cpu_ns": input.recording_cpu_ns,
         "render_ms": render_ms,
+        "render_cpu_ms": render_cpu_ms,
+        "symbolize_cpu_ms": symbolize_cpu_ns / 1_000_000,
         "lost_events": counters.lost_events,
         "short_polls_not_recorded": counters.short_polls,
         "kernel_samples_not_shown": counters.kernel_samples,

@@ -34,6 +34,8 @@ struct Figures {
     events: f64,
     bytes: f64,
     render_ms: f64,
+    render_cpu_ms: f64,
+    symbolize_cpu_ms: f64,
     lost: f64,
     peak_rss_kib: f64,
 }
@@ -75,9 +77,12 @@ pub(super) fn run(options: &Options) -> Result<()> {
     );
     let _ = writeln!(
         table,
-        "| format | traced | events | trace size | bytes/event | rendering after the stop | events lost | tracer peak RSS |"
+        "| format | traced | events | trace size | bytes/event | rendering after the stop (wall) | rendering per CPU-second (of which symbolizing) | events lost | tracer peak RSS |"
     );
-    let _ = writeln!(table, "| --- | --- | --- | --- | --- | --- | --- | --- |");
+    let _ = writeln!(
+        table,
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"
+    );
     for run in &runs {
         step(&format!(
             "tracing the HTTP workload for {} s into {}",
@@ -85,9 +90,10 @@ pub(super) fn run(options: &Options) -> Result<()> {
         ));
         let f = measure(&tools, run)?;
         let rate = f.events / (f.render_ms.max(1.0) / 1e3);
+        let cpu_rate = f.events / (f.render_cpu_ms.max(1.0) / 1e3);
         let _ = writeln!(
             table,
-            "| {} | {} s | {:.0} | {:.1} MB | {:.1} | {:.1} M events/s ({:.0} ms) | {:.0} | {:.0} MiB |",
+            "| {} | {} s | {:.0} | {:.1} MB | {:.1} | {:.1} M events/s ({:.0} ms) | {:.1} M events/s ({:.0} ms CPU, {:.0} ms symbolizing) | {:.0} | {:.0} MiB |",
             run.label,
             run.seconds,
             f.events,
@@ -95,6 +101,9 @@ pub(super) fn run(options: &Options) -> Result<()> {
             f.bytes / f.events.max(1.0),
             rate / 1e6,
             f.render_ms,
+            cpu_rate / 1e6,
+            f.render_cpu_ms,
+            f.symbolize_cpu_ms,
             f.lost,
             f.peak_rss_kib / 1024.0
         );
@@ -180,6 +189,8 @@ fn measure(tools: &super::Tools, run: &Run) -> Result<Figures> {
         events: number("events"),
         bytes: fs::metadata(&trace)?.len() as f64,
         render_ms: number("render_ms"),
+        render_cpu_ms: number("render_cpu_ms"),
+        symbolize_cpu_ms: number("symbolize_cpu_ms"),
         lost: number("lost_events"),
         peak_rss_kib: peak.join().unwrap_or(0.0),
     };
