@@ -310,7 +310,8 @@ fn with_only_capabilities(keep: &[&str], command: &[&str]) -> Command {
 #[test]
 fn a_missing_capability_is_named_before_anything_is_attached() {
     require_root();
-    let fixture = Fixture::start("multi_worker", Profile::Release, 30.0);
+    // Long-lived: the test may wait a while for its turns at tracing.
+    let fixture = Fixture::start("multi_worker", Profile::Release, 600.0);
     let dir = scratch_dir("capabilities");
     let output = dir.join("trace.json");
     let exe = env!("CARGO_BIN_EXE_rt-ebpf-trace");

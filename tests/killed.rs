@@ -153,6 +153,69 @@ fn sigkill_during_the_stop_leaves_no_breakpoint_and_no_file() {
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
 
+#[test]
+fn sigkill_of_the_tracer_and_its_detacher_leaves_no_breakpoint() {
+    // What `systemctl stop` does: every process of the service is killed,
+    // the child that removes the probes included.
+    require_root();
+    let _turn = tracer_turn();
+    let fixture = Fixture::start("multi_worker", Profile::Release, 300.0);
+    let mut failures = Vec::new();
+    for delay_ms in [0u64, 200, 1000] {
+        let dir = scratch_dir(&format!("killed-both-{delay_ms}"));
+        let mut child = start_tracing(&fixture, &dir.join("trace.json"));
+        std::thread::sleep(Duration::from_millis(500));
+        signal(&child, libc::SIGINT);
+        std::thread::sleep(Duration::from_millis(delay_ms));
+        let looking = Instant::now();
+        let mut detachers = children_named(child.id(), "rt-ebpf-detach");
+        while detachers.is_empty() && looking.elapsed() < Duration::from_secs(10) {
+            detachers = children_named(child.id(), "rt-ebpf-detach");
+        }
+        assert!(!detachers.is_empty(), "no rt-ebpf-detach child found");
+        for pid in detachers {
+            // SAFETY: plain kill(2).
+            unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+        }
+        signal(&child, libc::SIGKILL);
+        child.wait().unwrap();
+        let waiting = Instant::now();
+        let mut patched = patched_code(fixture.pid(), &fixture.path);
+        while !patched.is_empty() && waiting.elapsed() < Duration::from_secs(60) {
+            std::thread::sleep(Duration::from_millis(200));
+            patched = patched_code(fixture.pid(), &fixture.path);
+        }
+        if !patched.is_empty() {
+            failures.push(format!(
+                "both killed {delay_ms} ms after SIGINT: {} bytes still differ",
+                patched.len()
+            ));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// The processes called `comm` whose parent is `parent`.
+fn children_named(parent: u32, comm: &str) -> Vec<u32> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
+            continue;
+        };
+        let ppid = stat[close + 1..].split_whitespace().nth(1);
+        if &stat[open + 1..close] == comm && ppid == Some(&parent.to_string()) {
+            found.push(pid);
+        }
+    }
+    found
+}
+
 /// Whether `pid` still runs (not exited, not a zombie).
 fn trace_alive(pid: u32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat"))

@@ -40,7 +40,7 @@ fn mkfifo(path: &Path) {
 /// Reads what is written into a FIFO until its writer closes it, or, if
 /// nothing ever came, until the tracer is done (a tracer that replaced the
 /// FIFO never writes into it).
-fn read_fifo(fifo: &Path, tracer_done: &AtomicBool) -> String {
+fn read_fifo(fifo: &Path, tracer_done: &AtomicBool) -> Vec<u8> {
     use std::os::unix::fs::OpenOptionsExt;
     // Non-blocking: opening a FIFO for reading waits for a writer.
     let mut file = std::fs::OpenOptions::new()
@@ -62,7 +62,15 @@ fn read_fifo(fifo: &Path, tracer_done: &AtomicBool) -> String {
             Err(err) => panic!("reading the FIFO: {err}"),
         }
     }
-    String::from_utf8(bytes).unwrap()
+    bytes
+}
+
+/// Decodes a Perfetto trace that arrived as bytes (through a FIFO or
+/// stdout), from a copy outside the test's directory.
+fn load_trace_bytes(bytes: &[u8], name: &str) -> Trace {
+    let copy = scratch_dir(&format!("{name}-copy")).join("trace.pftrace");
+    std::fs::write(&copy, bytes).unwrap();
+    Trace::load(&copy)
 }
 
 /// The names in `dir`, sorted.
@@ -78,7 +86,7 @@ fn names_in(dir: &Path) -> Vec<String> {
 #[test]
 fn planted_symlinks_redirect_nothing_and_outputs_are_private_to_the_sudo_user() {
     require_root();
-    let fixture = Fixture::start("multi_worker", Profile::Release, 60.0);
+    let fixture = Fixture::start("multi_worker", Profile::Release, 600.0);
     let dir = scratch_dir("planted-symlinks");
     let victims = scratch_dir("planted-symlinks-victims");
     // A user who owns the working directory plants names the tracer might
@@ -145,7 +153,7 @@ fn planted_symlinks_redirect_nothing_and_outputs_are_private_to_the_sudo_user() 
 #[test]
 fn devices_and_fifos_are_written_into_never_replaced() {
     require_root();
-    let fixture = Fixture::start("multi_worker", Profile::Release, 60.0);
+    let fixture = Fixture::start("multi_worker", Profile::Release, 600.0);
     let dir = scratch_dir("special-outputs");
     // A device like /dev/null, made here so a bug can't break the machine's.
     let null = dir.join("null");
@@ -164,11 +172,11 @@ fn devices_and_fifos_are_written_into_never_replaced() {
         .arg("--folded")
         .arg(&null));
     tracer_done.store(true, Ordering::Relaxed);
-    let text = reader.join().unwrap();
+    let bytes = reader.join().unwrap();
     assert!(result.status.success(), "{}", describe(&result));
-    let trace: serde_json::Value =
-        serde_json::from_str(&text).expect("a whole trace through the FIFO");
-    assert!(trace["metadata"].is_object());
+    // A whole Perfetto trace (no `.json` name: the default format).
+    let trace = load_trace_bytes(&bytes, "fifo");
+    assert!(!trace.polls().is_empty(), "no polls through the FIFO");
     let null_meta = std::fs::symlink_metadata(&null).unwrap();
     assert!(
         null_meta.file_type().is_char_device(),
@@ -187,7 +195,7 @@ fn devices_and_fifos_are_written_into_never_replaced() {
 #[test]
 fn the_trace_can_go_to_stdout() {
     require_root();
-    let fixture = Fixture::start("multi_worker", Profile::Release, 60.0);
+    let fixture = Fixture::start("multi_worker", Profile::Release, 600.0);
     let dir = scratch_dir("stdout");
     // `> out.txt`: stdout is a regular file in another directory.
     let out = dir.join("out.txt");
@@ -200,20 +208,12 @@ fn the_trace_can_go_to_stdout() {
         .unwrap();
     let result = trace::wait_with_limit(child, std::time::Duration::from_secs(120));
     assert!(result.status.success(), "{}", describe(&result));
-    let stdout = std::fs::read_to_string(&out).unwrap();
-    // The trace first, then the summary.
-    let mut values = serde_json::Deserializer::from_str(&stdout).into_iter::<serde_json::Value>();
-    let trace = values
-        .next()
-        .expect("a trace on stdout")
-        .expect("valid JSON");
-    let end = values.byte_offset();
-    assert!(
-        trace["traceEvents"]
-            .as_array()
-            .is_some_and(|e| !e.is_empty())
-    );
-    assert!(stdout[end..].contains("stopped:"), "{stdout}");
+    // The trace alone on stdout (it would not be whole with text after
+    // it); the summary on stderr.
+    let trace = load_trace_bytes(&std::fs::read(&out).unwrap(), "stdout");
+    assert!(!trace.polls().is_empty(), "no polls on stdout");
+    let stderr = String::from_utf8_lossy(&result.stderr);
+    assert!(stderr.contains("stopped:"), "{stderr}");
     let link = std::fs::symlink_metadata("/dev/stdout").unwrap();
     assert!(link.file_type().is_symlink(), "/dev/stdout was replaced");
     assert_eq!(names_in(&dir), ["out.txt"]);
@@ -222,7 +222,7 @@ fn the_trace_can_go_to_stdout() {
 #[test]
 fn a_block_device_is_refused_before_attaching() {
     require_root();
-    let fixture = Fixture::start("multi_worker", Profile::Release, 60.0);
+    let fixture = Fixture::start("multi_worker", Profile::Release, 600.0);
     let dir = scratch_dir("block-device");
     let disk = dir.join("disk");
     mknod(&disk, libc::S_IFBLK, 7, 0);
@@ -243,7 +243,7 @@ fn a_block_device_is_refused_before_attaching() {
 #[test]
 fn bad_output_paths_are_refused_before_attaching() {
     require_root();
-    let fixture = Fixture::start("multi_worker", Profile::Release, 60.0);
+    let fixture = Fixture::start("multi_worker", Profile::Release, 600.0);
     let dir = scratch_dir("bad-output-paths");
     let too_long = dir.join(format!("{}.json", "t".repeat(252)));
     let a_directory = dir.join("a-directory");
@@ -286,7 +286,7 @@ fn bad_output_paths_are_refused_before_attaching() {
 #[test]
 fn a_name_near_the_length_limit_is_written() {
     require_root();
-    let fixture = Fixture::start("multi_worker", Profile::Release, 60.0);
+    let fixture = Fixture::start("multi_worker", Profile::Release, 600.0);
     let dir = scratch_dir("long-name");
     // 255 bytes: the longest name the file system takes.
     let output = dir.join(format!("{}.json", "t".repeat(250)));
@@ -299,7 +299,7 @@ fn a_name_near_the_length_limit_is_written() {
 #[test]
 fn max_size_stops_recording_with_a_whole_trace() {
     require_root();
-    let fixture = Fixture::start("multi_worker", Profile::Release, 60.0);
+    let fixture = Fixture::start("multi_worker", Profile::Release, 600.0);
     let dir = scratch_dir("max-size");
     let output = dir.join("trace.json");
     let result = run(tracer()

@@ -299,6 +299,13 @@ def main(path):
                 metadata = args
                 continue
             category = categories[0] if categories else name
+            if name.startswith("wake ("):
+                # "wake (driver)": a wake outside any poll, who woke in the name.
+                category = "wake"
+                args["waker"] = name[len("wake ("):-1]
+                if "waker_task_id" in args:
+                    args["waker"] = f"task {args['waker_task_id']}"
+                name = "wake"
             label = name
             if name in ("wake", "spawn") and "task_id" in args:
                 label = f"{name} task {args['task_id']}"

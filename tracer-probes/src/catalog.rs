@@ -124,6 +124,19 @@ pub const EVENT_FAMILIES: &[EventFamily] = &[
                 "tokio::runtime::task::list::OwnedTasks::bind",
                 TaskArg::ReturnValue,
             )],
+            // tokio ≤ 1.8 (no `OwnedTasks`): the schedulers' spawners return
+            // the new task's `JoinHandle { raw: Option<RawTask> }`, one
+            // header pointer, in RAX.
+            &[
+                event(
+                    "tokio::runtime::thread_pool::Spawner::spawn",
+                    TaskArg::ReturnValue,
+                ),
+                event(
+                    "tokio::runtime::basic_scheduler::Spawner::spawn",
+                    TaskArg::ReturnValue,
+                ),
+            ],
         ],
     },
     EventFamily {
@@ -177,6 +190,18 @@ pub const EVENT_FAMILIES: &[EventFamily] = &[
                 "tokio::runtime::thread_pool::park::Unparker::unpark",
                 TaskArg::None,
             )],
+            // tokio 1.18–1.2x: the worker's `Unparker` implements the `Unpark`
+            // trait (checked: 1.20.6).
+            &[event(
+                "<tokio::runtime::thread_pool::park::Unparker as tokio::park::Unpark>::unpark",
+                TaskArg::None,
+            )],
+            // tokio ≤ 1.17: the same in `runtime/park.rs` (checked: 1.8.5,
+            // 1.14.1); only the thread pool's workers park on it.
+            &[event(
+                "<tokio::runtime::park::Unparker as tokio::park::Unpark>::unpark",
+                TaskArg::None,
+            )],
         ],
     },
     EventFamily {
@@ -213,6 +238,94 @@ pub fn choose_event_functions(
         })
         .unwrap_or_default()
 }
+
+/// Where tokio's task `Header` keeps its vtable pointer, and whether that
+/// vtable holds the task id's offset, from one tokio version on (read from
+/// each release's `runtime/task/core.rs` and `raw.rs`; `Header` is
+/// `#[repr(C)]` in all of them, and the vtable's first slot is always
+/// `poll`). The last entry whose `since` is at most the binary's version
+/// applies.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TaskLayout {
+    pub since: (u64, u64, u64),
+    /// Byte offset of `Header::vtable`.
+    pub vtable_offset: u64,
+    /// Index (in words) of `Vtable::id_offset`; `None` where the vtable has
+    /// none (before 1.23 the id, from 1.21, sits in `Core` at an offset that
+    /// depends on the future's type, so it can't be read generically).
+    pub id_offset_slot: Option<u64>,
+}
+
+pub const TASK_LAYOUTS: &[TaskLayout] = &[
+    // 1.0–1.8: `{ state, owned: Pointers (2 words), queue_next, stack_next, vtable }`.
+    TaskLayout {
+        since: (1, 0, 0),
+        vtable_offset: 40,
+        id_offset_slot: None,
+    },
+    // 1.9–1.20: `stack_next` gone.
+    TaskLayout {
+        since: (1, 9, 0),
+        vtable_offset: 32,
+        id_offset_slot: None,
+    },
+    // 1.21–1.22: the owned-list pointers moved to the trailer.
+    TaskLayout {
+        since: (1, 21, 0),
+        vtable_offset: 16,
+        id_offset_slot: None,
+    },
+    // 1.23 on: `Vtable { poll, schedule, dealloc, try_read_output,
+    // drop_join_handle_slow, drop_abort_handle, shutdown, trailer_offset,
+    // scheduler_offset, id_offset, … }`.
+    TaskLayout {
+        since: (1, 23, 0),
+        vtable_offset: 16,
+        id_offset_slot: Some(9),
+    },
+];
+
+/// The task layout of a tokio version.
+pub fn task_layout(version: (u64, u64, u64)) -> Option<TaskLayout> {
+    TASK_LAYOUTS
+        .iter()
+        .rev()
+        .find(|layout| layout.since <= version)
+        .copied()
+}
+
+/// The code of each scheduler (and the blocking pool), by the path
+/// fragments of its functions: where `raw::poll` is called from must be
+/// found for every scheduler the binary runs, or that scheduler's poll ends
+/// are lost (current_thread's call site went unrecognised on tokio
+/// 1.25–1.48 while multi_thread's was found).
+#[derive(Clone, Copy, Debug)]
+pub struct PollCaller {
+    pub name: &'static str,
+    pub path_fragments: &'static [&'static str],
+}
+
+pub const POLL_CALLERS: &[PollCaller] = &[
+    PollCaller {
+        name: "multi_thread",
+        path_fragments: &["::scheduler::multi_thread::", "::runtime::thread_pool::"],
+    },
+    PollCaller {
+        name: "current_thread",
+        path_fragments: &[
+            "::scheduler::current_thread::",
+            "::runtime::basic_scheduler::",
+        ],
+    },
+    PollCaller {
+        name: "blocking pool",
+        path_fragments: &["::runtime::blocking::"],
+    },
+];
+
+/// Functions every scheduler runs tasks through where they are not
+/// inlined: a `raw::poll` call found in one serves them all.
+pub const SHARED_POLL_CALLERS: &[&str] = &["tokio::runtime::task::"];
 
 /// Blocking-pool "tasks" that are really a runtime thread's whole life: the
 /// multi-thread scheduler starts each worker (and the replacement worker of
@@ -279,6 +392,19 @@ mod tests {
     use super::*;
 
     #[test]
+    fn task_layouts_follow_the_header_through_the_versions() {
+        let vtable = |v| task_layout(v).map(|l| l.vtable_offset);
+        assert_eq!(vtable((1, 8, 5)), Some(40));
+        assert_eq!(vtable((1, 9, 0)), Some(32));
+        assert_eq!(vtable((1, 20, 6)), Some(32));
+        assert_eq!(vtable((1, 21, 0)), Some(16));
+        assert_eq!(task_layout((1, 22, 0)).unwrap().id_offset_slot, None);
+        assert_eq!(task_layout((1, 23, 0)).unwrap().id_offset_slot, Some(9));
+        assert_eq!(task_layout((1, 54, 1)).unwrap().id_offset_slot, Some(9));
+        assert_eq!(task_layout((0, 3, 0)), None);
+    }
+
+    #[test]
     fn inner_park_function_wins_over_its_callers() {
         let present = [
             "tokio::runtime::scheduler::current_thread::Context::park",
@@ -308,7 +434,10 @@ mod tests {
         assert_eq!(paths[0], "tokio::runtime::task::raw::poll");
         assert!(paths.contains(&"tokio::runtime::basic_scheduler::Context::park_yield"));
         assert!(paths.contains(&"tokio::runtime::task::waker::wake_by_ref"));
-        assert_eq!(paths.len(), 1 + 3 + 1 + 2 + 1 + 2 + 2 + (4 + 2 + 3 + 2 + 1));
+        assert_eq!(
+            paths.len(),
+            1 + 3 + 1 + 2 + 1 + 2 + 2 + (4 + 2 + 3 + 4 + 1) + 2
+        );
     }
 
     #[test]

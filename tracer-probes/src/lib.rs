@@ -14,6 +14,7 @@
 pub mod catalog;
 pub mod disasm;
 pub mod discover;
+pub mod features;
 pub mod futures;
 pub mod naming;
 pub mod placement;
@@ -178,6 +179,8 @@ pub struct ProbePlan {
     pub binary: std::path::PathBuf,
     /// The binary has no `.symtab`.
     pub stripped: bool,
+    /// The binary has DWARF (`.debug_info`): file:line in stacks.
+    pub debug_info: bool,
     /// The tokio version compiled in, e.g. "1.54.1", if the binary says.
     pub tokio_version: Option<String>,
     /// The attach cookie of a site is its index here. Poll sites come first,
@@ -190,6 +193,11 @@ pub struct ProbePlan {
     /// task vtable's `poll` (see [`return_sites`]), deduplicated, in order
     /// of the probed address.
     pub poll_returns: Vec<ReturnSite>,
+    /// Poll ends need uretprobes on `raw::poll` too: no return site was
+    /// found for some scheduler the binary runs (or none at all). Where
+    /// both fire, the uretprobe ends the poll and the return site finds
+    /// nothing open.
+    pub poll_end_uretprobes: bool,
     /// Poll sites found but not probed, with why (see
     /// [`catalog::RUNTIME_THREAD_TASKS`]).
     pub skipped: Vec<(ProbeSite, &'static str)>,

@@ -2,6 +2,7 @@
 
 use std::io::{self, Write};
 
+use crate::features::{self, FeatureSupport, Support};
 use crate::{Cost, NameSource, ProbePlan, ProbeSite, ReturnSite, SiteKind, TaskArg};
 
 const COLUMNS: usize = 8;
@@ -85,6 +86,15 @@ pub fn write_table(plan: &ProbePlan, out: &mut dyn Write) -> io::Result<()> {
     }
     for warning in &plan.warnings {
         writeln!(out, "warning: {warning}")?;
+    }
+    writeln!(out, "what a trace of this binary will hold:")?;
+    for FeatureSupport { feature, support } in features::feature_support(plan) {
+        let line = match support {
+            Support::Supported => "supported".to_string(),
+            Support::Degraded(why) => format!("degraded: {why}"),
+            Support::Missing(why) => format!("MISSING: {why}"),
+        };
+        writeln!(out, "  {feature:<14} {line}")?;
     }
     Ok(())
 }

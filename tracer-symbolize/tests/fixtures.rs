@@ -305,11 +305,23 @@ impl Drop for Running {
 }
 
 fn start(binary: &Path) -> (Running, u32) {
-    let mut child = Command::new(binary)
-        .arg("30")
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
+    // A copy just written may be briefly held open for writing by a child
+    // another test thread forked at that moment (until it execs): exec then
+    // fails with ETXTBSY. Try again shortly.
+    let mut attempts = 0;
+    let mut child = loop {
+        match Command::new(binary)
+            .arg("30")
+            .stdout(Stdio::piped())
+            .spawn()
+        {
+            Err(err) if err.kind() == std::io::ErrorKind::ExecutableFileBusy && attempts < 50 => {
+                attempts += 1;
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            spawned => break spawned.unwrap(),
+        }
+    };
     let mut line = String::new();
     BufReader::new(child.stdout.take().unwrap())
         .read_line(&mut line)

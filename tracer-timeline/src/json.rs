@@ -1,7 +1,9 @@
 //! The Chrome JSON [`TraceWriter`]: [`TimelineOutput`]s as Chrome trace
 //! events, for tools that read JSON (`-o trace.json`). Perfetto's native
-//! format ([`crate::perfetto`]) is the default: this one is ~25× larger and
-//! has no real CPU samples (Perfetto's JSON importer has no callstacks).
+//! format ([`crate::perfetto`]) is the default: this one is ~10× larger
+//! (310 against 29 bytes an event on the HTTP benchmark, BENCHMARKS.md),
+//! slower to write, and has no real CPU samples (Perfetto's JSON
+//! importer has no callstacks).
 //!
 //! - Slices become complete ("X") events named after the task's type, with
 //!   `waits_at` and `await_stack` when the poll ended at a known await point.
@@ -81,8 +83,11 @@ impl<'a, W: Write> JsonWriter<'a, W> {
                     "truncated": slice.truncated,
                 });
                 if let Some((_, point)) = self.info.symbols.await_point(task_id, await_key) {
-                    args["waits_at"] = json!(point.waits_at());
-                    args["await_stack"] = json!(point.chain);
+                    let task_type = types.full_name(Some(site));
+                    if let Some(waits_at) = point.waits_at(task_type) {
+                        args["waits_at"] = json!(waits_at);
+                        args["await_stack"] = json!(point.stack(task_type));
+                    }
                 }
                 let name = types.short_name(Some(site));
                 self.writer

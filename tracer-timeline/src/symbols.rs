@@ -49,14 +49,36 @@ impl SymbolFrame {
 /// of the program's own code out to the task's future, described.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct AwaitPoint {
-    /// Innermost first; never empty.
+    /// Innermost first; empty only when `inlined_into_harness`.
     pub chain: Vec<String>,
+    /// The stack reached tokio's task harness without a frame of the
+    /// program's own: the task's future was inlined there (a build without
+    /// DWARF), so only the task's type can say where it waits.
+    pub inlined_into_harness: bool,
 }
 
 impl AwaitPoint {
-    /// The innermost frame of the program's own code: where the task waits.
-    pub fn waits_at(&self) -> &str {
-        &self.chain[0]
+    /// Where the task waits: the innermost frame of the program's own code,
+    /// or, where its future was inlined into tokio's harness, its type
+    /// (`task_type`, the polled task's full type name).
+    pub fn waits_at(&self, task_type: Option<&str>) -> Option<String> {
+        match self.chain.first() {
+            Some(innermost) => Some(innermost.clone()),
+            None if self.inlined_into_harness => {
+                task_type.map(|name| format!("{name} (inlined into tokio's task harness)"))
+            }
+            None => None,
+        }
+    }
+
+    /// The await stack, one frame per entry (the `waits_at` alone where the
+    /// task's future was inlined into the harness).
+    pub fn stack(&self, task_type: Option<&str>) -> Vec<String> {
+        if self.chain.is_empty() {
+            self.waits_at(task_type).into_iter().collect()
+        } else {
+            self.chain.clone()
+        }
     }
 }
 
@@ -98,6 +120,6 @@ impl Symbols {
         }
         let index = *self.await_points.get(&(task_id, key))?;
         let point = self.await_chains.get(index as usize)?;
-        (!point.chain.is_empty()).then_some((index, point))
+        (!point.chain.is_empty() || point.inlined_into_harness).then_some((index, point))
     }
 }

@@ -143,7 +143,15 @@ impl Timeline {
         stack: StackId,
         out: &mut Vec<TimelineOutput>,
     ) {
-        let site = self.task_sites.get(&task_id).copied();
+        let site = match task_id {
+            // tokio < 1.23 keeps no task id: the poll open on the thread.
+            0 => self
+                .index_by_tid
+                .get(&tid)
+                .and_then(|&index| self.threads[index].1.open_polls.last())
+                .map(|poll| poll.site),
+            id => self.task_sites.get(&id).copied(),
+        };
         out.push(TimelineOutput::Sample(Sample {
             tid,
             ts_ns,

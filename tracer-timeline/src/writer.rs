@@ -76,8 +76,8 @@ impl Format {
     /// for size estimates while recording.
     pub fn bytes_per_event(self) -> u64 {
         match self {
-            Format::Perfetto => 12,
-            Format::Json => 300,
+            Format::Perfetto => 31,
+            Format::Json => 312,
         }
     }
 

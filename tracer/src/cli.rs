@@ -10,13 +10,13 @@ use clap::{Args, Parser, Subcommand};
 ///
 /// Attaches eBPF uprobes to tokio's task poll and worker park functions and
 /// writes a trace that ui.perfetto.dev opens: which worker polled which task,
-/// for how long, and when workers parked. Needs root (or CAP_BPF+CAP_PERFMON).
+/// for how long, and when workers parked. Needs root (CAP_SYS_ADMIN).
 #[derive(Parser, Debug)]
 #[command(
     name = "rt-ebpf-trace",
     version,
     args_conflicts_with_subcommands = true,
-    after_help = "Examples:\n  sudo rt-ebpf-trace --pid 1234 -o trace.json\n  sudo rt-ebpf-trace -o trace.json --duration 10s -- ./my-app --flag\n  rt-ebpf-trace probes --binary ./my-app\n  sudo rt-ebpf-trace dump --pid 1234"
+    after_help = "Examples:\n  sudo rt-ebpf-trace --pid 1234\n  sudo rt-ebpf-trace --open --duration 10s -- ./my-app --flag\n  sudo rt-ebpf-trace --pid 1234 -o trace.json.gz\n  rt-ebpf-trace probes --binary ./my-app\n  sudo rt-ebpf-trace dump --pid 1234"
 )]
 pub struct Cli {
     #[command(subcommand)]

@@ -55,6 +55,22 @@ fn list_probes(args: ProbesArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// Whether `path` is the file our stdout is (`-o /dev/stdout`, or the file
+/// stdout is redirected to).
+fn is_our_stdout(path: &std::path::Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(file) = std::fs::metadata(path) else {
+        return false;
+    };
+    let stdout = std::io::stdout();
+    let Ok(ours) = std::os::fd::AsFd::as_fd(&stdout).try_clone_to_owned() else {
+        return false;
+    };
+    std::fs::File::from(ours)
+        .metadata()
+        .is_ok_and(|ours| ours.dev() == file.dev() && ours.ino() == file.ino())
+}
+
 /// The last line: how to look at the trace. Under sudo the trace sits in
 /// a root session's directory but the browser runs as the user.
 fn how_to_open(output: &std::path::Path) -> String {
@@ -119,6 +135,7 @@ fn run_record(args: RecordArgs) -> Result<ExitCode> {
         None
     };
     let output = args.output.clone();
+    let trace_on_stdout = is_our_stdout(&output);
     let sample_hz = (!args.no_samples && mode != Mode::Polls).then_some(args.sample_hz);
     let options = RecordOptions {
         target,
@@ -144,28 +161,37 @@ fn run_record(args: RecordArgs) -> Result<ExitCode> {
         .enable_all()
         .build()?;
     let outcome = runtime.block_on(record::record(options))?;
-    println!("{}", outcome.summary);
+    // The report goes where the trace doesn't: a trace written to our own
+    // stdout (`-o /dev/stdout`) stays whole, the text goes to stderr.
+    let mut out: Box<dyn Write> = if trace_on_stdout {
+        Box::new(std::io::stderr())
+    } else {
+        Box::new(std::io::stdout())
+    };
+    writeln!(out, "{}", outcome.summary)?;
     if outcome.short_polls > 0 {
-        println!(
+        writeln!(
+            out,
             "{} polls shorter than --min-poll were counted in the kernel and not recorded",
             outcome.short_polls
-        );
+        )?;
     }
-    println!("stopped: {}", outcome.stop);
+    writeln!(out, "stopped: {}", outcome.stop)?;
     if let Some(status) = outcome.command_status {
-        println!("command exited: {status}");
+        writeln!(out, "command exited: {status}")?;
     }
     if let Some(pid) = dump_at_end {
         match rt_ebpf_trace::dump::dump(pid) {
-            Ok(dump) => print!(
+            Ok(dump) => write!(
+                out,
                 "\ntasks at the end: {}",
                 rt_ebpf_trace::dump::output::text(&dump)
-            ),
-            Err(err) => println!("\ntasks at the end: not read ({err:#})"),
+            )?,
+            Err(err) => writeln!(out, "\ntasks at the end: not read ({err:#})")?,
         }
     }
     // The trace is complete; the probes are still being removed.
-    let _ = std::io::stdout().flush();
+    let _ = out.flush();
     let _ = outcome.detaching.join();
     match server {
         Some(server) => {
@@ -173,15 +199,16 @@ fn run_record(args: RecordArgs) -> Result<ExitCode> {
                 .file_name()
                 .map(|name| name.to_string_lossy().into_owned())
                 .unwrap_or_default();
-            println!(
+            writeln!(
+                out,
                 "open {} (serving the trace on 127.0.0.1:{} until the UI has fetched it; Ctrl-C to stop)",
                 rt_ebpf_trace::serve::ui_link(&name, rt_ebpf_trace::serve::PORT),
                 rt_ebpf_trace::serve::PORT
-            );
-            let _ = std::io::stdout().flush();
+            )?;
+            let _ = out.flush();
             rt_ebpf_trace::serve::serve(&server, &output)?;
         }
-        None => println!("{}", how_to_open(&output)),
+        None => writeln!(out, "{}", how_to_open(&output))?,
     }
     Ok(ExitCode::SUCCESS)
 }

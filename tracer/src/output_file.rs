@@ -25,6 +25,8 @@
 //!   copied into it. Its node is pinned with an `O_PATH` descriptor at the
 //!   start and reopened through that descriptor, so a swapped name can't
 //!   redirect the write. Other devices (disks, `/dev/mem`, ...) are refused.
+//!   The trace is assembled in an unnamed file in `$TMPDIR` or `/var/tmp`
+//!   first (the stacks are resolved in a second pass over it).
 //! - The file is made 0600, as perf makes its `perf.data`: a trace holds
 //!   the stacks, task names and addresses of the traced process. Under
 //!   `sudo` it is given to the invoking user (`SUDO_UID`/`SUDO_GID`) so that
@@ -48,7 +50,7 @@ const NAME_MAX: usize = 255;
 /// devices has effects (a watchdog, `/dev/mem`, a tape that rewinds).
 fn is_harmless_char_device(rdev: u64) -> bool {
     let (major, minor) = (libc::major(rdev), libc::minor(rdev));
-    matches!((major, minor), (1, 3)) || matches!(major, 4 | 5 | 136..=143)
+    (major == 1 && minor == 3) || matches!(major, 4 | 5 | 136..=143)
 }
 
 /// An output file, checked and ready to be written, published by name only
@@ -151,7 +153,7 @@ impl OutputFile {
     pub fn scratch_dir(&self) -> PathBuf {
         match &self.destination {
             Destination::Named { dir_path, .. } => dir_path.clone(),
-            Destination::Special { .. } | Destination::Inherited { .. } => std::env::temp_dir(),
+            Destination::Special { .. } | Destination::Inherited { .. } => special_scratch_dir(),
         }
     }
 
@@ -182,10 +184,11 @@ impl OutputFile {
                 })
             }
             Destination::Special { .. } | Destination::Inherited { .. } => {
-                let file = tempfile::tempfile().map_err(|err| {
+                let dir = special_scratch_dir();
+                let file = tempfile::tempfile_in(&dir).map_err(|err| {
                     anyhow!(
                         "cannot create a temporary file in {} for {}: {err}",
-                        std::env::temp_dir().display(),
+                        dir.display(),
                         self.path.display()
                     )
                 })?;
@@ -269,6 +272,15 @@ fn dup(fd: libc::c_int) -> io::Result<OwnedFd> {
     // SAFETY: F_DUPFD_CLOEXEC on a descriptor number; a bad one fails.
     let copy = check(unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 3) })?;
     Ok(unsafe { OwnedFd::from_raw_fd(copy) })
+}
+
+/// Where the trace of a device or FIFO is assembled: `$TMPDIR` if set,
+/// else `/var/tmp` (on disk, where `/tmp` is often memory) if present.
+fn special_scratch_dir() -> PathBuf {
+    if std::env::var_os("TMPDIR").is_none() && Path::new("/var/tmp").is_dir() {
+        return PathBuf::from("/var/tmp");
+    }
+    std::env::temp_dir()
 }
 
 /// Checks an existing non-regular, non-directory output.

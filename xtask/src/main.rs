@@ -2,6 +2,7 @@
 
 mod bench;
 mod cmd;
+mod compat;
 mod demo;
 mod ebpf;
 mod lint;
@@ -26,6 +27,16 @@ enum Command {
     /// Measure the tracer's overhead on real tokio workloads (as root) and
     /// write the results into BENCHMARKS.md.
     Bench(bench::Options),
+    /// Build the compatibility matrix's service for every cell (or only
+    /// the fast subset `cargo xtask test` runs), as the user.
+    CompatBuild {
+        /// Every cell, not only the fast subset.
+        #[arg(long)]
+        all: bool,
+    },
+    /// Rewrite the README's compatibility table from the results the last
+    /// matrix run left (`cargo xtask test --matrix` does this itself).
+    CompatTable,
     /// Build the eBPF object, first installing what it needs (nightly
     /// toolchain, rust-src, bpf-linker) if missing.
     BuildEbpf(ebpf::Options),
@@ -57,6 +68,12 @@ fn run(command: Command) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Bench(options) => bench::run(&options),
+        Command::CompatTable => compat::write_table(),
+        Command::CompatBuild { all } => compat::build(&if all {
+            compat::all_cells()
+        } else {
+            compat::fast_cells()
+        }),
         Command::Demo(options) => demo::run(&options),
         Command::Lint => lint::run(),
         Command::Test(options) => test::run(&options),

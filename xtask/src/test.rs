@@ -4,10 +4,15 @@
 use anyhow::{Context, Result};
 
 use crate::cmd::{self, cargo, step};
-use crate::{ebpf, root};
+use crate::{compat, ebpf, root};
 
 #[derive(clap::Args)]
 pub struct Options {
+    /// Run the whole compatibility matrix (every tokio version and build
+    /// profile in tests/compat/matrix.rs; builds each once, ~20 builds)
+    /// instead of the test suite, and write the README's table from it.
+    #[arg(long)]
+    pub matrix: bool,
     /// Passed on to `cargo test --workspace`, e.g. `--test trace -- --nocapture`.
     #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
     pub cargo_args: Vec<String>,
@@ -39,11 +44,19 @@ pub fn run(options: &Options) -> Result<()> {
     }
 
     ensure_perfetto_python()?;
+    ensure_capsh()?;
 
     let mut test = cargo();
-    test.args(["test", "--workspace"])
-        .args(&options.cargo_args)
-        .current_dir(&repo);
+    if options.matrix {
+        compat::build(&compat::all_cells())?;
+        test.args(["test", "-p", "rt-ebpf-trace", "--test", "compat"])
+            .env("RT_COMPAT_CELLS", "all");
+    } else {
+        // The matrix's fast corners run with the suite (tests/compat.rs).
+        compat::build(&compat::fast_cells())?;
+        test.args(["test", "--workspace"]);
+    }
+    test.args(&options.cargo_args).current_dir(&repo);
     if !as_root {
         // Cargo runs each test binary through this runner (build scripts and
         // the compiler stay unprivileged). sudo's secure_path would drop
@@ -61,6 +74,10 @@ pub fn run(options: &Options) -> Result<()> {
         step("running the tests");
     }
     let status = cmd::status(&mut test)?;
+    if options.matrix {
+        // Failing cells show as FAIL in the table: it is written either way.
+        compat::write_table()?;
+    }
     // Cargo's status is ours, whatever it is: it already said what failed.
     std::process::exit(status.code().unwrap_or(1));
 }
@@ -114,6 +131,35 @@ fn ensure_perfetto_python() -> Result<()> {
         "--disable-pip-version-check",
         "perfetto",
     ]))
+}
+
+/// The privileges test drops capabilities with `capsh` (Debian's
+/// libcap2-bin): install it when it is missing and we may (as root).
+fn ensure_capsh() -> Result<()> {
+    let present = std::process::Command::new("capsh")
+        .arg("--version")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|status| status.success());
+    if present || !root::is_root() {
+        return Ok(());
+    }
+    step("installing capsh (libcap2-bin: the privileges test drops capabilities with it)");
+    let installed = std::process::Command::new("apt-get")
+        .args(["install", "-y", "-qq", "libcap2-bin"])
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .status()
+        .is_ok_and(|status| status.success());
+    if !installed {
+        cmd::run(std::process::Command::new("apt-get").args(["update", "-qq"]))?;
+        cmd::run(
+            std::process::Command::new("apt-get")
+                .args(["install", "-y", "-qq", "libcap2-bin"])
+                .env("DEBIAN_FRONTEND", "noninteractive"),
+        )?;
+    }
+    Ok(())
 }
 
 /// The host triple as cargo spells it in `CARGO_TARGET_<TRIPLE>_RUNNER`.

@@ -5,7 +5,9 @@
 //! a busy server takes ~300 bytes an event, so a minute of tracing is
 //! gigabytes and more than a browser tab loads. Here strings are interned
 //! once per sequence, slices need no track or pid (a per-sequence default),
-//! and timestamps are deltas on an incremental clock: ~10–15 bytes an event.
+//! and timestamps are deltas on an incremental clock: 29 bytes an event on
+//! the HTTP benchmark flat out, against JSON's 310 (NOTES.md breaks the 29
+//! down: mostly the poll's arguments and the fixed64 flow ids).
 //! It also carries what JSON cannot: CPU samples with interned callstacks
 //! (frames with function, file:line, inlined frames and the mapping), which
 //! the UI turns into flamegraphs for an area selection.
@@ -80,7 +82,9 @@ pub struct PerfettoWriter<'a, W: Write> {
     interned: Encoder,
     main: Sequence,
     samples: Sequence,
-    threads: HashMap<u32, ThreadTrack>,
+    /// Boxed: taken out and put back for every output (a sequence's
+    /// interning tables are a few hundred bytes to move otherwise).
+    threads: HashMap<u32, Box<ThreadTrack>>,
     next_sequence: u32,
     counters_described: [bool; 3],
     /// Flows started and not yet ended: a wake whose task was not polled
@@ -190,7 +194,7 @@ impl<'a, W: Write> PerfettoWriter<'a, W> {
 
     /// The thread's track, its sequence started on first use and described
     /// with `name` (or "thread TID" until the timeline names it).
-    fn thread(&mut self, tid: u32, name: Option<&ThreadName>) -> Result<ThreadTrack> {
+    fn thread(&mut self, tid: u32, name: Option<&ThreadName>) -> Result<Box<ThreadTrack>> {
         if let Some(mut thread) = self.threads.remove(&tid) {
             if let Some(name) = name {
                 self.describe_thread(&mut thread, tid, &name.name, name.sort_index)?;
@@ -200,7 +204,7 @@ impl<'a, W: Write> PerfettoWriter<'a, W> {
         let mut sequence = Sequence::new(self.next_sequence, self.info.start_ns);
         self.next_sequence += 1;
         self.start_sequence(&mut sequence, Some(THREAD_UUID_BASE + tid as u64), false)?;
-        let mut thread = ThreadTrack { sequence };
+        let mut thread = Box::new(ThreadTrack { sequence });
         match name {
             Some(name) => self.describe_thread(&mut thread, tid, &name.name, name.sort_index)?,
             None => self.describe_thread(&mut thread, tid, &format!("thread {tid}"), u32::MAX)?,
@@ -308,7 +312,7 @@ impl<'a, W: Write> PerfettoWriter<'a, W> {
                     string_note(p, Note::TaskType, iid);
                 }
                 if let Some((waits_at, stack)) =
-                    seq.await_point(i, &w.info.symbols, task_id, await_key)
+                    seq.await_point(i, &w.info.symbols, &w.info.types, site, task_id, await_key)
                 {
                     string_note(p, Note::WaitsAt, waits_at);
                     string_note(p, Note::AwaitStack, stack);
@@ -401,23 +405,24 @@ impl<'a, W: Write> PerfettoWriter<'a, W> {
                 |_, _, _| {},
             );
         }
-        let types = &self.info.types;
-        self.instant(
-            wake.tid,
-            wake.ts_ns,
-            Name::Wake,
-            Some(Category::Wake),
-            Some(flow),
-            |p, i, seq| {
-                if wake.task_id != 0 {
-                    uint_note(p, Note::TaskId, wake.task_id);
-                }
-                if let Some(iid) = wake.site.and_then(|site| seq.task_type(i, site, types)) {
-                    string_note(p, Note::TaskType, iid);
-                }
-                waker_notes(p, i, seq, Note::Waker, wake.waker);
-            },
-        )
+        // Who woke is in the name (a fixed iid: most wakes on a server are
+        // the I/O driver's, one per request); the woken task's type is on
+        // the poll the flow leads to.
+        let name = match wake.waker {
+            Waker::Driver => Name::WakeByDriver,
+            Waker::Thread => Name::WakeByThread,
+            Waker::Task { .. } => Name::WakeByTask,
+        };
+        self.instant(wake.tid, wake.ts_ns, name, None, Some(flow), |p, _, _| {
+            if wake.task_id != 0 {
+                uint_note(p, Note::TaskId, wake.task_id);
+            }
+            if let Waker::Task { task_id } = wake.waker
+                && task_id != 0
+            {
+                uint_note(p, Note::WakerTaskId, task_id);
+            }
+        })
     }
 
     fn task_end(&mut self, end: &TaskEnd) -> Result<()> {

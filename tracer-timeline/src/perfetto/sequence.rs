@@ -22,9 +22,12 @@ pub enum Name {
     Unpark,
     Metadata,
     NotPolled,
+    WakeByDriver,
+    WakeByThread,
+    WakeByTask,
 }
 
-const NAMES: [&str; 7] = [
+const NAMES: [&str; 10] = [
     "park",
     "wake",
     "spawn",
@@ -32,6 +35,9 @@ const NAMES: [&str; 7] = [
     "unpark",
     "rt-ebpf-trace",
     "woken, not polled before the end",
+    "wake (driver)",
+    "wake (thread)",
+    "wake (task)",
 ];
 
 /// Task type names are interned from here on.
@@ -40,14 +46,13 @@ const FIRST_DYNAMIC_NAME: u64 = 64;
 #[derive(Clone, Copy)]
 pub enum Category {
     Blocking = 1,
-    Wake,
     Spawn,
     TaskEnd,
     Unpark,
     Tracer,
 }
 
-const CATEGORIES: [&str; 6] = ["blocking", "wake", "spawn", "task_end", "unpark", "tracer"];
+const CATEGORIES: [&str; 5] = ["blocking", "spawn", "task_end", "unpark", "tracer"];
 
 /// Debug annotation names with fixed iids.
 #[derive(Clone, Copy)]
@@ -58,7 +63,6 @@ pub enum Note {
     AwaitStack,
     Truncated,
     EndLost,
-    Waker,
     WakerTaskId,
     SpawnerTaskId,
     CallSite,
@@ -73,14 +77,13 @@ pub enum Note {
     Header,
 }
 
-const NOTES: [&str; 19] = [
+const NOTES: [&str; 18] = [
     "task_id",
     "task_type",
     "waits_at",
     "await_stack",
     "truncated",
     "end_lost",
-    "waker",
     "waker_task_id",
     "spawner_task_id",
     "call_site",
@@ -129,8 +132,9 @@ pub struct Sequence {
     next_name: u64,
     /// `debug_annotation_string_values`, by text.
     strings: HashMap<String, u64>,
-    /// By await chain: interned `waits_at` and `await_stack`.
-    awaits: HashMap<u32, (u64, u64)>,
+    /// By await chain (and, for a future inlined into the harness, the
+    /// task's site, which names it): interned `waits_at` and `await_stack`.
+    awaits: HashMap<(u32, u32), (u64, u64)>,
     notes: HashMap<String, u64>,
 }
 
@@ -247,16 +251,28 @@ impl Sequence {
         &mut self,
         i: &mut Encoder,
         symbols: &Symbols,
+        types: &TaskTypes,
+        site: u32,
         task_id: u64,
         key: u64,
     ) -> Option<(u64, u64)> {
         let (index, point) = symbols.await_point(task_id, key)?;
-        if let Some(&known) = self.awaits.get(&index) {
+        let cache_key = (
+            index,
+            if point.inlined_into_harness {
+                site
+            } else {
+                u32::MAX
+            },
+        );
+        if let Some(&known) = self.awaits.get(&cache_key) {
             return Some(known);
         }
-        let waits_at = self.string_value(i, point.waits_at());
-        let stack = self.string_value(i, &point.chain.join("\n"));
-        self.awaits.insert(index, (waits_at, stack));
+        let task_type = types.full_name(Some(site));
+        let waits_at = point.waits_at(task_type)?;
+        let waits_at = self.string_value(i, &waits_at);
+        let stack = self.string_value(i, &point.stack(task_type).join("\n"));
+        self.awaits.insert(cache_key, (waits_at, stack));
         Some((waits_at, stack))
     }
 
@@ -289,4 +305,28 @@ fn entry(i: &mut Encoder, field: u32, iid: u64, text: &str) {
     i.varint(interned::IID, iid);
     i.string(interned::NAME, text);
     i.end();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The fixed iids index the name tables (iids start at 1).
+    #[test]
+    fn fixed_iids_name_the_right_strings() {
+        let name = |iid: u64| NAMES[iid as usize - 1];
+        assert_eq!(name(Name::Park.iid()), "park");
+        assert_eq!(name(Name::WakeByTask.iid()), "wake (task)");
+        assert_eq!(NAMES.len() as u64, Name::WakeByTask.iid());
+        assert_eq!(CATEGORIES[Category::Tracer.iid() as usize - 1], "tracer");
+        assert_eq!(CATEGORIES.len() as u64, Category::Tracer.iid());
+        let note = |iid: u64| NOTES[iid as usize - 1];
+        assert_eq!(note(Note::TaskId.iid()), "task_id");
+        assert_eq!(note(Note::EndLost.iid()), "end_lost");
+        assert_eq!(note(Note::WakerTaskId.iid()), "waker_task_id");
+        assert_eq!(note(Note::Header.iid()), "header");
+        assert_eq!(NOTES.len() as u64, Note::Header.iid());
+        assert!(FIRST_DYNAMIC_NAME > NAMES.len() as u64);
+        assert!(FIRST_DYNAMIC_NOTE > NOTES.len() as u64);
+    }
 }

@@ -90,6 +90,7 @@ fn info() -> TraceInfo {
     await_points.insert((1, 77), 0);
     let await_chains = vec![AwaitPoint {
         chain: vec!["inner (main.rs:3)".into(), "outer (main.rs:9)".into()],
+        inlined_into_harness: false,
     }];
     TraceInfo {
         pid: 42,

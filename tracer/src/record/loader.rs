@@ -122,6 +122,13 @@ pub fn load(plan: &ProbePlan, target_pid: u32, settings: &Settings) -> Result<Lo
 impl LoadedProbes {
     /// Attaches the probes of every site of the plan that `probed` asks
     /// for, for `pid` only: `binary` is the file the uprobes are placed in.
+    ///
+    /// A probe the kernel refuses (e.g. `perf_event_open` error 524 on an
+    /// instruction it can neither emulate nor single-step) costs only what
+    /// it traces, with a warning: a poll-end probe at a return site is
+    /// replaced by uretprobes on every poll function, any other probe's
+    /// feature goes missing for that function. Only when no poll probe
+    /// attaches at all is there nothing to trace, and that is an error.
     pub fn attach(
         &mut self,
         plan: &ProbePlan,
@@ -130,14 +137,14 @@ impl LoadedProbes {
         probed: ProbeSet,
     ) -> Result<()> {
         let scope = UProbeScope::OneProcess(NonZeroU32::new(pid).ok_or_else(|| anyhow!("pid 0"))?);
-        let by_uretprobe = !poll_end_at_return_sites(plan);
+        let by_uretprobe = plan.poll_end_uretprobes;
         let mut probes: Vec<(Probe, &str)> = Vec::new();
         for (index, site) in plan.sites.iter().enumerate() {
             for probe in probes_for(site, index as u64, probed, by_uretprobe) {
                 probes.push((probe, &site.symbol));
             }
         }
-        if !by_uretprobe {
+        if !plan.poll_returns.is_empty() {
             for (index, returned) in plan.poll_returns.iter().enumerate() {
                 let probe = Probe {
                     program: POLL_RETURNED,
@@ -147,32 +154,70 @@ impl LoadedProbes {
                 probes.push((probe, &returned.function));
             }
         }
-        for (
-            Probe {
-                program: name,
-                offset,
-                cookie,
-            },
-            function,
-        ) in probes
-        {
-            let point = UProbeAttachPoint {
-                location: UProbeAttachLocation::AbsoluteOffset(offset),
-                cookie: Some(cookie),
-            };
-            let link = program(&mut self.ebpf, name)?
-                .attach(point, binary, scope)
-                .with_context(|| {
-                    format!(
-                        "could not attach {name} to {function} at file offset {offset:#x} in {}",
-                        binary.display()
-                    )
-                })?;
-            log::debug!(
-                "attached {name} to {function} at file offset {offset:#x} (cookie {cookie:#x})"
-            );
-            self.links.push((name, link));
+        let mut return_site_failed = false;
+        let mut polls_attached = 0;
+        for (probe, function) in probes {
+            match self.attach_one(&probe, function, binary, scope) {
+                Ok(()) => polls_attached += usize::from(probe.program == POLL_START),
+                Err(err) if probe.program == POLL_RETURNED => {
+                    log::warn!("{err:#}: poll ends there are traced by return probes instead");
+                    return_site_failed = true;
+                }
+                Err(err) => log::warn!("{err:#}: {}", what_goes_missing(probe.program)),
+            }
         }
+        if polls_attached == 0 {
+            return Err(anyhow!(
+                "the kernel refused every poll probe in {}: nothing can be traced (see the warnings above)",
+                binary.display()
+            ));
+        }
+        if return_site_failed && !by_uretprobe {
+            for (index, site) in plan.sites.iter().enumerate() {
+                if site.kind != SiteKind::Poll {
+                    continue;
+                }
+                let probe = Probe {
+                    program: POLL_END,
+                    offset: site.file_offset,
+                    cookie: index as u64,
+                };
+                if let Err(err) = self.attach_one(&probe, &site.symbol, binary, scope) {
+                    log::warn!("{err:#}: {}", what_goes_missing(POLL_END));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn attach_one(
+        &mut self,
+        probe: &Probe,
+        function: &str,
+        binary: &Path,
+        scope: UProbeScope,
+    ) -> Result<()> {
+        let &Probe {
+            program: name,
+            offset,
+            cookie,
+        } = probe;
+        let point = UProbeAttachPoint {
+            location: UProbeAttachLocation::AbsoluteOffset(offset),
+            cookie: Some(cookie),
+        };
+        let link = program(&mut self.ebpf, name)?
+            .attach(point, binary, scope)
+            .with_context(|| {
+                format!(
+                    "could not attach {name} to {function} at file offset {offset:#x} in {}",
+                    binary.display()
+                )
+            })?;
+        log::debug!(
+            "attached {name} to {function} at file offset {offset:#x} (cookie {cookie:#x})"
+        );
+        self.links.push((name, link));
         Ok(())
     }
 
@@ -402,10 +447,23 @@ fn probes_for(site: &ProbeSite, index: u64, probed: ProbeSet, poll_uretprobe: bo
     }
 }
 
-/// Poll ends are probed at the instructions `raw::poll` returns to when
-/// tracer-probes found them (cheaper than a uretprobe), else by uretprobes.
+/// Poll ends are probed only at the instructions `raw::poll` returns to
+/// when tracer-probes found them for every scheduler (cheaper than a
+/// uretprobe); otherwise uretprobes end them (the return sites too, where
+/// found: whichever fires first ends the poll).
 fn poll_end_at_return_sites(plan: &ProbePlan) -> bool {
-    !plan.poll_returns.is_empty()
+    !plan.poll_end_uretprobes
+}
+
+/// What a probe of `program` that could not be attached leaves out.
+fn what_goes_missing(program: &str) -> &'static str {
+    match program {
+        POLL_START => "this task type's polls will be missing",
+        POLL_END => "this task type's polls end only when the task is polled again",
+        PARK_START | PARK_END => "parks of this scheduler will be missing",
+        AWAIT_POINT => "where tasks wait (waits_at) will be missing",
+        _ => "these scheduler events will be missing",
+    }
 }
 
 /// The event a scheduler-event site reports (None for the other kinds).

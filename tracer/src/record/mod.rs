@@ -8,6 +8,7 @@
 //! symbolize the stacks ([`stacks`]) and render the trace from the spill
 //! file in one pass ([`sink`]) into the output ([`trace_file`]).
 
+mod await_chain;
 pub mod detach;
 pub mod drain;
 pub mod launch;

@@ -181,7 +181,7 @@ pub async fn record(options: RecordOptions) -> Result<Outcome> {
 
     let mut recorder = Recorder::new(target.pid, spill);
     let mut status = StatusLine::new();
-    let mut size = SizeWatch::new(options.max_size);
+    let mut size = SizeWatch::new(options.max_size, trace_file.format().bytes_per_event());
     let mut status_tick = tokio::time::interval(Duration::from_millis(500));
     // The probes don't wake the tracer (that would cost the target an
     // interrupt per event): it drains on this tick. A backlog is drained in

@@ -11,6 +11,7 @@
 use std::collections::{HashMap, HashSet};
 use std::io::Write;
 
+use super::await_chain::{described_chain, reaches_harness, spawned_at};
 use anyhow::{Context, Result};
 use tracer_common::{STACK_HEADER_SIZE, StackHeader, StackKind};
 use tracer_symbolize::{CapturedStack, Frame, ProcessMaps, Symbolizer, Unwinder};
@@ -241,14 +242,16 @@ impl StackTable {
         let mut await_points = HashMap::new();
         for (&key, &id) in &self.await_stacks {
             let index = *chain_of_stack.entry(id).or_insert_with(|| {
-                let chain: Vec<String> = await_chain(stacks.get(id as usize)?)
-                    .into_iter()
-                    .map(SymbolFrame::describe)
-                    .collect();
-                if chain.is_empty() {
+                let frames = stacks.get(id as usize)?;
+                let chain = described_chain(frames);
+                let inlined_into_harness = chain.is_empty() && reaches_harness(frames);
+                if chain.is_empty() && !inlined_into_harness {
                     return None;
                 }
-                await_chains.push(AwaitPoint { chain });
+                await_chains.push(AwaitPoint {
+                    chain,
+                    inlined_into_harness,
+                });
                 Some(await_chains.len() as u32 - 1)
             });
             if let Some(index) = index {
@@ -316,65 +319,6 @@ pub fn write_folded(
     Ok(())
 }
 
-/// The frames of an await stack that say where the task waits: from the
-/// innermost frame of the program's own code (tokio's and the standard
-/// library's frames of the waker registration trimmed off the top) out to
-/// the task's future (tokio's harness and scheduler trimmed off the bottom).
-fn await_chain(frames: &[SymbolFrame]) -> Vec<&SymbolFrame> {
-    let is_runtime_or_std = |frame: &&SymbolFrame| is_library_frame(frame);
-    let mut chain: Vec<&SymbolFrame> = frames.iter().skip_while(is_runtime_or_std).collect();
-    if let Some(harness) = chain.iter().position(|frame| is_task_harness(frame)) {
-        chain.truncate(harness);
-    }
-    chain
-}
-
-/// Where a spawn was called: the innermost frame of the program's own code
-/// at the spawn function's return address (tokio's `spawn` →
-/// `spawn_inner` → `Handle::spawn` are often inlined there; their frames
-/// are skipped), else the outermost frame there.
-fn spawned_at(frames: &[SymbolFrame]) -> Option<String> {
-    frames
-        .iter()
-        .find(|frame| !is_library_frame(frame))
-        .or(frames.last())
-        .map(SymbolFrame::describe)
-}
-
-/// tokio's task harness, where a task's poll starts (`raw::poll`,
-/// `Harness::poll`, `Core::poll`…): the bottom of the task's own stack.
-fn is_task_harness(frame: &SymbolFrame) -> bool {
-    let in_task_module = |path: &str| path.contains("tokio") && path.contains("/runtime/task/");
-    frame
-        .function
-        .as_deref()
-        .is_some_and(|f| f.contains("tokio::runtime::task::"))
-        || frame.file.as_deref().is_some_and(in_task_module)
-}
-
-/// A frame of code that is not the program's own: by its source file (a
-/// crate from the cargo registry, or the standard library, whose paths are
-/// `/rustc/<hash>/library/…`) when debug info gives one, else by its path.
-fn is_library_frame(frame: &SymbolFrame) -> bool {
-    match (&frame.file, &frame.function) {
-        (Some(file), _) => {
-            file.contains("/.cargo/registry/")
-                || file.starts_with("/rustc/")
-                || file.contains("/library/")
-        }
-        (None, Some(function)) => is_library_function(function),
-        (None, None) => true,
-    }
-}
-
-/// By path: tokio, the standard library, and the trait-impl forms of their
-/// paths (`<tokio::… as core::…>::poll`).
-fn is_library_function(function: &str) -> bool {
-    const LIBRARIES: [&str; 5] = ["tokio::", "core::", "std::", "alloc::", "futures"];
-    let path = function.trim_start_matches('<');
-    LIBRARIES.iter().any(|library| path.starts_with(library))
-}
-
 /// A frame name for the folded format: no spaces or semicolons.
 fn folded_name(frame: &SymbolFrame) -> String {
     frame.function_name().replace([' ', ';'], "_")
@@ -438,93 +382,6 @@ mod tests {
             inlined: true,
             module: "/app".to_string(),
         }
-    }
-
-    /// A frame without debug info: named from the symbol table only.
-    fn symbol_only(function: &str) -> SymbolFrame {
-        SymbolFrame {
-            file: None,
-            line: None,
-            inlined: false,
-            ..frame(function, 0)
-        }
-    }
-
-    #[test]
-    fn a_spawn_is_placed_at_the_programs_own_frame() {
-        let tokio = |function: &str| SymbolFrame {
-            file: Some("/root/.cargo/registry/src/x/tokio-1.54.1/src/task/spawn.rs".into()),
-            ..frame(function, 168)
-        };
-        // tokio's spawn path inlined into the caller, innermost first.
-        let frames = [
-            tokio("tokio::runtime::handle::Handle::spawn"),
-            tokio("tokio::task::spawn::spawn_inner"),
-            tokio("tokio::task::spawn::spawn"),
-            frame("app::main::{{closure}}", 12),
-            frame("app::main", 10),
-        ];
-        assert_eq!(
-            spawned_at(&frames).as_deref(),
-            Some("app::main::{{closure}} (main.rs:12)")
-        );
-        // Not inlined: the address is inside tokio; say so rather than nothing.
-        assert_eq!(
-            spawned_at(&frames[..1]).as_deref(),
-            Some("tokio::runtime::handle::Handle::spawn (spawn.rs:168)")
-        );
-        assert_eq!(spawned_at(&[]), None);
-    }
-
-    #[test]
-    fn await_chain_keeps_the_programs_frames_between_waker_and_harness() {
-        let frames = [
-            symbol_only("tokio::runtime::task::waker::clone_waker"),
-            symbol_only("<tokio::sync::notify::Notified as core::future::future::Future>::poll"),
-            frame("app::middle::{{closure}}", 30),
-            frame("app::outer::{{closure}}", 20),
-            symbol_only("tokio::runtime::task::core::Core<T,S>::poll"),
-            symbol_only("tokio::runtime::task::raw::poll"),
-        ];
-        let chain: Vec<String> = await_chain(&frames)
-            .into_iter()
-            .map(SymbolFrame::describe)
-            .collect();
-        assert_eq!(
-            chain,
-            [
-                "app::middle::{{closure}} (main.rs:30)",
-                "app::outer::{{closure}} (main.rs:20)"
-            ]
-        );
-    }
-
-    #[test]
-    fn library_frames_are_recognised_by_their_source_file() {
-        let mut std_frame = frame("clone", 619);
-        std_frame.file = Some("/rustc/59807616e1fa/library/core/src/task/wake.rs".into());
-        let mut tokio_frame = frame("defer", 25);
-        tokio_frame.file = Some(
-            "/root/.cargo/registry/src/index.crates.io-1949/tokio-1.54.1/src/runtime/defer.rs"
-                .into(),
-        );
-        let mut harness = frame("poll_inner<app::outer::{async_fn_env#0}>", 3);
-        harness.file = Some("/root/.cargo/registry/src/index.crates.io-1949/tokio-1.54.1/src/runtime/task/harness.rs".into());
-        let frames = [std_frame, tokio_frame, frame("outer", 20), harness];
-        let chain: Vec<String> = await_chain(&frames)
-            .into_iter()
-            .map(SymbolFrame::describe)
-            .collect();
-        assert_eq!(chain, ["outer (main.rs:20)"]);
-    }
-
-    #[test]
-    fn library_functions_are_recognised_in_impl_form() {
-        assert!(is_library_function(
-            "<tokio::time::Sleep as core::future::Future>::poll"
-        ));
-        assert!(is_library_function("std::thread::sleep"));
-        assert!(!is_library_function("my_app::handler::{{closure}}"));
     }
 
     #[test]
