@@ -121,6 +121,18 @@ fn is_library_function(function: &str) -> bool {
     LIBRARIES.iter().any(|library| path.starts_with(library))
 }
 
+/// Where a spawn was called: the innermost frame of the program's own code
+/// at the spawn function's return address (tokio's `spawn` →
+/// `spawn_inner` → `Handle::spawn` are often inlined there; their frames
+/// are skipped), else the outermost frame there.
+pub(super) fn spawned_at(frames: &[Frame]) -> Option<String> {
+    frames
+        .iter()
+        .find(|frame| !is_library_frame(frame))
+        .or(frames.last())
+        .map(Frame::describe)
+}
+
 /// "function (file:line)", or as much of it as is known.
 pub(super) fn describe(frame: &Frame) -> String {
     frame.describe()
@@ -149,6 +161,32 @@ mod tests {
             inlined: false,
             ..frame(function, 0)
         }
+    }
+
+    #[test]
+    fn a_spawn_is_placed_at_the_programs_own_frame() {
+        let tokio = |function: &str| Frame {
+            file: Some("/root/.cargo/registry/src/x/tokio-1.54.1/src/task/spawn.rs".into()),
+            ..frame(function, 168)
+        };
+        // tokio's spawn path inlined into the caller, innermost first.
+        let frames = [
+            tokio("tokio::runtime::handle::Handle::spawn"),
+            tokio("tokio::task::spawn::spawn_inner"),
+            tokio("tokio::task::spawn::spawn"),
+            frame("app::main::{{closure}}", 12),
+            frame("app::main", 10),
+        ];
+        assert_eq!(
+            spawned_at(&frames).as_deref(),
+            Some("app::main::{{closure}} (main.rs:12)")
+        );
+        // Not inlined: the address is inside tokio; say so rather than nothing.
+        assert_eq!(
+            spawned_at(&frames[..1]).as_deref(),
+            Some("tokio::runtime::handle::Handle::spawn (spawn.rs:168)")
+        );
+        assert_eq!(spawned_at(&[]), None);
     }
 
     #[test]

@@ -11,7 +11,7 @@
 use std::collections::{HashMap, HashSet};
 use std::io::Write;
 
-use super::await_chain::{described_chain, is_library_frame, reaches_harness};
+use super::await_chain::{described_chain, reaches_harness, spawned_at};
 use anyhow::{Context, Result};
 use tracer_common::{STACK_HEADER_SIZE, StackHeader, StackKind};
 use tracer_symbolize::{CapturedStack, Frame, ProcessMaps, Symbolizer, Unwinder};
@@ -319,18 +319,6 @@ pub fn write_folded(
     Ok(())
 }
 
-/// Where a spawn was called: the innermost frame of the program's own code
-/// at the spawn function's return address (tokio's `spawn` →
-/// `spawn_inner` → `Handle::spawn` are often inlined there; their frames
-/// are skipped), else the outermost frame there.
-fn spawned_at(frames: &[SymbolFrame]) -> Option<String> {
-    frames
-        .iter()
-        .find(|frame| !is_library_frame(frame))
-        .or(frames.last())
-        .map(SymbolFrame::describe)
-}
-
 /// A frame name for the folded format: no spaces or semicolons.
 fn folded_name(frame: &SymbolFrame) -> String {
     frame.function_name().replace([' ', ';'], "_")
@@ -394,32 +382,6 @@ mod tests {
             inlined: true,
             module: "/app".to_string(),
         }
-    }
-
-    #[test]
-    fn a_spawn_is_placed_at_the_programs_own_frame() {
-        let tokio = |function: &str| SymbolFrame {
-            file: Some("/root/.cargo/registry/src/x/tokio-1.54.1/src/task/spawn.rs".into()),
-            ..frame(function, 168)
-        };
-        // tokio's spawn path inlined into the caller, innermost first.
-        let frames = [
-            tokio("tokio::runtime::handle::Handle::spawn"),
-            tokio("tokio::task::spawn::spawn_inner"),
-            tokio("tokio::task::spawn::spawn"),
-            frame("app::main::{{closure}}", 12),
-            frame("app::main", 10),
-        ];
-        assert_eq!(
-            spawned_at(&frames).as_deref(),
-            Some("app::main::{{closure}} (main.rs:12)")
-        );
-        // Not inlined: the address is inside tokio; say so rather than nothing.
-        assert_eq!(
-            spawned_at(&frames[..1]).as_deref(),
-            Some("tokio::runtime::handle::Handle::spawn (spawn.rs:168)")
-        );
-        assert_eq!(spawned_at(&[]), None);
     }
 
     #[test]
