@@ -197,7 +197,9 @@ fn every_spawned_task_has_a_spawn_and_an_end() {
 /// the `tokio::spawn` line of spawner.rs.
 #[test]
 fn spawns_record_their_call_site() {
-    const TASKS: usize = 20;
+    // Enough that the program is still running when the tracer first drains
+    // its spawns and reads its maps (a short-lived one may be gone by then).
+    const TASKS: usize = 2000;
     let profile = Profile::ReleaseDebug;
     let (trace, _) = trace_command("spawner", profile, &[&TASKS.to_string()]);
     let call_sites: BTreeSet<u64> = events_with(&trace, "i", "spawn")

@@ -99,11 +99,16 @@ impl StackTable {
 
     /// Notes a spawn's call site, to be symbolized with the stacks.
     pub fn add_call_site(&mut self, address: u64) {
-        if address == 0 || !self.call_sites.insert(address) {
+        if address == 0 {
             return;
         }
+        self.call_sites.insert(address);
         if self.call_site_maps.is_none() && self.unwinding.is_none() {
-            self.call_site_maps = std::fs::read_to_string(format!("/proc/{}/maps", self.pid)).ok();
+            // A process that has already exited (a zombie) has empty maps:
+            // try again at the next spawn.
+            self.call_site_maps = std::fs::read_to_string(format!("/proc/{}/maps", self.pid))
+                .ok()
+                .filter(|maps| !maps.is_empty());
         }
     }
 
