@@ -263,6 +263,19 @@ fn parse_stack_size(text: &str) -> Result<u32, String> {
 
 /// Parses a file size: "500M", "2G", "1048576", 64K to 1T.
 fn parse_max_size(text: &str) -> Result<u64, String> {
+    match parse_bytes(text, "500M or 2G", true)? {
+        Some(bytes) if (64 << 10..=1 << 40).contains(&bytes) => Ok(bytes),
+        _ => Err(format!(
+            "the size must be between 64K and 1T, not {}",
+            text.trim()
+        )),
+    }
+}
+
+/// Parses a number of bytes with an optional unit (B, K, M, G and, where
+/// `terabytes`, T; KB and KiB alike mean 1024): `None` when it overflows.
+/// `example` is shown when `text` is not a size at all.
+fn parse_bytes(text: &str, example: &str, terabytes: bool) -> Result<Option<u64>, String> {
     let text = text.trim();
     let digits_end = text
         .find(|c: char| !c.is_ascii_digit())
@@ -270,19 +283,23 @@ fn parse_max_size(text: &str) -> Result<u64, String> {
     let (number, unit) = text.split_at(digits_end);
     let number: u64 = number
         .parse()
-        .map_err(|_| format!("'{text}' is not a size (try 500M or 2G)"))?;
+        .map_err(|_| format!("'{text}' is not a size (try {example})"))?;
     let multiplier: u64 = match unit.trim().to_ascii_lowercase().as_str() {
         "" | "b" => 1,
         "k" | "kb" | "kib" => 1 << 10,
         "m" | "mb" | "mib" => 1 << 20,
         "g" | "gb" | "gib" => 1 << 30,
-        "t" | "tb" | "tib" => 1 << 40,
-        other => return Err(format!("unknown size unit '{other}' (use K, M, G or T)")),
+        "t" | "tb" | "tib" if terabytes => 1 << 40,
+        other => {
+            let units = if terabytes {
+                "K, M, G or T"
+            } else {
+                "K, M or G"
+            };
+            return Err(format!("unknown size unit '{other}' (use {units})"));
+        }
     };
-    match number.checked_mul(multiplier) {
-        Some(bytes) if (64 << 10..=1 << 40).contains(&bytes) => Ok(bytes),
-        _ => Err(format!("the size must be between 64K and 1T, not {text}")),
-    }
+    Ok(number.checked_mul(multiplier))
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -318,28 +335,14 @@ fn parse_duration(text: &str) -> Result<Duration, String> {
 /// Parses "16M", "64MiB", "1048576" into a power-of-two byte count that the
 /// kernel accepts for a BPF ring buffer.
 pub fn parse_ring_size(text: &str) -> Result<u32, String> {
-    let text = text.trim();
-    let digits_end = text
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(text.len());
-    let (number, unit) = text.split_at(digits_end);
-    let number: u64 = number
-        .parse()
-        .map_err(|_| format!("'{text}' is not a size (try 16M)"))?;
-    let multiplier: u64 = match unit.trim().to_ascii_lowercase().as_str() {
-        "" | "b" => 1,
-        "k" | "kb" | "kib" => 1 << 10,
-        "m" | "mb" | "mib" => 1 << 20,
-        "g" | "gb" | "gib" => 1 << 30,
-        other => return Err(format!("unknown size unit '{other}' (use K, M or G)")),
-    };
-    let bytes = number.saturating_mul(multiplier).next_power_of_two();
-    if !(64 << 10..=1 << 30).contains(&bytes) {
-        return Err(format!(
-            "ring buffer size must be between 64K and 1G, not {text}"
-        ));
+    let bytes = parse_bytes(text, "16M", false)?.and_then(u64::checked_next_power_of_two);
+    match bytes {
+        Some(bytes) if (64 << 10..=1 << 30).contains(&bytes) => Ok(bytes as u32),
+        _ => Err(format!(
+            "ring buffer size must be between 64K and 1G, not {}",
+            text.trim()
+        )),
     }
-    Ok(bytes as u32)
 }
 
 #[cfg(test)]
