@@ -36,7 +36,7 @@ pub(super) fn await_chain(frames: &[Frame]) -> Vec<&Frame> {
 /// type (`poll<app::handler::{async_fn_env#0}, …>`).
 pub(super) fn described_chain(frames: &[Frame]) -> Vec<String> {
     let chain = await_chain(frames);
-    let mut described: Vec<String> = chain.iter().map(|frame| describe(frame)).collect();
+    let mut described: Vec<String> = chain.iter().map(|frame| frame.describe()).collect();
     if let (Some(last), Some(harness)) = (described.last_mut(), first_harness(frames))
         && last.starts_with('{')
         && let Some(path) = frames[harness]
@@ -133,16 +133,12 @@ pub(super) fn spawned_at(frames: &[Frame]) -> Option<String> {
         .map(Frame::describe)
 }
 
-/// "function (file:line)", or as much of it as is known.
-pub(super) fn describe(frame: &Frame) -> String {
-    frame.describe()
-}
-
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
 
-    fn frame(function: &str, line: u32) -> Frame {
+    /// A frame of the program's own code, with line tables.
+    pub(in crate::record) fn frame(function: &str, line: u32) -> Frame {
         Frame {
             address: 0x1000,
             function: Some(function.to_string()),
@@ -199,7 +195,10 @@ mod tests {
             symbol_only("tokio::runtime::task::core::Core<T,S>::poll"),
             symbol_only("tokio::runtime::task::raw::poll"),
         ];
-        let chain: Vec<String> = await_chain(&frames).into_iter().map(describe).collect();
+        let chain: Vec<String> = await_chain(&frames)
+            .into_iter()
+            .map(Frame::describe)
+            .collect();
         assert_eq!(
             chain,
             [
@@ -221,7 +220,10 @@ mod tests {
         let mut harness = frame("poll_inner<app::outer::{async_fn_env#0}>", 3);
         harness.file = Some("/root/.cargo/registry/src/index.crates.io-1949/tokio-1.54.1/src/runtime/task/harness.rs".into());
         let frames = [std_frame, tokio_frame, frame("outer", 20), harness];
-        let chain: Vec<String> = await_chain(&frames).into_iter().map(describe).collect();
+        let chain: Vec<String> = await_chain(&frames)
+            .into_iter()
+            .map(Frame::describe)
+            .collect();
         assert_eq!(chain, ["outer (main.rs:20)"]);
     }
 
@@ -254,7 +256,10 @@ mod tests {
             frame("app::outer::{{closure}}", 20),
             symbol_only("tokio::runtime::task::raw::poll"),
         ];
-        let chain: Vec<String> = await_chain(&join).into_iter().map(describe).collect();
+        let chain: Vec<String> = await_chain(&join)
+            .into_iter()
+            .map(Frame::describe)
+            .collect();
         assert_eq!(chain, ["app::outer::{{closure}} (main.rs:20)"]);
     }
 

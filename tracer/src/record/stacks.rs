@@ -378,16 +378,7 @@ impl Progress {
 mod tests {
     use super::*;
 
-    fn frame(function: &str, line: u32) -> SymbolFrame {
-        SymbolFrame {
-            address: 0x1000,
-            function: Some(function.to_string()),
-            file: Some("/src/app/src/main.rs".to_string()),
-            line: Some(line),
-            inlined: true,
-            module: "/app".to_string(),
-        }
-    }
+    use crate::record::await_chain::tests::frame;
 
     #[test]
     fn folded_names_have_no_separators() {
