@@ -148,15 +148,9 @@ pub async fn record(options: RecordOptions) -> Result<Outcome> {
     log::info!("loaded the eBPF programs in {:?}", loading.elapsed());
     let start_ns = monotonic_ns();
     let attaching = std::time::Instant::now();
-    if let Err(err) = probes.attach(&plan, &target.exe, target.pid, options.mode.probe_set()) {
-        if !target.is_alive() {
-            return Err(anyhow!(
-                "process {} exited while the probes were being attached",
-                target.pid
-            ));
-        }
-        return Err(err);
-    }
+    probes
+        .attach(&plan, &target.exe, target.pid, options.mode.probe_set())
+        .map_err(|err| target.attach_error(err))?;
     log::info!(
         "attached {} probes in {:?}",
         probes.attached(),

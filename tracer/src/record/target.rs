@@ -104,6 +104,19 @@ impl Target {
         Ok(())
     }
 
+    /// An attach failure as the user should hear it: the process exiting
+    /// while the probes went in is the likelier story than the error itself.
+    pub fn attach_error(&self, err: anyhow::Error) -> anyhow::Error {
+        if self.is_alive() {
+            err
+        } else {
+            anyhow::anyhow!(
+                "process {} exited while the probes were being attached",
+                self.pid
+            )
+        }
+    }
+
     pub fn is_alive(&self) -> bool {
         // The pidfd turns readable when the process exits (even before it is reaped).
         let mut poll = libc::pollfd {

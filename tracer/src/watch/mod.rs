@@ -34,7 +34,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use anyhow::{Context, Result, anyhow, bail};
+use anyhow::{Context, Result, bail};
 use tokio::signal::unix::{SignalKind, signal};
 use tracer_common::names::maps as names;
 use tracer_common::watch::{WATCH_EVENT_SIZE, WatchEvent, WatchEventKind, WatchStackKind};
@@ -189,15 +189,9 @@ pub async fn watch(options: WatchOptions) -> Result<WatchOutcome> {
         )
     });
     let attaching = std::time::Instant::now();
-    if let Err(err) = probes.attach(&plan, &target.exe, target.pid, options.sample_hz) {
-        if !target.is_alive() {
-            return Err(anyhow!(
-                "process {} exited while the probes were being attached",
-                target.pid
-            ));
-        }
-        return Err(err);
-    }
+    probes
+        .attach(&plan, &target.exe, target.pid, options.sample_hz)
+        .map_err(|err| target.attach_error(err))?;
     log::info!(
         "attached {} park probes, sched_switch and samplers in {:?}",
         probes.parks,
