@@ -422,6 +422,18 @@ fn a_task_hogging_its_worker_is_flagged() {
         other => other.clone(),
     };
     assert_eq!(&in_trace, &summary["findings"], "{}", trace.metadata());
+
+    // What tracing cost the tracer, as the trace's metadata says it too.
+    let cost = &summary["tracer_cost"];
+    assert!(cost["recording_cpu_ns"].as_u64().unwrap() > 0, "{summary}");
+    for key in [
+        "recording_cpu_ns",
+        "render_ms",
+        "render_cpu_ms",
+        "symbolize_cpu_ms",
+    ] {
+        assert_eq!(cost[key], trace.metadata()[key], "{key}: {summary}");
+    }
 }
 
 #[test]

@@ -43,6 +43,24 @@ pub struct Summary {
     pub trace_bytes: u64,
     /// Tasks, wakes and scheduling delay.
     pub scheduler: SchedulerSummary,
+    /// What recording and rendering cost the tracer itself.
+    pub cost: TracerCost,
+}
+
+/// The tracer's own CPU and time (0 where not measured): for scripts that
+/// watch what tracing costs, and the benchmark's drain rate and rendering
+/// figures.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TracerCost {
+    /// CPU time (user + system, all threads) from the probes' enabling to
+    /// the end of the final drain.
+    pub recording_cpu_ns: u64,
+    /// Wall time of rendering the trace after the stop.
+    pub render_ms: u64,
+    /// CPU time of that rendering, symbolizing included.
+    pub render_cpu_ms: u64,
+    /// CPU time of symbolizing the stacks, the first part of rendering.
+    pub symbolize_cpu_ms: u64,
 }
 
 /// The scheduler's part of the report, with task types already named.
@@ -462,6 +480,7 @@ mod tests {
             output: Some(PathBuf::from("/tmp/out/trace.json")),
             trace_bytes: 4_567_890,
             scheduler: SchedulerSummary::default(),
+            cost: TracerCost::default(),
         }
     }
 

@@ -1,6 +1,7 @@
 //! The summary as JSON (`--summary-json FILE`), for scripts, CI gates and
 //! the benchmark: the figures the text report shows, in plain units (ns,
-//! counts, per-mille), and the findings as [`Finding::to_json`] objects. The
+//! counts, per-mille), the findings as [`Finding::to_json`] objects, and what
+//! recording and rendering cost the tracer (`tracer_cost`). The
 //! text report is for people; this one is for programs, so nothing here is
 //! rounded or formatted.
 
@@ -95,6 +96,12 @@ impl Summary {
             "task_types": task_types,
             "longest_polls": longest_polls,
             "findings": findings,
+            "tracer_cost": {
+                "recording_cpu_ns": self.cost.recording_cpu_ns,
+                "render_ms": self.cost.render_ms,
+                "render_cpu_ms": self.cost.render_cpu_ms,
+                "symbolize_cpu_ms": self.cost.symbolize_cpu_ms,
+            },
         })
     }
 }
@@ -113,7 +120,7 @@ fn delay(histogram: &Histogram) -> Value {
 #[cfg(test)]
 mod tests {
     use crate::findings::HOG_POLL_NS;
-    use crate::summary::{LongPollSummary, SchedulerSummary, Summary, WorkerSummary};
+    use crate::summary::{LongPollSummary, SchedulerSummary, Summary, TracerCost, WorkerSummary};
     use crate::tasks::LongPoll;
     use crate::timeline::ThreadStats;
 
@@ -152,10 +159,20 @@ mod tests {
                 }],
                 ..SchedulerSummary::default()
             },
+            cost: TracerCost {
+                recording_cpu_ns: 1_500_000,
+                render_ms: 7,
+                render_cpu_ms: 6,
+                symbolize_cpu_ms: 2,
+            },
             ..Summary::default()
         };
         let json = summary.to_json();
         assert_eq!(json["events"], 42);
+        assert_eq!(json["tracer_cost"]["recording_cpu_ns"], 1_500_000);
+        assert_eq!(json["tracer_cost"]["render_ms"], 7);
+        assert_eq!(json["tracer_cost"]["render_cpu_ms"], 6);
+        assert_eq!(json["tracer_cost"]["symbolize_cpu_ms"], 2);
         assert_eq!(json["polls"], 20);
         assert_eq!(json["workers"][0]["busy_ns"], 900_000_000);
         let findings = json["findings"].as_array().unwrap();

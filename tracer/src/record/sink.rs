@@ -15,7 +15,7 @@ use serde_json::json;
 use tracer_probes::ProbePlan;
 use tracer_timeline::findings::Finding;
 use tracer_timeline::output::TimelineOutput;
-use tracer_timeline::summary::{SchedulerSummary, Summary, WorkerSummary};
+use tracer_timeline::summary::{SchedulerSummary, Summary, TracerCost, WorkerSummary};
 use tracer_timeline::task_types::{TaskName, TaskTypes};
 use tracer_timeline::timeline::Timeline;
 use tracer_timeline::writer::TraceInfo;
@@ -143,6 +143,12 @@ pub fn render(input: RenderInput, recording: Recording, file: &mut TraceFile) ->
         output: Some(path),
         trace_bytes: 0,
         scheduler: SchedulerSummary::from_timeline(&timeline, &info.types, &info.symbols),
+        cost: TracerCost {
+            recording_cpu_ns: input.recording_cpu_ns,
+            render_ms,
+            render_cpu_ms,
+            symbolize_cpu_ms: symbolize_cpu_ns / 1_000_000,
+        },
     };
     // Findings are decided once, by the summary; the trace carries them too.
     let findings: Vec<serde_json::Value> =
@@ -153,10 +159,10 @@ pub fn render(input: RenderInput, recording: Recording, file: &mut TraceFile) ->
         "binary": input.plan.binary.display().to_string(),
         "tokio_version": input.plan.tokio_version,
         "events": event_count,
-        "recording_cpu_ns": input.recording_cpu_ns,
-        "render_ms": render_ms,
-        "render_cpu_ms": render_cpu_ms,
-        "symbolize_cpu_ms": symbolize_cpu_ns / 1_000_000,
+        "recording_cpu_ns": summary.cost.recording_cpu_ns,
+        "render_ms": summary.cost.render_ms,
+        "render_cpu_ms": summary.cost.render_cpu_ms,
+        "symbolize_cpu_ms": summary.cost.symbolize_cpu_ms,
         "lost_events": counters.lost_events,
         "short_polls_not_recorded": counters.short_polls,
         "kernel_samples_not_shown": counters.kernel_samples,
