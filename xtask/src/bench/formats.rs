@@ -16,7 +16,11 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 
-use super::{Options, build, json_number, sample_peak_rss, trace_metadata, wait_timeout};
+use super::Options;
+use super::proc::{sample_peak_rss, wait_timeout};
+use super::report::write_section;
+use super::tools::{Tools, build};
+use super::tracer::recording_figures;
 use crate::cmd::{self, step};
 
 const START: &str =
@@ -112,23 +116,13 @@ pub(super) fn run(options: &Options) -> Result<()> {
     println!("{table}");
     if !options.no_write {
         let path = cmd::repo_root().join("BENCHMARKS.md");
-        let old = fs::read_to_string(&path).unwrap_or_default();
-        let new = match (old.find(START), old.find(END)) {
-            (Some(start), Some(end)) if start < end => format!(
-                "{}{}{}",
-                &old[..start],
-                table.trim_end(),
-                &old[end + END.len()..]
-            ),
-            _ => format!("{}\n\n{}", old.trim_end(), table),
-        };
-        fs::write(&path, new).with_context(|| format!("writing {}", path.display()))?;
+        write_section(&path, START, END, &table)?;
         eprintln!("results written to {}", path.display());
     }
     Ok(())
 }
 
-fn measure(tools: &super::Tools, run: &Run) -> Result<Figures> {
+fn measure(tools: &Tools, run: &Run) -> Result<Figures> {
     let mut server = Command::new(&tools.http_server)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -142,11 +136,14 @@ fn measure(tools: &super::Tools, run: &Run) -> Result<Figures> {
         .context("the HTTP server did not say where it listens")?
         .to_owned();
     let trace = tools.scratch.join(format!("formats.{}", run.extension));
+    let summary = tools.scratch.join("formats-summary.json");
     let mut tracer = Command::new(&tools.tracer)
         .args(["-v", "--pid", &server.id().to_string(), "--duration"])
         .arg(format!("{}s", run.seconds))
         .arg("-o")
         .arg(&trace)
+        .arg("--summary-json")
+        .arg(&summary)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -183,17 +180,18 @@ fn measure(tools: &super::Tools, run: &Run) -> Result<Figures> {
     if !status.success() {
         bail!("the tracer failed ({status}): {log}");
     }
-    let metadata = trace_metadata(&log).context("no trace metadata in the tracer's log")?;
-    let number = |key: &str| json_number(&metadata, key).unwrap_or(0.0);
+    let (recorded, cost) =
+        recording_figures(&summary).with_context(|| format!("the tracer said: {log}"))?;
     let figures = Figures {
-        events: number("events"),
+        events: recorded.events,
         bytes: fs::metadata(&trace)?.len() as f64,
-        render_ms: number("render_ms"),
-        render_cpu_ms: number("render_cpu_ms"),
-        symbolize_cpu_ms: number("symbolize_cpu_ms"),
-        lost: number("lost_events"),
+        render_ms: cost.render_ms,
+        render_cpu_ms: cost.render_cpu_ms,
+        symbolize_cpu_ms: cost.symbolize_cpu_ms,
+        lost: recorded.lost,
         peak_rss_kib: peak.join().unwrap_or(0.0),
     };
     let _ = fs::remove_file(&trace);
+    let _ = fs::remove_file(&summary);
     Ok(figures)
 }
