@@ -1,6 +1,10 @@
-//! The human table of `rt-ebpf-trace probes`.
+//! The human table of `rt-ebpf-trace probes`: all columns left-aligned,
+//! two spaces apart, laid out by the `tabular` crate (as the summary's
+//! tables are, in tracer-timeline).
 
 use std::io::{self, Write};
+
+use tabular::Row;
 
 use crate::features::{self, FeatureSupport, Support};
 use crate::{Cost, NameSource, ProbePlan, ProbeSite, ReturnSite, SiteKind, TaskArg};
@@ -42,16 +46,20 @@ pub fn write_table(plan: &ProbePlan, out: &mut dyn Write) -> io::Result<()> {
         .map(|site| row(site, uretprobe(plan, site)))
         .chain(plan.poll_returns.iter().map(return_row))
         .collect();
-    let mut widths = HEADERS.map(str::len);
-    for row in &rows {
-        for (width, cell) in widths.iter_mut().zip(row) {
-            *width = (*width).max(cell.chars().count());
-        }
+    let mut table = tabular::Table::new(&["{:<}"; COLUMNS].join("  "));
+    table.add_row(
+        HEADERS
+            .iter()
+            .fold(Row::new(), |row, cell| row.with_cell(cell)),
+    );
+    for cells in &rows {
+        table.add_row(
+            cells
+                .iter()
+                .fold(Row::new(), |row, cell| row.with_cell(cell)),
+        );
     }
-    write_row(out, &HEADERS.map(String::from), &widths)?;
-    for row in &rows {
-        write_row(out, row, &widths)?;
-    }
+    write!(out, "{table}")?;
     writeln!(
         out,
         "{} call site(s) of a task vtable's poll found: poll ends are probed after them",
@@ -163,17 +171,4 @@ fn cost_name(cost: Cost) -> &'static str {
         Cost::Emulated => "emulated",
         Cost::SingleStep => "SINGLE-STEP",
     }
-}
-
-fn write_row(
-    out: &mut dyn Write,
-    cells: &[String; COLUMNS],
-    widths: &[usize; COLUMNS],
-) -> io::Result<()> {
-    let line: Vec<String> = cells
-        .iter()
-        .zip(widths)
-        .map(|(cell, &width)| format!("{cell:<width$}"))
-        .collect();
-    writeln!(out, "{}", line.join("  ").trim_end())
 }
