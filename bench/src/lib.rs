@@ -1,11 +1,13 @@
 //! What the benchmark workloads share: their small command line, the
-//! start signal from the harness, pacing at a fixed offered load, latency
+//! start signal from the harness, the servers' listening and the load
+//! clients' connections, pacing at a fixed offered load, latency
 //! percentiles, and the one result line `cargo xtask bench` parses.
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::future::Future;
 use std::io::{BufRead, Write};
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 /// `--name value` pairs. The workloads take a handful of numbers; a parser
@@ -84,6 +86,70 @@ pub fn wait_for_go() {
     std::io::stdout().flush().ok();
     let mut line = String::new();
     std::io::stdin().lock().read_line(&mut line).ok();
+}
+
+/// A server's start: listens on a free port of 127.0.0.1, prints `ready
+/// ADDRESS`, and runs `accept_loop` on a `workers` runtime until killed.
+/// The accept loop is a task of its own, as in a real server, so its polls
+/// are traced like the connections'.
+pub fn serve<F, Fut>(workers: usize, accept_loop: F)
+where
+    F: FnOnce(tokio::net::TcpListener) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    runtime(workers).block_on(async {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .unwrap_or_else(|err| fail(&format!("cannot listen on 127.0.0.1: {err}")));
+        let address = listener
+            .local_addr()
+            .expect("a bound socket has an address");
+        println!("ready {address}");
+        tokio::spawn(accept_loop(listener))
+            .await
+            .expect("the accept loop does not panic");
+    });
+}
+
+/// A load client's `--address`: a loopback address, nothing else.
+pub fn loopback_address(args: &Args) -> SocketAddr {
+    let address: SocketAddr = args
+        .text("address")
+        .unwrap_or_default()
+        .parse()
+        .unwrap_or_else(|_| fail("give --address 127.0.0.1:PORT"));
+    if !address.ip().is_loopback() {
+        fail("the load client only talks to loopback addresses");
+    }
+    address
+}
+
+/// A load client's run: `connections` connections, the one numbered
+/// `first` sending requests `first`, `first + connections`, … until `end`
+/// (`client(first, end)`), `seconds` long; then the result line. One
+/// thread: the client shares two cores with the server and the tracer.
+pub fn run_clients<F, Fut>(connections: u64, seconds: f64, client: F)
+where
+    F: Fn(u64, Instant) -> Fut,
+    Fut: Future<Output = Latencies> + Send + 'static,
+{
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap_or_else(|err| fail(&format!("cannot build the runtime: {err}")));
+    let (ops, elapsed, mut latencies) = runtime.block_on(async move {
+        let started = Instant::now();
+        let end = started + Duration::from_secs_f64(seconds);
+        let clients: Vec<_> = (0..connections)
+            .map(|first| tokio::spawn(client(first, end)))
+            .collect();
+        let mut latencies = Latencies::default();
+        for client in clients {
+            latencies.merge(client.await.expect("a client does not panic"));
+        }
+        (latencies.len() as u64, started.elapsed(), latencies)
+    });
+    print_result(ops, elapsed, 0, &mut latencies);
 }
 
 /// Latencies in nanoseconds, for percentiles.

@@ -5,7 +5,7 @@
 
 use std::convert::Infallible;
 
-use bench_workloads::{Args, fail, runtime};
+use bench_workloads::{Args, fail, serve};
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::body::Incoming;
@@ -17,21 +17,7 @@ use tokio::net::TcpListener;
 
 fn main() {
     let args = Args::from_env();
-    let runtime = runtime(args.count("workers", 2) as usize);
-    runtime.block_on(async {
-        let listener = TcpListener::bind("127.0.0.1:0")
-            .await
-            .unwrap_or_else(|err| fail(&format!("cannot listen on 127.0.0.1: {err}")));
-        let address = listener
-            .local_addr()
-            .expect("a bound socket has an address");
-        println!("ready {address}");
-        // The accept loop is a task of its own, as in a real server, so its
-        // polls are traced like the connections'.
-        tokio::spawn(accept_loop(listener))
-            .await
-            .expect("the accept loop does not panic");
-    });
+    serve(args.count("workers", 2) as usize, accept_loop);
 }
 
 async fn accept_loop(listener: TcpListener) {

@@ -8,7 +8,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use bench_workloads::{Args, fail, runtime};
+use bench_workloads::{Args, fail};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -16,19 +16,9 @@ type Store = Arc<Mutex<HashMap<Vec<u8>, Vec<u8>>>>;
 
 fn main() {
     let args = Args::from_env();
-    let runtime = runtime(args.count("workers", 2) as usize);
-    runtime.block_on(async {
-        let listener = TcpListener::bind("127.0.0.1:0")
-            .await
-            .unwrap_or_else(|err| fail(&format!("cannot listen on 127.0.0.1: {err}")));
-        let address = listener
-            .local_addr()
-            .expect("a bound socket has an address");
-        println!("ready {address}");
-        let store: Store = Arc::default();
-        tokio::spawn(accept_loop(listener, store))
-            .await
-            .expect("the accept loop does not panic");
+    let store: Store = Arc::default();
+    bench_workloads::serve(args.count("workers", 2) as usize, |listener| {
+        accept_loop(listener, store)
     });
 }
 

@@ -6,9 +6,9 @@
 //! `result ...` line. Refuses any address but loopback.
 
 use std::net::SocketAddr;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use bench_workloads::{Args, Latencies, Schedule, fail, print_result};
+use bench_workloads::{Args, Latencies, Schedule, fail, loopback_address, run_clients};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -16,37 +16,12 @@ const REQUEST: &[u8] = b"GET / HTTP/1.1\r\nHost: bench\r\n\r\n";
 
 fn main() {
     let args = Args::from_env();
-    let address: SocketAddr = args
-        .text("address")
-        .unwrap_or_default()
-        .parse()
-        .unwrap_or_else(|_| fail("give --address 127.0.0.1:PORT"));
-    if !address.ip().is_loopback() {
-        fail("the load client only talks to loopback addresses");
-    }
-    let rate = args.number("rate", 0.0);
-    let seconds = args.number("seconds", 2.0);
+    let address = loopback_address(&args);
+    let schedule = Schedule::new(args.number("rate", 0.0));
     let connections = args.count("connections", 16).max(1);
-
-    // One thread: the client shares two cores with the server and tracer.
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap_or_else(|err| fail(&format!("cannot build the runtime: {err}")));
-    let (ops, elapsed, mut latencies) = runtime.block_on(async move {
-        let schedule = Schedule::new(rate);
-        let started = Instant::now();
-        let end = started + Duration::from_secs_f64(seconds);
-        let clients: Vec<_> = (0..connections)
-            .map(|first| tokio::spawn(client(address, schedule, first, connections, end)))
-            .collect();
-        let mut latencies = Latencies::default();
-        for client in clients {
-            latencies.merge(client.await.expect("a client does not panic"));
-        }
-        (latencies.len() as u64, started.elapsed(), latencies)
+    run_clients(connections, args.number("seconds", 2.0), |first, end| {
+        client(address, schedule, first, connections, end)
     });
-    print_result(ops, elapsed, 0, &mut latencies);
 }
 
 /// One keep-alive connection sending requests `first`, `first + step`, …
