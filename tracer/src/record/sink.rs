@@ -175,8 +175,8 @@ pub fn render(input: RenderInput, recording: Recording, file: &mut TraceFile) ->
         "stack_captures_without_stack": empty_captures,
         "findings": findings,
     });
-    // The same figures for tools reading `-v` (the benchmark), whatever
-    // the trace's format.
+    // The same figures for people reading `-v`, whatever the trace's
+    // format (programs read `--summary-json`).
     log::info!("trace metadata: {metadata}");
     writer.finish(&metadata)?;
     drop(writer);
