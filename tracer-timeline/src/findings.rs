@@ -9,7 +9,8 @@ use std::fmt;
 use serde_json::{Value, json};
 
 use crate::json::task_label;
-use crate::summary::{Summary, human_duration, is_runtime_worker, permille};
+use crate::summary::{Summary, is_runtime_worker};
+use crate::units::{human_duration, permille};
 
 /// A worker doing more than this share of all workers' busy time (in
 /// per-mille) is flagged as an imbalance...

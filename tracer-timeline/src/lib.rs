@@ -31,4 +31,5 @@ pub mod tasks;
 #[cfg(test)]
 mod test_util;
 pub mod timeline;
+pub mod units;
 pub mod writer;
