@@ -82,7 +82,7 @@ pub fn run(options: &Options) -> Result<()> {
         return formats::run(options);
     }
     let tools = tools::build(options)?;
-    let plan = Plan::new(options, &tools)?;
+    let plan = Plan::new(options, &tools.tracer)?;
     if plan.conditions.contains(&Condition::Bpftrace) {
         ensure_tool("bpftrace")?;
     }

@@ -12,7 +12,6 @@ use std::process::Command;
 use anyhow::{Result, bail};
 
 use super::Options;
-use super::tools::Tools;
 use crate::cmd;
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -116,18 +115,16 @@ pub(super) struct Plan {
 }
 
 impl Plan {
-    pub fn new(options: &Options, tools: &Tools) -> Result<Plan> {
+    /// The plan for `options` and the tracer at `tracer` (its modes and
+    /// whether it has `watch`, from its `--help`).
+    pub fn new(options: &Options, tracer: &Path) -> Result<Plan> {
         let runs = options.runs.unwrap_or(if options.quick { 2 } else { 5 });
         if runs == 0 {
             bail!("--runs must be at least 1");
         }
         let mut conditions = vec![Condition::Untraced];
-        conditions.extend(
-            tracer_modes(&tools.tracer)?
-                .into_iter()
-                .map(Condition::Tracer),
-        );
-        if has_watch(&tools.tracer)? {
+        conditions.extend(tracer_modes(tracer)?.into_iter().map(Condition::Tracer));
+        if has_watch(tracer)? {
             conditions.push(Condition::Watch);
         }
         conditions.push(Condition::Bpftrace);
