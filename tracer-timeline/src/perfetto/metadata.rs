@@ -8,9 +8,10 @@ use std::io::Write;
 use anyhow::Result;
 use serde_json::Value;
 
+use super::events::string_note_iid;
 use super::proto::{annotation, event, packet};
 use super::sequence::{Category, Name};
-use super::{PROCESS_UUID, PerfettoWriter, string_note_iid};
+use super::{PROCESS_UUID, PerfettoWriter};
 
 impl<W: Write> PerfettoWriter<'_, W> {
     /// The metadata, as the debug annotations of an instant at the end of
