@@ -406,7 +406,7 @@ pub fn human_duration(ns: u64) -> String {
 }
 
 /// A file size, e.g. "512 B", "3.4 MB" (decimal units, like `ls -h --si`).
-fn human_bytes(bytes: u64) -> String {
+pub fn human_bytes(bytes: u64) -> String {
     const UNITS: [&str; 4] = ["kB", "MB", "GB", "TB"];
     if bytes < 1000 {
         return format!("{bytes} B");

@@ -14,7 +14,7 @@ use anyhow::Result;
 use super::PerfettoWriter;
 use super::proto::{Encoder, annotation, event, packet};
 use super::sequence::{Category, Name, Note, Sequence};
-use crate::output::{Slice, SliceKind, SliceStart, Spawn, TaskEnd, Unpark, Wake, Waker};
+use crate::output::{FlowId, Slice, SliceKind, SliceStart, Spawn, TaskEnd, Unpark, Wake, Waker};
 
 impl<W: Write> PerfettoWriter<'_, W> {
     pub(super) fn slice_start(&mut self, start: &SliceStart) -> Result<()> {
@@ -38,9 +38,11 @@ impl<W: Write> PerfettoWriter<'_, W> {
                 // Its name says it all: no category (two bytes a park).
                 SliceKind::Park => p.varint(event::NAME_IID, Name::Park.iid()),
             }
-            if let Some(flow) = start.woken_by {
-                p.varint(event::TERMINATING_FLOW_IDS_OLD, flow);
-                w.pending_flows.remove(&flow);
+            if let Some(id) = start
+                .woken_by
+                .and_then(|flow| w.flows.end(flow, seq.last_ns()))
+            {
+                p.varint(event::TERMINATING_FLOW_IDS_OLD, id);
             }
             p.end();
             w.end_packet()
@@ -94,13 +96,14 @@ impl<W: Write> PerfettoWriter<'_, W> {
     }
 
     /// An instant on `tid`'s track; `notes` adds its debug annotations.
+    /// `flow`: the flow it starts, and the id of the task it leads to.
     pub(super) fn instant(
         &mut self,
         tid: u32,
         ts_ns: u64,
         name: Name,
         category: Option<Category>,
-        flow: Option<u64>,
+        flow: Option<(FlowId, u64)>,
         notes: impl FnOnce(&mut Encoder, &mut Encoder, &mut Sequence),
     ) -> Result<()> {
         self.with_thread(tid, |w, thread| {
@@ -114,9 +117,9 @@ impl<W: Write> PerfettoWriter<'_, W> {
                 p.varint(event::CATEGORY_IIDS, category.iid());
             }
             notes(&mut w.packet, &mut w.interned, &mut thread.sequence);
-            if let Some(flow) = flow {
-                w.packet.varint(event::FLOW_IDS_OLD, flow);
-                w.pending_flows.insert(flow);
+            if let Some((flow, task_id)) = flow {
+                let id = w.flows.start(flow, thread.sequence.last_ns(), task_id);
+                w.packet.varint(event::FLOW_IDS_OLD, id);
             }
             w.packet.end();
             w.end_packet()
@@ -131,7 +134,7 @@ impl<W: Write> PerfettoWriter<'_, W> {
             spawn.ts_ns,
             Name::Spawn,
             Some(Category::Spawn),
-            Some(spawn.flow),
+            Some((spawn.flow, spawn.task_id)),
             |p, i, seq| {
                 if spawn.task_id != 0 {
                     uint_note(p, Note::TaskId, spawn.task_id);
@@ -165,22 +168,21 @@ impl<W: Write> PerfettoWriter<'_, W> {
                 wake.ts_ns,
                 Name::Wake,
                 None,
-                Some(flow),
+                Some((flow, wake.task_id)),
                 |_, _, _| {},
             );
         }
         // Who woke is in the name (a fixed iid: most wakes on a server are
-        // the I/O driver's, one per request); the woken task's type is on
-        // the poll the flow leads to.
+        // the I/O driver's, one per request); the woken task's id and type
+        // are on the poll the flow leads to (7 bytes a request saved; see
+        // `flows` for a flow that ends elsewhere).
         let name = match wake.waker {
             Waker::Driver => Name::WakeByDriver,
             Waker::Thread => Name::WakeByThread,
             Waker::Task { .. } => Name::WakeByTask,
         };
-        self.instant(wake.tid, wake.ts_ns, name, None, Some(flow), |p, _, _| {
-            if wake.task_id != 0 {
-                uint_note(p, Note::TaskId, wake.task_id);
-            }
+        let flow = Some((flow, wake.task_id));
+        self.instant(wake.tid, wake.ts_ns, name, None, flow, |p, _, _| {
             if let Waker::Task { task_id } = wake.waker
                 && task_id != 0
             {

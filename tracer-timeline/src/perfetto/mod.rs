@@ -58,13 +58,13 @@
 //! clock, `proto` the field numbers and encoder.
 
 mod events;
+mod flows;
 mod metadata;
 mod proto;
 mod samples;
 mod sequence;
 
-use std::collections::{HashMap, HashSet};
-use std::hash::{BuildHasherDefault, Hasher};
+use std::collections::HashMap;
 use std::io::Write;
 
 use anyhow::{Context, Result};
@@ -106,10 +106,8 @@ pub struct PerfettoWriter<'a, W: Write> {
     pending: Vec<u8>,
     next_sequence: u32,
     counters_described: [bool; 3],
-    /// Flows started and not yet ended: a wake whose task was not polled
-    /// again before the end (recording stopped first, or the task ended).
-    /// Hashed by [`FlowHasher`]: a set insert and remove per wake.
-    pending_flows: HashSet<u64, BuildHasherDefault<FlowHasher>>,
+    /// Flows started and not yet ended, and their ids on the wire.
+    flows: flows::Flows,
     /// What the sample sequence has interned of the stacks.
     callstacks: Callstacks,
     packets: u64,
@@ -134,7 +132,7 @@ impl<'a, W: Write> PerfettoWriter<'a, W> {
             pending: Vec::with_capacity(PENDING_BYTES + 4096),
             next_sequence: SAMPLE_SEQUENCE + 1,
             counters_described: [false; 3],
-            pending_flows: HashSet::default(),
+            flows: flows::Flows::default(),
             callstacks: Callstacks::default(),
             packets: 0,
         };
@@ -385,32 +383,6 @@ impl<W: Write> TraceWriter for PerfettoWriter<'_, W> {
         self.metadata(metadata)?;
         self.flush_pending()?;
         self.out.flush().context("writing the trace")
-    }
-}
-
-/// Hashes flow ids (the timeline's sequential `u64`s) by one multiply
-/// instead of std's SipHash (an insert and a remove per wake): the
-/// synthetic render (`tests::render_rate`) went from 160 to 150 ns an event.
-#[derive(Default)]
-struct FlowHasher(u64);
-
-impl Hasher for FlowHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-
-    fn write(&mut self, bytes: &[u8]) {
-        for &byte in bytes {
-            self.write_u64(byte as u64);
-        }
-    }
-
-    fn write_u64(&mut self, value: u64) {
-        // Fibonacci hashing: the high bits (hashbrown's control bytes) and
-        // the low ones (the bucket) both vary with every bit of the id.
-        self.0 = (self.0 ^ value)
-            .wrapping_mul(0x9e37_79b9_7f4a_7c15)
-            .rotate_left(32);
     }
 }
 
