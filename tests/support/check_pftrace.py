@@ -9,7 +9,8 @@ invariants the Perfetto UI relies on are checked:
 
 - every sequence starts with SEQ_INCREMENTAL_STATE_CLEARED;
 - every interned id (event names, categories, annotation names and string
-  values, function names, frames, callstacks, mappings, paths) is defined on
+  values, source locations, function names, frames, callstacks, mappings,
+  paths) is defined on
   its sequence before it is used;
 - timestamps never go back on a sequence (incremental clock deltas are
   resolved against the sequence's clock snapshot);
@@ -190,6 +191,8 @@ def main(path):
                           "source_paths", "mapping_paths"):
                 for entry in getattr(interned, table):
                     seq.tables[table][entry.iid] = entry.str.decode("utf-8", "replace")
+            for location in interned.source_locations:
+                seq.tables["source_locations"][location.iid] = location.function_name
             for mapping in interned.mappings:
                 for pid in mapping.path_string_ids:
                     if pid not in seq.tables["mapping_paths"]:
@@ -285,6 +288,14 @@ def main(path):
                 problems.add(f"{where}: undefined category {iid}")
             categories.append(seq.tables["event_categories"].get(iid, "?"))
         args = {}
+        if event.HasField("source_location_iid"):
+            # A poll's full task type: trace processor's
+            # `source.function_name` arg; the JSON trace's `task_type`.
+            location = seq.tables["source_locations"].get(event.source_location_iid)
+            if location is None:
+                problems.add(f"{where}: undefined source location {event.source_location_iid}")
+            else:
+                args["task_type"] = location
         for note in event.debug_annotations:
             key = seq.tables["debug_annotation_names"].get(note.name_iid)
             if key is None:

@@ -6,7 +6,7 @@
 //! path writes constants; task type names, await points and other strings
 //! are interned on first use.
 
-use std::collections::HashMap;
+use crate::FastMap;
 
 use super::proto::{Encoder, clock, defaults, interned, packet};
 use crate::symbols::Symbols;
@@ -127,13 +127,16 @@ pub struct Sequence {
     /// By probe site: the interned name and full type name (0: not yet).
     task_names: Vec<u64>,
     task_types: Vec<Option<u64>>,
+    /// By probe site: the interned `SourceLocation` naming the full type
+    /// (0: not yet; `u64::MAX`: the site has no full type).
+    task_locations: Vec<u64>,
     next_name: u64,
     /// `debug_annotation_string_values`, by text.
-    strings: HashMap<String, u64>,
+    strings: FastMap<String, u64>,
     /// By await chain (and, for a future inlined into the harness, the
     /// task's site, which names it): the interned `await_stack`.
-    awaits: HashMap<(u32, u32), u64>,
-    notes: HashMap<String, u64>,
+    awaits: FastMap<(u32, u32), u64>,
+    notes: FastMap<String, u64>,
 }
 
 impl Sequence {
@@ -241,6 +244,31 @@ impl Sequence {
             self.task_types[index] = Some(iid);
         }
         self.task_types[index]
+    }
+
+    /// The `SourceLocation` iid whose function name is the full type name
+    /// of tasks of `site`, if named: how a poll carries its full type (see
+    /// `event::SOURCE_LOCATION_IID`). Its iid is the site's index plus one.
+    pub fn task_location(&mut self, i: &mut Encoder, site: u32, types: &TaskTypes) -> Option<u64> {
+        let index = site as usize;
+        if index >= self.task_locations.len() {
+            self.task_locations.resize(index + 1, 0);
+        }
+        if self.task_locations[index] == 0 {
+            self.task_locations[index] = match types.full_name(Some(site)).filter(|f| !f.is_empty())
+            {
+                Some(full) => {
+                    let iid = site as u64 + 1;
+                    i.begin(interned::SOURCE_LOCATIONS);
+                    i.varint(interned::IID, iid);
+                    i.string(interned::SOURCE_LOCATION_FUNCTION_NAME, full);
+                    i.end();
+                    iid
+                }
+                None => u64::MAX,
+            };
+        }
+        Some(self.task_locations[index]).filter(|&iid| iid != u64::MAX)
     }
 
     /// The string iid of task `task_id`'s await stack at `key` (one frame a

@@ -41,6 +41,8 @@ mod thread;
 
 use std::collections::HashMap;
 
+use crate::FastMap;
+
 use tracer_common::{Event, EventKind};
 
 use crate::counters::{CounterSample, RuntimeCounters};
@@ -62,7 +64,7 @@ pub struct Timeline {
     /// in a stable, meaningful order.
     threads: Vec<(u32, ThreadState)>,
     /// tid -> position in `threads`.
-    index_by_tid: HashMap<u32, usize>,
+    index_by_tid: FastMap<u32, usize>,
     tasks: TaskTracker,
     counters: RuntimeCounters,
     unmatched_ends: u64,
@@ -72,7 +74,7 @@ pub struct Timeline {
     thread_comms: HashMap<u32, String>,
     /// The task type (probe site) of each task id seen polled and not ended:
     /// samples carry only the task id.
-    task_sites: HashMap<u64, u32>,
+    task_sites: FastMap<u64, u32>,
     /// Scratch space reused across events.
     ended: Vec<TaskEnd>,
     samples: Vec<CounterSample>,
