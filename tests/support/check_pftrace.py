@@ -12,8 +12,9 @@ invariants the Perfetto UI relies on are checked:
   values, source locations, function names, frames, callstacks, mappings,
   paths) is defined on
   its sequence before it is used;
-- timestamps never go back on a sequence (incremental clock deltas are
-  resolved against the sequence's clock snapshot);
+- timestamps never go back on a sequence (incremental clock deltas, in the
+  clock's `unit_multiplier_ns`, are resolved against the sequence's clock
+  snapshot);
 - slices are balanced on every track (each BEGIN has an END, no END without
   a BEGIN);
 - every flow has both ends (an event in `flow_ids` and one in
@@ -86,7 +87,8 @@ class Sequence:
         self.started = False
         self.clock_id = None  # from trace_packet_defaults
         self.track_uuid = None  # track_event_defaults
-        self.incremental = {}  # clock id -> last value
+        self.incremental = {}  # clock id -> last value (ns)
+        self.units = {}  # clock id -> unit_multiplier_ns
         self.last_ts = None
         self.tables = defaultdict(dict)  # table name -> iid -> value
 
@@ -178,8 +180,10 @@ def main(path):
             if snapshot.HasField("primary_trace_clock"):
                 primary_clock = snapshot.primary_trace_clock
             for clock in snapshot.clocks:
+                unit = clock.unit_multiplier_ns or 1
                 if clock.is_incremental:
-                    seq.incremental[clock.clock_id] = clock.timestamp
+                    seq.incremental[clock.clock_id] = clock.timestamp * unit
+                    seq.units[clock.clock_id] = unit
                 elif clock.clock_id == 3 and trace_start is None:
                     trace_start = clock.timestamp
         if packet.HasField("interned_data"):
@@ -224,7 +228,7 @@ def main(path):
         if packet.HasField("timestamp"):
             clock = packet.timestamp_clock_id if packet.HasField("timestamp_clock_id") else seq.clock_id
             if clock in seq.incremental:
-                seq.incremental[clock] += packet.timestamp
+                seq.incremental[clock] += packet.timestamp * seq.units[clock]
                 ts = seq.incremental[clock]
             elif clock is None or clock == 3:
                 ts = packet.timestamp

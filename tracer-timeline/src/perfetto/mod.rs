@@ -5,14 +5,16 @@
 //! a busy server takes ~300 bytes an event, so a minute of tracing is
 //! gigabytes and more than a browser tab loads. Here strings are interned
 //! once per sequence, slices need no track or pid (a per-sequence default),
-//! and timestamps are deltas on an incremental clock: 24 bytes an event on
-//! the HTTP benchmark flat out, against JSON's 310 (NOTES.md breaks it
-//! down: per request a poll end with its arguments, 29 bytes; the driver's
-//! wake instant, 24; the poll's begin, 18). Flow ids are varints in the
-//! deprecated `flow_ids_old`/`terminating_flow_ids_old` fields, which trace
-//! processor still reads: 5 bytes an end instead of 10 in the fixed64
-//! ones. A poll carries no `waits_at` (the JSON trace's name for the await
-//! stack's first line).
+//! and timestamps are deltas on an incremental clock in 10 ns ticks: ~20
+//! bytes an event on the HTTP benchmark flat out, against JSON's 310
+//! (NOTES.md breaks it down: per request a poll end with its arguments, 27
+//! bytes; the driver's wake instant, 15; the poll's begin, 15). Flow ids
+//! are varints in the deprecated `flow_ids_old`/`terminating_flow_ids_old`
+//! fields, which trace processor still reads, and recycled once their flow
+//! ended (`flows`): 1 byte an id instead of 9 in the fixed64 fields. A poll
+//! carries no `waits_at` (the JSON trace's name for the await stack's first
+//! line), its full type is an interned source location (3 bytes), and a
+//! wake instant does not repeat the woken task's id (its flow's end does).
 //! It also carries what JSON cannot: CPU samples with interned callstacks
 //! (frames with function, file:line, inlined frames and the mapping), which
 //! the UI turns into flamegraphs for an area selection.

@@ -117,10 +117,21 @@ impl Note {
     }
 }
 
+/// The incremental clock's unit. Why not 1 ns: a timestamp is the delta
+/// from the sequence's previous packet, and on the HTTP benchmark flat out
+/// most deltas are 0.2–16 µs, two varint bytes in ns; in 10 ns units a
+/// third of them fit in one: 2.17 → 1.46 bytes a timestamp, 0.7 bytes an
+/// event. 10 ns is far below what a probe costs (~1 µs a poll), so no
+/// slice the trace can tell apart is merged. Perfetto's SDK offers the
+/// same (`timestamp_unit_multiplier`); trace processor multiplies by the
+/// snapshot's `unit_multiplier_ns`.
+pub const TICK_NS: u64 = 10;
+
 #[derive(Default)]
 pub struct Sequence {
     pub id: u32,
-    /// The incremental clock's value: the last timestamp written.
+    /// The incremental clock's value in ns (a multiple of [`TICK_NS`]): the
+    /// last timestamp written.
     last_ns: u64,
     /// Outputs stamped at `last_ns` because they would have gone back in time.
     pub clamped: u64,
@@ -143,7 +154,7 @@ impl Sequence {
     pub fn new(id: u32, start_ns: u64) -> Self {
         Sequence {
             id,
-            last_ns: start_ns,
+            last_ns: start_ns - start_ns % TICK_NS,
             next_name: FIRST_DYNAMIC_NAME,
             ..Sequence::default()
         }
@@ -153,13 +164,15 @@ impl Sequence {
         self.last_ns
     }
 
-    /// The delta to write for an output at `ts_ns`; never negative.
+    /// The delta to write for an output at `ts_ns`, in ticks (the time
+    /// rounded down to a tick); never negative.
     pub fn delta(&mut self, ts_ns: u64) -> u64 {
+        let ts_ns = ts_ns - ts_ns % TICK_NS;
         if ts_ns < self.last_ns {
             self.clamped += 1;
             return 0;
         }
-        let delta = ts_ns - self.last_ns;
+        let delta = (ts_ns - self.last_ns) / TICK_NS;
         self.last_ns = ts_ns;
         delta
     }
@@ -195,9 +208,9 @@ impl Sequence {
         p.end();
         p.begin(clock::CLOCKS);
         p.varint(clock::CLOCK_ID, clock::SEQUENCE_INCREMENTAL);
-        p.varint(clock::TIMESTAMP, self.last_ns);
+        p.varint(clock::TIMESTAMP, self.last_ns / TICK_NS);
         p.bool(clock::IS_INCREMENTAL, true);
-        p.varint(clock::UNIT_MULTIPLIER_NS, 1);
+        p.varint(clock::UNIT_MULTIPLIER_NS, TICK_NS);
         p.end();
         if primary_clock {
             p.varint(clock::PRIMARY_TRACE_CLOCK, clock::MONOTONIC);
