@@ -315,7 +315,7 @@ fn an_event_takes_a_few_bytes() {
     let info = info();
     let proto = bytes_per_event(Format::Perfetto, &info);
     let json = bytes_per_event(Format::Json, &info);
-    assert!(proto < 21.0, "{proto:.1} bytes an event");
+    assert!(proto < 18.0, "{proto:.1} bytes an event");
     assert!(proto * 4.0 < json, "{proto:.1} vs {json:.1} bytes an event");
 }
 
