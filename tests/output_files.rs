@@ -318,3 +318,100 @@ fn max_size_stops_recording_with_a_whole_trace() {
     // The bound is checked against an estimate, between drains.
     assert!(bytes < 4 << 20, "{bytes} bytes for --max-size 2M");
 }
+
+/// `-o t.pftrace -o t.json`: one recording rendered into both formats.
+/// They must tell the same story: the same polls, the same wakes (the
+/// protobuf's wake instants name their task through the flow, which the
+/// checker follows), and the same flows — every JSON flow end is a
+/// protobuf flow end on a thread; the protobuf also ends, on the process
+/// track, the flows JSON leaves open (tasks not polled again).
+#[test]
+fn one_recording_into_both_formats_has_the_same_flows() {
+    require_root();
+    let fixture = Fixture::start("multi_worker", Profile::Release, 600.0);
+    let dir = scratch_dir("both-formats");
+    let (pftrace, json) = (dir.join("t.pftrace"), dir.join("t.json"));
+    let result = run(short_trace(&fixture)
+        .arg("-o")
+        .arg(&pftrace)
+        .arg("-o")
+        .arg(&json));
+    assert!(result.status.success(), "{}", describe(&result));
+    let stdout = String::from_utf8_lossy(&result.stdout);
+    assert!(stdout.contains("also written:"), "{stdout}");
+    let (proto, json) = (Trace::load(&pftrace), Trace::load(&json));
+
+    let count = |trace: &Trace, keep: &dyn Fn(&serde_json::Value) -> bool| {
+        trace.events().iter().filter(|e| keep(e)).count()
+    };
+    let flow_starts = |e: &serde_json::Value| e["ph"] == "s";
+    let flow_ends_on_threads = |e: &serde_json::Value| e["ph"] == "f" && e["tid"] != 0;
+    let starts = count(&json, &flow_starts);
+    assert!(
+        starts > 50,
+        "only {starts} flows in a second of multi_worker"
+    );
+    assert_eq!(count(&proto, &flow_starts), starts, "flow starts");
+    assert_eq!(
+        count(&proto, &flow_ends_on_threads),
+        count(&json, &|e| e["ph"] == "f"),
+        "flow ends at polls"
+    );
+    assert_eq!(proto.polls().len(), json.polls().len(), "polls");
+    assert_eq!(proto.parks().len(), json.parks().len(), "parks");
+
+    // Wakes outside a poll (the timer driver's, here): JSON writes an
+    // instant naming the task; so does the protobuf, the task's id being
+    // put back from the poll its flow ends at. That poll may know an id the
+    // wake did not (JSON writes null then), so JSON's ids are a part of
+    // the protobuf's.
+    let woken = |trace: &Trace| -> Vec<Option<u64>> {
+        let mut ids: Vec<Option<u64>> = trace
+            .events()
+            .iter()
+            .filter(|e| e["ph"] == "i" && e["cat"] == "wake" && e["args"]["waker"].is_string())
+            .map(|e| e["args"]["task_id"].as_u64())
+            .collect();
+        ids.sort_unstable();
+        ids
+    };
+    let (json_woken, mut proto_woken) = (woken(&json), woken(&proto));
+    assert!(json_woken.iter().flatten().count() > 10, "driver wakes");
+    assert_eq!(proto_woken.len(), json_woken.len(), "wake instants");
+    for id in json_woken.iter().filter(|id| id.is_some()) {
+        let at = proto_woken
+            .iter()
+            .position(|proto| proto == id)
+            .unwrap_or_else(|| {
+                panic!("the JSON trace's wake of task {id:?} is not in the protobuf's")
+            });
+        proto_woken.swap_remove(at);
+    }
+    assert_eq!(
+        proto.metadata()["events"],
+        json.metadata()["events"],
+        "one recording"
+    );
+    let mut names = names_in(&dir);
+    names.sort();
+    assert_eq!(names, ["t.json", "t.pftrace"]);
+}
+
+#[test]
+fn the_same_output_twice_is_refused_before_attaching() {
+    require_root();
+    let fixture = Fixture::start("multi_worker", Profile::Release, 600.0);
+    let dir = scratch_dir("output-twice");
+    let output = dir.join("t.pftrace");
+    let result = run(short_trace(&fixture)
+        .arg("-v")
+        .arg("-o")
+        .arg(&output)
+        .arg("-o")
+        .arg(dir.join(".").join("t.pftrace")));
+    let stderr = String::from_utf8_lossy(&result.stderr);
+    assert!(!result.status.success(), "{}", describe(&result));
+    assert!(stderr.contains("given twice"), "{}", describe(&result));
+    assert!(!stderr.contains("attached"), "{}", describe(&result));
+    assert!(names_in(&dir).is_empty());
+}

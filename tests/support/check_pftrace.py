@@ -9,14 +9,23 @@ invariants the Perfetto UI relies on are checked:
 
 - every sequence starts with SEQ_INCREMENTAL_STATE_CLEARED;
 - every interned id (event names, categories, annotation names and string
-  values, function names, frames, callstacks, mappings, paths) is defined on
+  values, source locations, function names, frames, callstacks, mappings,
+  paths) is defined on
   its sequence before it is used;
-- timestamps never go back on a sequence (incremental clock deltas are
-  resolved against the sequence's clock snapshot);
+- timestamps never go back on a sequence (incremental clock deltas, in the
+  clock's `unit_multiplier_ns`, are resolved against the sequence's clock
+  snapshot);
 - slices are balanced on every track (each BEGIN has an END, no END without
   a BEGIN);
 - every flow has both ends (an event in `flow_ids` and one in
-  `terminating_flow_ids`), each once;
+  `terminating_flow_ids`), each once. The writer reuses the id of an ended
+  flow (a smaller varint), so flows are paired in time order as trace
+  processor does: an id starts a flow when none is open under it and the
+  next end closes it; a start under an open id is an error. The output
+  numbers flows 1, 2, … so that ids are unique as in the JSON trace;
+- a wake instant does not name the task it wakes (the poll its flow ends at
+  does): the output puts the ended-at poll's `task_id` back on it, as the
+  JSON trace has it;
 - the process descriptor, and a thread descriptor for every thread track
   used, are present.
 
@@ -78,7 +87,8 @@ class Sequence:
         self.started = False
         self.clock_id = None  # from trace_packet_defaults
         self.track_uuid = None  # track_event_defaults
-        self.incremental = {}  # clock id -> last value
+        self.incremental = {}  # clock id -> last value (ns)
+        self.units = {}  # clock id -> unit_multiplier_ns
         self.last_ts = None
         self.tables = defaultdict(dict)  # table name -> iid -> value
 
@@ -88,6 +98,40 @@ def describe_frame(function, source, line):
         return function
     base = source.rsplit("/", 1)[-1]
     return f"{function} ({base}:{line})" if line else f"{function} ({base})"
+
+
+def pair_flows(flows, problems):
+    """Pairs flow starts and ends in time order (a start before an end at
+    the same time), numbers the pairs 1, 2, … in the output, and puts the
+    woken task's id back on wake instants. Returns the number of flows."""
+    open_flows = {}  # wire id -> (number, start event, owner)
+    count = 0
+    for ts, kind, _, wire, flow_event, owner in sorted(flows, key=lambda f: f[:3]):
+        if kind == 0:
+            if wire in open_flows:
+                problems.add(f"flow id {wire} starts again at {ts} before its flow ended")
+                continue
+            count += 1
+            flow_event["id"] = count
+            open_flows[wire] = (count, flow_event, owner)
+            continue
+        if wire not in open_flows:
+            problems.add(f"flow id {wire} ends at {ts} with no flow open")
+            continue
+        number, _, start_owner = open_flows.pop(wire)
+        flow_event["id"] = number
+        wake = start_owner.get("event")
+        # Only "wake (driver)" and the like: a bare "wake" inside the waking
+        # poll never named the task, and JSON has no instant for it.
+        if wake is None or "waker" not in wake["args"] or "task_id" in wake["args"]:
+            continue
+        woken = owner.get("slice") or (owner.get("event") or {}).get("args", {})
+        if "task_id" in woken:
+            wake["args"]["task_id"] = woken["task_id"]
+            wake["name"] = f"wake task {woken['task_id']}"
+    for wire, (number, start, _) in open_flows.items():
+        problems.add(f"flow id {wire} (flow {number}) never ends")
+    return count
 
 
 def main(path):
@@ -107,7 +151,7 @@ def main(path):
     sequences = {}
     tracks = {}  # uuid -> descriptor
     open_slices = defaultdict(list)  # track uuid -> [(name, cat, ts, args, tid)]
-    flows_out, flows_in = defaultdict(int), defaultdict(int)
+    flows = []  # (ts, 0 start / 1 end, file order, id, flow event, owner)
     events = []
     metadata = None
     primary_clock = None
@@ -136,8 +180,10 @@ def main(path):
             if snapshot.HasField("primary_trace_clock"):
                 primary_clock = snapshot.primary_trace_clock
             for clock in snapshot.clocks:
+                unit = clock.unit_multiplier_ns or 1
                 if clock.is_incremental:
-                    seq.incremental[clock.clock_id] = clock.timestamp
+                    seq.incremental[clock.clock_id] = clock.timestamp * unit
+                    seq.units[clock.clock_id] = unit
                 elif clock.clock_id == 3 and trace_start is None:
                     trace_start = clock.timestamp
         if packet.HasField("interned_data"):
@@ -149,6 +195,8 @@ def main(path):
                           "source_paths", "mapping_paths"):
                 for entry in getattr(interned, table):
                     seq.tables[table][entry.iid] = entry.str.decode("utf-8", "replace")
+            for location in interned.source_locations:
+                seq.tables["source_locations"][location.iid] = location.function_name
             for mapping in interned.mappings:
                 for pid in mapping.path_string_ids:
                     if pid not in seq.tables["mapping_paths"]:
@@ -180,7 +228,7 @@ def main(path):
         if packet.HasField("timestamp"):
             clock = packet.timestamp_clock_id if packet.HasField("timestamp_clock_id") else seq.clock_id
             if clock in seq.incremental:
-                seq.incremental[clock] += packet.timestamp
+                seq.incremental[clock] += packet.timestamp * seq.units[clock]
                 ts = seq.incremental[clock]
             elif clock is None or clock == 3:
                 ts = packet.timestamp
@@ -244,6 +292,14 @@ def main(path):
                 problems.add(f"{where}: undefined category {iid}")
             categories.append(seq.tables["event_categories"].get(iid, "?"))
         args = {}
+        if event.HasField("source_location_iid"):
+            # A poll's full task type: trace processor's
+            # `source.function_name` arg; the JSON trace's `task_type`.
+            location = seq.tables["source_locations"].get(event.source_location_iid)
+            if location is None:
+                problems.add(f"{where}: undefined source location {event.source_location_iid}")
+            else:
+                args["task_type"] = location
         for note in event.debug_annotations:
             key = seq.tables["debug_annotation_names"].get(note.name_iid)
             if key is None:
@@ -273,14 +329,19 @@ def main(path):
             args[key] = value
         # Trace processor reads the deprecated varint fields (the writer's,
         # 36 and 42) where the fixed64 ones are absent.
+        # What the flow's ends belong to: the instant, or the slice (its
+        # args once it ended).
+        owner = {}
         for flow in list(event.flow_ids) or list(event.flow_ids_old):
-            flows_out[flow] += 1
-            events.append({"ph": "s", "cat": "wake", "name": "wake", "id": flow,
-                           "pid": pid, "tid": tid, "_ts": ts})
+            flow_event = {"ph": "s", "cat": "wake", "name": "wake", "id": flow,
+                          "pid": pid, "tid": tid, "_ts": ts}
+            events.append(flow_event)
+            flows.append((ts or 0, 0, len(flows), flow, flow_event, owner))
         for flow in list(event.terminating_flow_ids) or list(event.terminating_flow_ids_old):
-            flows_in[flow] += 1
-            events.append({"ph": "f", "bp": "e", "cat": "wake", "name": "wake", "id": flow,
-                           "pid": pid, "tid": tid, "_ts": ts})
+            flow_event = {"ph": "f", "bp": "e", "cat": "wake", "name": "wake", "id": flow,
+                          "pid": pid, "tid": tid, "_ts": ts}
+            events.append(flow_event)
+            flows.append((ts or 0, 1, len(flows), flow, flow_event, owner))
 
         kind = event.type
         if kind == pb.TrackEvent.TYPE_SLICE_BEGIN:
@@ -288,15 +349,17 @@ def main(path):
                 category = "park"
             else:
                 category = categories[0] if categories else "poll"
-            open_slices[uuid].append((name, category, ts, args, tid, pid))
+            owner["slice"] = {}
+            open_slices[uuid].append((name, category, ts, args, tid, pid, owner["slice"]))
         elif kind == pb.TrackEvent.TYPE_SLICE_END:
             if not open_slices[uuid]:
                 problems.add(f"{where}: slice end without a begin on track {uuid}")
                 continue
-            bname, category, start, bargs, btid, bpid = open_slices[uuid].pop()
+            bname, category, start, bargs, btid, bpid, slice_args = open_slices[uuid].pop()
             merged = dict(bargs)
             merged.update(args)
             merged.setdefault("truncated", False)
+            slice_args.update(merged)
             events.append({"ph": "X", "pid": bpid, "tid": btid, "name": bname, "cat": category,
                            "_ts": start, "_dur": ts - start, "args": merged})
         elif kind == pb.TrackEvent.TYPE_INSTANT:
@@ -320,8 +383,9 @@ def main(path):
                 args["waker"] = f"task {args['waker_task_id']}"
             if "by" in args and args.get("by") == "task" and "waker_task_id" in args:
                 args["by"] = f"task {args['waker_task_id']}"
-            events.append({"ph": "i", "s": "t", "pid": pid, "tid": tid, "name": label,
-                           "cat": category, "_ts": ts, "args": args})
+            owner["event"] = {"ph": "i", "s": "t", "pid": pid, "tid": tid, "name": label,
+                              "cat": category, "_ts": ts, "args": args}
+            events.append(owner["event"])
         elif kind == pb.TrackEvent.TYPE_COUNTER:
             events.append({"ph": "C", "pid": pid, "tid": pid, "name": track.name, "_ts": ts,
                            "args": {"value": event.counter_value}})
@@ -329,9 +393,7 @@ def main(path):
     for uuid, stack in open_slices.items():
         if stack:
             problems.add(f"track {uuid}: {len(stack)} slices never end")
-    for flow in set(flows_out) | set(flows_in):
-        if flows_out[flow] != 1 or flows_in[flow] != 1:
-            problems.add(f"flow {flow}: {flows_out[flow]} starts, {flows_in[flow]} ends")
+    flow_count = pair_flows(flows, problems)
     if not any(t.HasField("process") for t in tracks.values()):
         problems.add("no process descriptor")
     if primary_clock is None:
@@ -351,7 +413,7 @@ def main(path):
         if "_dur" in e:
             e["dur"] = e.pop("_dur") / 1000.0
     json.dump({"traceEvents": events, "metadata": metadata,
-               "flows": len(flows_out)}, sys.stdout)
+               "flows": flow_count}, sys.stdout)
     return 0
 
 

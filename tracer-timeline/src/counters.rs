@@ -6,6 +6,9 @@
 //! window has passed (stamped at the end of the window, or at the change if
 //! that is later), so the drawn value is never more than one interval late.
 //! [`finish`](RateLimitedCounter::finish) always emits the last value.
+//!
+//! `RuntimeCounters` holds the timeline's three counters (tasks alive,
+//! busy workers, busy blocking threads) and feeds them to their samplers.
 
 /// The shortest gap between two samples of one counter.
 pub const COUNTER_MIN_INTERVAL_NS: u64 = 100_000;
@@ -114,6 +117,76 @@ impl RateLimitedCounter {
             ts_ns,
             value,
         });
+    }
+}
+
+/// What a thread is doing, for the busy counters.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Activity {
+    Idle,
+    /// Inside a poll of runtime work.
+    Worker,
+    /// Inside a poll of `spawn_blocking` work.
+    Blocking,
+}
+
+/// The timeline's three counters (tasks alive, busy workers, busy blocking
+/// threads): their current values and their samplers.
+pub(crate) struct RuntimeCounters {
+    pub(crate) tasks_alive: u64,
+    workers_busy: u64,
+    blocking_busy: u64,
+    tasks_alive_track: RateLimitedCounter,
+    workers_busy_track: RateLimitedCounter,
+    blocking_busy_track: RateLimitedCounter,
+}
+
+impl Default for RuntimeCounters {
+    fn default() -> Self {
+        Self {
+            tasks_alive: 0,
+            workers_busy: 0,
+            blocking_busy: 0,
+            tasks_alive_track: RateLimitedCounter::new(Counter::TasksAlive),
+            workers_busy_track: RateLimitedCounter::new(Counter::WorkersBusy),
+            blocking_busy_track: RateLimitedCounter::new(Counter::BlockingBusy),
+        }
+    }
+}
+
+impl RuntimeCounters {
+    pub(crate) fn thread_changed(&mut self, before: Activity, after: Activity) {
+        if before == after {
+            return;
+        }
+        match before {
+            Activity::Worker => self.workers_busy -= 1,
+            Activity::Blocking => self.blocking_busy -= 1,
+            Activity::Idle => {}
+        }
+        match after {
+            Activity::Worker => self.workers_busy += 1,
+            Activity::Blocking => self.blocking_busy += 1,
+            Activity::Idle => {}
+        }
+    }
+
+    /// Offers the current values at `now_ns` (each sampler decides whether
+    /// to emit, see [`crate::counters`]).
+    pub(crate) fn sample(&mut self, now_ns: u64, out: &mut Vec<CounterSample>) {
+        self.tasks_alive_track.set(now_ns, self.tasks_alive, out);
+        self.workers_busy_track.set(now_ns, self.workers_busy, out);
+        self.blocking_busy_track
+            .set(now_ns, self.blocking_busy, out);
+        self.tasks_alive_track.tick(now_ns, out);
+        self.workers_busy_track.tick(now_ns, out);
+        self.blocking_busy_track.tick(now_ns, out);
+    }
+
+    pub(crate) fn finish(&mut self, out: &mut Vec<CounterSample>) {
+        self.tasks_alive_track.finish(out);
+        self.workers_busy_track.finish(out);
+        self.blocking_busy_track.finish(out);
     }
 }
 

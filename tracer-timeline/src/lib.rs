@@ -33,3 +33,11 @@ mod test_util;
 pub mod timeline;
 pub mod units;
 pub mod writer;
+
+/// The hash map for maps looked up per event (task ids, tids, interned
+/// strings): foldhash instead of std's SipHash, which was ~9 % of a `perf
+/// record` of the render. Keys come from the traced process's events, not
+/// from an attacker who could pick colliding keys to slow the tracer down
+/// more than its events already can, and the fixed seed keeps renders
+/// repeatable.
+pub(crate) type FastMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::FixedState>;

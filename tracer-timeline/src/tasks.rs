@@ -15,6 +15,8 @@
 
 use std::collections::HashMap;
 
+use crate::FastMap;
+
 use tracer_common::Event;
 
 use crate::histogram::Histogram;
@@ -101,10 +103,10 @@ pub(crate) struct ClosedPoll {
 
 #[derive(Default)]
 pub(crate) struct TaskTracker {
-    live: HashMap<u64, LiveTask>,
+    live: FastMap<u64, LiveTask>,
     next_serial: u64,
     next_flow: FlowId,
-    by_type: HashMap<Option<u32>, TaskTypeStats>,
+    by_type: FastMap<Option<u32>, TaskTypeStats>,
     /// (task serial, poll), longest first, one entry per task.
     longest_polls: Vec<(u64, LongPoll)>,
     totals: TaskTotals,

@@ -140,9 +140,11 @@ pub struct RecordArgs {
 
     /// Where to write the trace: Perfetto's native format (`.pftrace`), or
     /// Chrome JSON when the name ends in `.json`; gzipped when it ends in
-    /// `.gz` (e.g. `trace.pftrace.gz`). Open it at ui.perfetto.dev.
+    /// `.gz` (e.g. `trace.pftrace.gz`). Open it at ui.perfetto.dev. Repeat
+    /// to write the same recording in several formats (`-o t.pftrace -o
+    /// t.json`); the first is the one `--open` serves.
     #[arg(short, long, default_value = "trace.pftrace")]
-    pub output: PathBuf,
+    pub output: Vec<PathBuf>,
 
     /// When the trace is written, serve it on 127.0.0.1:9001 and print the
     /// ui.perfetto.dev link that loads it (until the UI has fetched it).

@@ -135,8 +135,9 @@ fn run_record(args: RecordArgs) -> Result<ExitCode> {
     } else {
         None
     };
-    let output = args.output.clone();
-    let trace_on_stdout = is_our_stdout(&output);
+    // The first output is the one the summary names and `--open` serves.
+    let output = args.output[0].clone();
+    let trace_on_stdout = args.output.iter().any(|path| is_our_stdout(path));
     let sample_hz = (!args.no_samples && mode != Mode::Polls).then_some(args.sample_hz);
     let options = RecordOptions {
         target,
@@ -175,6 +176,14 @@ fn run_record(args: RecordArgs) -> Result<ExitCode> {
             out,
             "{} polls shorter than --min-poll were counted in the kernel and not recorded",
             outcome.short_polls
+        )?;
+    }
+    for (path, bytes) in &outcome.also_written {
+        writeln!(
+            out,
+            "also written: {} ({})",
+            path.display(),
+            tracer_timeline::units::human_bytes(*bytes)
         )?;
     }
     writeln!(out, "stopped: {}", outcome.stop)?;

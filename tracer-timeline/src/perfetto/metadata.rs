@@ -1,16 +1,17 @@
 //! The trace's metadata (lost events, tokio version, recording cost, the
 //! summary's findings…): the debug annotations of one "rt-ebpf-trace"
-//! instant at the end of the process track, after an instant that ends
-//! every flow still open.
+//! instant at the end of the process track, after an instant for each flow
+//! still open that ends it.
 
 use std::io::Write;
 
 use anyhow::Result;
 use serde_json::Value;
 
+use super::events::{string_note_iid, uint_note};
 use super::proto::{annotation, event, packet};
-use super::sequence::{Category, Name};
-use super::{PROCESS_UUID, PerfettoWriter, string_note_iid};
+use super::sequence::{Category, Name, Note};
+use super::{PROCESS_UUID, PerfettoWriter};
 
 impl<W: Write> PerfettoWriter<'_, W> {
     /// The metadata, as the debug annotations of an instant at the end of
@@ -33,25 +34,26 @@ impl<W: Write> PerfettoWriter<'_, W> {
             .chain([main.clamped, self.samples.clamped])
             .sum();
         let delta = main.delta(end_ns);
-        if !self.pending_flows.is_empty() {
-            // Every flow gets its end: wakes of tasks not polled again
-            // before the end point at the end of the process track.
-            let mut flows: Vec<u64> = self.pending_flows.drain().collect();
-            flows.sort_unstable();
-            self.begin_packet(&main, Some(delta));
+        // Every flow gets its end: a wake of a task not polled again before
+        // the end points at an instant at the end of the process track,
+        // which names the task (the wake does not, see `flows`).
+        let mut delta = Some(delta);
+        for (id, task_id) in self.flows.drain_open() {
+            self.begin_packet(&main, Some(delta.take().unwrap_or(0)));
             let p = &mut self.packet;
             p.begin(packet::TRACK_EVENT);
             p.varint(event::TYPE, event::INSTANT);
             p.varint(event::TRACK_UUID, PROCESS_UUID);
             p.varint(event::NAME_IID, Name::NotPolled.iid());
             p.varint(event::CATEGORY_IIDS, Category::Tracer.iid());
-            for flow in flows {
-                p.varint(event::TERMINATING_FLOW_IDS_OLD, flow);
+            if task_id != 0 {
+                uint_note(p, Note::TaskId, task_id);
             }
+            p.varint(event::TERMINATING_FLOW_IDS_OLD, id);
             p.end();
             self.end_packet()?;
         }
-        self.begin_packet(&main, Some(0));
+        self.begin_packet(&main, Some(delta.unwrap_or(0)));
         let p = &mut self.packet;
         p.begin(packet::TRACK_EVENT);
         p.varint(event::TYPE, event::INSTANT);

@@ -5,14 +5,16 @@
 //! a busy server takes ~300 bytes an event, so a minute of tracing is
 //! gigabytes and more than a browser tab loads. Here strings are interned
 //! once per sequence, slices need no track or pid (a per-sequence default),
-//! and timestamps are deltas on an incremental clock: 24 bytes an event on
-//! the HTTP benchmark flat out, against JSON's 310 (NOTES.md breaks it
-//! down: per request a poll end with its arguments, 29 bytes; the driver's
-//! wake instant, 24; the poll's begin, 18). Flow ids are varints in the
-//! deprecated `flow_ids_old`/`terminating_flow_ids_old` fields, which trace
-//! processor still reads: 5 bytes an end instead of 10 in the fixed64
-//! ones. A poll carries no `waits_at` (the JSON trace's name for the await
-//! stack's first line).
+//! and timestamps are deltas on an incremental clock in 10 ns ticks: ~20
+//! bytes an event on the HTTP benchmark flat out, against JSON's 310
+//! (NOTES.md breaks it down: per request a poll end with its arguments, 27
+//! bytes; the driver's wake instant, 15; the poll's begin, 15). Flow ids
+//! are varints in the deprecated `flow_ids_old`/`terminating_flow_ids_old`
+//! fields, which trace processor still reads, and recycled once their flow
+//! ended (`flows`): 1 byte an id instead of 9 in the fixed64 fields. A poll
+//! carries no `waits_at` (the JSON trace's name for the await stack's first
+//! line), its full type is an interned source location (3 bytes), and a
+//! wake instant does not repeat the woken task's id (its flow's end does).
 //! It also carries what JSON cannot: CPU samples with interned callstacks
 //! (frames with function, file:line, inlined frames and the mapping), which
 //! the UI turns into flamegraphs for an area selection.
@@ -50,27 +52,31 @@
 //! woken task starts before the waking poll ends (most wakes between
 //! workers). Elsewhere (the driver inside a park, another thread) the
 //! instant also says who woke which task. Spawns are instants too.
+//!
+//! Code: this module frames packets, keeps the sequences and thread tracks
+//! and writes counters and samples; `events` encodes the thread tracks'
+//! slices and instants, `metadata` the trace's last packets, `samples`
+//! the interned callstacks, `sequence` the per-sequence interning and
+//! clock, `proto` the field numbers and encoder.
 
+mod events;
+mod flows;
 mod metadata;
 mod proto;
 mod samples;
 mod sequence;
 
-use std::collections::{HashMap, HashSet};
-use std::hash::{BuildHasherDefault, Hasher};
+use std::collections::HashMap;
 use std::io::Write;
 
 use anyhow::{Context, Result};
 use serde_json::Value;
 
-use crate::output::{
-    Sample, Slice, SliceKind, SliceStart, Spawn, TaskEnd, ThreadName, TimelineOutput, Unpark, Wake,
-    Waker,
-};
+use crate::output::{Sample, ThreadName, TimelineOutput};
 use crate::writer::{TraceInfo, TraceWriter};
-use proto::{Encoder, annotation, event, packet, perf_sample, track};
+use proto::{Encoder, event, packet, perf_sample, track};
 use samples::Callstacks;
-use sequence::{Category, Name, Note, Sequence};
+use sequence::Sequence;
 
 const MAIN_SEQUENCE: u32 = 1;
 const SAMPLE_SEQUENCE: u32 = 2;
@@ -102,10 +108,8 @@ pub struct PerfettoWriter<'a, W: Write> {
     pending: Vec<u8>,
     next_sequence: u32,
     counters_described: [bool; 3],
-    /// Flows started and not yet ended: a wake whose task was not polled
-    /// again before the end (recording stopped first, or the task ended).
-    /// Hashed by [`FlowHasher`]: a set insert and remove per wake.
-    pending_flows: HashSet<u64, BuildHasherDefault<FlowHasher>>,
+    /// Flows started and not yet ended, and their ids on the wire.
+    flows: flows::Flows,
     /// What the sample sequence has interned of the stacks.
     callstacks: Callstacks,
     packets: u64,
@@ -130,7 +134,7 @@ impl<'a, W: Write> PerfettoWriter<'a, W> {
             pending: Vec::with_capacity(PENDING_BYTES + 4096),
             next_sequence: SAMPLE_SEQUENCE + 1,
             counters_described: [false; 3],
-            pending_flows: HashSet::default(),
+            flows: flows::Flows::default(),
             callstacks: Callstacks::default(),
             packets: 0,
         };
@@ -303,222 +307,6 @@ impl<'a, W: Write> PerfettoWriter<'a, W> {
         self.last_thread = Some((tid, index));
     }
 
-    fn slice_start(&mut self, start: &SliceStart) -> Result<()> {
-        self.with_thread(start.tid, |w, thread| {
-            let delta = thread.sequence.delta(start.ts_ns);
-            w.begin_packet(&thread.sequence, Some(delta));
-            let seq = &mut thread.sequence;
-            let (p, i) = (&mut w.packet, &mut w.interned);
-            p.begin(packet::TRACK_EVENT);
-            p.varint(event::TYPE, event::SLICE_BEGIN);
-            match start.kind {
-                SliceKind::Poll { site, .. } => {
-                    let name = seq.task_name(i, site, &w.info.types);
-                    p.varint(event::NAME_IID, name);
-                    // A poll has no category (two bytes a poll): only
-                    // `spawn_blocking` work is marked.
-                    if w.info.types.is_blocking(site) {
-                        p.varint(event::CATEGORY_IIDS, Category::Blocking.iid());
-                    }
-                }
-                // Its name says it all: no category (two bytes a park).
-                SliceKind::Park => p.varint(event::NAME_IID, Name::Park.iid()),
-            }
-            if let Some(flow) = start.woken_by {
-                p.varint(event::TERMINATING_FLOW_IDS_OLD, flow);
-                w.pending_flows.remove(&flow);
-            }
-            p.end();
-            w.end_packet()
-        })
-    }
-
-    fn slice_end(&mut self, slice: &Slice) -> Result<()> {
-        self.with_thread(slice.tid, |w, thread| {
-            let delta = thread.sequence.delta(slice.end_ns);
-            w.begin_packet(&thread.sequence, Some(delta));
-            let seq = &mut thread.sequence;
-            let (p, i) = (&mut w.packet, &mut w.interned);
-            p.begin(packet::TRACK_EVENT);
-            p.varint(event::TYPE, event::SLICE_END);
-            if let SliceKind::Poll {
-                site,
-                task,
-                task_id,
-                await_key,
-            } = slice.kind
-            {
-                if task_id != 0 {
-                    uint_note(p, Note::TaskId, task_id);
-                } else {
-                    // The only way to tell tasks apart without an id.
-                    p.begin(event::DEBUG_ANNOTATIONS);
-                    p.varint(annotation::NAME_IID, Note::Header.iid());
-                    p.varint(annotation::POINTER_VALUE, task);
-                    p.end();
-                }
-                if let Some(iid) = seq.task_type(i, site, &w.info.types) {
-                    string_note(p, Note::TaskType, iid);
-                }
-                // No `waits_at`: it is always the stack's first line (six
-                // bytes a poll, a fifth of the poll's end).
-                if let Some(stack) =
-                    seq.await_stack(i, &w.info.symbols, &w.info.types, site, task_id, await_key)
-                {
-                    string_note(p, Note::AwaitStack, stack);
-                }
-            }
-            if slice.truncated {
-                bool_note(p, Note::Truncated);
-            }
-            if slice.end_lost {
-                bool_note(p, Note::EndLost);
-            }
-            p.end();
-            w.end_packet()
-        })
-    }
-
-    /// An instant on `tid`'s track; `notes` adds its debug annotations.
-    fn instant(
-        &mut self,
-        tid: u32,
-        ts_ns: u64,
-        name: Name,
-        category: Option<Category>,
-        flow: Option<u64>,
-        notes: impl FnOnce(&mut Encoder, &mut Encoder, &mut Sequence),
-    ) -> Result<()> {
-        self.with_thread(tid, |w, thread| {
-            let delta = thread.sequence.delta(ts_ns);
-            w.begin_packet(&thread.sequence, Some(delta));
-            let p = &mut w.packet;
-            p.begin(packet::TRACK_EVENT);
-            p.varint(event::TYPE, event::INSTANT);
-            p.varint(event::NAME_IID, name.iid());
-            if let Some(category) = category {
-                p.varint(event::CATEGORY_IIDS, category.iid());
-            }
-            notes(&mut w.packet, &mut w.interned, &mut thread.sequence);
-            if let Some(flow) = flow {
-                w.packet.varint(event::FLOW_IDS_OLD, flow);
-                w.pending_flows.insert(flow);
-            }
-            w.packet.end();
-            w.end_packet()
-        })
-    }
-
-    fn spawn(&mut self, spawn: &Spawn) -> Result<()> {
-        let info = self.info;
-        let symbols = &info.symbols;
-        self.instant(
-            spawn.tid,
-            spawn.ts_ns,
-            Name::Spawn,
-            Some(Category::Spawn),
-            Some(spawn.flow),
-            |p, i, seq| {
-                if spawn.task_id != 0 {
-                    uint_note(p, Note::TaskId, spawn.task_id);
-                }
-                if let Some(at) = symbols.call_site(spawn.call_site) {
-                    let iid = seq.string_value(i, at);
-                    string_note(p, Note::SpawnedAt, iid);
-                }
-                if spawn.spawner_id != 0 {
-                    uint_note(p, Note::SpawnerTaskId, spawn.spawner_id);
-                }
-                if spawn.call_site != 0 {
-                    // An address: shown in hex, as JSON's "0x…" string.
-                    p.begin(event::DEBUG_ANNOTATIONS);
-                    p.varint(annotation::NAME_IID, Note::CallSite.iid());
-                    p.varint(annotation::POINTER_VALUE, spawn.call_site);
-                    p.end();
-                }
-            },
-        )
-    }
-
-    fn wake(&mut self, wake: &Wake) -> Result<()> {
-        let Some(flow) = wake.flow else {
-            return Ok(());
-        };
-        if wake.in_poll {
-            // Nested in the waking poll, which says who woke.
-            return self.instant(
-                wake.tid,
-                wake.ts_ns,
-                Name::Wake,
-                None,
-                Some(flow),
-                |_, _, _| {},
-            );
-        }
-        // Who woke is in the name (a fixed iid: most wakes on a server are
-        // the I/O driver's, one per request); the woken task's type is on
-        // the poll the flow leads to.
-        let name = match wake.waker {
-            Waker::Driver => Name::WakeByDriver,
-            Waker::Thread => Name::WakeByThread,
-            Waker::Task { .. } => Name::WakeByTask,
-        };
-        self.instant(wake.tid, wake.ts_ns, name, None, Some(flow), |p, _, _| {
-            if wake.task_id != 0 {
-                uint_note(p, Note::TaskId, wake.task_id);
-            }
-            if let Waker::Task { task_id } = wake.waker
-                && task_id != 0
-            {
-                uint_note(p, Note::WakerTaskId, task_id);
-            }
-        })
-    }
-
-    fn task_end(&mut self, end: &TaskEnd) -> Result<()> {
-        let types = &self.info.types;
-        let stats = &end.stats;
-        self.instant(
-            end.tid,
-            end.ts_ns,
-            Name::TaskEnd,
-            Some(Category::TaskEnd),
-            None,
-            |p, i, seq| {
-                if stats.task_id != 0 {
-                    uint_note(p, Note::TaskId, stats.task_id);
-                }
-                if let Some(iid) = stats.site.and_then(|site| seq.task_type(i, site, types)) {
-                    string_note(p, Note::TaskType, iid);
-                }
-                if stats.spawner_id != 0 {
-                    uint_note(p, Note::SpawnerTaskId, stats.spawner_id);
-                }
-                uint_note(p, Note::Polls, stats.polls);
-                uint_note(p, Note::BusyNs, stats.busy_ns);
-                uint_note(p, Note::LongestPollNs, stats.longest_poll_ns);
-                uint_note(p, Note::TimesWoken, stats.times_woken);
-                uint_note(p, Note::DelayMaxNs, stats.delay_max_ns);
-                uint_note(
-                    p,
-                    Note::LifetimeNs,
-                    end.ts_ns.saturating_sub(stats.first_seen_ns),
-                );
-            },
-        )
-    }
-
-    fn unpark(&mut self, unpark: &Unpark) -> Result<()> {
-        self.instant(
-            unpark.tid,
-            unpark.ts_ns,
-            Name::Unpark,
-            Some(Category::Unpark),
-            None,
-            |p, i, seq| waker_notes(p, i, seq, Note::By, unpark.unparker),
-        )
-    }
-
     fn counter(&mut self, sample: &crate::counters::CounterSample) -> Result<()> {
         let index = sample.counter as usize;
         let uuid = COUNTER_UUID_BASE + index as u64;
@@ -597,73 +385,6 @@ impl<W: Write> TraceWriter for PerfettoWriter<'_, W> {
         self.metadata(metadata)?;
         self.flush_pending()?;
         self.out.flush().context("writing the trace")
-    }
-}
-
-fn uint_note(p: &mut Encoder, note: Note, value: u64) {
-    p.begin(event::DEBUG_ANNOTATIONS);
-    p.varint(annotation::NAME_IID, note.iid());
-    p.varint(annotation::UINT_VALUE, value);
-    p.end();
-}
-
-fn bool_note(p: &mut Encoder, note: Note) {
-    p.begin(event::DEBUG_ANNOTATIONS);
-    p.varint(annotation::NAME_IID, note.iid());
-    p.bool(annotation::BOOL_VALUE, true);
-    p.end();
-}
-
-fn string_note(p: &mut Encoder, note: Note, string_iid: u64) {
-    string_note_iid(p, note.iid(), string_iid);
-}
-
-fn string_note_iid(p: &mut Encoder, name_iid: u64, string_iid: u64) {
-    p.begin(event::DEBUG_ANNOTATIONS);
-    p.varint(annotation::NAME_IID, name_iid);
-    p.varint(annotation::STRING_VALUE_IID, string_iid);
-    p.end();
-}
-
-/// "driver", "thread" or "task" in `note`, and the waking task's id.
-fn waker_notes(p: &mut Encoder, i: &mut Encoder, seq: &mut Sequence, note: Note, waker: Waker) {
-    let label = match waker {
-        Waker::Task { .. } => "task",
-        Waker::Driver => "driver",
-        Waker::Thread => "thread",
-    };
-    let iid = seq.string_value(i, label);
-    string_note(p, note, iid);
-    if let Waker::Task { task_id } = waker
-        && task_id != 0
-    {
-        uint_note(p, Note::WakerTaskId, task_id);
-    }
-}
-
-/// Hashes flow ids (the timeline's sequential `u64`s) by one multiply
-/// instead of std's SipHash (an insert and a remove per wake): the
-/// synthetic render (`tests::render_rate`) went from 160 to 150 ns an event.
-#[derive(Default)]
-struct FlowHasher(u64);
-
-impl Hasher for FlowHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-
-    fn write(&mut self, bytes: &[u8]) {
-        for &byte in bytes {
-            self.write_u64(byte as u64);
-        }
-    }
-
-    fn write_u64(&mut self, value: u64) {
-        // Fibonacci hashing: the high bits (hashbrown's control bytes) and
-        // the low ones (the bucket) both vary with every bit of the id.
-        self.0 = (self.0 ^ value)
-            .wrapping_mul(0x9e37_79b9_7f4a_7c15)
-            .rotate_left(32);
     }
 }
 

@@ -91,6 +91,12 @@ pub mod event {
     pub const NAME_IID: u32 = 10;
     pub const TRACK_UUID: u32 = 11;
     pub const COUNTER_VALUE: u32 = 30;
+    /// An interned `SourceLocation`: trace processor turns it into the
+    /// slice's `source.function_name` (and `source.file_name`,
+    /// `source.line_number`) args (`AddSourceLocationArgs`,
+    /// track_event_event_importer.h). A poll's full task type, 3 bytes
+    /// where a string debug annotation takes 7.
+    pub const SOURCE_LOCATION_IID: u32 = 34;
     /// `repeated uint64 flow_ids_old = 36` and `terminating_flow_ids_old =
     /// 42`: deprecated for the fixed64 `flow_ids` (47) and
     /// `terminating_flow_ids` (48), which cost 9 bytes an id where these
@@ -130,8 +136,12 @@ pub mod interned {
     pub const SOURCE_PATHS: u32 = 18;
     pub const MAPPINGS: u32 = 19;
     pub const DEBUG_ANNOTATION_STRING_VALUES: u32 = 29;
+    pub const SOURCE_LOCATIONS: u32 = 4;
     pub const IID: u32 = 1;
     pub const NAME: u32 = 2;
+    /// `SourceLocation.function_name` (`iid` = 1 and `file_name` = 2 as in
+    /// the other entries).
+    pub const SOURCE_LOCATION_FUNCTION_NAME: u32 = 3;
 }
 
 /// `profiling/profile_common.proto`: `Frame`, `Callstack`, `Mapping`.

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::process::ExitStatus;
 use std::time::Duration;
 
-use anyhow::{Context, Result, anyhow};
+use anyhow::{Context, Result, anyhow, bail};
 use tokio::signal::unix::{SignalKind, signal};
 use tracer_timeline::summary::Summary;
 
@@ -58,7 +58,8 @@ impl Mode {
 
 pub struct RecordOptions {
     pub target: TargetSpec,
-    pub output: PathBuf,
+    /// The trace files: one recording, rendered into each (at least one).
+    pub output: Vec<PathBuf>,
     pub duration: Option<Duration>,
     pub mode: Mode,
     pub settings: loader::Settings,
@@ -103,10 +104,13 @@ pub struct Outcome {
     pub short_polls: u64,
     /// The probes being removed; join before exiting.
     pub detaching: std::thread::JoinHandle<()>,
+    /// The outputs after the first (the summary names the first), with
+    /// their sizes.
+    pub also_written: Vec<(PathBuf, u64)>,
 }
 
-/// Records one process into `options.output`. On any error after the output
-/// was opened, no file is left at the output path.
+/// Records one process into each of `options.output`. On any error after the
+/// outputs were opened, no unfinished file is left at an output path.
 pub async fn record(options: RecordOptions) -> Result<Outcome> {
     loader::check_object()?;
     preflight::check_privileges()?;
@@ -128,7 +132,7 @@ pub async fn record(options: RecordOptions) -> Result<Outcome> {
         log::warn!("{warning}");
     }
     // Every output is checked, and can be written, before anything is attached.
-    let output = OutputFile::check(&options.output)?;
+    let outputs = check_outputs(&options.output)?;
     let folded = options
         .folded
         .as_deref()
@@ -140,8 +144,11 @@ pub async fn record(options: RecordOptions) -> Result<Outcome> {
         .map(OutputFile::check)
         .transpose()?;
     // Next to the trace, on the file system that must hold the trace anyway.
-    let spill = SpillWriter::create_in(&output.scratch_dir())?;
-    let mut trace_file = TraceFile::create(output)?;
+    let spill = SpillWriter::create_in(&outputs[0].scratch_dir())?;
+    let mut trace_files = outputs
+        .into_iter()
+        .map(TraceFile::create)
+        .collect::<Result<Vec<_>>>()?;
 
     let loading = std::time::Instant::now();
     let mut probes = loader::load(&plan, target.pid, &options.settings)?;
@@ -175,7 +182,13 @@ pub async fn record(options: RecordOptions) -> Result<Outcome> {
 
     let mut recorder = Recorder::new(target.pid, spill);
     let mut status = StatusLine::new();
-    let mut size = SizeWatch::new(options.max_size, trace_file.format().bytes_per_event());
+    // --max-size holds for the biggest of the outputs.
+    let bytes_per_event = trace_files
+        .iter()
+        .map(|file| file.format().bytes_per_event())
+        .max()
+        .unwrap_or(0);
+    let mut size = SizeWatch::new(options.max_size, bytes_per_event);
     let mut status_tick = tokio::time::interval(Duration::from_millis(500));
     // The probes don't wake the tracer (that would cost the target an
     // interrupt per event): it drains on this tick. A backlog is drained in
@@ -250,8 +263,17 @@ pub async fn record(options: RecordOptions) -> Result<Outcome> {
         recording_cpu_ns,
         folded: folded_file.as_mut().map(|folded| &mut folded.file),
     };
-    let mut summary = render(input, recording, &mut trace_file)?;
-    summary.trace_bytes = trace_file.finish()?;
+    let mut summary = render(input, recording, &mut trace_files)?;
+    let mut also_written = Vec::new();
+    for (index, file) in trace_files.into_iter().enumerate() {
+        let path = file.path().to_path_buf();
+        let bytes = file.finish()?;
+        if index == 0 {
+            summary.trace_bytes = bytes;
+        } else {
+            also_written.push((path, bytes));
+        }
+    }
     if let (Some(folded), Some(file)) = (&folded, folded_file) {
         folded.publish(file)?;
     }
@@ -271,7 +293,25 @@ pub async fn record(options: RecordOptions) -> Result<Outcome> {
         command_status,
         short_polls: counters.short_polls,
         detaching,
+        also_written,
     })
+}
+
+/// Checks every trace output (see [`OutputFile::check`]); the same path
+/// twice is an error rather than one render overwriting the other.
+fn check_outputs(paths: &[PathBuf]) -> Result<Vec<OutputFile>> {
+    if paths.is_empty() {
+        bail!("no trace output given");
+    }
+    let mut seen = Vec::new();
+    for path in paths {
+        let absolute = std::path::absolute(path).unwrap_or_else(|_| path.clone());
+        if seen.contains(&absolute) {
+            bail!("{} is given twice as the trace output (-o)", path.display());
+        }
+        seen.push(absolute);
+    }
+    paths.iter().map(|path| OutputFile::check(path)).collect()
 }
 
 /// CLOCK_MONOTONIC in ns: the clock `bpf_ktime_get_ns` reads.

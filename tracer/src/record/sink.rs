@@ -42,9 +42,16 @@ pub struct RenderInput<'a> {
     pub folded: Option<&'a mut std::fs::File>,
 }
 
-/// Writes the whole trace of `recording` into `file` (not finished: the
-/// caller publishes it) and returns the summary (without the file's size).
-pub fn render(input: RenderInput, recording: Recording, file: &mut TraceFile) -> Result<Summary> {
+/// Writes the whole trace of `recording` into each of `files` (not
+/// finished: the caller publishes them) in one pass: the timeline runs once
+/// and each output goes to every file's writer, so two formats of one
+/// recording say the same. Returns the summary (naming the first file,
+/// without its size).
+pub fn render(
+    input: RenderInput,
+    recording: Recording,
+    files: &mut [TraceFile],
+) -> Result<Summary> {
     let rendering = Instant::now();
     // CPU time too: the wall time says little on a loaded machine.
     let render_cpu_start = process_cpu_ns();
@@ -65,9 +72,15 @@ pub fn render(input: RenderInput, recording: Recording, file: &mut TraceFile) ->
         types: task_types(input.plan),
         symbols,
     };
-    let format = file.format();
-    let path = file.path().to_path_buf();
-    let mut writer = format.writer(&mut *file, &info)?;
+    let path = files
+        .first()
+        .context("no trace file to render into")?
+        .path()
+        .to_path_buf();
+    let mut writers = files
+        .iter_mut()
+        .map(|file| file.format().writer(file, &info))
+        .collect::<Result<Vec<_>>>()?;
     let mut timeline =
         Timeline::with_task_types(info.types.clone()).with_thread_comms(thread_comms);
     let mut progress = Progress::new(events.remaining());
@@ -82,7 +95,9 @@ pub fn render(input: RenderInput, recording: Recording, file: &mut TraceFile) ->
                 let task = info.types.short_name(sample.site);
                 *folded.entry((task, sample.stack)).or_default() += 1;
             }
-            writer.write(&output)?;
+            for writer in &mut writers {
+                writer.write(&output)?;
+            }
         }
         Ok(())
     };
@@ -178,8 +193,9 @@ pub fn render(input: RenderInput, recording: Recording, file: &mut TraceFile) ->
     // The same figures for people reading `-v`, whatever the trace's
     // format (programs read `--summary-json`).
     log::info!("trace metadata: {metadata}");
-    writer.finish(&metadata)?;
-    drop(writer);
+    for mut writer in writers {
+        writer.finish(&metadata)?;
+    }
     if let Some(file) = input.folded {
         write_folded(file, &info.symbols, &folded).context("writing the folded stacks")?;
     }

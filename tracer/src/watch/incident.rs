@@ -331,7 +331,7 @@ impl Escalation {
             recording_cpu_ns: 0,
             folded: None,
         };
-        render(input, recording, &mut file)?;
+        render(input, recording, std::slice::from_mut(&mut file))?;
         file.finish()?;
         Ok(Some((incident, events, outputs.window)))
     }
