@@ -23,7 +23,7 @@ pub mod return_sites;
 pub mod vtables;
 
 mod dwarf;
-mod generics;
+pub mod generics;
 mod image;
 mod symbols;
 mod table;

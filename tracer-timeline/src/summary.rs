@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use crate::findings::{Finding, findings, format_permille};
 use crate::histogram::Histogram;
 use crate::json::task_label;
-use crate::symbols::Symbols;
+use crate::symbols::{Symbols, WaitsOn};
 use crate::table::Table;
 use crate::task_types::TaskTypes;
 use crate::tasks::{LongPoll, TaskTotals, TaskTypeStats};
@@ -63,6 +63,9 @@ pub struct TaskTypeSummary {
     /// most spawns first; empty where spawns were not traced or not
     /// symbolized.
     pub spawned_from: Vec<String>,
+    /// What its polls ended waiting on, with how many polls, most first;
+    /// empty where no await stack showed a tokio primitive.
+    pub waits_on: Vec<(WaitsOn, u64)>,
 }
 
 pub struct LongPollSummary {
@@ -81,6 +84,7 @@ impl SchedulerSummary {
                 name: types.short_name(site),
                 stats: stats.clone(),
                 spawned_from: spawned_from(&stats.spawn_call_sites, symbols),
+                waits_on: waits_on(&stats.await_points, symbols),
             })
             .collect();
         task_types.sort_by(|a, b| {
@@ -103,6 +107,26 @@ impl SchedulerSummary {
             longest_polls,
         }
     }
+}
+
+/// What polls ended waiting on, most polls first.
+fn waits_on(await_points: &HashMap<(u64, u64), u64>, symbols: &Symbols) -> Vec<(WaitsOn, u64)> {
+    let mut counts: HashMap<WaitsOn, u64> = HashMap::new();
+    for (&(task_id, key), &polls) in await_points {
+        if let Some(waits_on) = symbols
+            .await_point(task_id, key)
+            .and_then(|(_, point)| point.waits_on)
+        {
+            *counts.entry(waits_on).or_default() += polls;
+        }
+    }
+    let mut counts: Vec<(WaitsOn, u64)> = counts.into_iter().collect();
+    counts.sort_by(|a, b| {
+        b.1.cmp(&a.1)
+            .then_with(|| a.0.kind.cmp(&b.0.kind))
+            .then_with(|| a.0.name.cmp(b.0.name))
+    });
+    counts
 }
 
 /// The places tasks were spawned from, most spawns first (call sites on
@@ -261,6 +285,24 @@ impl Summary {
                 task_type.name,
                 task_type.spawned_from.join(", ")
             )?;
+        }
+        let waiting: Vec<&TaskTypeSummary> = scheduler
+            .task_types
+            .iter()
+            .filter(|t| !t.waits_on.is_empty())
+            .collect();
+        if !waiting.is_empty() {
+            writeln!(f, "waits on (share of the type's polls):")?;
+        }
+        for task_type in waiting {
+            let polls = task_type.stats.polls.max(1);
+            let parts: Vec<String> = task_type
+                .waits_on
+                .iter()
+                .take(4)
+                .map(|(waits_on, n)| format!("{} {}%", waits_on.label(), n * 100 / polls))
+                .collect();
+            writeln!(f, "  {}: {}", task_type.name, parts.join(", "))?;
         }
         Ok(())
     }

@@ -52,6 +52,11 @@ impl Summary {
                     "times_woken": s.times_woken,
                     "scheduling_delay": delay(&s.scheduling_delay),
                     "spawned_from": t.spawned_from,
+                    "waits_on": t.waits_on.iter().map(|(w, polls)| json!({
+                        "kind": w.kind.as_str(),
+                        "name": w.name,
+                        "polls": polls,
+                    })).collect::<Vec<Value>>(),
                 })
             })
             .collect();

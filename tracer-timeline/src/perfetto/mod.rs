@@ -12,7 +12,8 @@
 //! deprecated `flow_ids_old`/`terminating_flow_ids_old` fields, which trace
 //! processor still reads: 5 bytes an end instead of 10 in the fixed64
 //! ones. A poll carries no `waits_at` (the JSON trace's name for the await
-//! stack's first line).
+//! stack's first line); it carries `waits_on` (the tokio primitive, ~4
+//! bytes a poll: one interned string per await chain).
 //! It also carries what JSON cannot: CPU samples with interned callstacks
 //! (frames with function, file:line, inlined frames and the mapping), which
 //! the UI turns into flamegraphs for an area selection.
@@ -366,6 +367,9 @@ impl<'a, W: Write> PerfettoWriter<'a, W> {
                     seq.await_stack(i, &w.info.symbols, &w.info.types, site, task_id, await_key)
                 {
                     string_note(p, Note::AwaitStack, stack);
+                }
+                if let Some(waits_on) = seq.waits_on(i, &w.info.symbols, task_id, await_key) {
+                    string_note(p, Note::WaitsOn, waits_on);
                 }
             }
             if slice.truncated {
