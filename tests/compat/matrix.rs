@@ -250,6 +250,9 @@ pub enum Feature {
     WaitsAt,
     /// `waits_at` has file:line (builds with line tables only).
     FileLine,
+    /// `waits_on` names the tokio primitive (timer, socket, Notify,
+    /// JoinHandle…), and never one the task does not use.
+    WaitsOn,
     /// CPU samples attributed to the task running.
     Samples,
     /// The `block_on` root future's polls on its thread.
@@ -267,6 +270,7 @@ pub const FEATURES: &[Feature] = &[
     Feature::Blocking,
     Feature::WaitsAt,
     Feature::FileLine,
+    Feature::WaitsOn,
     Feature::Samples,
     Feature::BlockOnRoot,
 ];
@@ -284,6 +288,7 @@ impl Feature {
             Feature::Blocking => "blocking",
             Feature::WaitsAt => "waits_at",
             Feature::FileLine => "file:line",
+            Feature::WaitsOn => "waits_on",
             Feature::Samples => "samples",
             Feature::BlockOnRoot => "block_on root",
         }
