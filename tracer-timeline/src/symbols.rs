@@ -130,6 +130,10 @@ pub struct AwaitPoint {
     /// program's own: the task's future was inlined there (a build without
     /// DWARF), so only the task's type can say where it waits.
     pub inlined_into_harness: bool,
+    /// Where in the harness, when `inlined_into_harness` and the symbol
+    /// table says (`tokio::runtime::task::raw::poll+0x203`): tells two
+    /// awaits of such a future apart.
+    pub harness_at: Option<String>,
     /// The tokio primitive it waits on, when the stack shows one.
     pub waits_on: Option<WaitsOn>,
 }
@@ -141,9 +145,10 @@ impl AwaitPoint {
     pub fn waits_at(&self, task_type: Option<&str>) -> Option<String> {
         match self.chain.first() {
             Some(innermost) => Some(innermost.clone()),
-            None if self.inlined_into_harness => {
-                task_type.map(|name| format!("{name} (inlined into tokio's task harness)"))
-            }
+            None if self.inlined_into_harness => task_type.map(|name| match &self.harness_at {
+                Some(at) => format!("{name} (inlined into tokio's task harness at {at})"),
+                None => format!("{name} (inlined into tokio's task harness)"),
+            }),
             None => None,
         }
     }

@@ -91,6 +91,7 @@ fn info() -> TraceInfo {
     let await_chains = vec![AwaitPoint {
         chain: vec!["inner (main.rs:3)".into(), "outer (main.rs:9)".into()],
         inlined_into_harness: false,
+        harness_at: None,
         waits_on: Some(WaitsOn {
             kind: WaitKind::Timer,
             name: "time::Sleep",

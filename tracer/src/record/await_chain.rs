@@ -83,6 +83,14 @@ pub(super) fn reaches_harness(frames: &[Frame]) -> bool {
     first_harness(frames).is_some()
 }
 
+/// The harness frame the task's own stack ends at, described with its
+/// offset (`tokio::runtime::task::raw::poll+0x203`), when the symbol table
+/// gives one: where a future inlined into the harness waits.
+pub(super) fn harness_at(frames: &[Frame]) -> Option<String> {
+    let harness = &frames[first_harness(frames)?];
+    harness.symbol_offset.is_some().then(|| harness.describe())
+}
+
 /// tokio's task harness, where a task's poll starts (`raw::poll`,
 /// `Harness::poll`, `Core::poll`…): the bottom of the task's own stack.
 /// Not the rest of the task module, which captures start in (the waker's
@@ -265,6 +273,13 @@ pub(super) mod tests {
         ];
         assert!(await_chain(&frames).is_empty());
         assert!(reaches_harness(&frames));
+        assert_eq!(harness_at(&frames), None, "no offset known");
+        let mut with_offsets = frames.clone();
+        with_offsets[1].symbol_offset = Some(0x5c);
+        assert_eq!(
+            harness_at(&with_offsets).as_deref(),
+            Some("tokio::runtime::task::harness::Harness<T,S>::poll+0x5c")
+        );
         // A JoinHandle's read of its output is not the harness.
         let join = [
             symbol_only("tokio::runtime::task::waker::clone_waker"),

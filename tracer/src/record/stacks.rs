@@ -11,7 +11,9 @@
 use std::collections::{HashMap, HashSet};
 use std::io::Write;
 
-use super::await_chain::{described_chain, reaches_harness, registration_frames, spawned_at};
+use super::await_chain::{
+    described_chain, harness_at, reaches_harness, registration_frames, spawned_at,
+};
 use super::waits_on::waits_on;
 use anyhow::{Context, Result};
 use tracer_common::{STACK_HEADER_SIZE, StackHeader, StackKind};
@@ -261,6 +263,7 @@ impl StackTable {
                 await_chains.push(AwaitPoint {
                     chain,
                     inlined_into_harness,
+                    harness_at: inlined_into_harness.then(|| harness_at(frames)).flatten(),
                     waits_on: waits_on(registration_frames(frames)),
                 });
                 Some(await_chains.len() as u32 - 1)
