@@ -40,6 +40,7 @@ pub fn task_type(full: String, source: NameSource) -> TaskType {
         short: short_name(&full),
         full,
         source,
+        merged: 0,
     }
 }
 
@@ -113,7 +114,45 @@ pub(crate) fn name_poll_site(
     }
     let size = site_symbols.iter().map(|symbol| symbol.size).max()?;
     let hints = hints_from_callees(address, size, symbols, image);
-    best_hint(&hints).map(|name| task_type(name, NameSource::Symbols))
+    let name = best_hint(&hints)?;
+    let mut task_type = task_type(name, NameSource::Symbols);
+    let merged = merged_types(&hints);
+    if merged > 0 {
+        mark_merged(&mut task_type, merged);
+    }
+    Some(task_type)
+}
+
+/// How many other future types the nearest strong hints name besides the
+/// winners: one `raw::poll` whose callees carry several types' names is
+/// code that several task types share (LLVM merged identical functions,
+/// most often under fat LTO), so its polls may be any of them.
+fn merged_types(hints: &[Hint]) -> usize {
+    let Some(nearest) = hints.iter().filter(|h| h.strong).map(|h| h.depth).min() else {
+        return 0;
+    };
+    let mut names: Vec<&str> = hints
+        .iter()
+        .filter(|h| h.strong && h.depth == nearest)
+        .map(|h| h.type_name.as_str())
+        .collect();
+    names.sort_unstable();
+    names.dedup();
+    let winners = best_hint(hints).map_or(0, |name| name.split(" | ").count());
+    names.len().saturating_sub(winners)
+}
+
+/// Says in the type's names that its polls may be another type's:
+/// `ticker::{{closure}} (or 2 other types merged by LTO)`, so that traces,
+/// the summary and findings don't blame one type for another's polls.
+pub fn mark_merged(task_type: &mut TaskType, others: usize) {
+    let marker = match others {
+        1 => " (or 1 other type merged by LTO)".to_owned(),
+        n => format!(" (or {n} other types merged by LTO)"),
+    };
+    task_type.merged = others;
+    task_type.short.push_str(&marker);
+    task_type.full.push_str(&marker);
 }
 
 /// Breadth-first over direct calls and tail jumps from the function at `start`.
@@ -249,8 +288,11 @@ mod tests {
             hint("a::weak", 1, false),
         ];
         assert_eq!(best_hint(&hints).as_deref(), Some("a::near"));
+        assert_eq!(merged_types(&hints), 1, "a::other shares the code");
         let tied = [hint("a::x", 1, true), hint("a::y", 1, true)];
         assert_eq!(best_hint(&tied).as_deref(), Some("a::x | a::y"));
+        assert_eq!(merged_types(&tied), 0, "both named already");
+        assert_eq!(merged_types(&[hint("a::weak", 2, false)]), 0);
         assert_eq!(
             best_hint(&[hint("a::weak", 2, false)]).as_deref(),
             Some("a::weak")
