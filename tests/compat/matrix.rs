@@ -209,6 +209,19 @@ pub fn all_cells() -> Vec<Cell> {
         flavour: Flavour::Multi,
         profile: frame_pointers,
     });
+    // Where `opt-level = "s"` called tokio's task machinery through GOT
+    // slots (task types and the blocking pool unnamed) and kept half of
+    // the 1.54-style spawn pair (no multi-thread spawns): tokio 1.28.
+    let opt_s = PROFILES
+        .iter()
+        .find(|profile| profile.label == "opt-level = s")
+        .copied()
+        .expect("the opt-level = s profile");
+    cells.push(Cell {
+        version: v1_28,
+        flavour: Flavour::Multi,
+        profile: opt_s,
+    });
     cells
 }
 

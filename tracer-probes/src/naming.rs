@@ -19,8 +19,11 @@ use crate::{NameSource, TaskType};
 
 pub use crate::generics::short_name;
 
-/// How many calls away from `raw::poll` a hint may be.
-const MAX_CALL_DEPTH: usize = 3;
+/// How many calls away from `raw::poll` a hint may be: 3 in default
+/// release builds; `opt-level = "s"` builds need 5 (`raw::poll` →
+/// `Harness::poll` → `Core::poll` → `UnsafeCell::with_mut` →
+/// `BlockingTask::poll` → the closure, on tokio 1.28).
+const MAX_CALL_DEPTH: usize = 5;
 
 /// Generic tokio types whose first argument is the task's future type.
 const TYPES_HOLDING_THE_FUTURE: &[&str] = &[
@@ -78,13 +81,31 @@ pub fn program_closure(callee: &str) -> Option<&str> {
     (is_closure && !is_library).then_some(callee)
 }
 
+/// A function of the program itself (not of tokio, std, core, alloc, nor
+/// a trait impl or compiler glue).
+fn is_program_function(callee: &str) -> bool {
+    const LIBRARY_CRATES: &[&str] = &["tokio::", "std::", "core::", "alloc::"];
+    !callee.starts_with(['<', '_'])
+        && callee.contains("::")
+        && !LIBRARY_CRATES.iter().any(|krate| callee.starts_with(krate))
+}
+
 /// Is this a function whose callees may still tell the task type? tokio's own
 /// task machinery and drop glue, but not arbitrary code (which would lead
 /// anywhere).
 fn worth_following(symbol: &FunctionSymbol) -> bool {
     let path = symbol.name.trim_start_matches('<');
-    path.starts_with("tokio::runtime::task::") || path.contains("drop_in_place")
+    path.starts_with("tokio::runtime::task::")
+        || path.contains("drop_in_place")
+        // `opt-level = "s"` keeps these out of line: the future's poll is
+        // called from `UnsafeCell::with_mut` inside `Core::poll`, a
+        // `spawn_blocking` closure from `BlockingTask::poll`.
+        || path.starts_with("tokio::loom::std::unsafe_cell::UnsafeCell")
+        || path.starts_with(BLOCKING_TASK)
 }
+
+/// `spawn_blocking` work's future type (generics stripped).
+const BLOCKING_TASK: &str = "tokio::runtime::blocking::task::BlockingTask";
 
 /// A type name found `depth` calls away from `raw::poll`.
 struct Hint {
@@ -164,12 +185,24 @@ fn hints_from_callees(
 ) -> Vec<Hint> {
     let mut hints = Vec::new();
     let mut visited = HashSet::from([start]);
-    let mut queue = VecDeque::from([(start, start_size, 0usize)]);
-    while let Some((address, size, depth)) = queue.pop_front() {
+    // (function, its size, calls away from `raw::poll`, reached through
+    // `BlockingTask::poll`: a closure found there is `spawn_blocking` work).
+    let mut queue = VecDeque::from([(start, start_size, 0usize, false)]);
+    while let Some((address, size, depth, in_blocking_task)) = queue.pop_front() {
         let Some(code) = image.bytes(address, size) else {
             continue;
         };
-        for target in crate::disasm::direct_call_targets(code, address) {
+        // Direct calls, and calls through GOT slots (`opt-level = "s"`
+        // builds call tokio's task machinery that way: 5 of 23 task types
+        // and the blocking pool's were unnamed on tokio 1.28 before).
+        let through_pointers = crate::disasm::pointer_call_slots(code, address)
+            .into_iter()
+            .filter_map(|slot| image.pointer_at(slot));
+        let targets: Vec<u64> = crate::disasm::direct_call_targets(code, address)
+            .into_iter()
+            .chain(through_pointers)
+            .collect();
+        for target in targets {
             if !visited.insert(target) {
                 continue;
             }
@@ -182,9 +215,26 @@ fn hints_from_callees(
                         strong: true,
                     });
                 }
-                if let Some(closure) = program_closure(&callee.name) {
+                if in_blocking_task
+                    && program_closure(&callee.name).is_none()
+                    && is_program_function(&callee.name)
+                {
+                    // The closure inlined into `BlockingTask::poll`: what
+                    // it calls is all the binary says about it.
                     hints.push(Hint {
-                        type_name: closure.to_string(),
+                        type_name: format!("{BLOCKING_TASK}<a closure calling {}>", callee.path),
+                        depth: depth + 1,
+                        strong: false,
+                    });
+                }
+                if let Some(closure) = program_closure(&callee.name) {
+                    let type_name = if in_blocking_task {
+                        format!("{BLOCKING_TASK}<{closure}>")
+                    } else {
+                        closure.to_string()
+                    };
+                    hints.push(Hint {
+                        type_name,
                         depth: depth + 1,
                         strong: false,
                     });
@@ -192,7 +242,11 @@ fn hints_from_callees(
             }
             if depth + 1 < MAX_CALL_DEPTH && callees.iter().any(worth_following) {
                 let callee_size = callees.iter().map(|callee| callee.size).max().unwrap_or(0);
-                queue.push_back((target, callee_size, depth + 1));
+                let blocking = in_blocking_task
+                    || callees
+                        .iter()
+                        .any(|callee| callee.path.starts_with(&format!("<{BLOCKING_TASK} as ")));
+                queue.push_back((target, callee_size, depth + 1, blocking));
             }
         }
     }
