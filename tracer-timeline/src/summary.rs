@@ -84,7 +84,7 @@ impl SchedulerSummary {
                 name: types.short_name(site),
                 stats: stats.clone(),
                 spawned_from: spawned_from(&stats.spawn_call_sites, symbols),
-                waits_on: waits_on(&stats.await_points, symbols),
+                waits_on: crate::waits_summary::waits_on(&stats.await_points, symbols),
             })
             .collect();
         task_types.sort_by(|a, b| {
@@ -107,26 +107,6 @@ impl SchedulerSummary {
             longest_polls,
         }
     }
-}
-
-/// What polls ended waiting on, most polls first.
-fn waits_on(await_points: &HashMap<(u64, u64), u64>, symbols: &Symbols) -> Vec<(WaitsOn, u64)> {
-    let mut counts: HashMap<WaitsOn, u64> = HashMap::new();
-    for (&(task_id, key), &polls) in await_points {
-        if let Some(waits_on) = symbols
-            .await_point(task_id, key)
-            .and_then(|(_, point)| point.waits_on)
-        {
-            *counts.entry(waits_on).or_default() += polls;
-        }
-    }
-    let mut counts: Vec<(WaitsOn, u64)> = counts.into_iter().collect();
-    counts.sort_by(|a, b| {
-        b.1.cmp(&a.1)
-            .then_with(|| a.0.kind.cmp(&b.0.kind))
-            .then_with(|| a.0.name.cmp(b.0.name))
-    });
-    counts
 }
 
 /// The places tasks were spawned from, most spawns first (call sites on
@@ -286,24 +266,7 @@ impl Summary {
                 task_type.spawned_from.join(", ")
             )?;
         }
-        let waiting: Vec<&TaskTypeSummary> = scheduler
-            .task_types
-            .iter()
-            .filter(|t| !t.waits_on.is_empty())
-            .collect();
-        if !waiting.is_empty() {
-            writeln!(f, "waits on (share of the type's polls):")?;
-        }
-        for task_type in waiting {
-            let polls = task_type.stats.polls.max(1);
-            let parts: Vec<String> = task_type
-                .waits_on
-                .iter()
-                .take(4)
-                .map(|(waits_on, n)| format!("{} {}%", waits_on.label(), n * 100 / polls))
-                .collect();
-            writeln!(f, "  {}: {}", task_type.name, parts.join(", "))?;
-        }
+        crate::waits_summary::fmt_waits_on(f, &scheduler.task_types)?;
         Ok(())
     }
 
