@@ -346,7 +346,9 @@ mod tests {
     fn real_release_captures_across_tokio_versions() {
         let clone = "tokio::runtime::task::waker::clone_waker";
         let register = "tokio::sync::task::atomic_waker::AtomicWaker::register_by_ref";
-        let cases: &[(&str, &[&str], Option<(WaitKind, &str)>)] = &[
+        /// What was awaited, the capture's registration part, the answer.
+        type Case<'a> = (&'a str, &'a [&'a str], Option<(WaitKind, &'a str)>);
+        let cases: &[Case] = &[
             // tokio 1.54.1
             (
                 "1.54 interval.tick()",
