@@ -38,6 +38,30 @@ const OWN_FUNCTIONS: &[&str] = &[
     "compat_root",
 ];
 
+/// What each of the fixture's tasks may wait on (`waits_on` kinds): any
+/// other kind on its polls is a wrong answer.
+const MAY_WAIT_ON: &[(&str, &[&str])] = &[
+    ("compat_ticker", &["timer"]),
+    ("compat_notified", &["notify", "lock", "semaphore"]),
+    ("compat_producer", &["timer", "send", "semaphore"]),
+    ("compat_consumer", &["recv"]),
+    ("compat_job", &["yield"]),
+    ("compat_requester", &["join", "blocking", "timer"]),
+    ("compat_spinner", &["timer"]),
+    ("compat_read_frame", &["io_read", "io"]),
+    ("compat_handle_connection", &["io_read", "io_write", "io"]),
+    ("compat_echo_server", &["io_read", "io"]),
+    (
+        "compat_echo_client",
+        &["io_read", "io_write", "io", "timer"],
+    ),
+    ("compat_root", &["timer"]),
+];
+
+/// Kinds every cell's trace must show: the service awaits each of them
+/// hundreds of times in 3 s.
+const MUST_WAIT_ON: &[&str] = &["timer", "io_read", "notify", "join"];
+
 fn selected_cells() -> Vec<Cell> {
     match std::env::var("RT_COMPAT_CELLS") {
         Ok(list) if list == "all" => matrix::all_cells(),
@@ -279,6 +303,38 @@ impl<'a> Seen<'a> {
                     .collect();
                 let lined = with.iter().filter(|w| w.contains("main.rs:")).count();
                 share("polls' waits_at with main.rs:LINE", lined, with.len())
+            }
+            Feature::WaitsOn => {
+                let mut kinds = std::collections::BTreeSet::new();
+                for poll in &own {
+                    let (Some(name), Some(waits_on)) =
+                        (poll["name"].as_str(), poll["args"]["waits_on"].as_str())
+                    else {
+                        continue;
+                    };
+                    let kind = waits_on.split(": ").next().unwrap_or("");
+                    kinds.insert(kind.to_owned());
+                    let allowed = MAY_WAIT_ON
+                        .iter()
+                        .find(|(task, _)| name.contains(task))
+                        .map_or(&[][..], |(_, kinds)| *kinds);
+                    if !allowed.contains(&kind) {
+                        return Err(format!(
+                            "a poll of {name} says waits_on {waits_on:?} (it waits only on {allowed:?}), at {}",
+                            poll["args"]["waits_at"]
+                        ));
+                    }
+                }
+                let missing: Vec<&str> = MUST_WAIT_ON
+                    .iter()
+                    .copied()
+                    .filter(|kind| !kinds.contains(*kind))
+                    .collect();
+                if missing.is_empty() {
+                    Ok(())
+                } else {
+                    Err(format!("no poll waits on {missing:?} (seen: {kinds:?})"))
+                }
             }
             Feature::Samples => {
                 let in_spin: Vec<&Value> = self

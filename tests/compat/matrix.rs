@@ -209,6 +209,19 @@ pub fn all_cells() -> Vec<Cell> {
         flavour: Flavour::Multi,
         profile: frame_pointers,
     });
+    // Where `opt-level = "s"` called tokio's task machinery through GOT
+    // slots (task types and the blocking pool unnamed) and kept half of
+    // the 1.54-style spawn pair (no multi-thread spawns): tokio 1.28.
+    let opt_s = PROFILES
+        .iter()
+        .find(|profile| profile.label == "opt-level = s")
+        .copied()
+        .expect("the opt-level = s profile");
+    cells.push(Cell {
+        version: v1_28,
+        flavour: Flavour::Multi,
+        profile: opt_s,
+    });
     cells
 }
 
@@ -250,6 +263,9 @@ pub enum Feature {
     WaitsAt,
     /// `waits_at` has file:line (builds with line tables only).
     FileLine,
+    /// `waits_on` names the tokio primitive (timer, socket, Notify,
+    /// JoinHandle…), and never one the task does not use.
+    WaitsOn,
     /// CPU samples attributed to the task running.
     Samples,
     /// The `block_on` root future's polls on its thread.
@@ -267,6 +283,7 @@ pub const FEATURES: &[Feature] = &[
     Feature::Blocking,
     Feature::WaitsAt,
     Feature::FileLine,
+    Feature::WaitsOn,
     Feature::Samples,
     Feature::BlockOnRoot,
 ];
@@ -284,6 +301,7 @@ impl Feature {
             Feature::Blocking => "blocking",
             Feature::WaitsAt => "waits_at",
             Feature::FileLine => "file:line",
+            Feature::WaitsOn => "waits_on",
             Feature::Samples => "samples",
             Feature::BlockOnRoot => "block_on root",
         }

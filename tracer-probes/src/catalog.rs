@@ -225,10 +225,22 @@ pub fn choose_event_functions(
     family: &EventFamily,
     is_present: impl Fn(&str) -> bool,
 ) -> Vec<EventFunction> {
+    // An alternative the binary has whole first: where one of a pair was
+    // inlined (tokio 1.28 at `opt-level = "s"` keeps `current_thread::
+    // Handle::spawn` but inlines `bind_new_task`), taking the half pair
+    // missed every multi-thread spawn while `OwnedTasks::bind`, further
+    // down, covers both.
+    let whole = |alternative: &&&[EventFunction]| {
+        alternative.iter().all(|function| is_present(function.path))
+    };
+    let partial = |alternative: &&&[EventFunction]| {
+        alternative.iter().any(|function| is_present(function.path))
+    };
     family
         .alternatives
         .iter()
-        .find(|alternative| alternative.iter().any(|function| is_present(function.path)))
+        .find(whole)
+        .or_else(|| family.alternatives.iter().find(partial))
         .map(|alternative| {
             alternative
                 .iter()
@@ -482,6 +494,25 @@ mod tests {
         let old = choose_event_functions(spawn, |p| p == both[1]);
         assert_eq!(old[0].task_arg, TaskArg::ReturnValue);
         assert!(choose_event_functions(spawn, |_| false).is_empty());
+    }
+
+    /// tokio 1.28 at `opt-level = "s"`: `current_thread::Handle::spawn`
+    /// kept, `bind_new_task` inlined. Half a pair loses the multi-thread
+    /// runtime's spawns; `OwnedTasks::bind` covers both.
+    #[test]
+    fn a_whole_alternative_wins_over_half_a_pair() {
+        let spawn = &EVENT_FAMILIES[0];
+        let present = [
+            "tokio::runtime::scheduler::current_thread::Handle::spawn",
+            "tokio::runtime::task::list::OwnedTasks::bind",
+        ];
+        let chosen = choose_event_functions(spawn, |p| present.contains(&p));
+        let paths: Vec<&str> = chosen.iter().map(|f| f.path).collect();
+        assert_eq!(paths, ["tokio::runtime::task::list::OwnedTasks::bind"]);
+        // With nothing whole, half a pair is still better than nothing.
+        let chosen = choose_event_functions(spawn, |p| p == present[0]);
+        let paths: Vec<&str> = chosen.iter().map(|f| f.path).collect();
+        assert_eq!(paths, [present[0]]);
     }
 }
 

@@ -1,7 +1,9 @@
 //! x86-64 decoding with iced-x86: the instruction a probe replaces, and the
 //! functions a function calls or tail-calls directly.
 
-use iced_x86::{Decoder, DecoderOptions, Formatter, Instruction, IntelFormatter, OpKind};
+use iced_x86::{
+    Decoder, DecoderOptions, FlowControl, Formatter, Instruction, IntelFormatter, OpKind, Register,
+};
 
 /// The first instruction of `code` (which starts at virtual address
 /// `address`) in Intel syntax, e.g. `jmp 2EF80h` or `push r15`; `None` if the
@@ -70,6 +72,30 @@ pub fn direct_call_targets(code: &[u8], address: u64) -> Vec<u64> {
     targets
 }
 
+/// The memory slots that `call`s and `jmp`s through a RIP-relative pointer
+/// (`call qword ptr [rip+…]`, a GOT slot) in `code` read their target from:
+/// what code built with `opt-level = "s"` (or `-Z plt=no`-style GOT calls)
+/// calls other functions through.
+pub fn pointer_call_slots(code: &[u8], address: u64) -> Vec<u64> {
+    let mut slots = Vec::new();
+    for instruction in instructions(code, address) {
+        let indirect = matches!(
+            instruction.flow_control(),
+            FlowControl::IndirectCall | FlowControl::IndirectBranch
+        );
+        if indirect
+            && instruction.op0_kind() == OpKind::Memory
+            && instruction.memory_base() == Register::RIP
+        {
+            let slot = instruction.memory_displacement64();
+            if !slots.contains(&slot) {
+                slots.push(slot);
+            }
+        }
+    }
+    slots
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -82,6 +108,16 @@ mod tests {
             first_instruction(&code, 0x1000).as_deref(),
             Some("jmp 1015h")
         );
+    }
+
+    #[test]
+    fn finds_calls_and_jumps_through_rip_relative_slots() {
+        // call qword ptr [rip+0x10] at 0x1000 (6 bytes: slot 0x1016);
+        // jmp qword ptr [rip+0x20] at 0x1006 (slot 0x102c); call rax.
+        let code = [
+            0xFF, 0x15, 0x10, 0x00, 0x00, 0x00, 0xFF, 0x25, 0x20, 0x00, 0x00, 0x00, 0xFF, 0xD0,
+        ];
+        assert_eq!(pointer_call_slots(&code, 0x1000), [0x1016, 0x102c]);
     }
 
     #[test]

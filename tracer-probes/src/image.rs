@@ -1,6 +1,8 @@
 //! Maps virtual addresses of the binary to bytes of the file.
 
-use object::{Object, ObjectSection, SectionKind};
+use std::collections::HashMap;
+
+use object::{Object, ObjectSection, RelocationFlags, SectionKind};
 
 /// One section loaded from the file (`.bss`-like sections have no bytes and
 /// are left out).
@@ -15,6 +17,10 @@ pub struct Image<'data> {
     data: &'data [u8],
     sections: Vec<LoadedSection>,
     read_only_ranges: Vec<(u64, u64)>,
+    /// Pointers the dynamic loader fills in (a PIE's GOT slots and
+    /// vtables hold 0 in the file): slot address → target address, from
+    /// `R_X86_64_RELATIVE` addends.
+    relocated: HashMap<u64, u64>,
 }
 
 impl<'data> Image<'data> {
@@ -45,7 +51,20 @@ impl<'data> Image<'data> {
             data,
             sections,
             read_only_ranges,
+            relocated: relocated_pointers(file),
         }
+    }
+
+    /// The pointer stored at virtual `address` once the program is loaded:
+    /// the relocation's target, else the file's 8 bytes there (a
+    /// fixed-address executable); `None` if it is 0 or not in the file.
+    pub fn pointer_at(&self, address: u64) -> Option<u64> {
+        if let Some(&target) = self.relocated.get(&address) {
+            return Some(target);
+        }
+        let bytes = self.bytes(address, 8)?;
+        let value = u64::from_le_bytes(bytes.try_into().ok()?);
+        (value != 0).then_some(value)
     }
 
     /// Where the byte at virtual `address` is in the file: address − section
@@ -76,4 +95,26 @@ impl<'data> Image<'data> {
                 .get(usize::try_from(offset).ok()?..usize::try_from(offset + size).ok()?)
         })
     }
+}
+
+/// Slot → target for the dynamic relocations that store a known address:
+/// `R_X86_64_RELATIVE` (a PIE's pointers to its own functions; symbol
+/// relocations point into other files, which the naming does not follow).
+fn relocated_pointers(file: &object::File) -> HashMap<u64, u64> {
+    let mut pointers = HashMap::new();
+    let Some(relocations) = file.dynamic_relocations() else {
+        return pointers;
+    };
+    for (slot, relocation) in relocations {
+        let RelocationFlags::Elf { r_type } = relocation.flags() else {
+            continue;
+        };
+        if r_type == object::elf::R_X86_64_RELATIVE
+            && let Ok(target) = u64::try_from(relocation.addend())
+            && target != 0
+        {
+            pointers.insert(slot, target);
+        }
+    }
+    pointers
 }

@@ -23,7 +23,7 @@ pub mod return_sites;
 pub mod vtables;
 
 mod dwarf;
-mod generics;
+pub mod generics;
 mod image;
 mod symbols;
 mod table;
@@ -133,6 +133,10 @@ pub struct TaskType {
     pub short: String,
     /// Where the name came from.
     pub source: NameSource,
+    /// How many other future types may be polled by this same code (LLVM
+    /// merged identical functions, see `naming::mark_merged`); 0 when the
+    /// name is the only one. The names then say so.
+    pub merged: usize,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

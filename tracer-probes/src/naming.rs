@@ -19,8 +19,11 @@ use crate::{NameSource, TaskType};
 
 pub use crate::generics::short_name;
 
-/// How many calls away from `raw::poll` a hint may be.
-const MAX_CALL_DEPTH: usize = 3;
+/// How many calls away from `raw::poll` a hint may be: 3 in default
+/// release builds; `opt-level = "s"` builds need 5 (`raw::poll` →
+/// `Harness::poll` → `Core::poll` → `UnsafeCell::with_mut` →
+/// `BlockingTask::poll` → the closure, on tokio 1.28).
+const MAX_CALL_DEPTH: usize = 5;
 
 /// Generic tokio types whose first argument is the task's future type.
 const TYPES_HOLDING_THE_FUTURE: &[&str] = &[
@@ -40,6 +43,7 @@ pub fn task_type(full: String, source: NameSource) -> TaskType {
         short: short_name(&full),
         full,
         source,
+        merged: 0,
     }
 }
 
@@ -77,13 +81,31 @@ pub fn program_closure(callee: &str) -> Option<&str> {
     (is_closure && !is_library).then_some(callee)
 }
 
+/// A function of the program itself (not of tokio, std, core, alloc, nor
+/// a trait impl or compiler glue).
+fn is_program_function(callee: &str) -> bool {
+    const LIBRARY_CRATES: &[&str] = &["tokio::", "std::", "core::", "alloc::"];
+    !callee.starts_with(['<', '_'])
+        && callee.contains("::")
+        && !LIBRARY_CRATES.iter().any(|krate| callee.starts_with(krate))
+}
+
 /// Is this a function whose callees may still tell the task type? tokio's own
 /// task machinery and drop glue, but not arbitrary code (which would lead
 /// anywhere).
 fn worth_following(symbol: &FunctionSymbol) -> bool {
     let path = symbol.name.trim_start_matches('<');
-    path.starts_with("tokio::runtime::task::") || path.contains("drop_in_place")
+    path.starts_with("tokio::runtime::task::")
+        || path.contains("drop_in_place")
+        // `opt-level = "s"` keeps these out of line: the future's poll is
+        // called from `UnsafeCell::with_mut` inside `Core::poll`, a
+        // `spawn_blocking` closure from `BlockingTask::poll`.
+        || path.starts_with("tokio::loom::std::unsafe_cell::UnsafeCell")
+        || path.starts_with(BLOCKING_TASK)
 }
+
+/// `spawn_blocking` work's future type (generics stripped).
+const BLOCKING_TASK: &str = "tokio::runtime::blocking::task::BlockingTask";
 
 /// A type name found `depth` calls away from `raw::poll`.
 struct Hint {
@@ -113,7 +135,45 @@ pub(crate) fn name_poll_site(
     }
     let size = site_symbols.iter().map(|symbol| symbol.size).max()?;
     let hints = hints_from_callees(address, size, symbols, image);
-    best_hint(&hints).map(|name| task_type(name, NameSource::Symbols))
+    let name = best_hint(&hints)?;
+    let mut task_type = task_type(name, NameSource::Symbols);
+    let merged = merged_types(&hints);
+    if merged > 0 {
+        mark_merged(&mut task_type, merged);
+    }
+    Some(task_type)
+}
+
+/// How many other future types the nearest strong hints name besides the
+/// winners: one `raw::poll` whose callees carry several types' names is
+/// code that several task types share (LLVM merged identical functions,
+/// most often under fat LTO), so its polls may be any of them.
+fn merged_types(hints: &[Hint]) -> usize {
+    let Some(nearest) = hints.iter().filter(|h| h.strong).map(|h| h.depth).min() else {
+        return 0;
+    };
+    let mut names: Vec<&str> = hints
+        .iter()
+        .filter(|h| h.strong && h.depth == nearest)
+        .map(|h| h.type_name.as_str())
+        .collect();
+    names.sort_unstable();
+    names.dedup();
+    let winners = best_hint(hints).map_or(0, |name| name.split(" | ").count());
+    names.len().saturating_sub(winners)
+}
+
+/// Says in the type's names that its polls may be another type's:
+/// `ticker::{{closure}} (or 2 other types merged by LTO)`, so that traces,
+/// the summary and findings don't blame one type for another's polls.
+pub fn mark_merged(task_type: &mut TaskType, others: usize) {
+    let marker = match others {
+        1 => " (or 1 other type merged by LTO)".to_owned(),
+        n => format!(" (or {n} other types merged by LTO)"),
+    };
+    task_type.merged = others;
+    task_type.short.push_str(&marker);
+    task_type.full.push_str(&marker);
 }
 
 /// Breadth-first over direct calls and tail jumps from the function at `start`.
@@ -125,12 +185,24 @@ fn hints_from_callees(
 ) -> Vec<Hint> {
     let mut hints = Vec::new();
     let mut visited = HashSet::from([start]);
-    let mut queue = VecDeque::from([(start, start_size, 0usize)]);
-    while let Some((address, size, depth)) = queue.pop_front() {
+    // (function, its size, calls away from `raw::poll`, reached through
+    // `BlockingTask::poll`: a closure found there is `spawn_blocking` work).
+    let mut queue = VecDeque::from([(start, start_size, 0usize, false)]);
+    while let Some((address, size, depth, in_blocking_task)) = queue.pop_front() {
         let Some(code) = image.bytes(address, size) else {
             continue;
         };
-        for target in crate::disasm::direct_call_targets(code, address) {
+        // Direct calls, and calls through GOT slots (`opt-level = "s"`
+        // builds call tokio's task machinery that way: 5 of 23 task types
+        // and the blocking pool's were unnamed on tokio 1.28 before).
+        let through_pointers = crate::disasm::pointer_call_slots(code, address)
+            .into_iter()
+            .filter_map(|slot| image.pointer_at(slot));
+        let targets: Vec<u64> = crate::disasm::direct_call_targets(code, address)
+            .into_iter()
+            .chain(through_pointers)
+            .collect();
+        for target in targets {
             if !visited.insert(target) {
                 continue;
             }
@@ -143,9 +215,26 @@ fn hints_from_callees(
                         strong: true,
                     });
                 }
-                if let Some(closure) = program_closure(&callee.name) {
+                if in_blocking_task
+                    && program_closure(&callee.name).is_none()
+                    && is_program_function(&callee.name)
+                {
+                    // The closure inlined into `BlockingTask::poll`: what
+                    // it calls is all the binary says about it.
                     hints.push(Hint {
-                        type_name: closure.to_string(),
+                        type_name: format!("{BLOCKING_TASK}<a closure calling {}>", callee.path),
+                        depth: depth + 1,
+                        strong: false,
+                    });
+                }
+                if let Some(closure) = program_closure(&callee.name) {
+                    let type_name = if in_blocking_task {
+                        format!("{BLOCKING_TASK}<{closure}>")
+                    } else {
+                        closure.to_string()
+                    };
+                    hints.push(Hint {
+                        type_name,
                         depth: depth + 1,
                         strong: false,
                     });
@@ -153,7 +242,11 @@ fn hints_from_callees(
             }
             if depth + 1 < MAX_CALL_DEPTH && callees.iter().any(worth_following) {
                 let callee_size = callees.iter().map(|callee| callee.size).max().unwrap_or(0);
-                queue.push_back((target, callee_size, depth + 1));
+                let blocking = in_blocking_task
+                    || callees
+                        .iter()
+                        .any(|callee| callee.path.starts_with(&format!("<{BLOCKING_TASK} as ")));
+                queue.push_back((target, callee_size, depth + 1, blocking));
             }
         }
     }
@@ -249,8 +342,11 @@ mod tests {
             hint("a::weak", 1, false),
         ];
         assert_eq!(best_hint(&hints).as_deref(), Some("a::near"));
+        assert_eq!(merged_types(&hints), 1, "a::other shares the code");
         let tied = [hint("a::x", 1, true), hint("a::y", 1, true)];
         assert_eq!(best_hint(&tied).as_deref(), Some("a::x | a::y"));
+        assert_eq!(merged_types(&tied), 0, "both named already");
+        assert_eq!(merged_types(&[hint("a::weak", 2, false)]), 0);
         assert_eq!(
             best_hint(&[hint("a::weak", 2, false)]).as_deref(),
             Some("a::weak")

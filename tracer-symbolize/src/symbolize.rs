@@ -34,6 +34,11 @@ pub struct Frame {
     /// Path of the file the address is in (as the process sees it),
     /// `[vdso]`, `[uprobes]`, or empty when in no known module.
     pub module: String,
+    /// The address's offset from the start of its symbol (`fn+0x1a3`), on
+    /// the frame whose machine code this is (not on inlined frames), when
+    /// the symbol table covers it. Without line tables it is what tells
+    /// two calls in one function apart.
+    pub symbol_offset: Option<u64>,
 }
 
 /// Symbolizes addresses of one process.
@@ -146,6 +151,7 @@ impl Symbolizer {
             line: None,
             inlined: false,
             module: module.to_owned(),
+            symbol_offset: None,
         };
         if self
             .maps
@@ -175,20 +181,27 @@ impl Symbolizer {
                     line,
                     inlined: true,
                     module: module.name.clone(),
+                    symbol_offset: None,
                 })
             });
         }
+        let symbol = symbols.symbols.lookup(svma);
+        // The return address's own offset (not the call's, one byte back):
+        // what a disassembly of the function shows after the call.
+        let symbol_offset = symbol.map(|(start, _)| address.wrapping_sub(symbols.bias) - start);
         match frames.last_mut() {
             Some(outermost) => {
                 outermost.inlined = false;
+                outermost.symbol_offset = symbol_offset;
                 // DWARF without a name for the outer function (e.g. code from
                 // a unit compiled without debug info): the symbol knows.
                 if outermost.function.is_none() {
-                    outermost.function = symbols.symbols.lookup(svma).map(demangle);
+                    outermost.function = symbol.map(|(_, name)| demangle(name));
                 }
             }
             None => frames.push(Frame {
-                function: symbols.symbols.lookup(svma).map(demangle),
+                function: symbol.map(|(_, name)| demangle(name)),
+                symbol_offset,
                 ..bare(&module.name)
             }),
         }
@@ -361,14 +374,15 @@ impl SymbolTable {
         SymbolTable { entries }
     }
 
-    fn lookup(&self, svma: u64) -> Option<&str> {
+    /// The symbol covering `svma`: its start and its (mangled) name.
+    fn lookup(&self, svma: u64) -> Option<(u64, &str)> {
         let i = self
             .entries
             .partition_point(|e| e.0 <= svma)
             .checked_sub(1)?;
         let (address, size, name) = &self.entries[i];
         // A size of 0 (hand-written assembly) gives no end: trust the nearest.
-        (*size == 0 || svma < address + size).then_some(name.as_str())
+        (*size == 0 || svma < address + size).then_some((*address, name.as_str()))
     }
 }
 

@@ -6,7 +6,9 @@
 //! importer has no callstacks).
 //!
 //! - Slices become complete ("X") events named after the task's type, with
-//!   `waits_at` and `await_stack` when the poll ended at a known await point.
+//!   `waits_at` and `await_stack` when the poll ended at a known await point,
+//!   and `waits_on` ("timer: time::Sleep") when its stack shows the
+//!   tokio primitive.
 //! - A wake or spawn that makes a task runnable starts a flow arrow ("s")
 //!   that ends ("f") at the task's next poll. Perfetto binds "s" to the slice
 //!   open on the waking thread: the waker's poll when the wake happens inside
@@ -87,6 +89,9 @@ impl<'a, W: Write> JsonWriter<'a, W> {
                     if let Some(waits_at) = point.waits_at(task_type) {
                         args["waits_at"] = json!(waits_at);
                         args["await_stack"] = json!(point.stack(task_type));
+                    }
+                    if let Some(waits_on) = point.waits_on {
+                        args["waits_on"] = json!(waits_on.label());
                     }
                 }
                 let name = types.short_name(Some(site));

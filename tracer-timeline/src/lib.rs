@@ -11,7 +11,8 @@
 //!   [`chrome`]. [`symbols`] holds the symbolized stacks they look up.
 //! - [`task_types`] names task types by probe site.
 //! - [`summary`] renders the short text report printed when recording ends;
-//!   [`findings`] decides what it flags (HOG, IMBALANCE) as typed values.
+//!   [`findings`] decides what it flags (HOG, IMBALANCE) as typed values;
+//!   `waits_summary` counts what each task type waited on.
 
 pub mod chrome;
 pub mod counters;
@@ -32,6 +33,7 @@ pub mod tasks;
 mod test_util;
 pub mod timeline;
 pub mod units;
+mod waits_summary;
 pub mod writer;
 
 /// The hash map for maps looked up per event (task ids, tids, interned

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use crate::findings::{Finding, findings, format_permille};
 use crate::histogram::Histogram;
 use crate::json::task_label;
-use crate::symbols::Symbols;
+use crate::symbols::{Symbols, WaitsOn};
 use crate::table::Table;
 use crate::task_types::TaskTypes;
 use crate::tasks::{LongPoll, TaskTotals, TaskTypeStats};
@@ -82,6 +82,9 @@ pub struct TaskTypeSummary {
     /// most spawns first; empty where spawns were not traced or not
     /// symbolized.
     pub spawned_from: Vec<String>,
+    /// What its polls ended waiting on, with how many polls, most first;
+    /// empty where no await stack showed a tokio primitive.
+    pub waits_on: Vec<(WaitsOn, u64)>,
 }
 
 pub struct LongPollSummary {
@@ -100,6 +103,7 @@ impl SchedulerSummary {
                 name: types.short_name(site),
                 stats: stats.clone(),
                 spawned_from: spawned_from(&stats.spawn_call_sites, symbols),
+                waits_on: crate::waits_summary::waits_on(&stats.await_points, symbols),
             })
             .collect();
         task_types.sort_by(|a, b| {
@@ -281,6 +285,7 @@ impl Summary {
                 task_type.spawned_from.join(", ")
             )?;
         }
+        crate::waits_summary::fmt_waits_on(f, &scheduler.task_types)?;
         Ok(())
     }
 

@@ -53,6 +53,11 @@ impl Summary {
                     "times_woken": s.times_woken,
                     "scheduling_delay": delay(&s.scheduling_delay),
                     "spawned_from": t.spawned_from,
+                    "waits_on": t.waits_on.iter().map(|(w, polls)| json!({
+                        "kind": w.kind.as_str(),
+                        "name": w.name,
+                        "polls": polls,
+                    })).collect::<Vec<Value>>(),
                 })
             })
             .collect();
@@ -136,6 +141,56 @@ mod tests {
                 ..ThreadStats::default()
             },
         }
+    }
+
+    #[test]
+    fn task_types_say_what_they_wait_on() {
+        use crate::summary::TaskTypeSummary;
+        use crate::symbols::{WaitKind, WaitsOn};
+        use crate::tasks::TaskTypeStats;
+        let summary = Summary {
+            scheduler: SchedulerSummary {
+                task_types: vec![TaskTypeSummary {
+                    name: "echo_client::{{closure}}".to_owned(),
+                    stats: TaskTypeStats {
+                        polls: 200,
+                        ..TaskTypeStats::default()
+                    },
+                    spawned_from: Vec::new(),
+                    waits_on: vec![
+                        (
+                            WaitsOn {
+                                kind: WaitKind::IoRead,
+                                name: "socket read",
+                            },
+                            150,
+                        ),
+                        (
+                            WaitsOn {
+                                kind: WaitKind::Timer,
+                                name: "time::Sleep",
+                            },
+                            50,
+                        ),
+                    ],
+                }],
+                ..SchedulerSummary::default()
+            },
+            ..Summary::default()
+        };
+        let json = summary.to_json();
+        let waits_on = &json["task_types"][0]["waits_on"];
+        assert_eq!(waits_on[0]["kind"], "io_read");
+        assert_eq!(waits_on[0]["name"], "socket read");
+        assert_eq!(waits_on[0]["polls"], 150);
+        assert_eq!(waits_on[1]["kind"], "timer");
+        let text = summary.to_string();
+        assert!(
+            text.contains(
+                "echo_client::{{closure}}: io_read: socket read 75%, timer: time::Sleep 25%"
+            ),
+            "{text}"
+        );
     }
 
     #[test]

@@ -23,6 +23,9 @@ pub struct SymbolFrame {
     pub inlined: bool,
     /// The file the address is in (executable or library).
     pub module: String,
+    /// The address's offset in its symbol, on the frame whose code it is
+    /// (not an inlined one), when the symbol table covers it.
+    pub symbol_offset: Option<u64>,
 }
 
 impl SymbolFrame {
@@ -33,15 +36,87 @@ impl SymbolFrame {
             .unwrap_or_else(|| format!("{:#x}", self.address))
     }
 
-    /// "function (file.rs:line)", or as much of it as is known.
+    /// "function (file.rs:line)", or as much of it as is known; without
+    /// line tables "function+0x1a3" (the offset in the function's symbol),
+    /// so that two calls in one function are told apart.
     pub fn describe(&self) -> String {
         let function = self.function_name();
         let short_file = |file: &str| file.rsplit('/').next().unwrap_or(file).to_owned();
-        match (&self.file, self.line) {
-            (Some(file), Some(line)) => format!("{function} ({}:{line})", short_file(file)),
-            (Some(file), None) => format!("{function} ({})", short_file(file)),
+        match (&self.file, self.line, self.symbol_offset) {
+            (Some(file), Some(line), _) => format!("{function} ({}:{line})", short_file(file)),
+            (Some(file), None, _) => format!("{function} ({})", short_file(file)),
+            (None, _, Some(offset)) if self.function.is_some() => {
+                format!("{function}+{offset:#x}")
+            }
             _ => function,
         }
+    }
+}
+
+/// What kind of tokio primitive a task waits on (see [`WaitsOn`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum WaitKind {
+    /// A `Sleep`, an `Interval`, a timeout's deadline.
+    Timer,
+    /// A socket's (or any I/O resource's) read readiness: read, accept, recv.
+    IoRead,
+    /// Write readiness: write, connect, send.
+    IoWrite,
+    /// I/O readiness whose direction the stack does not show.
+    Io,
+    /// A channel's receive (mpsc, oneshot, broadcast, watch).
+    Recv,
+    /// A channel's send (a bounded mpsc's capacity) or its `closed()`.
+    Send,
+    /// A `Mutex`, `RwLock` or `OnceCell`.
+    Lock,
+    /// A `Semaphore` acquire.
+    Semaphore,
+    /// A `Notify`.
+    Notify,
+    /// A `JoinHandle` (another task's end).
+    Join,
+    /// A `spawn_blocking` call's `JoinHandle`.
+    Blocking,
+    /// `yield_now`, or tokio's cooperative budget ran out.
+    Yield,
+}
+
+impl WaitKind {
+    /// The name in traces and `--summary-json`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WaitKind::Timer => "timer",
+            WaitKind::IoRead => "io_read",
+            WaitKind::IoWrite => "io_write",
+            WaitKind::Io => "io",
+            WaitKind::Recv => "recv",
+            WaitKind::Send => "send",
+            WaitKind::Lock => "lock",
+            WaitKind::Semaphore => "semaphore",
+            WaitKind::Notify => "notify",
+            WaitKind::Join => "join",
+            WaitKind::Blocking => "blocking",
+            WaitKind::Yield => "yield",
+        }
+    }
+}
+
+/// The tokio primitive a task waits on: the leaf of its await stack,
+/// nearest the waker registration (`time::Interval::tick`, kind
+/// `timer`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct WaitsOn {
+    pub kind: WaitKind,
+    /// For people: the API the program called, as tokio's docs name it.
+    pub name: &'static str,
+}
+
+impl WaitsOn {
+    /// `"timer: time::Interval::tick"`: the traces' `waits_on`
+    /// (the kind, up to the first ": ", is for queries).
+    pub fn label(&self) -> String {
+        format!("{}: {}", self.kind.as_str(), self.name)
     }
 }
 
@@ -55,6 +130,12 @@ pub struct AwaitPoint {
     /// program's own: the task's future was inlined there (a build without
     /// DWARF), so only the task's type can say where it waits.
     pub inlined_into_harness: bool,
+    /// Where in the harness, when `inlined_into_harness` and the symbol
+    /// table says (`tokio::runtime::task::raw::poll+0x203`): tells two
+    /// awaits of such a future apart.
+    pub harness_at: Option<String>,
+    /// The tokio primitive it waits on, when the stack shows one.
+    pub waits_on: Option<WaitsOn>,
 }
 
 impl AwaitPoint {
@@ -64,9 +145,10 @@ impl AwaitPoint {
     pub fn waits_at(&self, task_type: Option<&str>) -> Option<String> {
         match self.chain.first() {
             Some(innermost) => Some(innermost.clone()),
-            None if self.inlined_into_harness => {
-                task_type.map(|name| format!("{name} (inlined into tokio's task harness)"))
-            }
+            None if self.inlined_into_harness => task_type.map(|name| match &self.harness_at {
+                Some(at) => format!("{name} (inlined into tokio's task harness at {at})"),
+                None => format!("{name} (inlined into tokio's task harness)"),
+            }),
             None => None,
         }
     }

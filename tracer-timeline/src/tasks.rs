@@ -42,6 +42,11 @@ pub struct TaskTypeStats {
     /// Spawns by call site (`Spawn::call_site`), of the tasks counted in
     /// `tasks`. Bounded by the program's spawn calls.
     pub spawn_call_sites: HashMap<u64, u64>,
+    /// Polls by the await point they ended at ((task id, await key), as
+    /// `Symbols::await_point` takes it; key 0 left out): what the tasks
+    /// waited on, once symbolized. Bounded like the await stacks: one
+    /// entry per task and await point.
+    pub await_points: HashMap<(u64, u64), u64>,
 }
 
 /// One poll, kept because it is among the longest.
@@ -94,6 +99,8 @@ pub(crate) struct ClosedPoll {
     pub tid: u32,
     pub task: u64,
     pub site: u32,
+    /// (task id, await key) of the await point it ended at.
+    pub await_point: (u64, u64),
     pub start_ns: u64,
     pub end_ns: u64,
     pub truncated: bool,
@@ -275,6 +282,9 @@ impl TaskTracker {
         type_stats.polls += 1;
         type_stats.busy_ns += duration;
         type_stats.longest_poll_ns = type_stats.longest_poll_ns.max(duration);
+        if poll.await_point.1 != 0 {
+            *type_stats.await_points.entry(poll.await_point).or_default() += 1;
+        }
         let serial = task.serial;
         let long_poll = LongPoll {
             task: poll.task,

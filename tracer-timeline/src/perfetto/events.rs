@@ -85,6 +85,9 @@ impl<W: Write> PerfettoWriter<'_, W> {
                 {
                     string_note(p, Note::AwaitStack, stack);
                 }
+                if let Some(waits_on) = seq.waits_on(i, &w.info.symbols, task_id, await_key) {
+                    string_note(p, Note::WaitsOn, waits_on);
+                }
             }
             if slice.truncated {
                 bool_note(p, Note::Truncated);

@@ -14,7 +14,9 @@
 //! ended (`flows`): 1 byte an id instead of 9 in the fixed64 fields. A poll
 //! carries no `waits_at` (the JSON trace's name for the await stack's first
 //! line), its full type is an interned source location (3 bytes), and a
-//! wake instant does not repeat the woken task's id (its flow's end does).
+//! wake instant does not repeat the woken task's id (its flow's end does);
+//! a poll carries `waits_on` (the tokio primitive, ~4 bytes a poll: one
+//! interned string per await chain).
 //! It also carries what JSON cannot: CPU samples with interned callstacks
 //! (frames with function, file:line, inlined frames and the mapping), which
 //! the UI turns into flamegraphs for an area selection.

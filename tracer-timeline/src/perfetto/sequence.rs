@@ -74,9 +74,10 @@ pub enum Note {
     LifetimeNs,
     By,
     Header,
+    WaitsOn,
 }
 
-const NOTES: [&str; 17] = [
+const NOTES: [&str; 18] = [
     "task_id",
     "task_type",
     "await_stack",
@@ -94,6 +95,7 @@ const NOTES: [&str; 17] = [
     "lifetime_ns",
     "by",
     "header",
+    "waits_on",
 ];
 
 /// Other annotation names (the metadata's keys) are interned from here on.
@@ -147,6 +149,8 @@ pub struct Sequence {
     /// By await chain (and, for a future inlined into the harness, the
     /// task's site, which names it): the interned `await_stack`.
     awaits: FastMap<(u32, u32), u64>,
+    /// By await chain: the interned `waits_on` (0: the chain has none).
+    waits_on: FastMap<u32, u64>,
     notes: FastMap<String, u64>,
 }
 
@@ -317,6 +321,27 @@ impl Sequence {
         Some(stack)
     }
 
+    /// The string iid of what task `task_id` waits on at `key` (its
+    /// `waits_on` label), if known.
+    pub fn waits_on(
+        &mut self,
+        i: &mut Encoder,
+        symbols: &Symbols,
+        task_id: u64,
+        key: u64,
+    ) -> Option<u64> {
+        let (index, point) = symbols.await_point(task_id, key)?;
+        if let Some(&known) = self.waits_on.get(&index) {
+            return (known != 0).then_some(known);
+        }
+        let iid = match point.waits_on {
+            Some(waits_on) => self.string_value(i, &waits_on.label()),
+            None => 0,
+        };
+        self.waits_on.insert(index, iid);
+        (iid != 0).then_some(iid)
+    }
+
     /// A `debug_annotation_string_values` iid for `text`.
     pub fn string_value(&mut self, i: &mut Encoder, text: &str) -> u64 {
         if let Some(&iid) = self.strings.get(text) {
@@ -366,7 +391,8 @@ mod tests {
         assert_eq!(note(Note::EndLost.iid()), "end_lost");
         assert_eq!(note(Note::WakerTaskId.iid()), "waker_task_id");
         assert_eq!(note(Note::Header.iid()), "header");
-        assert_eq!(NOTES.len() as u64, Note::Header.iid());
+        assert_eq!(note(Note::WaitsOn.iid()), "waits_on");
+        assert_eq!(NOTES.len() as u64, Note::WaitsOn.iid());
         assert!(FIRST_DYNAMIC_NAME > NAMES.len() as u64);
         assert!(FIRST_DYNAMIC_NOTE > NOTES.len() as u64);
     }

@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, HashMap};
 use tracer_common::{Event, EventKind};
 
 use crate::output::TimelineOutput;
-use crate::symbols::{AwaitPoint, SymbolFrame, Symbols};
+use crate::symbols::{AwaitPoint, SymbolFrame, Symbols, WaitKind, WaitsOn};
 use crate::task_types::{TaskName, TaskTypes};
 use crate::test_util::{event, park_end, park_start, poll_end};
 use crate::timeline::Timeline;
@@ -84,12 +84,18 @@ fn info() -> TraceInfo {
         line: Some(line),
         inlined: false,
         module: "/bin/app".into(),
+        symbol_offset: None,
     };
     let mut await_points = HashMap::new();
     await_points.insert((1, 77), 0);
     let await_chains = vec![AwaitPoint {
         chain: vec!["inner (main.rs:3)".into(), "outer (main.rs:9)".into()],
         inlined_into_harness: false,
+        harness_at: None,
+        waits_on: Some(WaitsOn {
+            kind: WaitKind::Timer,
+            name: "time::Sleep",
+        }),
     }];
     TraceInfo {
         pid: 42,
@@ -221,6 +227,8 @@ fn slices_balance_and_flows_have_both_ends() {
         // The await stack; where the task waits is its first line, not a
         // string (and an annotation) of its own.
         "inner (main.rs:3)\nouter (main.rs:9)",
+        // What it waits on: a note of its own.
+        "timer: time::Sleep",
         "inner",
         "bin/app",
         "1.54.1",
@@ -256,6 +264,7 @@ fn flows_match_the_json_trace() {
         .find(|e| e["ph"] == "X" && e["args"]["waits_at"].is_string())
         .expect("the poll that ended at an await point");
     assert_eq!(poll["args"]["waits_at"], "inner (main.rs:3)");
+    assert_eq!(poll["args"]["waits_on"], "timer: time::Sleep");
     let sample = events.iter().find(|e| e["name"] == "sample").unwrap();
     assert_eq!(sample["args"]["task_type"], "app::ping");
     assert_eq!(sample["args"]["stack"][1], "outer (main.rs:9)");

@@ -394,13 +394,20 @@ impl Timeline {
         else {
             return false;
         };
-        let SliceKind::Poll { site, task, .. } = slice.kind else {
+        let SliceKind::Poll {
+            site,
+            task,
+            task_id,
+            await_key,
+        } = slice.kind
+        else {
             unreachable!("close_poll only makes poll slices")
         };
         let closed = ClosedPoll {
             tid: slice.tid,
             task,
             site,
+            await_point: (task_id, await_key),
             start_ns: slice.start_ns,
             end_ns: slice.end_ns,
             truncated,

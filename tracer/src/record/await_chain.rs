@@ -29,6 +29,21 @@ pub(super) fn await_chain(frames: &[Frame]) -> Vec<&Frame> {
         .collect()
 }
 
+/// The waker registration's part of an await stack: the frames above the
+/// program's own code (tokio's and std's), innermost first; the whole
+/// task's stack when none of it is the program's own.
+pub(super) fn registration_frames(frames: &[Frame]) -> &[Frame] {
+    let own_task = match first_harness(frames) {
+        Some(harness) => &frames[..harness],
+        None => frames,
+    };
+    let first_own = own_task
+        .iter()
+        .position(|frame| !is_library_frame(frame))
+        .unwrap_or(own_task.len());
+    &own_task[..first_own]
+}
+
 /// The await chain, described. With line tables only, rustc names an
 /// inlined async fn `{async_fn#0}` with no path (and emits no namespace
 /// for it): the outermost one, the task's own future, gets its path from
@@ -66,6 +81,14 @@ fn first_harness(frames: &[Frame]) -> Option<usize> {
 
 pub(super) fn reaches_harness(frames: &[Frame]) -> bool {
     first_harness(frames).is_some()
+}
+
+/// The harness frame the task's own stack ends at, described with its
+/// offset (`tokio::runtime::task::raw::poll+0x203`), when the symbol table
+/// gives one: where a future inlined into the harness waits.
+pub(super) fn harness_at(frames: &[Frame]) -> Option<String> {
+    let harness = &frames[first_harness(frames)?];
+    harness.symbol_offset.is_some().then(|| harness.describe())
 }
 
 /// tokio's task harness, where a task's poll starts (`raw::poll`,
@@ -146,6 +169,7 @@ pub(super) mod tests {
             line: Some(line),
             inlined: true,
             module: "/app".to_string(),
+            symbol_offset: None,
         }
     }
 
@@ -249,6 +273,13 @@ pub(super) mod tests {
         ];
         assert!(await_chain(&frames).is_empty());
         assert!(reaches_harness(&frames));
+        assert_eq!(harness_at(&frames), None, "no offset known");
+        let mut with_offsets = frames.clone();
+        with_offsets[1].symbol_offset = Some(0x5c);
+        assert_eq!(
+            harness_at(&with_offsets).as_deref(),
+            Some("tokio::runtime::task::harness::Harness<T,S>::poll+0x5c")
+        );
         // A JoinHandle's read of its output is not the harness.
         let join = [
             symbol_only("tokio::runtime::task::waker::clone_waker"),
@@ -261,6 +292,35 @@ pub(super) mod tests {
             .map(Frame::describe)
             .collect();
         assert_eq!(chain, ["app::outer::{{closure}} (main.rs:20)"]);
+    }
+
+    #[test]
+    fn without_line_tables_two_awaits_of_one_function_differ_by_offset() {
+        let at = |offset| Frame {
+            symbol_offset: Some(offset),
+            ..symbol_only("app::requester::{{closure}}")
+        };
+        let chain = |offset| {
+            described_chain(&[
+                symbol_only("tokio::runtime::task::waker::clone_waker"),
+                symbol_only(
+                    "<tokio::runtime::task::join::JoinHandle<T> as core::future::future::Future>::poll",
+                ),
+                at(offset),
+                symbol_only("tokio::runtime::task::harness::Harness<T,S>::poll"),
+            ])
+        };
+        assert_eq!(chain(0x80), ["app::requester::{{closure}}+0x80"]);
+        assert_eq!(chain(0x13d), ["app::requester::{{closure}}+0x13d"]);
+        // With a line, the line says it; an inlined frame has no offset.
+        assert_eq!(
+            Frame {
+                symbol_offset: Some(0x80),
+                ..frame("app::requester::{{closure}}", 7)
+            }
+            .describe(),
+            "app::requester::{{closure}} (main.rs:7)"
+        );
     }
 
     #[test]

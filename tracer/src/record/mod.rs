@@ -24,6 +24,7 @@ pub mod status;
 pub mod target;
 pub mod trace_file;
 pub mod trace_size;
+mod waits_on;
 
 pub use loader::Settings;
 pub use session::{Mode, Outcome, RecordOptions, StopReason, TargetSpec, record};

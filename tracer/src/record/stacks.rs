@@ -11,7 +11,10 @@
 use std::collections::{HashMap, HashSet};
 use std::io::Write;
 
-use super::await_chain::{described_chain, reaches_harness, spawned_at};
+use super::await_chain::{
+    described_chain, harness_at, reaches_harness, registration_frames, spawned_at,
+};
+use super::waits_on::waits_on;
 use anyhow::{Context, Result};
 use tracer_common::{STACK_HEADER_SIZE, StackHeader, StackKind};
 use tracer_symbolize::{CapturedStack, Frame, ProcessMaps, Symbolizer, Unwinder};
@@ -248,6 +251,10 @@ impl StackTable {
         for (&key, &id) in &self.await_stacks {
             let index = *chain_of_stack.entry(id).or_insert_with(|| {
                 let frames = stacks.get(id as usize)?;
+                if log::log_enabled!(log::Level::Trace) {
+                    let described: Vec<String> = frames.iter().map(SymbolFrame::describe).collect();
+                    log::trace!("await stack {id}: {}", described.join(" <- "));
+                }
                 let chain = described_chain(frames);
                 let inlined_into_harness = chain.is_empty() && reaches_harness(frames);
                 if chain.is_empty() && !inlined_into_harness {
@@ -256,6 +263,8 @@ impl StackTable {
                 await_chains.push(AwaitPoint {
                     chain,
                     inlined_into_harness,
+                    harness_at: inlined_into_harness.then(|| harness_at(frames)).flatten(),
+                    waits_on: waits_on(registration_frames(frames)),
                 });
                 Some(await_chains.len() as u32 - 1)
             });
@@ -280,6 +289,7 @@ fn symbol_frame(frame: Frame) -> SymbolFrame {
         line: frame.line,
         inlined: frame.inlined,
         module: frame.module,
+        symbol_offset: frame.symbol_offset,
     }
 }
 
