@@ -49,6 +49,9 @@ from collections import defaultdict
 from perfetto.protos.perfetto.trace import perfetto_trace_pb2 as pb
 
 INCREMENTAL_STATE_CLEARED = 1
+# The first line of an await stack that says what the task waits on
+# (tracer-timeline's perfetto::sequence::WAITS_ON_PREFIX).
+WAITS_ON_PREFIX = "waits on: "
 TASK_FRAME_MAPPING = "[tokio task]"
 
 
@@ -311,8 +314,14 @@ def main(path):
                     problems.add(f"{where}: undefined string value {note.string_value_iid}")
                 if key == "await_stack" and value is not None:
                     value = value.split("\n")
+                    # `waits_on` is the stack's first line when known (the
+                    # JSON trace has it as an argument of its own).
+                    if value[0].startswith(WAITS_ON_PREFIX):
+                        args["waits_on"] = value.pop(0)[len(WAITS_ON_PREFIX):]
                     # The writer leaves out `waits_at`, the stack's first
-                    # line; the JSON trace has both.
+                    # frame; the JSON trace has both.
+                    if not value:
+                        continue
                     args["waits_at"] = value[0]
             elif note.HasField("uint_value"):
                 value = note.uint_value

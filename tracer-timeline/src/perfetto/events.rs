@@ -78,15 +78,13 @@ impl<W: Write> PerfettoWriter<'_, W> {
                 if let Some(iid) = seq.task_location(i, site, &w.info.types) {
                     p.varint(event::SOURCE_LOCATION_IID, iid);
                 }
-                // No `waits_at`: it is always the stack's first line (six
-                // bytes a poll, a fifth of the poll's end).
+                // No `waits_at`: it is always the stack's first frame (six
+                // bytes a poll, a fifth of the poll's end); `waits_on` is
+                // the stack's first line when known (see `await_stack`).
                 if let Some(stack) =
                     seq.await_stack(i, &w.info.symbols, &w.info.types, site, task_id, await_key)
                 {
                     string_note(p, Note::AwaitStack, stack);
-                }
-                if let Some(waits_on) = seq.waits_on(i, &w.info.symbols, task_id, await_key) {
-                    string_note(p, Note::WaitsOn, waits_on);
                 }
             }
             if slice.truncated {

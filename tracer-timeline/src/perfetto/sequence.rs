@@ -74,10 +74,9 @@ pub enum Note {
     LifetimeNs,
     By,
     Header,
-    WaitsOn,
 }
 
-const NOTES: [&str; 18] = [
+const NOTES: [&str; 17] = [
     "task_id",
     "task_type",
     "await_stack",
@@ -95,8 +94,11 @@ const NOTES: [&str; 18] = [
     "lifetime_ns",
     "by",
     "header",
-    "waits_on",
 ];
+
+/// The first line of an interned await stack that names the leaf primitive
+/// the task waits on (`waits_on` in the JSON trace; see `await_stack`).
+pub const WAITS_ON_PREFIX: &str = "waits on: ";
 
 /// Other annotation names (the metadata's keys) are interned from here on.
 const FIRST_DYNAMIC_NOTE: u64 = 64;
@@ -149,8 +151,6 @@ pub struct Sequence {
     /// By await chain (and, for a future inlined into the harness, the
     /// task's site, which names it): the interned `await_stack`.
     awaits: FastMap<(u32, u32), u64>,
-    /// By await chain: the interned `waits_on` (0: the chain has none).
-    waits_on: FastMap<u32, u64>,
     notes: FastMap<String, u64>,
 }
 
@@ -289,8 +289,12 @@ impl Sequence {
     }
 
     /// The string iid of task `task_id`'s await stack at `key` (one frame a
-    /// line, innermost first: its first line is where the task waits), if
-    /// known.
+    /// line, innermost first: its first frame is where the task waits), if
+    /// known. When the chain's leaf primitive is known, the first line is
+    /// `waits on: <kind>: <name>` (the JSON trace's `waits_on`): one string
+    /// interned per chain costs nothing a poll, where an annotation of its
+    /// own cost ~7 bytes a poll — 1.5 bytes an event on the HTTP benchmark,
+    /// past the 20-byte budget (NOTES.md, "Trace format").
     pub fn await_stack(
         &mut self,
         i: &mut Encoder,
@@ -312,34 +316,17 @@ impl Sequence {
         if let Some(&known) = self.awaits.get(&cache_key) {
             return Some(known);
         }
-        let stack = point.stack(types.full_name(Some(site)));
-        if stack.is_empty() {
+        let mut lines = Vec::new();
+        if let Some(waits_on) = &point.waits_on {
+            lines.push(format!("{WAITS_ON_PREFIX}{}", waits_on.label()));
+        }
+        lines.extend(point.stack(types.full_name(Some(site))));
+        if lines.is_empty() {
             return None;
         }
-        let stack = self.string_value(i, &stack.join("\n"));
+        let stack = self.string_value(i, &lines.join("\n"));
         self.awaits.insert(cache_key, stack);
         Some(stack)
-    }
-
-    /// The string iid of what task `task_id` waits on at `key` (its
-    /// `waits_on` label), if known.
-    pub fn waits_on(
-        &mut self,
-        i: &mut Encoder,
-        symbols: &Symbols,
-        task_id: u64,
-        key: u64,
-    ) -> Option<u64> {
-        let (index, point) = symbols.await_point(task_id, key)?;
-        if let Some(&known) = self.waits_on.get(&index) {
-            return (known != 0).then_some(known);
-        }
-        let iid = match point.waits_on {
-            Some(waits_on) => self.string_value(i, &waits_on.label()),
-            None => 0,
-        };
-        self.waits_on.insert(index, iid);
-        (iid != 0).then_some(iid)
     }
 
     /// A `debug_annotation_string_values` iid for `text`.
@@ -391,8 +378,7 @@ mod tests {
         assert_eq!(note(Note::EndLost.iid()), "end_lost");
         assert_eq!(note(Note::WakerTaskId.iid()), "waker_task_id");
         assert_eq!(note(Note::Header.iid()), "header");
-        assert_eq!(note(Note::WaitsOn.iid()), "waits_on");
-        assert_eq!(NOTES.len() as u64, Note::WaitsOn.iid());
+        assert_eq!(NOTES.len() as u64, Note::Header.iid());
         assert!(FIRST_DYNAMIC_NAME > NAMES.len() as u64);
         assert!(FIRST_DYNAMIC_NOTE > NOTES.len() as u64);
     }

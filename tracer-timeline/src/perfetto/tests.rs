@@ -224,11 +224,9 @@ fn slices_balance_and_flows_have_both_ends() {
         "ping",
         "pong",
         "app::ping",
-        // The await stack; where the task waits is its first line, not a
-        // string (and an annotation) of its own.
-        "inner (main.rs:3)\nouter (main.rs:9)",
-        // What it waits on: a note of its own.
-        "timer: time::Sleep",
+        // The await stack, led by what the task waits on; where it waits is
+        // the first frame, not a string (and an annotation) of its own.
+        "waits on: timer: time::Sleep\ninner (main.rs:3)\nouter (main.rs:9)",
         "inner",
         "bin/app",
         "1.54.1",
@@ -241,7 +239,7 @@ fn slices_balance_and_flows_have_both_ends() {
     assert!(
         !strings
             .iter()
-            .any(|s| s == "inner (main.rs:3)" || s == "waits_at")
+            .any(|s| s == "inner (main.rs:3)" || s == "waits_at" || s == "waits_on")
     );
     assert_eq!(
         strings.iter().filter(|s| *s == "app::ping").count(),
