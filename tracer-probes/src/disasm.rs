@@ -70,6 +70,20 @@ pub fn direct_call_targets(code: &[u8], address: u64) -> Vec<u64> {
     targets
 }
 
+/// The memory slots of every `call qword ptr [rip+…]` in the function
+/// `code` (starting at `address`): calls through the GOT, which is how a
+/// PIE calls functions exported from another codegen unit.
+pub fn rip_relative_call_slots(code: &[u8], address: u64) -> Vec<u64> {
+    instructions(code, address)
+        .filter(|instruction| {
+            instruction.mnemonic() == iced_x86::Mnemonic::Call
+                && instruction.op0_kind() == OpKind::Memory
+                && instruction.is_ip_rel_memory_operand()
+        })
+        .map(|instruction| instruction.ip_rel_memory_address())
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -11,6 +11,7 @@
 //! For `dump`: where each task type's vtable is ([`vtables`]), and the
 //! layouts of task cells and async state machines from DWARF ([`futures`]).
 
+pub mod block_on;
 pub mod catalog;
 pub mod disasm;
 pub mod discover;
@@ -62,6 +63,19 @@ pub enum SiteKind {
     Unpark,
     /// A polled task clones its waker: where it waits (`waker::clone_waker`).
     AwaitPoint,
+    /// A `block_on<F>` loop (`CachedParkThread::block_on`): its root future
+    /// `F` is polled inline there, between the thread parker's parks (see
+    /// [`block_on`]). The site's task type is `F`.
+    BlockOn,
+    /// The thread parker's park (`park::Inner::park`): inside a `block_on`
+    /// loop, the root future's poll ended and the thread sleeps.
+    RootPark,
+    /// The thread parker's waker is woken (`park::wake`): the root future's.
+    RootWake,
+    /// The current-thread scheduler's poll of its root future: the
+    /// `Context::enter` instance its `block_on` loop polls the root in (see
+    /// [`block_on`]). The site's task type is the root future's.
+    RootPoll,
 }
 
 impl SiteKind {
@@ -69,7 +83,14 @@ impl SiteKind {
     /// always, polls where no return site was found), so their entry probe
     /// stays on the first instruction.
     pub fn needs_return_probe(self) -> bool {
-        matches!(self, SiteKind::Poll | SiteKind::Park)
+        matches!(
+            self,
+            SiteKind::Poll
+                | SiteKind::Park
+                | SiteKind::BlockOn
+                | SiteKind::RootPark
+                | SiteKind::RootPoll
+        )
     }
 
     /// The lower-case name used in tables and messages.
@@ -82,6 +103,10 @@ impl SiteKind {
             SiteKind::TaskEnd => "task end",
             SiteKind::Unpark => "unpark",
             SiteKind::AwaitPoint => "await",
+            SiteKind::BlockOn => "block_on",
+            SiteKind::RootPark => "root park",
+            SiteKind::RootWake => "root wake",
+            SiteKind::RootPoll => "root poll",
         }
     }
 }

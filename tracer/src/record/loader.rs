@@ -17,7 +17,8 @@ use aya::{
     },
 };
 use tracer_common::names::programs::{
-    AWAIT_POINT, PARK_END, PARK_START, POLL_END, POLL_RETURNED, POLL_START, SAMPLE,
+    AWAIT_POINT, BLOCK_ON_END, BLOCK_ON_START, PARK_END, PARK_START, POLL_END, POLL_RETURNED,
+    POLL_START, ROOT_PARK_END, ROOT_PARK_START, ROOT_POLL_END, ROOT_POLL_START, ROOT_WAKE, SAMPLE,
     TASK_EVENT_ARG0, TASK_EVENT_ARG1, TASK_EVENT_ARG1_DEREF, TASK_EVENT_RET, THREAD_EVENT, UPROBES,
 };
 use tracer_common::names::{globals, maps};
@@ -421,6 +422,16 @@ fn probes_for(site: &ProbeSite, index: u64, probed: ProbeSet, poll_uretprobe: bo
             cookie: index,
         }],
         SiteKind::Park if probed.parks => entry_and_return(PARK_START, PARK_END),
+        // The `block_on` root future's polls: between the loop's entry and
+        // return and the parker's parks (tracer-ebpf's `block_on`).
+        SiteKind::BlockOn => entry_and_return(BLOCK_ON_START, BLOCK_ON_END),
+        SiteKind::RootPark => entry_and_return(ROOT_PARK_START, ROOT_PARK_END),
+        SiteKind::RootPoll => entry_and_return(ROOT_POLL_START, ROOT_POLL_END),
+        SiteKind::RootWake if probed.scheduler_events => vec![Probe {
+            program: ROOT_WAKE,
+            offset: site.probe_offset,
+            cookie: index,
+        }],
         // Placed where [rsp] still holds the caller's address (see
         // tracer-probes' placement).
         SiteKind::AwaitPoint if probed.scheduler_events => vec![Probe {
@@ -468,6 +479,11 @@ fn what_goes_missing(program: &str) -> &'static str {
         POLL_END => "this task type's polls end only when the task is polled again",
         PARK_START | PARK_END => "parks of this scheduler will be missing",
         AWAIT_POINT => "where tasks wait (waits_at) will be missing",
+        BLOCK_ON_START | BLOCK_ON_END | ROOT_PARK_START | ROOT_PARK_END | ROOT_POLL_START
+        | ROOT_POLL_END => {
+            "the block_on root future's polls there will be missing or one long poll"
+        }
+        ROOT_WAKE => "wakes of the block_on root future will be missing",
         _ => "these scheduler events will be missing",
     }
 }
@@ -479,7 +495,13 @@ fn scheduler_event_kind(kind: SiteKind) -> Option<EventKind> {
         SiteKind::Wake => Some(EventKind::Wake),
         SiteKind::TaskEnd => Some(EventKind::TaskEnd),
         SiteKind::Unpark => Some(EventKind::Unpark),
-        SiteKind::Poll | SiteKind::Park | SiteKind::AwaitPoint => None,
+        SiteKind::Poll
+        | SiteKind::Park
+        | SiteKind::AwaitPoint
+        | SiteKind::BlockOn
+        | SiteKind::RootPark
+        | SiteKind::RootWake
+        | SiteKind::RootPoll => None,
     }
 }
 

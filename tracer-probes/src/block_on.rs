@@ -1,0 +1,298 @@
+//! The `block_on` root future: where its polls can be probed, and its type.
+//!
+//! Why not the future's own `poll`: `Runtime::block_on(f)` polls `f`
+//! inline in the monomorphized `CachedParkThread::block_on<F>` loop, and on
+//! release builds `F::poll` has that one caller and is inlined into it: no
+//! symbol of `compat_root`'s poll is left in the compat service on tokio
+//! 1.8, 1.38 or 1.54, nor of the fixtures' or the demo's `main` bodies.
+//! `block_on<F>` itself stays a function (one per `F`, 0.15–3.5 KiB), and
+//! so does the thread parker's `Inner::park` it sleeps in. The loop is the
+//! same in every tokio 1.x — poll, return if ready, park — so on the thread
+//! inside `block_on<F>` the root is being polled exactly when the thread is
+//! not parked: the eBPF side (`tracer-ebpf/src/block_on.rs`) opens a poll
+//! at `block_on`'s entry and each park's return and closes it at each
+//! park's entry and `block_on`'s return.
+//!
+//! The root's type `F`: legacy symbols drop `block_on`'s generic argument,
+//! but other symbols keep it (`drop_in_place<…MultiThread::block_on<F>::
+//! {{closure}}>`, `enter_runtime<…block_on<F>…>`): those name the program's
+//! root futures. An instance is given the one whose name its direct callees
+//! carry (its drop glue, its future's poll where that was not inlined), else
+//! the only root future the program has; a v0 symbol names its `F` itself.
+//!
+//! The current-thread scheduler polls its root future in its own loop
+//! (`CoreGuard::block_on`), between task polls with no park in between, so
+//! parks don't delimit its polls. There (tokio ≥ 1.2x) the poll is wrapped
+//! in `context.enter(core, || budget(|| future.poll(cx)))`, and that
+//! `Context::enter` instance stays a function on release builds (tokio
+//! 1.38 and 1.54, the fixtures): it is the instance that neither runs a
+//! task nor parks, told apart by its callees, counting calls through the
+//! GOT (`RawTask::poll` is one on 1.38). Its entry and return are the
+//! root poll's. Where it is inlined (fat LTO) or absent (`basic_scheduler`,
+//! tokio < 1.2x) the current-thread root is not traced.
+
+use std::collections::{BTreeMap, HashMap};
+
+use crate::catalog;
+use crate::generics::{self, short_name};
+use crate::image::Image;
+use crate::symbols::{FunctionSymbol, SymbolTable};
+use crate::{NameSource, TaskType};
+
+/// Crates whose types are not a program's root future.
+const LIBRARY_PREFIXES: &[&str] = &["tokio::", "core::", "std::", "alloc::", "<", "F", "T"];
+
+/// The first generic argument of every `block_on<…>` / `block_on::<…>` in
+/// `name`.
+fn block_on_args(name: &str) -> Vec<String> {
+    let mut found = Vec::new();
+    for needle in ["block_on<", "block_on::<"] {
+        let mut from = 0;
+        while let Some(position) = name[from..].find(needle) {
+            let open = from + position + needle.len() - 1;
+            if let Some(first) =
+                generics::generic_args_at(name, open).and_then(|args| args.into_iter().next())
+            {
+                found.push(first);
+            }
+            from = open + 1;
+        }
+    }
+    found
+}
+
+/// Whether a type named in a generic argument is the program's own future
+/// (not a placeholder like legacy's `F`, nor a library's type).
+fn is_program_type(type_name: &str) -> bool {
+    type_name.contains("::")
+        && !LIBRARY_PREFIXES
+            .iter()
+            .any(|prefix| type_name.starts_with(prefix))
+}
+
+/// The program's root futures: every `F` of a `block_on<F>` that some
+/// symbol's name spells out, sorted and deduplicated.
+pub(crate) fn root_future_types(symbols: &SymbolTable) -> Vec<String> {
+    let mut roots: Vec<String> = symbols
+        .functions()
+        .flat_map(|(_, group)| group.iter())
+        .filter(|symbol| symbol.name.contains("block_on"))
+        .flat_map(|symbol| block_on_args(&symbol.name))
+        .filter(|type_name| is_program_type(type_name))
+        .collect();
+    roots.sort();
+    roots.dedup();
+    roots
+}
+
+/// Where each GOT slot points: the targets of `R_X86_64_RELATIVE`
+/// relocations (calls to local functions through the GOT in a PIE).
+pub(crate) fn got_targets(file: &object::File) -> HashMap<u64, u64> {
+    use object::{Object, RelocationFlags};
+    file.dynamic_relocations()
+        .into_iter()
+        .flatten()
+        .filter(|(_, relocation)| {
+            matches!(relocation.flags(), RelocationFlags::Elf { r_type } if r_type == object::elf::R_X86_64_RELATIVE)
+        })
+        .map(|(slot, relocation)| (slot, relocation.addend() as u64))
+        .collect()
+}
+
+/// The functions the function at `address` calls directly or through the GOT.
+pub(crate) fn callees<'a>(
+    address: u64,
+    size: u64,
+    symbols: &'a SymbolTable,
+    image: &Image,
+    got: &HashMap<u64, u64>,
+) -> Vec<&'a FunctionSymbol> {
+    let Some(code) = image.bytes(address, size) else {
+        return Vec::new();
+    };
+    let through_got = crate::disasm::rip_relative_call_slots(code, address)
+        .into_iter()
+        .filter_map(|slot| got.get(&slot).copied());
+    crate::disasm::direct_call_targets(code, address)
+        .into_iter()
+        .chain(through_got)
+        .flat_map(|target| symbols.at(target))
+        .collect()
+}
+
+/// The current-thread scheduler's root-poll `Context::enter` instances:
+/// those that call none of [`catalog::NOT_ROOT_POLL_CALLEES`] and hold no
+/// task vtable call (`task_calls`, the return sites' call addresses).
+pub(crate) fn current_thread_root_polls<'a>(
+    groups: &BTreeMap<u64, Vec<&'a FunctionSymbol>>,
+    symbols: &SymbolTable,
+    image: &Image,
+    got: &HashMap<u64, u64>,
+    task_calls: &[u64],
+) -> Vec<u64> {
+    groups
+        .iter()
+        .filter(|(address, group)| {
+            let size = group.iter().map(|symbol| symbol.size).max().unwrap_or(0);
+            let runs_tasks = task_calls
+                .iter()
+                .any(|call| (**address..**address + size).contains(call));
+            let not_root = callees(**address, size, symbols, image, got)
+                .iter()
+                .any(|callee| catalog::NOT_ROOT_POLL_CALLEES.contains(&callee.path.as_str()));
+            !runs_tasks && !not_root
+        })
+        .map(|(address, _)| *address)
+        .collect()
+}
+
+/// The root future type of the `block_on<F>` instance at `address`.
+pub(crate) fn name_block_on_site(
+    address: u64,
+    group: &[&FunctionSymbol],
+    roots: &[String],
+    symbols: &SymbolTable,
+    image: &Image,
+) -> TaskType {
+    let full = root_type_of(address, group, roots, symbols, image).unwrap_or_default();
+    root_task_type(full)
+}
+
+/// The task type a root future of type `full` is shown as: "block_on root"
+/// and its short type name ("" when unknown).
+pub fn root_task_type(full: String) -> TaskType {
+    let short = if full.is_empty() {
+        "block_on root".to_string()
+    } else {
+        format!("block_on root {}", short_name(&full))
+    };
+    TaskType {
+        full,
+        short,
+        source: NameSource::Symbols,
+    }
+}
+
+fn root_type_of(
+    address: u64,
+    group: &[&FunctionSymbol],
+    roots: &[String],
+    symbols: &SymbolTable,
+    image: &Image,
+) -> Option<String> {
+    // v0 names the instance's own `F`.
+    if let Some(own) = group
+        .iter()
+        .flat_map(|symbol| block_on_args(&symbol.name))
+        .find(|type_name| is_program_type(type_name))
+    {
+        return Some(own);
+    }
+    let size = group.iter().map(|symbol| symbol.size).max()?;
+    let called = |address: u64, size: u64| -> Vec<&FunctionSymbol> {
+        image
+            .bytes(address, size)
+            .map(|code| crate::disasm::direct_call_targets(code, address))
+            .unwrap_or_default()
+            .into_iter()
+            .flat_map(|target| symbols.at(target))
+            .collect()
+    };
+    let mut callees = called(address, size);
+    // Older loops poll through a generic wrapper (`<&mut F as Future>::poll`
+    // on tokio 1.8) that holds the future's inlined poll and drop glue.
+    let wrappers: Vec<(u64, u64)> = callees
+        .iter()
+        .filter(|callee| {
+            callee
+                .name
+                .ends_with("as core::future::future::Future>::poll")
+        })
+        .map(|callee| (callee.address, callee.size))
+        .collect();
+    let through_wrapper = !wrappers.is_empty();
+    for (wrapper, wrapper_size) in wrappers {
+        callees.extend(called(wrapper, wrapper_size));
+    }
+    // A root future the program names elsewhere, called or dropped here.
+    let mut named: Vec<&String> = callees
+        .iter()
+        .flat_map(|callee| {
+            roots
+                .iter()
+                .filter(|root| callee.name.contains(root.as_str()))
+        })
+        .collect();
+    named.sort();
+    named.dedup();
+    if let [one] = named.as_slice() {
+        return Some((*one).clone());
+    }
+    // The loop drops its future where it returns or unwinds: the program
+    // type it drops most (the compat service's `block_on(compat_root(…))`
+    // names `compat_root` nowhere else).
+    let mut dropped: HashMap<String, usize> = HashMap::new();
+    for callee in &callees {
+        for type_name in generics::first_args_of(&callee.name, "core::ptr::drop_in_place") {
+            if is_program_type(&type_name) {
+                *dropped.entry(type_name).or_default() += 1;
+            }
+        }
+    }
+    let most = dropped.values().copied().max();
+    let mut winners: Vec<String> = dropped
+        .into_iter()
+        .filter(|(_, count)| Some(*count) == most)
+        .map(|(name, _)| name)
+        .collect();
+    if winners.len() == 1 {
+        return winners.pop();
+    }
+    // The only root future the program has, unless this loop polls
+    // another future through a wrapper (tokio's own `block_on`s, e.g. at a
+    // runtime's shutdown, 6 µs once in the current_thread fixture).
+    match roots {
+        [only] if !through_wrapper => Some(only.clone()),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_root_futures_in_legacy_and_v0_names() {
+        assert_eq!(
+            block_on_args(
+                "core::ptr::drop_in_place<tokio::runtime::scheduler::multi_thread::MultiThread::block_on<demo_service::main::{{closure}}>::{{closure}}>"
+            ),
+            ["demo_service::main::{{closure}}"]
+        );
+        assert_eq!(
+            block_on_args(
+                "<tokio::runtime::park::CachedParkThread>::block_on::<compat_service::compat_root::{closure#0}>"
+            ),
+            ["compat_service::compat_root::{closure#0}"]
+        );
+        assert!(block_on_args("tokio::runtime::park::CachedParkThread::block_on").is_empty());
+    }
+
+    #[test]
+    fn library_types_and_placeholders_are_not_root_futures() {
+        assert!(is_program_type("demo_service::main::{{closure}}"));
+        assert!(!is_program_type("F"));
+        assert!(!is_program_type(
+            "tokio::future::poll_fn::PollFn<tokio::runtime::scheduler::current_thread::CurrentThread::block_on::{{closure}}>"
+        ));
+        assert!(!is_program_type("&mut F"));
+    }
+
+    #[test]
+    fn root_task_type_says_block_on_root() {
+        let named = root_task_type("demo_service::main::{{closure}}".into());
+        assert!(named.short.starts_with("block_on root "), "{}", named.short);
+        assert!(named.short.contains("main::{{closure}}"), "{}", named.short);
+        assert_eq!(root_task_type(String::new()).short, "block_on root");
+    }
+}
