@@ -218,6 +218,8 @@ pub const EVENT_FAMILIES: &[EventFamily] = &[
             event("tokio::runtime::task::waker::clone_waker", TaskArg::None),
             event("tokio::runtime::park::clone", TaskArg::None),
             event("tokio::park::thread::clone", TaskArg::None),
+            // The current-thread scheduler's root waker (its `Handle`'s).
+            event("tokio::util::wake::clone_arc_raw", TaskArg::None),
         ]],
     },
 ];
@@ -501,7 +503,7 @@ mod tests {
         assert!(paths.contains(&"tokio::runtime::task::waker::wake_by_ref"));
         assert_eq!(
             paths.len(),
-            1 + 3 + 1 + 2 + 1 + 2 + 2 + (4 + 2 + 3 + 4 + 3) + 2 + 2 + 4 + 1
+            1 + 3 + 1 + 2 + 1 + 2 + 2 + (4 + 2 + 3 + 4 + 4) + 2 + 2 + 4 + 1
         );
     }
 
