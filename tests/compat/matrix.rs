@@ -324,12 +324,6 @@ pub const GAPS: &[Gap] = &[
         why: "tokio < 1.17's current-thread scheduler (`basic_scheduler`) parks its driver from \
               inside `block_on`: it has no park function of its own to probe",
     },
-    Gap {
-        feature: Feature::BlockOnRoot,
-        applies: |_| true,
-        why: "not traced yet: `block_on` polls its root future inline (no `raw::poll`, no task \
-              header), so it needs probes of its own in each version's `block_on` loop",
-    },
 ];
 
 /// The gap for `feature` in `cell`, if one is listed.

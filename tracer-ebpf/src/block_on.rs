@@ -51,6 +51,8 @@ pub fn block_on_start(ctx: ProbeContext) -> u32 {
                 calls: 0,
                 site,
                 polling: 0,
+                parked: 0,
+                _pad: 0,
                 root_id: 0,
                 entry_sp: 0,
             };
@@ -73,6 +75,7 @@ pub fn block_on_start(ctx: ProbeContext) -> u32 {
         }
         (*state).calls = (*state).calls.wrapping_add(1);
         (*state).site = site;
+        (*state).parked = 0;
         (*state).root_id = ROOT_ID_BASE | (u64::from(tid) << 8) | u64::from((*state).calls & 0xff);
         // Every poll of this root is keyed from here, so that an await
         // point has one key across its polls (see `stacks::await_point`).
@@ -102,41 +105,80 @@ pub fn block_on_end(_ctx: RetProbeContext) -> u32 {
     0
 }
 
-/// Entry of the thread parker's `Inner::park(&self)`: inside `block_on`,
-/// the root poll ended Pending and the thread goes to sleep.
+/// Entry of a park inside a `block_on` loop: the loop's own
+/// `CachedParkThread::park` or the parker's `Inner::park(&self)` it calls
+/// (only one of them may be a function): the root poll ended Pending and
+/// the thread goes to sleep. The cookie: the site index (bits 0–31), the
+/// loop to assume plus one (bits 32–62) and, in bit 63, whether only
+/// `block_on` calls the function, so that a thread parking there is in a
+/// loop whose entry was not seen (tracing began inside it).
 #[uprobe]
 pub fn root_park_start(ctx: ProbeContext) -> u32 {
     let Some(tid) = target_thread() else { return 0 };
-    let Some(state) = BLOCK_ON.get_ptr_mut(&tid) else {
-        return 0;
+    let cookie = attach_cookie(&ctx);
+    let state = match BLOCK_ON.get_ptr_mut(&tid) {
+        Some(state) => state,
+        None if cookie >> 63 == 1 => {
+            let assumed = ((cookie >> 32) & 0x7fff_ffff) as u32;
+            let joined = BlockOnThread {
+                depth: 1,
+                calls: 0,
+                site: assumed.wrapping_sub(1),
+                polling: 0,
+                parked: 0,
+                _pad: 0,
+                root_id: ROOT_ID_BASE | (u64::from(tid) << 8),
+                // Await points are keyed from the loop's frame: here,
+                // just above this call.
+                entry_sp: unsafe { (*ctx.regs).rsp } + 8,
+            };
+            if BLOCK_ON.insert(&tid, &joined, 0).is_err() {
+                return 0;
+            }
+            match BLOCK_ON.get_ptr_mut(&tid) {
+                Some(state) => state,
+                None => return 0,
+            }
+        }
+        None => return 0,
     };
     if unsafe { (*state).depth } == 0 {
         return 0;
     }
     let parker: u64 = ctx.arg(0).unwrap_or(0);
     let root_id = unsafe { (*state).root_id };
-    if parker != 0 {
+    if parker != 0 && cookie >> 63 == 0 {
+        // `Inner::park(&self)`: RDI is the parker its waker wakes.
         let _ = ROOT_OF_PARKER.insert(&parker, &root_id, 0);
     }
-    unsafe { end_root_poll(tid, state) };
+    if unsafe { (*state).parked } != 0 {
+        // The inner park of the outer one already seen.
+        return 0;
+    }
+    unsafe {
+        (*state).parked = 1;
+        end_root_poll(tid, state);
+    }
     let detail = Detail {
-        site: attach_cookie(&ctx) as u32,
+        site: cookie as u32,
         ..Detail::default()
     };
     emit(EventKind::ParkStart, tid, detail);
     0
 }
 
-/// Return of `Inner::park`: woken, the loop polls the root future again.
+/// Return of a park inside a `block_on` loop: woken, the loop polls the
+/// root future again.
 #[uretprobe]
 pub fn root_park_end(ctx: RetProbeContext) -> u32 {
     let Some(tid) = target_thread() else { return 0 };
     let Some(state) = BLOCK_ON.get_ptr_mut(&tid) else {
         return 0;
     };
-    if unsafe { (*state).depth } == 0 {
+    if unsafe { (*state).depth == 0 || (*state).parked == 0 } {
         return 0;
     }
+    unsafe { (*state).parked = 0 };
     let detail = Detail {
         site: attach_cookie(&ctx) as u32,
         ..Detail::default()
@@ -182,6 +224,8 @@ pub fn root_poll_start(ctx: ProbeContext) -> u32 {
         calls: 1,
         site,
         polling: 0,
+        parked: 0,
+        _pad: 0,
         root_id: ROOT_ID_BASE | (u64::from(tid) << 8),
         entry_sp,
     };

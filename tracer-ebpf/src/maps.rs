@@ -121,8 +121,12 @@ pub struct BlockOnThread {
     pub calls: u32,
     /// The `block_on<F>` site (attach cookie), which names `F`.
     pub site: u32,
-    /// 1 while the root future is being polled (not parked).
+    /// 1 while the root future is being polled.
     pub polling: u32,
+    /// 1 while the thread is parked in the loop (the outer park function
+    /// calls the inner one: only the first entry and its return count).
+    pub parked: u32,
+    pub _pad: u32,
     /// The root's id (and header) for user space.
     pub root_id: u64,
     /// RSP at `block_on`'s entry: where the root's await points are keyed from.

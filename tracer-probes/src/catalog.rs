@@ -239,6 +239,15 @@ pub const BLOCK_ON_LOOPS: &[&str] = &[
     "tokio::park::thread::CachedParkThread::block_on",
 ];
 
+/// The `block_on` loop's own park method: only `block_on` loops call it, so
+/// a thread seen parking here is inside one even when its entry was not
+/// seen (the tracer attached to a running program, the usual case). Absent
+/// where inlined (tokio 1.8's loop calls `Inner::park` itself).
+pub const BLOCK_ON_PARKS: &[&str] = &[
+    "tokio::runtime::park::CachedParkThread::park",
+    "<tokio::park::thread::CachedParkThread as tokio::park::Park>::park",
+];
+
 /// The thread parker's park, which `block_on` loops sleep in between polls
 /// of their root future (`CachedParkThread::park` calls it; it stays a
 /// function where that is inlined, e.g. under fat LTO). Also used by
@@ -432,6 +441,7 @@ pub fn all_paths() -> Vec<&'static str> {
         .chain(parks)
         .chain(events)
         .chain(BLOCK_ON_LOOPS.iter().copied())
+        .chain(BLOCK_ON_PARKS.iter().copied())
         .chain(ROOT_PARKS.iter().copied())
         .chain(ROOT_WAKES.iter().copied())
         .chain(CURRENT_THREAD_ENTER.iter().copied())
@@ -503,7 +513,7 @@ mod tests {
         assert!(paths.contains(&"tokio::runtime::task::waker::wake_by_ref"));
         assert_eq!(
             paths.len(),
-            1 + 3 + 1 + 2 + 1 + 2 + 2 + (4 + 2 + 3 + 4 + 4) + 2 + 2 + 4 + 1
+            1 + 3 + 1 + 2 + 1 + 2 + 2 + (4 + 2 + 3 + 4 + 4) + 2 + 2 + 2 + 4 + 1
         );
     }
 

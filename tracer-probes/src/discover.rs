@@ -394,6 +394,11 @@ fn block_on_sites(
             (SiteKind::BlockOn, TaskArg::None, &loops),
             (SiteKind::RootPark, TaskArg::None, &parks),
             (
+                SiteKind::BlockOnPark,
+                TaskArg::None,
+                &paths(catalog::BLOCK_ON_PARKS),
+            ),
+            (
                 SiteKind::RootWake,
                 TaskArg::Rdi,
                 &paths(catalog::ROOT_WAKES),

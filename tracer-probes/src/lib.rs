@@ -70,6 +70,10 @@ pub enum SiteKind {
     /// The thread parker's park (`park::Inner::park`): inside a `block_on`
     /// loop, the root future's poll ended and the thread sleeps.
     RootPark,
+    /// The `block_on` loop's own park (`CachedParkThread::park`), which only
+    /// `block_on` calls: a thread parking there is in a `block_on` loop
+    /// even when the loop's entry was not seen.
+    BlockOnPark,
     /// The thread parker's waker is woken (`park::wake`): the root future's.
     RootWake,
     /// The current-thread scheduler's poll of its root future: the
@@ -89,6 +93,7 @@ impl SiteKind {
                 | SiteKind::Park
                 | SiteKind::BlockOn
                 | SiteKind::RootPark
+                | SiteKind::BlockOnPark
                 | SiteKind::RootPoll
         )
     }
@@ -105,6 +110,7 @@ impl SiteKind {
             SiteKind::AwaitPoint => "await",
             SiteKind::BlockOn => "block_on",
             SiteKind::RootPark => "root park",
+            SiteKind::BlockOnPark => "block_on park",
             SiteKind::RootWake => "root wake",
             SiteKind::RootPoll => "root poll",
         }
