@@ -71,8 +71,12 @@ fn is_program_type(type_name: &str) -> bool {
 }
 
 /// The program's root futures: every `F` of a `block_on<F>` that some
-/// symbol's name spells out, sorted and deduplicated.
-pub(crate) fn root_future_types(symbols: &SymbolTable) -> Vec<String> {
+/// symbol's name spells out, and the program's futures that tokio's
+/// `block_on` functions drop (legacy symbols of `Runtime::block_on`,
+/// `BasicScheduler::block_on`… keep no generics, but their drop glue's
+/// names do: `block_on(compat_root(…))` is named nowhere else on 1.8–1.20),
+/// sorted and deduplicated.
+pub(crate) fn root_future_types(symbols: &SymbolTable, image: &Image) -> Vec<String> {
     let mut roots: Vec<String> = symbols
         .functions()
         .flat_map(|(_, group)| group.iter())
@@ -80,6 +84,25 @@ pub(crate) fn root_future_types(symbols: &SymbolTable) -> Vec<String> {
         .flat_map(|symbol| block_on_args(&symbol.name))
         .filter(|type_name| is_program_type(type_name))
         .collect();
+    let got = HashMap::new();
+    for (address, group) in symbols.functions() {
+        let is_tokio_block_on = group.iter().any(|symbol| {
+            symbol.path.starts_with("tokio::")
+                && symbol.path.ends_with("::block_on")
+                && !catalog::BLOCK_ON_LOOPS.contains(&symbol.path.as_str())
+        });
+        if !is_tokio_block_on {
+            continue;
+        }
+        let size = group.iter().map(|symbol| symbol.size).max().unwrap_or(0);
+        for callee in callees(address, size, symbols, image, &got) {
+            roots.extend(
+                generics::first_args_of(&callee.name, "core::ptr::drop_in_place")
+                    .into_iter()
+                    .filter(|type_name| is_program_type(type_name)),
+            );
+        }
+    }
     roots.sort();
     roots.dedup();
     roots

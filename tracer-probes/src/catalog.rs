@@ -264,8 +264,11 @@ pub const ROOT_PARKS: &[&str] = &[
 /// read at 1.25, 1.38 and 1.54), runs tasks inside another (`run_task`)
 /// and parks inside others: the instance that calls none of
 /// [`NOT_ROOT_POLL_CALLEES`] is the root's (see `block_on.rs`).
-pub const CURRENT_THREAD_ENTER: &[&str] =
-    &["tokio::runtime::scheduler::current_thread::Context::enter"];
+pub const CURRENT_THREAD_ENTER: &[&str] = &[
+    "tokio::runtime::scheduler::current_thread::Context::enter",
+    // tokio 1.17–1.2x's current-thread scheduler (checked: 1.20.6).
+    "tokio::runtime::basic_scheduler::Context::enter",
+];
 
 /// Callees that make a `Context::enter` instance a task's or a park's
 /// rather than the root future's poll.
@@ -280,6 +283,11 @@ pub const NOT_ROOT_POLL_CALLEES: &[&str] = &[
     "tokio::runtime::scheduler::current_thread::Context::park_internal",
     "tokio::runtime::driver::Driver::park",
     "tokio::runtime::driver::Driver::park_timeout",
+    "tokio::runtime::basic_scheduler::Context::run_task",
+    "tokio::runtime::basic_scheduler::Context::park",
+    "tokio::runtime::basic_scheduler::Context::park_yield",
+    "<tokio::runtime::driver::Driver as tokio::park::Park>::park",
+    "<tokio::runtime::driver::Driver as tokio::park::Park>::park_timeout",
 ];
 
 /// The thread parker's waker functions (vtable entries, so never inlined;
@@ -513,7 +521,7 @@ mod tests {
         assert!(paths.contains(&"tokio::runtime::task::waker::wake_by_ref"));
         assert_eq!(
             paths.len(),
-            1 + 3 + 1 + 2 + 1 + 2 + 2 + (4 + 2 + 3 + 4 + 4) + 2 + 2 + 2 + 4 + 1
+            1 + 3 + 1 + 2 + 1 + 2 + 2 + (4 + 2 + 3 + 4 + 4) + 2 + 2 + 2 + 4 + 2
         );
     }
 

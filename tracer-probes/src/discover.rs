@@ -414,7 +414,7 @@ fn block_on_kind_sites(
     code: &Code,
     kinds: &[(SiteKind, TaskArg, &SiteGroups)],
 ) -> anyhow::Result<Vec<ProbeSite>> {
-    let roots = crate::block_on::root_future_types(code.symbols);
+    let roots = crate::block_on::root_future_types(code.symbols, code.image);
     let mut sites = Vec::new();
     for &(kind, task_arg, groups) in kinds {
         for (&address, group) in groups {
