@@ -521,7 +521,10 @@ mod tests {
         assert!(paths.contains(&"tokio::runtime::task::waker::wake_by_ref"));
         assert_eq!(
             paths.len(),
-            1 + 3 + 1 + 2 + 1 + 2 + 2 + (4 + 2 + 3 + 4 + 4) + 2 + 2 + 2 + 4 + 2
+            1 + 3 + 1 + 2 + 1 + 2 + 2 + (4 + 2 + 3 + 4 + 4) + 2
+                // The `block_on` root's: loops, their parks, the parker's
+                // parks, its wakes, the current-thread root polls.
+                + (2 + 2 + 2 + 4 + 2)
         );
     }
 

@@ -216,8 +216,9 @@ pub struct ProbePlan {
     /// The tokio version compiled in, e.g. "1.54.1", if the binary says.
     pub tokio_version: Option<String>,
     /// The attach cookie of a site is its index here. Poll sites come first,
-    /// then park, spawn, wake, task end and unpark sites, each kind in address
-    /// order.
+    /// then park, spawn, wake, task end, unpark and await sites, then the
+    /// `block_on` root's (loops, parks, wakes, current-thread root polls),
+    /// each kind in address order.
     pub sites: Vec<ProbeSite>,
     /// Where the eBPF side finds a task's id, for this tokio version.
     pub task_id_layout: tracer_common::TaskIdLayout,
