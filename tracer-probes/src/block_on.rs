@@ -146,8 +146,8 @@ pub(crate) fn callees<'a>(
 /// The current-thread scheduler's root-poll `Context::enter` instances:
 /// those that call none of [`catalog::NOT_ROOT_POLL_CALLEES`] and hold no
 /// task vtable call (`task_calls`, the return sites' call addresses).
-pub(crate) fn current_thread_root_polls<'a>(
-    groups: &BTreeMap<u64, Vec<&'a FunctionSymbol>>,
+pub(crate) fn current_thread_root_polls(
+    groups: &BTreeMap<u64, Vec<&FunctionSymbol>>,
     symbols: &SymbolTable,
     image: &Image,
     got: &HashMap<u64, u64>,
