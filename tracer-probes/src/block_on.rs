@@ -271,6 +271,20 @@ fn root_type_of(
     if winners.len() == 1 {
         return winners.pop();
     }
+    // Without drop glue here (`panic = "abort"` leaves no unwinding path,
+    // and the drop at return was inlined): the future's own poll, where
+    // it was not inlined (`compat_root::{{closure}}` on 1.54 with
+    // `panic = "abort"`), is the one program closure the loop calls.
+    let mut closures: Vec<&str> = callees
+        .iter()
+        .filter(|callee| is_program_type(&callee.name))
+        .filter_map(|callee| crate::naming::program_closure(&callee.name))
+        .collect();
+    closures.sort();
+    closures.dedup();
+    if let [one] = closures.as_slice() {
+        return Some((*one).to_string());
+    }
     // The only root future the program has, unless this loop polls
     // another future through a wrapper (tokio's own `block_on`s, e.g. at a
     // runtime's shutdown, 6 µs once in the current_thread fixture).
