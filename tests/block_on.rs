@@ -160,3 +160,45 @@ fn current_thread_block_on_root_is_polled_between_its_tasks() {
         "no fixture_notifier polls on the current-thread runtime's thread"
     );
 }
+
+#[test]
+fn a_running_programs_root_is_joined_at_its_next_park() {
+    // `--pid`: the loop was entered before tracing began; its own park
+    // method shows the thread is in one.
+    require_root();
+    let fixture = trace::Fixture::start("block_on_root", Profile::Release, 60.0);
+    let dir = scratch_dir("block-on-pid");
+    let output = dir.join("trace.json");
+    let result = run(tracer()
+        .arg("--pid")
+        .arg(fixture.pid().to_string())
+        .arg("-o")
+        .arg(&output)
+        .arg("--duration")
+        .arg("1s"));
+    assert!(result.status.success(), "{}", describe(&result));
+    let trace = Trace::load(&output);
+    let roots = check_root_polls(&trace);
+    let flows = flows_into(&trace, pid(&trace));
+    assert!(
+        flows * 2 >= roots.len(),
+        "{flows} wake arrows into {} root polls",
+        roots.len()
+    );
+}
+
+#[test]
+fn fat_lto_says_the_root_is_missing() {
+    // The loop and its park method are inlined into `main` there: `probes`
+    // must say so rather than promise root polls (the matrix lists the gap).
+    let result = run(tracer()
+        .args(["probes", "--binary"])
+        .arg(support::fixture("block_on_root", Profile::Lto)));
+    assert!(result.status.success(), "{}", describe(&result));
+    let stdout = String::from_utf8_lossy(&result.stdout);
+    let verdict = stdout
+        .lines()
+        .find(|line| line.trim_start().starts_with("block_on root"))
+        .unwrap_or_else(|| panic!("no block_on root verdict:\n{stdout}"));
+    assert!(verdict.contains("MISSING"), "{verdict}");
+}
