@@ -35,13 +35,20 @@ use tracer_common::{EventKind, ROOT_ID_BASE};
 use crate::config::{attach_cookie, target_thread};
 use crate::emit::{Detail, emit, emit_at};
 use crate::maps::{BLOCK_ON, BlockOnThread, CURRENT_TASK, CurrentTask, ROOT_OF_PARKER};
-use crate::poll::{current_task, pop_poll, push_poll};
+use crate::poll::{current_poll, current_task, pop_poll, push_poll};
 
 /// Entry of a `block_on<F>` loop (`CachedParkThread::block_on`): the root
 /// future's first poll starts.
 #[uprobe]
 pub fn block_on_start(ctx: ProbeContext) -> u32 {
     let Some(tid) = target_thread() else { return 0 };
+    if current_poll(tid).is_some() {
+        // A `block_on` inside a task's poll (`spawn_blocking` or
+        // `block_in_place` work, or inside a root poll): a third level of
+        // polls (its `LocalSet`'s tasks) would not fit `CURRENT_TASK`, and
+        // its parks would cut the task's poll. Not traced.
+        return 0;
+    }
     let site = attach_cookie(&ctx) as u32;
     let state = match BLOCK_ON.get_ptr_mut(&tid) {
         Some(state) => state,
@@ -118,7 +125,7 @@ pub fn root_park_start(ctx: ProbeContext) -> u32 {
     let cookie = attach_cookie(&ctx);
     let state = match BLOCK_ON.get_ptr_mut(&tid) {
         Some(state) => state,
-        None if cookie >> 63 == 1 => {
+        None if cookie >> 63 == 1 && current_poll(tid).is_none() => {
             let assumed = ((cookie >> 32) & 0x7fff_ffff) as u32;
             let joined = BlockOnThread {
                 depth: 1,
@@ -217,6 +224,10 @@ pub fn root_wake(ctx: ProbeContext) -> u32 {
 #[uprobe]
 pub fn root_poll_start(ctx: ProbeContext) -> u32 {
     let Some(tid) = target_thread() else { return 0 };
+    if current_poll(tid).is_some() {
+        // Inside a task's poll (see `block_on_start`), or the root's own.
+        return 0;
+    }
     let site = attach_cookie(&ctx) as u32;
     let entry_sp = unsafe { (*ctx.regs).rsp };
     let fresh = BlockOnThread {
