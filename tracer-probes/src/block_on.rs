@@ -28,16 +28,129 @@
 //! 1.38 and 1.54, the fixtures): it is the instance that neither runs a
 //! task nor parks, told apart by its callees, counting calls through the
 //! GOT (`RawTask::poll` is one on 1.38). Its entry and return are the
-//! root poll's. Where it is inlined (fat LTO) or absent (`basic_scheduler`,
-//! tokio < 1.2x) the current-thread root is not traced.
+//! root poll's (1.20's `basic_scheduler` has it too). Where it is inlined
+//! (fat LTO) or absent (tokio 1.8 and 1.14's `basic_scheduler`) the
+//! current-thread root is not traced.
 
 use std::collections::{BTreeMap, HashMap};
 
+use anyhow::Context;
+
 use crate::catalog;
+use crate::discover::{Code, group_by_address, site};
 use crate::generics::{self, short_name};
 use crate::image::Image;
 use crate::symbols::{FunctionSymbol, SymbolTable};
 use crate::{NameSource, TaskType};
+use crate::{ProbeSite, ReturnSite, SiteKind, TaskArg};
+
+/// The `block_on` root future's sites: every
+/// `block_on<F>` loop, named after its `F`, and the thread parker's park
+/// and wake functions; none when the binary has no `block_on` loop or no
+/// parker's park (a `block_on` whose parks can't be seen would show one
+/// poll as long as the program).
+pub(crate) fn sites(
+    code: &Code,
+    file: &object::File,
+    poll_returns: &[ReturnSite],
+) -> anyhow::Result<Vec<ProbeSite>> {
+    let symbols = code.symbols;
+    let paths = |list: &'static [&'static str]| {
+        group_by_address(list.iter().flat_map(|path| symbols.with_path(path)))
+    };
+    let mut loops = paths(catalog::BLOCK_ON_LOOPS);
+    let parks = paths(catalog::ROOT_PARKS);
+    if parks.is_empty() {
+        // A `block_on` whose parks can't be seen would show one poll as
+        // long as the program.
+        loops.clear();
+    }
+    let got = got_targets(file);
+    let enters = paths(catalog::CURRENT_THREAD_ENTER);
+    let task_calls: Vec<u64> = poll_returns.iter().map(|site| site.call_address).collect();
+    let root_polls: BTreeMap<u64, Vec<&FunctionSymbol>> =
+        current_thread_root_polls(&enters, symbols, code.image, &got, &task_calls)
+            .into_iter()
+            .filter_map(|address| Some((address, enters.get(&address)?.clone())))
+            .collect();
+    if loops.is_empty() && root_polls.is_empty() {
+        return Ok(Vec::new());
+    }
+    if loops.is_empty() {
+        // Wakes are told apart by the parker a `block_on` loop parks on.
+        return block_on_kind_sites(code, &[(SiteKind::RootPoll, TaskArg::None, &root_polls)]);
+    }
+    block_on_kind_sites(
+        code,
+        &[
+            (SiteKind::BlockOn, TaskArg::None, &loops),
+            (SiteKind::RootPark, TaskArg::None, &parks),
+            (
+                SiteKind::BlockOnPark,
+                TaskArg::None,
+                &paths(catalog::BLOCK_ON_PARKS),
+            ),
+            (
+                SiteKind::RootWake,
+                TaskArg::Rdi,
+                &paths(catalog::ROOT_WAKES),
+            ),
+            (SiteKind::RootPoll, TaskArg::None, &root_polls),
+        ],
+    )
+}
+
+type SiteGroups<'a> = BTreeMap<u64, Vec<&'a FunctionSymbol>>;
+
+fn block_on_kind_sites(
+    code: &Code,
+    kinds: &[(SiteKind, TaskArg, &SiteGroups)],
+) -> anyhow::Result<Vec<ProbeSite>> {
+    let roots = root_future_types(code.symbols, code.image);
+    let mut sites = Vec::new();
+    for &(kind, task_arg, groups) in kinds {
+        for (&address, group) in groups {
+            let mut site = site(kind, task_arg, address, group, code).with_context(|| {
+                format!(
+                    "{} function at {address:#x} is outside the file's sections",
+                    kind.name()
+                )
+            })?;
+            if matches!(kind, SiteKind::BlockOn | SiteKind::RootPoll) {
+                site.task_type = Some(name_block_on_site(
+                    address,
+                    group,
+                    &roots,
+                    code.symbols,
+                    code.image,
+                ));
+            }
+            sites.push(site);
+        }
+    }
+    // A current-thread root poll whose own code does not name its type
+    // takes the one the `block_on` loops agree on (the same program's root).
+    let named: Vec<String> = sites
+        .iter()
+        .filter(|site| site.kind == SiteKind::BlockOn)
+        .filter_map(|site| site.task_type.as_ref())
+        .filter(|t| !t.full.is_empty())
+        .map(|t| t.full.clone())
+        .collect();
+    if let Some(first) = named.first()
+        && named.iter().all(|name| name == first)
+    {
+        for site in &mut sites {
+            if site.kind == SiteKind::RootPoll
+                && let Some(t) = &mut site.task_type
+                && t.full.is_empty()
+            {
+                *t = root_task_type(first.clone());
+            }
+        }
+    }
+    Ok(sites)
+}
 
 /// Crates whose types are not a program's root future.
 const LIBRARY_PREFIXES: &[&str] = &["tokio::", "core::", "std::", "alloc::", "<", "F", "T"];

@@ -188,7 +188,7 @@ pub fn discover(binary: &Path) -> anyhow::Result<ProbePlan> {
             ));
         }
     }
-    sites.extend(block_on_sites(&code, &file, &poll_returns)?);
+    sites.extend(crate::block_on::sites(&code, &file, &poll_returns)?);
     let uncovered = uncovered_schedulers(&sites, &poll_returns, &symbols);
     let poll_end_uretprobes = poll_returns.is_empty() || !uncovered.is_empty();
     if poll_returns.is_empty() {
@@ -253,7 +253,7 @@ fn parse_x86_64_elf<'data>(
 
 /// One site per distinct address: identical code folding can give several
 /// symbols (e.g. several `raw::poll` instances) the same code.
-fn group_by_address<'a>(
+pub(crate) fn group_by_address<'a>(
     symbols: impl Iterator<Item = &'a FunctionSymbol>,
 ) -> BTreeMap<u64, Vec<&'a FunctionSymbol>> {
     let mut groups: BTreeMap<u64, Vec<&FunctionSymbol>> = BTreeMap::new();
@@ -280,15 +280,15 @@ fn missing_event_warning(family: &catalog::EventFamily) -> String {
 
 /// What placing a probe looks at: the file's bytes, and what its symbols and
 /// unwind info say about the functions.
-struct Code<'a> {
-    image: &'a Image<'a>,
-    symbols: &'a SymbolTable,
-    unwind: &'a UnwindTable,
+pub(crate) struct Code<'a> {
+    pub(crate) image: &'a Image<'a>,
+    pub(crate) symbols: &'a SymbolTable,
+    pub(crate) unwind: &'a UnwindTable,
 }
 
 /// A site without a task type, its entry probe placed; `None` if the address
 /// isn't backed by file bytes.
-fn site(
+pub(crate) fn site(
     kind: SiteKind,
     task_arg: TaskArg,
     address: u64,
@@ -350,114 +350,6 @@ fn site(
         task_arg,
         task_type: None,
     })
-}
-
-/// The `block_on` root future's sites (see [`crate::block_on`]): every
-/// `block_on<F>` loop, named after its `F`, and the thread parker's park
-/// and wake functions; none when the binary has no `block_on` loop or no
-/// parker's park (a `block_on` whose parks can't be seen would show one
-/// poll as long as the program).
-fn block_on_sites(
-    code: &Code,
-    file: &object::File,
-    poll_returns: &[ReturnSite],
-) -> anyhow::Result<Vec<ProbeSite>> {
-    let symbols = code.symbols;
-    let paths = |list: &'static [&'static str]| {
-        group_by_address(list.iter().flat_map(|path| symbols.with_path(path)))
-    };
-    let mut loops = paths(catalog::BLOCK_ON_LOOPS);
-    let parks = paths(catalog::ROOT_PARKS);
-    if parks.is_empty() {
-        // A `block_on` whose parks can't be seen would show one poll as
-        // long as the program.
-        loops.clear();
-    }
-    let got = crate::block_on::got_targets(file);
-    let enters = paths(catalog::CURRENT_THREAD_ENTER);
-    let task_calls: Vec<u64> = poll_returns.iter().map(|site| site.call_address).collect();
-    let root_polls: BTreeMap<u64, Vec<&FunctionSymbol>> =
-        crate::block_on::current_thread_root_polls(&enters, symbols, code.image, &got, &task_calls)
-            .into_iter()
-            .filter_map(|address| Some((address, enters.get(&address)?.clone())))
-            .collect();
-    if loops.is_empty() && root_polls.is_empty() {
-        return Ok(Vec::new());
-    }
-    if loops.is_empty() {
-        // Wakes are told apart by the parker a `block_on` loop parks on.
-        return block_on_kind_sites(code, &[(SiteKind::RootPoll, TaskArg::None, &root_polls)]);
-    }
-    block_on_kind_sites(
-        code,
-        &[
-            (SiteKind::BlockOn, TaskArg::None, &loops),
-            (SiteKind::RootPark, TaskArg::None, &parks),
-            (
-                SiteKind::BlockOnPark,
-                TaskArg::None,
-                &paths(catalog::BLOCK_ON_PARKS),
-            ),
-            (
-                SiteKind::RootWake,
-                TaskArg::Rdi,
-                &paths(catalog::ROOT_WAKES),
-            ),
-            (SiteKind::RootPoll, TaskArg::None, &root_polls),
-        ],
-    )
-}
-
-type SiteGroups<'a> = BTreeMap<u64, Vec<&'a FunctionSymbol>>;
-
-fn block_on_kind_sites(
-    code: &Code,
-    kinds: &[(SiteKind, TaskArg, &SiteGroups)],
-) -> anyhow::Result<Vec<ProbeSite>> {
-    let roots = crate::block_on::root_future_types(code.symbols, code.image);
-    let mut sites = Vec::new();
-    for &(kind, task_arg, groups) in kinds {
-        for (&address, group) in groups {
-            let mut site = site(kind, task_arg, address, group, code).with_context(|| {
-                format!(
-                    "{} function at {address:#x} is outside the file's sections",
-                    kind.name()
-                )
-            })?;
-            if matches!(kind, SiteKind::BlockOn | SiteKind::RootPoll) {
-                site.task_type = Some(crate::block_on::name_block_on_site(
-                    address,
-                    group,
-                    &roots,
-                    code.symbols,
-                    code.image,
-                ));
-            }
-            sites.push(site);
-        }
-    }
-    // A current-thread root poll whose own code does not name its type
-    // takes the one the `block_on` loops agree on (the same program's root).
-    let named: Vec<String> = sites
-        .iter()
-        .filter(|site| site.kind == SiteKind::BlockOn)
-        .filter_map(|site| site.task_type.as_ref())
-        .filter(|t| !t.full.is_empty())
-        .map(|t| t.full.clone())
-        .collect();
-    if let Some(first) = named.first()
-        && named.iter().all(|name| name == first)
-    {
-        for site in &mut sites {
-            if site.kind == SiteKind::RootPoll
-                && let Some(t) = &mut site.task_type
-                && t.full.is_empty()
-            {
-                *t = crate::block_on::root_task_type(first.clone());
-            }
-        }
-    }
-    Ok(sites)
 }
 
 /// The schedulers (not the blocking pool) whose code is in the binary but
