@@ -344,9 +344,24 @@ pub const GAPS: &[Gap] = &[
     },
     Gap {
         feature: Feature::BlockOnRoot,
-        applies: |_| true,
-        why: "not traced yet: `block_on` polls its root future inline (no `raw::poll`, no task \
-              header), so it needs probes of its own in each version's `block_on` loop",
+        applies: |cell| cell.flavour == Flavour::Multi && !cell.version_at_least(20),
+        why: "tokio 1.8 and 1.14's `block_on` loop calls the thread parker's `Inner::park` itself \
+              (its `CachedParkThread::park` is inlined), so a loop entered before tracing began \
+              (`--pid`) is not told from other parker users, and it polls its future through \
+              `<&mut F as Future>::poll`, so the root's type is not in the symbols",
+    },
+    Gap {
+        feature: Feature::BlockOnRoot,
+        applies: |cell| cell.flavour == Flavour::Current && !cell.version_at_least(20),
+        why: "tokio 1.8 and 1.14's current-thread scheduler (`basic_scheduler`) polls its root \
+              future inline in its `block_on`, with no function of its own around the poll",
+    },
+    Gap {
+        feature: Feature::BlockOnRoot,
+        applies: |cell| cell.profile.label == "fat LTO, cgu=1",
+        why: "fat LTO inlines the `block_on` loop and its park method into `main`: no function \
+              of theirs is left to probe (the parker's `Inner::park` is, but other threads use \
+              it too)",
     },
 ];
 

@@ -207,7 +207,11 @@ pub mod names {
         pub const WORKERS: &str = "WORKERS";
         /// Watch tier: workers off CPU while not parked, until they return.
         pub const OFF_CPU: &str = "OFF_CPU";
-        pub const ALL: [&str; 12] = [
+        /// The threads inside a `block_on` loop.
+        pub const BLOCK_ON: &str = "BLOCK_ON";
+        /// The root future each thread parker parks for.
+        pub const ROOT_OF_PARKER: &str = "ROOT_OF_PARKER";
+        pub const ALL: [&str; 14] = [
             EVENTS,
             STACKS,
             COUNTERS,
@@ -220,6 +224,8 @@ pub mod names {
             WATCH_STACKS,
             WORKERS,
             OFF_CPU,
+            BLOCK_ON,
+            ROOT_OF_PARKER,
         ];
     }
 
@@ -268,6 +274,20 @@ pub mod names {
         pub const AWAIT_POINT: &str = "await_point";
         /// A CPU sample (perf event).
         pub const SAMPLE: &str = "sample";
+        /// Entry of a `block_on<F>` loop: the root future's first poll (uprobe).
+        pub const BLOCK_ON_START: &str = "block_on_start";
+        /// Return of the `block_on<F>` loop (uretprobe).
+        pub const BLOCK_ON_END: &str = "block_on_end";
+        /// Entry of the thread parker's park inside `block_on` (uprobe).
+        pub const ROOT_PARK_START: &str = "root_park_start";
+        /// Its return (uretprobe).
+        pub const ROOT_PARK_END: &str = "root_park_end";
+        /// A wake of the thread parker's waker: the root future's (uprobe).
+        pub const ROOT_WAKE: &str = "root_wake";
+        /// Entry of the current-thread scheduler's root poll (uprobe).
+        pub const ROOT_POLL_START: &str = "root_poll_start";
+        /// Its return (uretprobe).
+        pub const ROOT_POLL_END: &str = "root_poll_end";
         /// Watch tier: entry of a park function (uprobe).
         pub const WATCH_PARK_START: &str = "watch_park_start";
         /// Watch tier: return of a park function (uretprobe).
@@ -280,7 +300,7 @@ pub mod names {
         pub const WATCH_UPROBES: [&str; 2] = [WATCH_PARK_START, WATCH_PARK_END];
         /// The record mode's uprobe and uretprobe programs (every program
         /// but [`SAMPLE`] and the watch tier's).
-        pub const UPROBES: [&str; 11] = [
+        pub const UPROBES: [&str; 18] = [
             POLL_START,
             POLL_END,
             POLL_RETURNED,
@@ -292,8 +312,25 @@ pub mod names {
             TASK_EVENT_RET,
             THREAD_EVENT,
             AWAIT_POINT,
+            BLOCK_ON_START,
+            BLOCK_ON_END,
+            ROOT_PARK_START,
+            ROOT_PARK_END,
+            ROOT_WAKE,
+            ROOT_POLL_START,
+            ROOT_POLL_END,
         ];
     }
+}
+
+/// The task ids the eBPF side gives `block_on` root futures start here
+/// (`ROOT_ID_BASE | tid << 8 | n`): tokio's own ids count up from 1 and
+/// never get near 2^52, and these stay below 2^53, exact in JSON.
+pub const ROOT_ID_BASE: u64 = 1 << 52;
+
+/// Whether a task id is one of a `block_on` root future's.
+pub const fn is_root_id(task_id: u64) -> bool {
+    task_id & ROOT_ID_BASE != 0 && task_id < (1 << 53)
 }
 
 /// Default size of the ring buffer, in bytes (a power of two, as the kernel wants).

@@ -28,6 +28,7 @@
 // first (measured: `await_point` grew from 190 to 198 instructions).
 #![allow(clippy::needless_borrows_for_generic_args)]
 
+mod block_on;
 mod config;
 mod emit;
 mod maps;

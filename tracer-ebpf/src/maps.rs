@@ -111,3 +111,34 @@ pub static AWAIT_SEEN: LruHashMap<[u64; 2], u8> = LruHashMap::with_max_entries(6
 /// once.
 #[map]
 pub static WARNED: Array<u32> = Array::with_max_entries(1, 0);
+
+/// A thread inside a `block_on` loop (see `block_on`).
+#[derive(Clone, Copy)]
+pub struct BlockOnThread {
+    /// Nested `block_on` calls; only the outermost one's root is polled.
+    pub depth: u32,
+    /// `block_on` calls this thread made, for the root's id.
+    pub calls: u32,
+    /// The `block_on<F>` site (attach cookie), which names `F`.
+    pub site: u32,
+    /// 1 while the root future is being polled.
+    pub polling: u32,
+    /// 1 while the thread is parked in the loop (the outer park function
+    /// calls the inner one: only the first entry and its return count).
+    pub parked: u32,
+    pub _pad: u32,
+    /// The root's id (and header) for user space.
+    pub root_id: u64,
+    /// RSP at `block_on`'s entry: where the root's await points are keyed from.
+    pub entry_sp: u64,
+}
+
+/// The threads inside a `block_on` loop (thread id → state), LRU like
+/// `CURRENT_TASK`.
+#[map]
+pub static BLOCK_ON: LruHashMap<u32, BlockOnThread> = LruHashMap::with_max_entries(4096, 0);
+
+/// The root future each thread parker (its `Inner`'s address) parks for, so
+/// that a wake of the parker is a wake of that root.
+#[map]
+pub static ROOT_OF_PARKER: LruHashMap<u64, u64> = LruHashMap::with_max_entries(4096, 0);

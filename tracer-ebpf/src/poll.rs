@@ -63,37 +63,7 @@ pub fn poll_start(ctx: ProbeContext) -> u32 {
         poll_return,
         await_key: 0,
     };
-    match CURRENT_TASK.get_ptr_mut(&tid) {
-        Some(slot) => unsafe {
-            // The stack grows down: a poll within a poll starts deeper than
-            // the one it interrupts. One that doesn't means the polls in the
-            // slot ended unseen (a missed end must not leave a stale task
-            // attributed to this thread).
-            let depth = (*slot).depth;
-            (*slot).depth = if depth != 0 && entry_sp < (*slot).inner.entry_sp {
-                (*slot).outer = (*slot).inner;
-                2
-            } else if depth == 2 && entry_sp < (*slot).outer.entry_sp {
-                2
-            } else {
-                1
-            };
-            (*slot).inner = current;
-        },
-        // The thread's first poll. Failing to record it (the map is full)
-        // costs this poll's waker attribution and await points, and where
-        // poll ends are probed at return sites, its end (the poll is then
-        // counted as abandoned).
-        None => {
-            let polls = ThreadPolls {
-                depth: 1,
-                _pad: 0,
-                inner: current,
-                outer: current,
-            };
-            let _ = CURRENT_TASK.insert(&tid, &polls, 0);
-        }
-    }
+    push_poll(tid, current);
     if filtering {
         // Decided at the end, when the duration is known.
         return 0;
@@ -160,10 +130,46 @@ pub fn poll_returned(ctx: ProbeContext) -> u32 {
     0
 }
 
+/// Makes `current` the thread's innermost poll.
+#[inline(always)]
+pub fn push_poll(tid: u32, current: CurrentTask) {
+    match CURRENT_TASK.get_ptr_mut(&tid) {
+        Some(slot) => unsafe {
+            // The stack grows down: a poll within a poll starts deeper than
+            // the one it interrupts. One that doesn't means the polls in the
+            // slot ended unseen (a missed end must not leave a stale task
+            // attributed to this thread).
+            let depth = (*slot).depth;
+            (*slot).depth = if depth != 0 && current.entry_sp < (*slot).inner.entry_sp {
+                (*slot).outer = (*slot).inner;
+                2
+            } else if depth == 2 && current.entry_sp < (*slot).outer.entry_sp {
+                2
+            } else {
+                1
+            };
+            (*slot).inner = current;
+        },
+        // The thread's first poll. Failing to record it (the map is full)
+        // costs this poll's waker attribution and await points, and where
+        // poll ends are probed at return sites, its end (the poll is then
+        // counted as abandoned).
+        None => {
+            let polls = ThreadPolls {
+                depth: 1,
+                _pad: 0,
+                inner: current,
+                outer: current,
+            };
+            let _ = CURRENT_TASK.insert(&tid, &polls, 0);
+        }
+    }
+}
+
 /// Ends the thread's innermost poll (`depth` must be non-zero) and returns
 /// it; the poll it interrupted, if any, is the innermost again.
 #[inline(always)]
-unsafe fn pop_poll(slot: *mut ThreadPolls) -> CurrentTask {
+pub unsafe fn pop_poll(slot: *mut ThreadPolls) -> CurrentTask {
     unsafe {
         let ended = (*slot).inner;
         if (*slot).depth >= 2 {

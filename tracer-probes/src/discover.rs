@@ -188,6 +188,7 @@ pub fn discover(binary: &Path) -> anyhow::Result<ProbePlan> {
             ));
         }
     }
+    sites.extend(crate::block_on::sites(&code, &poll_returns)?);
     let uncovered = uncovered_schedulers(&sites, &poll_returns, &symbols);
     let poll_end_uretprobes = poll_returns.is_empty() || !uncovered.is_empty();
     if poll_returns.is_empty() {
@@ -252,7 +253,7 @@ fn parse_x86_64_elf<'data>(
 
 /// One site per distinct address: identical code folding can give several
 /// symbols (e.g. several `raw::poll` instances) the same code.
-fn group_by_address<'a>(
+pub(crate) fn group_by_address<'a>(
     symbols: impl Iterator<Item = &'a FunctionSymbol>,
 ) -> BTreeMap<u64, Vec<&'a FunctionSymbol>> {
     let mut groups: BTreeMap<u64, Vec<&FunctionSymbol>> = BTreeMap::new();
@@ -279,15 +280,15 @@ fn missing_event_warning(family: &catalog::EventFamily) -> String {
 
 /// What placing a probe looks at: the file's bytes, and what its symbols and
 /// unwind info say about the functions.
-struct Code<'a> {
-    image: &'a Image<'a>,
-    symbols: &'a SymbolTable,
-    unwind: &'a UnwindTable,
+pub(crate) struct Code<'a> {
+    pub(crate) image: &'a Image<'a>,
+    pub(crate) symbols: &'a SymbolTable,
+    pub(crate) unwind: &'a UnwindTable,
 }
 
 /// A site without a task type, its entry probe placed; `None` if the address
 /// isn't backed by file bytes.
-fn site(
+pub(crate) fn site(
     kind: SiteKind,
     task_arg: TaskArg,
     address: u64,

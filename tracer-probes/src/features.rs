@@ -156,11 +156,34 @@ pub fn feature_support(plan: &ProbePlan) -> Vec<FeatureSupport> {
             Support::Degraded("attributed by the poll open on the thread, not by task id".into())
         },
     );
+    let loops: Vec<_> = sites(SiteKind::BlockOn).collect();
+    let root_polls: Vec<_> = sites(SiteKind::RootPoll).collect();
+    let unnamed = loops
+        .iter()
+        .chain(&root_polls)
+        .all(|site| site.task_type.as_ref().is_none_or(|t| t.full.is_empty()));
+    let current_thread = if version_below(plan, (1, 20, 0)) {
+        "the current-thread scheduler (`basic_scheduler`) polls its root future inline in its loop: not traced"
+    } else {
+        "the current-thread scheduler's root poll is inlined (no `Context::enter` instance of its own): not traced"
+    };
     push(
         "block_on root",
-        Support::Missing(
-            "not traced yet: `block_on` polls its root future inline, with no task to probe".into(),
-        ),
+        match (loops.is_empty(), root_polls.is_empty()) {
+            (true, true) => Support::Missing(
+                "no `block_on` loop, thread parker or current-thread root poll found (inlined, e.g. under fat LTO, or not in the catalog)"
+                    .into(),
+            ),
+            (false, true) => Support::Degraded(format!("multi-thread `block_on` only; {current_thread}")),
+            (true, false) => Support::Degraded(
+                "current-thread only: the multi-thread `block_on` loop or the thread parker's park is inlined"
+                    .into(),
+            ),
+            (false, false) if unnamed => {
+                Support::Degraded("the root future's type is unknown (shown as \"block_on root\")".into())
+            }
+            (false, false) => Support::Supported,
+        },
     );
     out
 }

@@ -11,6 +11,7 @@
 //! For `dump`: where each task type's vtable is ([`vtables`]), and the
 //! layouts of task cells and async state machines from DWARF ([`futures`]).
 
+pub mod block_on;
 pub mod catalog;
 pub mod disasm;
 pub mod discover;
@@ -62,6 +63,23 @@ pub enum SiteKind {
     Unpark,
     /// A polled task clones its waker: where it waits (`waker::clone_waker`).
     AwaitPoint,
+    /// A `block_on<F>` loop (`CachedParkThread::block_on`): its root future
+    /// `F` is polled inline there, between the thread parker's parks (see
+    /// [`block_on`]). The site's task type is `F`.
+    BlockOn,
+    /// The thread parker's park (`park::Inner::park`): inside a `block_on`
+    /// loop, the root future's poll ended and the thread sleeps.
+    RootPark,
+    /// The `block_on` loop's own park (`CachedParkThread::park`), which only
+    /// `block_on` calls: a thread parking there is in a `block_on` loop
+    /// even when the loop's entry was not seen.
+    BlockOnPark,
+    /// The thread parker's waker is woken (`park::wake`): the root future's.
+    RootWake,
+    /// The current-thread scheduler's poll of its root future: the
+    /// `Context::enter` instance its `block_on` loop polls the root in (see
+    /// [`block_on`]). The site's task type is the root future's.
+    RootPoll,
 }
 
 impl SiteKind {
@@ -69,7 +87,15 @@ impl SiteKind {
     /// always, polls where no return site was found), so their entry probe
     /// stays on the first instruction.
     pub fn needs_return_probe(self) -> bool {
-        matches!(self, SiteKind::Poll | SiteKind::Park)
+        matches!(
+            self,
+            SiteKind::Poll
+                | SiteKind::Park
+                | SiteKind::BlockOn
+                | SiteKind::RootPark
+                | SiteKind::BlockOnPark
+                | SiteKind::RootPoll
+        )
     }
 
     /// The lower-case name used in tables and messages.
@@ -82,6 +108,11 @@ impl SiteKind {
             SiteKind::TaskEnd => "task end",
             SiteKind::Unpark => "unpark",
             SiteKind::AwaitPoint => "await",
+            SiteKind::BlockOn => "block_on",
+            SiteKind::RootPark => "root park",
+            SiteKind::BlockOnPark => "block_on park",
+            SiteKind::RootWake => "root wake",
+            SiteKind::RootPoll => "root poll",
         }
     }
 }
@@ -189,8 +220,9 @@ pub struct ProbePlan {
     /// The tokio version compiled in, e.g. "1.54.1", if the binary says.
     pub tokio_version: Option<String>,
     /// The attach cookie of a site is its index here. Poll sites come first,
-    /// then park, spawn, wake, task end and unpark sites, each kind in address
-    /// order.
+    /// then park, spawn, wake, task end, unpark and await sites, then the
+    /// `block_on` root's (loops, parks, wakes, current-thread root polls),
+    /// each kind in address order.
     pub sites: Vec<ProbeSite>,
     /// Where the eBPF side finds a task's id, for this tokio version.
     pub task_id_layout: tracer_common::TaskIdLayout,

@@ -460,8 +460,7 @@ fn scheduler_event_sites_are_found_with_their_task_register() {
         for site in &plan.sites {
             assert_eq!(
                 site.needs_return_probe,
-                matches!(site.kind, SiteKind::Poll | SiteKind::Park)
-                    || site.task_arg == TaskArg::ReturnValue,
+                site.kind.needs_return_probe() || site.task_arg == TaskArg::ReturnValue,
                 "{label}: {site:?}"
             );
         }
@@ -479,6 +478,11 @@ fn sites_keep_their_kind_order() {
         SiteKind::TaskEnd,
         SiteKind::Unpark,
         SiteKind::AwaitPoint,
+        SiteKind::BlockOn,
+        SiteKind::RootPark,
+        SiteKind::BlockOnPark,
+        SiteKind::RootWake,
+        SiteKind::RootPoll,
     ];
     for fixture in fixtures() {
         let ranks: Vec<usize> = fixture

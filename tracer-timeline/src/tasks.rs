@@ -120,8 +120,14 @@ pub(crate) struct TaskTracker {
 }
 
 impl TaskTracker {
+    /// The tasks alive now: tokio's, not the `block_on` root futures the
+    /// tracer shows as tasks (never spawned, and alive as long as their
+    /// `block_on`).
     pub(crate) fn alive(&self) -> usize {
-        self.live.len()
+        self.live
+            .values()
+            .filter(|task| !tracer_common::is_root_id(task.stats.task_id))
+            .count()
     }
 
     pub(crate) fn live_tasks(&self) -> impl Iterator<Item = &TaskStats> {

@@ -97,10 +97,15 @@ pub(super) fn harness_at(frames: &[Frame]) -> Option<String> {
 /// clone, its inlined `State::ref_inc`), nor a `JoinHandle`'s read of its
 /// task's output (`Harness::try_read_output`, in harness.rs too).
 fn is_task_harness(frame: &Frame) -> bool {
-    const HARNESS_PATHS: [&str; 3] = [
+    const HARNESS_PATHS: [&str; 6] = [
         "tokio::runtime::task::harness::",
         "tokio::runtime::task::core::",
         "tokio::runtime::task::raw::poll",
+        // Where a `block_on` root future's poll starts (tracer-probes'
+        // `block_on`): its loop, or the current-thread root poll's closure.
+        "tokio::runtime::park::CachedParkThread::block_on",
+        "tokio::park::thread::CachedParkThread::block_on",
+        "tokio::runtime::scheduler::current_thread::Context::enter",
     ];
     const HARNESS_FILES: [&str; 2] = ["/runtime/task/harness.rs", "/runtime/task/core.rs"];
     let Some(function) = frame.function.as_deref() else {

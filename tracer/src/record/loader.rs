@@ -17,7 +17,8 @@ use aya::{
     },
 };
 use tracer_common::names::programs::{
-    AWAIT_POINT, PARK_END, PARK_START, POLL_END, POLL_RETURNED, POLL_START, SAMPLE,
+    AWAIT_POINT, BLOCK_ON_END, BLOCK_ON_START, PARK_END, PARK_START, POLL_END, POLL_RETURNED,
+    POLL_START, ROOT_PARK_END, ROOT_PARK_START, ROOT_POLL_END, ROOT_POLL_START, ROOT_WAKE, SAMPLE,
     TASK_EVENT_ARG0, TASK_EVENT_ARG1, TASK_EVENT_ARG1_DEREF, TASK_EVENT_RET, THREAD_EVENT, UPROBES,
 };
 use tracer_common::names::{globals, maps};
@@ -144,9 +145,10 @@ impl LoadedProbes {
     ) -> Result<()> {
         let scope = UProbeScope::OneProcess(NonZeroU32::new(pid).ok_or_else(|| anyhow!("pid 0"))?);
         let by_uretprobe = plan.poll_end_uretprobes;
+        let root_site = default_root_site(plan);
         let mut probes: Vec<(Probe, &str)> = Vec::new();
         for (index, site) in plan.sites.iter().enumerate() {
-            for probe in probes_for(site, index as u64, probed, by_uretprobe) {
+            for probe in probes_for(site, index as u64, probed, by_uretprobe, root_site) {
                 probes.push((probe, &site.symbol));
             }
         }
@@ -397,7 +399,13 @@ struct Probe {
 /// probed at return sites instead, `poll_uretprobe` false). Scheduler events: one entry probe whose
 /// program is chosen by the register holding the task header, and whose
 /// cookie carries the event kind (high half) and the site index (low half).
-fn probes_for(site: &ProbeSite, index: u64, probed: ProbeSet, poll_uretprobe: bool) -> Vec<Probe> {
+fn probes_for(
+    site: &ProbeSite,
+    index: u64,
+    probed: ProbeSet,
+    poll_uretprobe: bool,
+    root_site: u64,
+) -> Vec<Probe> {
     let entry_and_return = |entry, exit| {
         vec![
             Probe {
@@ -421,6 +429,35 @@ fn probes_for(site: &ProbeSite, index: u64, probed: ProbeSet, poll_uretprobe: bo
             cookie: index,
         }],
         SiteKind::Park if probed.parks => entry_and_return(PARK_START, PARK_END),
+        // The `block_on` root future's polls: between the loop's entry and
+        // return and the parker's parks (tracer-ebpf's `block_on`).
+        SiteKind::BlockOn => entry_and_return(BLOCK_ON_START, BLOCK_ON_END),
+        SiteKind::RootPark | SiteKind::BlockOnPark => {
+            // The cookie also says whether a park here shows the thread is
+            // in a `block_on` loop (bit 63) and which loop to assume then
+            // (bits 32–62: its site index + 1), for roots whose loop was
+            // entered before tracing began.
+            let outer = u64::from(site.kind == SiteKind::BlockOnPark) << 63;
+            let cookie = outer | ((root_site + 1) << 32) | index;
+            vec![
+                Probe {
+                    program: ROOT_PARK_START,
+                    offset: site.probe_offset,
+                    cookie,
+                },
+                Probe {
+                    program: ROOT_PARK_END,
+                    offset: site.file_offset,
+                    cookie,
+                },
+            ]
+        }
+        SiteKind::RootPoll => entry_and_return(ROOT_POLL_START, ROOT_POLL_END),
+        SiteKind::RootWake if probed.scheduler_events => vec![Probe {
+            program: ROOT_WAKE,
+            offset: site.probe_offset,
+            cookie: index,
+        }],
         // Placed where [rsp] still holds the caller's address (see
         // tracer-probes' placement).
         SiteKind::AwaitPoint if probed.scheduler_events => vec![Probe {
@@ -453,6 +490,22 @@ fn probes_for(site: &ProbeSite, index: u64, probed: ProbeSet, poll_uretprobe: bo
     }
 }
 
+/// The `block_on` loop a thread found parking in one is assumed to be in:
+/// the one whose root future's type is known (the program's own root),
+/// else the first.
+fn default_root_site(plan: &ProbePlan) -> u64 {
+    let loops = || {
+        plan.sites
+            .iter()
+            .enumerate()
+            .filter(|(_, site)| site.kind == SiteKind::BlockOn)
+    };
+    loops()
+        .find(|(_, site)| site.task_type.as_ref().is_some_and(|t| !t.full.is_empty()))
+        .or_else(|| loops().next())
+        .map_or(0, |(index, _)| index as u64)
+}
+
 /// Poll ends are probed only at the instructions `raw::poll` returns to
 /// when tracer-probes found them for every scheduler (cheaper than a
 /// uretprobe); otherwise uretprobes end them (the return sites too, where
@@ -468,6 +521,11 @@ fn what_goes_missing(program: &str) -> &'static str {
         POLL_END => "this task type's polls end only when the task is polled again",
         PARK_START | PARK_END => "parks of this scheduler will be missing",
         AWAIT_POINT => "where tasks wait (waits_at) will be missing",
+        BLOCK_ON_START | BLOCK_ON_END | ROOT_PARK_START | ROOT_PARK_END | ROOT_POLL_START
+        | ROOT_POLL_END => {
+            "the block_on root future's polls there will be missing or one long poll"
+        }
+        ROOT_WAKE => "wakes of the block_on root future will be missing",
         _ => "these scheduler events will be missing",
     }
 }
@@ -479,7 +537,14 @@ fn scheduler_event_kind(kind: SiteKind) -> Option<EventKind> {
         SiteKind::Wake => Some(EventKind::Wake),
         SiteKind::TaskEnd => Some(EventKind::TaskEnd),
         SiteKind::Unpark => Some(EventKind::Unpark),
-        SiteKind::Poll | SiteKind::Park | SiteKind::AwaitPoint => None,
+        SiteKind::Poll
+        | SiteKind::Park
+        | SiteKind::AwaitPoint
+        | SiteKind::BlockOn
+        | SiteKind::RootPark
+        | SiteKind::BlockOnPark
+        | SiteKind::RootWake
+        | SiteKind::RootPoll => None,
     }
 }
 
