@@ -203,11 +203,15 @@ pub mod names {
         pub const WATCH_EVENTS: &str = "WATCH_EVENTS";
         /// Watch tier: samples' and blocking switches' stacks.
         pub const WATCH_STACKS: &str = "WATCH_STACKS";
-        /// Watch tier: the target's workers and whether each is parked.
+        /// Watch tier: the target's workers and how often each has parked.
         pub const WORKERS: &str = "WORKERS";
-        /// Watch tier: workers off CPU while not parked, until they return.
+        /// Watch tier: workers off CPU, until they return.
         pub const OFF_CPU: &str = "OFF_CPU";
-        pub const ALL: [&str; 12] = [
+        /// Watch tier: how many `OFF_CPU` entries there are (slot 0).
+        pub const OFF_CPU_PENDING: &str = "OFF_CPU_PENDING";
+        /// Watch tier: futex words the workers park on (learnt by user space).
+        pub const PARK_FUTEX: &str = "PARK_FUTEX";
+        pub const ALL: [&str; 14] = [
             EVENTS,
             STACKS,
             COUNTERS,
@@ -220,6 +224,8 @@ pub mod names {
             WATCH_STACKS,
             WORKERS,
             OFF_CPU,
+            OFF_CPU_PENDING,
+            PARK_FUTEX,
         ];
     }
 
@@ -270,14 +276,12 @@ pub mod names {
         pub const SAMPLE: &str = "sample";
         /// Watch tier: entry of a park function (uprobe).
         pub const WATCH_PARK_START: &str = "watch_park_start";
-        /// Watch tier: return of a park function (uretprobe).
-        pub const WATCH_PARK_END: &str = "watch_park_end";
         /// Watch tier: a CPU sample with kernel stacks (perf event).
         pub const WATCH_SAMPLE: &str = "watch_sample";
         /// Watch tier: `sched_switch` (BTF tracepoint).
         pub const WATCH_SWITCH: &str = "watch_switch";
-        /// The watch tier's uprobe and uretprobe programs.
-        pub const WATCH_UPROBES: [&str; 2] = [WATCH_PARK_START, WATCH_PARK_END];
+        /// The watch tier's uprobe programs (no uretprobe: one trap per park).
+        pub const WATCH_UPROBES: [&str; 1] = [WATCH_PARK_START];
         /// The record mode's uprobe and uretprobe programs (every program
         /// but [`SAMPLE`] and the watch tier's).
         pub const UPROBES: [&str; 11] = [

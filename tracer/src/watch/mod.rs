@@ -130,8 +130,10 @@ struct Watcher {
     /// The latest blocking switch's capture per thread, until its off-CPU
     /// span arrives (a thread is in one switch at a time).
     switches: HashMap<u32, Capture>,
-    /// Parks in progress, by thread: kept whole when they end.
-    park_starts: HashMap<u32, u64>,
+    /// The futex words the switch program takes for parks: learnt here.
+    park_futex: aya::maps::HashMap<aya::maps::MapData, u64, u32>,
+    /// How many were learnt (at most `PARK_FUTEX`'s 1024).
+    park_futexes: usize,
     next_health_ns: u64,
     blocking: u64,
     hogs: u64,
@@ -176,7 +178,9 @@ pub async fn watch(options: WatchOptions) -> Result<WatchOutcome> {
         stack_bytes: options.stack_bytes,
         min_off_cpu_ns: 1_000_000.min(options.blocking.as_nanos() as u64),
     })?;
-    let reader = StackReader::new(target.pid, &target.exe, &poll_code)?;
+    let park_code =
+        tracer_probes::poll_code::site_code(&target.exe, &plan, tracer_probes::SiteKind::Park)?;
+    let reader = StackReader::new(target.pid, &target.exe, &poll_code, &park_code)?;
     let escalation = options.escalates().then(|| {
         incident::Escalation::new(
             plan.clone(),
@@ -199,6 +203,7 @@ pub async fn watch(options: WatchOptions) -> Result<WatchOutcome> {
     );
     let mut event_ring = probes.take_ring(names::WATCH_EVENTS)?;
     let mut stack_ring = probes.take_ring(names::WATCH_STACKS)?;
+    let park_futex = probes.take_park_futex()?;
     // With -v, what each program costs (read back at the end).
     let stats = log::log_enabled!(log::Level::Info)
         .then(probes::collect_stats)
@@ -228,7 +233,8 @@ pub async fn watch(options: WatchOptions) -> Result<WatchOutcome> {
         recorder: FlightRecorder::new(options.keep, options.keep_memory),
         pending: Vec::new(),
         switches: HashMap::new(),
-        park_starts: HashMap::new(),
+        park_futex,
+        park_futexes: 0,
         next_health_ns: start_ns + HEALTH_INTERVAL_NS,
         blocking: 0,
         hogs: 0,
@@ -391,25 +397,27 @@ impl Watcher {
                     self.detector.sample(capture);
                 }
                 WatchStackKind::Switch => {
+                    if capture.in_park {
+                        self.learn_park_futex(&capture);
+                    }
                     self.switches.insert(capture.tid, capture);
                 }
             },
             Record::Event(event) => match WatchEventKind::from_u32(event.kind) {
-                Some(WatchEventKind::ParkStart) => {
-                    self.detector.park_start(event.tid, event.ts_ns);
-                    self.park_starts.insert(event.tid, event.ts_ns);
+                Some(WatchEventKind::ParkSleep) => {
+                    self.detector
+                        .park_sleep(event.tid, event.ts_ns, event.parks);
                 }
-                Some(WatchEventKind::ParkEnd) => {
-                    self.detector.park_end(event.tid, event.ts_ns);
-                    if let Some(start) = self.park_starts.remove(&event.tid) {
-                        self.recorder.push(
-                            start,
-                            Kept::Park {
-                                tid: event.tid,
-                                end_ns: event.ts_ns,
-                            },
-                        );
-                    }
+                Some(WatchEventKind::ParkWake) => {
+                    self.detector
+                        .park_wake(event.tid, event.ts_ns, event.duration_ns);
+                    self.recorder.push(
+                        event.ts_ns.saturating_sub(event.duration_ns),
+                        Kept::Park {
+                            tid: event.tid,
+                            end_ns: event.ts_ns,
+                        },
+                    );
                 }
                 Some(WatchEventKind::OffCpu) => {
                     let capture = self
@@ -417,6 +425,23 @@ impl Watcher {
                         .remove(&event.tid)
                         .filter(|capture| capture.ts_ns == event.ts_ns);
                     let preempted = event.preempted != 0;
+                    if let Some(capture) = capture.as_ref().filter(|capture| capture.in_park) {
+                        // A park on a futex word not learnt yet: a park
+                        // sleep, not a blocking call.
+                        self.detector
+                            .park_sleep(event.tid, event.ts_ns, capture.parks);
+                        let end_ns = event.ts_ns + event.duration_ns;
+                        self.detector
+                            .park_wake(event.tid, end_ns, event.duration_ns);
+                        self.recorder.push(
+                            event.ts_ns,
+                            Kept::Park {
+                                tid: event.tid,
+                                end_ns,
+                            },
+                        );
+                        return;
+                    }
                     self.recorder.push(
                         event.ts_ns,
                         Kept::OffCpu {
@@ -431,6 +456,7 @@ impl Watcher {
                         event.duration_ns,
                         event.site_or_state,
                         preempted,
+                        event.parks,
                         capture,
                     );
                 }
@@ -441,6 +467,27 @@ impl Watcher {
 }
 
 impl Watcher {
+    /// A worker slept in its park on a futex word the switch program did
+    /// not know: from now on that word is a park's (each worker has its own
+    /// park condvar, so there are about as many as workers).
+    fn learn_park_futex(&mut self, capture: &Capture) {
+        const SYS_FUTEX: u64 = 202;
+        if capture.syscall != SYS_FUTEX || capture.arg0 == 0 {
+            return;
+        }
+        match self.park_futex.insert(capture.arg0, 1, 0) {
+            Ok(()) => {
+                self.park_futexes += 1;
+                log::debug!(
+                    "thread {} parks on the futex at {:#x}",
+                    capture.tid,
+                    capture.arg0
+                );
+            }
+            Err(err) => log::warn!("could not note a park futex: {err}"),
+        }
+    }
+
     fn close_interval(&mut self) {
         let health = self.detector.close_interval(self.next_health_ns);
         self.next_health_ns += HEALTH_INTERVAL_NS;
