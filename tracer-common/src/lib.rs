@@ -280,6 +280,8 @@ pub mod names {
         pub const WATCH_SAMPLE: &str = "watch_sample";
         /// Watch tier: `sched_switch` (BTF tracepoint).
         pub const WATCH_SWITCH: &str = "watch_switch";
+        /// Watch tier: `sched_wakeup` (BTF tracepoint).
+        pub const WATCH_WAKEUP: &str = "watch_wakeup";
         /// The watch tier's uprobe programs (no uretprobe: one trap per park).
         pub const WATCH_UPROBES: [&str; 1] = [WATCH_PARK_START];
         /// The record mode's uprobe and uretprobe programs (every program

@@ -10,7 +10,8 @@ pub enum WatchEventKind {
     /// A worker went to sleep in its park (an epoll wait, or a futex wait
     /// on a word it parks on, see `PARK_FUTEX`) at `ts_ns`.
     ParkSleep = 1,
-    /// That sleep ended: `ts_ns` is when it began, `duration_ns` its length.
+    /// That sleep ended: `ts_ns` is when the worker was woken (made
+    /// runnable, `sched_wakeup`), `duration_ns` how long it slept.
     ParkWake = 2,
     /// A worker that was *not* parked went off CPU at `ts_ns` and came back
     /// `duration_ns` later: it was blocked (or preempted) inside a poll or

@@ -20,6 +20,11 @@
 //!   `thread::sleep`), which captures the user and kernel stacks.
 //!   Preemptions only send their duration. A park that returns without
 //!   sleeping never switches, and costs nothing here.
+//! - `watch_wakeup` (BTF tracepoint `sched_wakeup`): a park sleep ends when
+//!   the worker is woken, not when a CPU takes it (on a loaded machine that
+//!   wait is milliseconds, and the worker has work by then). Every wakeup
+//!   of the machine runs it; it looks anything up only while some worker
+//!   is off CPU.
 //! - `watch_sample` (perf event): a CPU sample with the user stack *and*,
 //!   when the thread was in the kernel, the kernel stack and the user
 //!   registers saved at the kernel entry (so no sample is dropped).
@@ -87,6 +92,10 @@ struct OffCpu {
     parked: u32,
     parks: u32,
     _pad: u32,
+    /// When `sched_wakeup` made it runnable again (0: not yet): a park
+    /// sleep ends there, not when a CPU takes it (on a loaded machine the
+    /// wait for a CPU is milliseconds, and the worker has work by then).
+    woken_ns: u64,
 }
 
 /// Keyed by the thread's `task_struct` address: at the switch back in, the
@@ -356,6 +365,7 @@ pub fn watch_switch(ctx: BtfTracePointContext) -> u32 {
         parked: u32::from(parked),
         parks,
         _pad: 0,
+        woken_ns: 0,
     };
     // Counted first, so that no switch back in can find it at 0 while the
     // entry exists.
@@ -391,20 +401,48 @@ pub fn watch_switch(ctx: BtfTracePointContext) -> u32 {
     0
 }
 
-/// A worker seen leaving is back on CPU: its park sleep ends, or its
-/// off-CPU span is sent if it reached `MIN_OFF_CPU_NS`.
+/// `sched_wakeup(task_struct *p)`: a thread became runnable. Notes when, if
+/// it is a worker asleep in its park (a lookup only while some worker is
+/// off CPU).
+#[btf_tracepoint(function = "sched_wakeup")]
+pub fn watch_wakeup(ctx: BtfTracePointContext) -> u32 {
+    let Some(pending) = OFF_CPU_PENDING.get_ptr_mut(0) else {
+        return 0;
+    };
+    if unsafe { core::ptr::read_volatile(pending) } == 0 {
+        return 0;
+    }
+    let task: u64 = ctx.arg(0);
+    if let Some(out) = OFF_CPU.get_ptr_mut(&task) {
+        unsafe {
+            if (*out).parked != 0 && (*out).woken_ns == 0 {
+                (*out).woken_ns = bpf_ktime_get_ns();
+            }
+        }
+    }
+    0
+}
+
+/// A worker seen leaving is back on CPU: its park sleep ends (when it was
+/// woken), or its off-CPU span is sent if it reached `MIN_OFF_CPU_NS`.
 #[inline(always)]
 fn back_in(out: &OffCpu, now: u64) {
-    let duration_ns = now.saturating_sub(out.ts_ns);
-    let kind = if out.parked != 0 {
-        WatchEventKind::ParkWake
-    } else if duration_ns >= min_off_cpu_ns() {
-        WatchEventKind::OffCpu
+    let (kind, ts_ns, duration_ns) = if out.parked != 0 {
+        let woken_ns = if out.woken_ns != 0 { out.woken_ns } else { now };
+        (
+            WatchEventKind::ParkWake,
+            woken_ns,
+            woken_ns.saturating_sub(out.ts_ns),
+        )
     } else {
-        return;
+        let duration_ns = now.saturating_sub(out.ts_ns);
+        if duration_ns < min_off_cpu_ns() {
+            return;
+        }
+        (WatchEventKind::OffCpu, out.ts_ns, duration_ns)
     };
     send(WatchEvent {
-        ts_ns: out.ts_ns,
+        ts_ns,
         tid: out.tid,
         kind: kind as u32,
         duration_ns,

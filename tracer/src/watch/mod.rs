@@ -132,8 +132,8 @@ struct Watcher {
     switches: HashMap<u32, Capture>,
     /// The futex words the switch program takes for parks: learnt here.
     park_futex: aya::maps::HashMap<aya::maps::MapData, u64, u32>,
-    /// How many were learnt (at most `PARK_FUTEX`'s 1024).
-    park_futexes: usize,
+    /// The words learnt (at most `PARK_FUTEX`'s 1024).
+    park_futexes: std::collections::HashSet<u64>,
     next_health_ns: u64,
     blocking: u64,
     hogs: u64,
@@ -234,7 +234,7 @@ pub async fn watch(options: WatchOptions) -> Result<WatchOutcome> {
         pending: Vec::new(),
         switches: HashMap::new(),
         park_futex,
-        park_futexes: 0,
+        park_futexes: Default::default(),
         next_health_ns: start_ns + HEALTH_INTERVAL_NS,
         blocking: 0,
         hogs: 0,
@@ -472,18 +472,20 @@ impl Watcher {
     /// park condvar, so there are about as many as workers).
     fn learn_park_futex(&mut self, capture: &Capture) {
         const SYS_FUTEX: u64 = 202;
-        if capture.syscall != SYS_FUTEX || capture.arg0 == 0 {
+        if capture.syscall != SYS_FUTEX
+            || capture.arg0 == 0
+            || !self.park_futexes.insert(capture.arg0)
+        {
+            // Not a futex, or learnt already (captures of the switches
+            // before the map had it are still arriving).
             return;
         }
         match self.park_futex.insert(capture.arg0, 1, 0) {
-            Ok(()) => {
-                self.park_futexes += 1;
-                log::debug!(
-                    "thread {} parks on the futex at {:#x}",
-                    capture.tid,
-                    capture.arg0
-                );
-            }
+            Ok(()) => log::info!(
+                "thread {} parks on the futex word at {:#x}",
+                capture.tid,
+                capture.arg0
+            ),
             Err(err) => log::warn!("could not note a park futex: {err}"),
         }
     }

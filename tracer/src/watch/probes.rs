@@ -27,6 +27,7 @@ use crate::record::loader::{EBPF_OBJECT, UNUSED_RING_BYTES, check_object};
 const PARK_START: &str = programs::WATCH_PARK_START;
 const SAMPLE: &str = programs::WATCH_SAMPLE;
 const SWITCH: &str = programs::WATCH_SWITCH;
+const WAKEUP: &str = programs::WATCH_WAKEUP;
 
 pub struct WatchProbes {
     ebpf: Ebpf,
@@ -61,9 +62,12 @@ pub fn load(settings: &WatchSettings) -> Result<WatchProbes> {
         .load()
         .with_context(|| format!("the kernel's verifier refused the eBPF program {SAMPLE}"))?;
     let btf = Btf::from_sys_fs().context("reading the kernel's BTF (/sys/kernel/btf/vmlinux)")?;
-    switch(&mut ebpf)?
+    tracepoint(&mut ebpf, SWITCH)?
         .load("sched_switch", &btf)
         .with_context(|| format!("the kernel refused the eBPF program {SWITCH}"))?;
+    tracepoint(&mut ebpf, WAKEUP)?
+        .load("sched_wakeup", &btf)
+        .with_context(|| format!("the kernel refused the eBPF program {WAKEUP}"))?;
     Ok(WatchProbes {
         ebpf,
         uprobe_links: Vec::new(),
@@ -102,9 +106,12 @@ impl WatchProbes {
             self.uprobe_links.push((PARK_START, link));
             self.parks += 1;
         }
-        switch(&mut self.ebpf)?
+        tracepoint(&mut self.ebpf, SWITCH)?
             .attach()
             .context("could not attach to the sched_switch tracepoint")?;
+        tracepoint(&mut self.ebpf, WAKEUP)?
+            .attach()
+            .context("could not attach to the sched_wakeup tracepoint")?;
         let cpus =
             aya::util::online_cpus().map_err(|(path, err)| anyhow!("can't read {path}: {err}"))?;
         let sampler = perf_event(&mut self.ebpf)?;
@@ -167,7 +174,7 @@ impl WatchProbes {
     /// context switch cost in the programs themselves, traps excluded.
     pub fn program_stats(&self) -> Vec<(&'static str, u64, Duration)> {
         let mut stats = Vec::new();
-        for name in [PARK_START, SAMPLE, SWITCH] {
+        for name in [PARK_START, SAMPLE, SWITCH, WAKEUP] {
             let Some(program) = self.ebpf.program(name) else {
                 continue;
             };
@@ -237,11 +244,11 @@ fn perf_event(ebpf: &mut Ebpf) -> Result<&mut PerfEvent> {
         .with_context(|| format!("the eBPF program {SAMPLE} is not a perf event program"))
 }
 
-fn switch(ebpf: &mut Ebpf) -> Result<&mut BtfTracePoint> {
-    ebpf.program_mut(SWITCH)
-        .with_context(|| format!("the eBPF object has no program {SWITCH}"))?
+fn tracepoint<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut BtfTracePoint> {
+    ebpf.program_mut(name)
+        .with_context(|| format!("the eBPF object has no program {name}"))?
         .try_into()
-        .with_context(|| format!("the eBPF program {SWITCH} is not a BTF tracepoint"))
+        .with_context(|| format!("the eBPF program {name} is not a BTF tracepoint"))
 }
 
 /// Turns on the kernel's per-program run-time statistics while the
