@@ -198,6 +198,15 @@ fn park_syscall(syscall: u64, arg0: u64) -> bool {
     }
 }
 
+/// Whose stack a capture is: the thread, its `WATCH_*` flags and its park
+/// count.
+#[derive(Clone, Copy)]
+struct Captured {
+    tid: u32,
+    flags: u32,
+    parks: u32,
+}
+
 /// Sends one capture: the kernel stack (when `in_kernel`), then up to
 /// `STACK_BYTES` of user stack from `sp` up (shorter where that would run
 /// off the stack's top).
@@ -205,13 +214,12 @@ fn park_syscall(syscall: u64, arg0: u64) -> bool {
 fn capture<C: EbpfContext>(
     ctx: &C,
     kind: WatchStackKind,
-    tid: u32,
+    thread: Captured,
     ts_ns: u64,
     user: UserRegs,
     in_kernel: bool,
-    flags: u32,
-    parks: u32,
 ) {
+    let Captured { tid, flags, parks } = thread;
     let Some(mut record) = WATCH_STACKS.reserve::<WatchStackRecord>(0) else {
         count(Counter::WatchLost);
         return;
@@ -302,16 +310,8 @@ pub fn watch_sample(ctx: PerfEventContext) -> u32 {
         }
         None => (0, 0),
     };
-    capture(
-        &ctx,
-        WatchStackKind::Sample,
-        tid,
-        ts_ns,
-        user,
-        in_kernel,
-        flags,
-        parks,
-    );
+    let thread = Captured { tid, flags, parks };
+    capture(&ctx, WatchStackKind::Sample, thread, ts_ns, user, in_kernel);
     0
 }
 
@@ -387,16 +387,12 @@ pub fn watch_switch(ctx: BtfTracePointContext) -> u32 {
     } else if !preempted {
         // It goes to sleep outside its park: where, is what a blocking
         // report shows.
-        capture(
-            &ctx,
-            WatchStackKind::Switch,
+        let thread = Captured {
             tid,
-            now,
-            user,
-            true,
-            WATCH_WORKER,
+            flags: WATCH_WORKER,
             parks,
-        );
+        };
+        capture(&ctx, WatchStackKind::Switch, thread, now, user, true);
     }
     0
 }

@@ -172,11 +172,8 @@ impl StackReader {
     /// Whether a return address on the stack lies in a park function.
     fn park_frame(&self, user: &[u64]) -> bool {
         user.iter().skip(1).any(|&address| {
-            self.file_offset(address.saturating_sub(1)).is_some_and(|offset| {
-                self.park_code
-                    .iter()
-                    .any(|range| range.contains(&offset))
-            })
+            self.file_offset(address.saturating_sub(1))
+                .is_some_and(|offset| self.park_code.iter().any(|range| range.contains(&offset)))
         })
     }
 
