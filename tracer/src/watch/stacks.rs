@@ -152,7 +152,10 @@ impl StackReader {
             Some((depth, site)) => (Some(site), depth),
             None => (None, user.len()),
         };
-        let in_park = site.is_none() && self.park_frame(&user);
+        // Only a switch's: samples don't need it.
+        let in_park = kind == WatchStackKind::Switch
+            && site.is_none()
+            && (self.park_frame(&user) || self.park_word(data));
         Some(Capture {
             ts_ns: header.ts_ns,
             tid: header.tid,
@@ -166,6 +169,21 @@ impl StackReader {
             parks: header.parks,
             syscall: header.syscall,
             arg0: header.arg0,
+        })
+    }
+
+    /// Whether a word of the raw stack looks like a return address into a
+    /// park function: the fallback when unwinding stopped short of the
+    /// park's frame (no CFI, or no unwinder at all), so that a condvar park
+    /// is not taken for blocking. Switches with no task frame only: a poll
+    /// frame, when found, settles it.
+    fn park_word(&self, stack: &[u8]) -> bool {
+        stack.chunks_exact(8).any(|word| {
+            let address = u64::from_le_bytes(word.try_into().expect("8 bytes"));
+            address > 0
+                && self.file_offset(address - 1).is_some_and(|offset| {
+                    self.park_code.iter().any(|range| range.contains(&offset))
+                })
         })
     }
 
