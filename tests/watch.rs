@@ -174,7 +174,10 @@ fn a_healthy_program_gets_no_findings() {
         .flat_map(|record| record["args"]["workers"].as_array().expect("workers"))
         .map(|worker| worker["parks"].as_u64().expect("parks"))
         .sum();
-    assert!(counted > 100, "{counted} parks counted in the health records");
+    assert!(
+        counted > 100,
+        "{counted} parks counted in the health records"
+    );
     for record in health {
         let workers = record["args"]["workers"].as_array().expect("workers");
         assert_eq!(workers.len(), 2, "{record}");

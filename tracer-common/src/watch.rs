@@ -62,7 +62,7 @@ pub const WATCH_EVENT_SIZE: usize = core::mem::size_of::<WatchEvent>();
 pub enum WatchStackKind {
     /// A CPU sample of a thread of the target.
     Sample = 1,
-    /// A worker that was not parked switched off CPU.
+    /// A worker switched off CPU voluntarily, not in its park's sleep.
     Switch = 2,
 }
 

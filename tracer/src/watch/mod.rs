@@ -7,13 +7,17 @@
 //! The watch tier attaches nothing that runs per poll. It learns what the
 //! workers do from three things whose rate the program's load does not set:
 //!
-//! - CPU samples (`--sample-hz`, default 99 per CPU), with the user stack
+//! - CPU samples (`--sample-hz`, default 199 per CPU), with the user stack
 //!   and, in the kernel, the kernel stack too; the task type is the poll
 //!   frame found on the unwound stack ([`stacks`]);
-//! - parks (an entry and a return probe per park): busy share, and "no park
-//!   in between" for hogs;
-//! - context switches of workers that are not parked (`sched_switch`): a
-//!   worker asleep outside its park is blocking every task queued on it.
+//! - parks (one entry probe per park, which only counts it in the kernel:
+//!   ~0.7 µs a park, the tier's main cost flat out): "no park in between"
+//!   for hogs;
+//! - context switches and wakeups of workers (`sched_switch`,
+//!   `sched_wakeup`): the system call a worker sleeps in says whether it
+//!   sleeps in its park (epoll, or a futex word learnt as its park condvar
+//!   from the stack of its first such sleep) — busy share — or is
+//!   blocking every task queued on it.
 //!
 //! From these, [`detect`] makes findings (BLOCKING, HOG) and per-second
 //! health; [`report`] prints them; [`keep`] keeps the last `--keep` in a
