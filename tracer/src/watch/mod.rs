@@ -29,6 +29,7 @@ mod escalate;
 pub mod incident;
 pub mod keep;
 pub mod kernel;
+mod park_words;
 pub mod probes;
 pub mod report;
 pub mod stacks;
@@ -49,6 +50,7 @@ use crate::record::preflight::{self, KernelPaths};
 use crate::record::target::Target;
 use detect::{Detector, Finding, Thresholds};
 use keep::{FlightRecorder, Kept};
+use park_words::ParkWords;
 use report::Names;
 use stacks::{Capture, StackReader};
 
@@ -135,9 +137,7 @@ struct Watcher {
     /// span arrives (a thread is in one switch at a time).
     switches: HashMap<u32, Capture>,
     /// The futex words the switch program takes for parks: learnt here.
-    park_futex: aya::maps::HashMap<aya::maps::MapData, u64, u32>,
-    /// The words learnt (at most `PARK_FUTEX`'s 1024).
-    park_futexes: std::collections::HashSet<u64>,
+    park_words: ParkWords,
     next_health_ns: u64,
     blocking: u64,
     hogs: u64,
@@ -237,8 +237,7 @@ pub async fn watch(options: WatchOptions) -> Result<WatchOutcome> {
         recorder: FlightRecorder::new(options.keep, options.keep_memory),
         pending: Vec::new(),
         switches: HashMap::new(),
-        park_futex,
-        park_futexes: Default::default(),
+        park_words: ParkWords::new(park_futex),
         next_health_ns: start_ns + HEALTH_INTERVAL_NS,
         blocking: 0,
         hogs: 0,
@@ -402,7 +401,7 @@ impl Watcher {
                 }
                 WatchStackKind::Switch => {
                     if capture.in_park {
-                        self.learn_park_futex(&capture);
+                        self.park_words.learn(&capture);
                     }
                     self.switches.insert(capture.tid, capture);
                 }
@@ -471,29 +470,6 @@ impl Watcher {
 }
 
 impl Watcher {
-    /// A worker slept in its park on a futex word the switch program did
-    /// not know: from now on that word is a park's (each worker has its own
-    /// park condvar, so there are about as many as workers).
-    fn learn_park_futex(&mut self, capture: &Capture) {
-        const SYS_FUTEX: u64 = 202;
-        if capture.syscall != SYS_FUTEX
-            || capture.arg0 == 0
-            || !self.park_futexes.insert(capture.arg0)
-        {
-            // Not a futex, or learnt already (captures of the switches
-            // before the map had it are still arriving).
-            return;
-        }
-        match self.park_futex.insert(capture.arg0, 1, 0) {
-            Ok(()) => log::info!(
-                "thread {} parks on the futex word at {:#x}",
-                capture.tid,
-                capture.arg0
-            ),
-            Err(err) => log::warn!("could not note a park futex: {err}"),
-        }
-    }
-
     fn close_interval(&mut self) {
         let health = self.detector.close_interval(self.next_health_ns);
         self.next_health_ns += HEALTH_INTERVAL_NS;
