@@ -159,7 +159,9 @@ fn a_healthy_program_gets_no_findings() {
     let (stdout, trace) = watch("healthy", Profile::Release);
     assert!(lines(&stdout, "BLOCKING: ").is_empty(), "{stdout}");
     assert!(lines(&stdout, "HOG: ").is_empty(), "{stdout}");
-    // It was watched all the same: parks and per-second health records.
+    // It was watched all the same: parks (its workers' sleeps in their park,
+    // told from blocking by the system call they sleep in) and per-second
+    // health records, whose park counts come from the park probe's counter.
     assert!(trace.parks().len() > 100, "{} parks", trace.parks().len());
     let health: Vec<&Value> = trace
         .events()
@@ -167,6 +169,15 @@ fn a_healthy_program_gets_no_findings() {
         .filter(|e| e["cat"] == "health")
         .collect();
     assert!(health.len() >= 2, "{} health records", health.len());
+    let counted: u64 = health
+        .iter()
+        .flat_map(|record| record["args"]["workers"].as_array().expect("workers"))
+        .map(|worker| worker["parks"].as_u64().expect("parks"))
+        .sum();
+    assert!(
+        counted > 100,
+        "{counted} parks counted in the health records"
+    );
     for record in health {
         let workers = record["args"]["workers"].as_array().expect("workers");
         assert_eq!(workers.len(), 2, "{record}");

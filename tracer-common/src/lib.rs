@@ -203,15 +203,19 @@ pub mod names {
         pub const WATCH_EVENTS: &str = "WATCH_EVENTS";
         /// Watch tier: samples' and blocking switches' stacks.
         pub const WATCH_STACKS: &str = "WATCH_STACKS";
-        /// Watch tier: the target's workers and whether each is parked.
+        /// Watch tier: the target's workers and how often each has parked.
         pub const WORKERS: &str = "WORKERS";
-        /// Watch tier: workers off CPU while not parked, until they return.
+        /// Watch tier: workers off CPU, until they return.
         pub const OFF_CPU: &str = "OFF_CPU";
         /// The threads inside a `block_on` loop.
         pub const BLOCK_ON: &str = "BLOCK_ON";
         /// The root future each thread parker parks for.
         pub const ROOT_OF_PARKER: &str = "ROOT_OF_PARKER";
-        pub const ALL: [&str; 14] = [
+        /// Watch tier: how many `OFF_CPU` entries there are (slot 0).
+        pub const OFF_CPU_PENDING: &str = "OFF_CPU_PENDING";
+        /// Watch tier: futex words the workers park on (learnt by user space).
+        pub const PARK_FUTEX: &str = "PARK_FUTEX";
+        pub const ALL: [&str; 16] = [
             EVENTS,
             STACKS,
             COUNTERS,
@@ -226,6 +230,8 @@ pub mod names {
             OFF_CPU,
             BLOCK_ON,
             ROOT_OF_PARKER,
+            OFF_CPU_PENDING,
+            PARK_FUTEX,
         ];
     }
 
@@ -290,14 +296,14 @@ pub mod names {
         pub const ROOT_POLL_END: &str = "root_poll_end";
         /// Watch tier: entry of a park function (uprobe).
         pub const WATCH_PARK_START: &str = "watch_park_start";
-        /// Watch tier: return of a park function (uretprobe).
-        pub const WATCH_PARK_END: &str = "watch_park_end";
         /// Watch tier: a CPU sample with kernel stacks (perf event).
         pub const WATCH_SAMPLE: &str = "watch_sample";
         /// Watch tier: `sched_switch` (BTF tracepoint).
         pub const WATCH_SWITCH: &str = "watch_switch";
-        /// The watch tier's uprobe and uretprobe programs.
-        pub const WATCH_UPROBES: [&str; 2] = [WATCH_PARK_START, WATCH_PARK_END];
+        /// Watch tier: `sched_wakeup` (BTF tracepoint).
+        pub const WATCH_WAKEUP: &str = "watch_wakeup";
+        /// The watch tier's uprobe programs (no uretprobe: one trap per park).
+        pub const WATCH_UPROBES: [&str; 1] = [WATCH_PARK_START];
         /// The record mode's uprobe and uretprobe programs (every program
         /// but [`SAMPLE`] and the watch tier's).
         pub const UPROBES: [&str; 18] = [

@@ -22,6 +22,7 @@
 //! the names in `tracer_common::names` (a test of the tracer checks the
 //! built object).
 #![no_std]
+#![feature(asm_experimental_arch)]
 #![no_main]
 // aya-ebpf's map methods take `impl Borrow<K>`; passing the keys and values
 // by value instead of by reference copies them on the 512-byte BPF stack

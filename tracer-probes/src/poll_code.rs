@@ -38,6 +38,13 @@ pub struct PollCode {
 /// The poll code of every poll site of `plan`, read from `binary` (the file
 /// the plan was made from).
 pub fn poll_code(binary: &Path, plan: &ProbePlan) -> anyhow::Result<Vec<PollCode>> {
+    site_code(binary, plan, SiteKind::Poll)
+}
+
+/// The code of every site of `kind` the same way: the watch tier takes the
+/// park functions' too, to tell a worker asleep in its park from one
+/// blocked inside a poll by the user stack at the switch.
+pub fn site_code(binary: &Path, plan: &ProbePlan, kind: SiteKind) -> anyhow::Result<Vec<PollCode>> {
     let data =
         std::fs::read(binary).with_context(|| format!("cannot read {}", binary.display()))?;
     let file = object::File::parse(&*data)
@@ -46,7 +53,7 @@ pub fn poll_code(binary: &Path, plan: &ProbePlan) -> anyhow::Result<Vec<PollCode
     let symbols = SymbolTable::read(&file);
     let mut found = Vec::new();
     for (index, site) in plan.sites.iter().enumerate() {
-        if site.kind != SiteKind::Poll {
+        if site.kind != kind {
             continue;
         }
         let mut ranges = Vec::new();

@@ -87,15 +87,18 @@ fn every_program_is_named_in_tracer_common_and_none_else() {
             programs::SAMPLE,
             programs::WATCH_SAMPLE,
             programs::WATCH_SWITCH,
+            programs::WATCH_WAKEUP,
         ]));
     assert_eq!(names, expected);
     // The loaders treat the uprobe lists as uprobes or uretprobes, the
-    // samplers as perf event programs, and the switch as a BTF tracepoint.
+    // samplers as perf event programs, the switch and wakeup as BTF tracepoints.
     for (name, section) in &programs {
         let kinds: &[&str] = if name == programs::SAMPLE || name == programs::WATCH_SAMPLE {
             &["perf_event"]
         } else if name == programs::WATCH_SWITCH {
             &["tp_btf/sched_switch"]
+        } else if name == programs::WATCH_WAKEUP {
+            &["tp_btf/sched_wakeup"]
         } else {
             &["uprobe", "uretprobe"]
         };

@@ -5,7 +5,8 @@
 //!   the switch say where, and the task poll on the user stack says which
 //!   task type (none: it blocked in the scheduler between polls).
 //! - **Hog**: consecutive samples of one worker in the same task type with
-//!   no park of that worker in between, spanning at least `--hog`. Without
+//!   no park of that worker in between (the kernel's park count, carried by
+//!   every sample, did not change), spanning at least `--hog`. Without
 //!   a probe per poll this can't tell one long poll from several polls of
 //!   the same type back to back (a worker polls at most 61 tasks between
 //!   parks), and the poll began before the first sample and ended after the
@@ -15,7 +16,9 @@
 //!   worker was held (not parked) all along; how much of the span was
 //!   preempted is reported with the finding, since on an overloaded
 //!   machine that part is the machine's doing, not the task's.
-//! - **Health**, every interval: each worker's busy share (time not parked),
+//! - **Health**, every interval: each worker's busy share (time not asleep
+//!   in its park: a park that returns without sleeping counts as busy, it
+//!   is a few µs),
 //!   imbalance (busiest over the mean), findings, time blocked and
 //!   preempted, CPU per task type (samples / rate).
 //!
@@ -102,10 +105,17 @@ pub struct Health {
 struct Worker {
     parked_since: Option<u64>,
     parked_ns: u64,
-    parks: u64,
-    /// Parks seen so far: a hog run is broken by any park after its start.
-    park_count: u64,
+    /// The kernel's park count, latest seen and at the interval's start.
+    parks_seen: Option<u32>,
+    parks_at_interval: Option<u32>,
     run: Option<Run>,
+}
+
+impl Worker {
+    fn saw_parks(&mut self, parks: u32) {
+        self.parks_seen = Some(parks);
+        self.parks_at_interval.get_or_insert(parks);
+    }
 }
 
 /// Consecutive samples of one task type on one worker.
@@ -114,7 +124,8 @@ struct Run {
     first_ns: u64,
     last_ns: u64,
     samples: u32,
-    park_count: u64,
+    /// The worker's park count at the first sample.
+    parks: u32,
     preempted_ns: u64,
     last: Capture,
     /// Already announced as an ongoing hog (see [`Detector::take_ongoing`]).
@@ -171,25 +182,28 @@ impl Detector {
         }
     }
 
-    pub fn park_start(&mut self, tid: u32, ts_ns: u64) {
+    /// A worker went to sleep in its park: that ends any hog run.
+    pub fn park_sleep(&mut self, tid: u32, ts_ns: u64, parks: u32) {
         let worker = self.workers.entry(tid).or_default();
         worker.parked_since = Some(ts_ns);
-        worker.parks += 1;
-        worker.park_count += 1;
+        worker.saw_parks(parks);
         if let Some(run) = worker.run.take() {
             self.end_run(tid, run);
         }
     }
 
-    pub fn park_end(&mut self, tid: u32, ts_ns: u64) {
+    /// It woke at `ts_ns` after `duration_ns` asleep.
+    pub fn park_wake(&mut self, tid: u32, ts_ns: u64, duration_ns: u64) {
         let start = self.interval_start;
         let worker = self.workers.entry(tid).or_default();
-        // A park that began before tracing: counted from the interval's start.
-        let since = worker.parked_since.take().unwrap_or(start).max(start);
+        // Earlier intervals counted their part already.
+        let since = ts_ns.saturating_sub(duration_ns).max(start);
         worker.parked_ns += ts_ns.saturating_sub(since);
+        worker.parked_since = None;
     }
 
     /// A worker came back on CPU after `duration_ns` off it, not parked.
+    #[allow(clippy::too_many_arguments)]
     pub fn off_cpu(
         &mut self,
         tid: u32,
@@ -197,16 +211,18 @@ impl Detector {
         duration_ns: u64,
         state: u32,
         preempted: bool,
+        parks: u32,
         capture: Option<Capture>,
     ) {
         if preempted {
             self.preempted_ns += duration_ns;
-            // Still in the run if nothing parked since its last sample.
+            // Still in the run if nothing parked since its first sample.
             if let Some(run) = self
                 .workers
                 .get_mut(&tid)
                 .and_then(|worker| worker.run.as_mut())
                 && ts_ns >= run.last_ns
+                && parks == run.parks
             {
                 run.last_ns = ts_ns + duration_ns;
                 run.preempted_ns += duration_ns;
@@ -244,9 +260,10 @@ impl Detector {
         }
         let tid = capture.tid;
         let worker = self.workers.entry(tid).or_default();
-        let park_count = worker.park_count;
+        worker.saw_parks(capture.parks);
+        let parks = capture.parks;
         let continues = match (&worker.run, capture.site) {
-            (Some(run), Some(site)) => !parked && run.site == site && run.park_count == park_count,
+            (Some(run), Some(site)) => !parked && run.site == site && run.parks == parks,
             _ => false,
         };
         if continues {
@@ -278,7 +295,7 @@ impl Detector {
                 first_ns: capture.ts_ns,
                 last_ns: capture.ts_ns,
                 samples: 1,
-                park_count,
+                parks,
                 preempted_ns: 0,
                 last: capture,
                 announced: false,
@@ -331,11 +348,12 @@ impl Detector {
                     parked += end_ns.saturating_sub(since.max(start));
                 }
                 let busy = 1.0 - (parked.min(length) as f64 / length as f64);
-                WorkerHealth {
-                    tid,
-                    busy,
-                    parks: std::mem::take(&mut worker.parks),
-                }
+                let parks = match (worker.parks_seen, worker.parks_at_interval) {
+                    (Some(now), Some(then)) => u64::from(now.wrapping_sub(then)),
+                    _ => 0,
+                };
+                worker.parks_at_interval = worker.parks_seen;
+                WorkerHealth { tid, busy, parks }
             })
             .collect();
         workers.sort_by_key(|worker| worker.tid);
@@ -378,6 +396,11 @@ mod tests {
     const MS: u64 = 1_000_000;
 
     fn sample(tid: u32, ts_ns: u64, site: Option<usize>) -> Capture {
+        sample_after(tid, ts_ns, site, 0)
+    }
+
+    /// A sample taken after the worker entered its park `parks` times.
+    fn sample_after(tid: u32, ts_ns: u64, site: Option<usize>, parks: u32) -> Capture {
         Capture {
             ts_ns,
             tid,
@@ -387,6 +410,10 @@ mod tests {
             kernel: Vec::new(),
             site,
             task_depth: 2,
+            in_park: false,
+            parks,
+            syscall: u64::MAX,
+            arg0: 0,
         }
     }
 
@@ -429,11 +456,26 @@ mod tests {
         let mut d = detector();
         d.sample(sample(7, 100 * MS, Some(3)));
         d.sample(sample(7, 110 * MS, Some(3)));
-        d.park_start(7, 115 * MS);
-        d.park_end(7, 116 * MS);
-        d.sample(sample(7, 120 * MS, Some(3)));
-        d.sample(sample(7, 130 * MS, Some(3)));
+        // A park that did not sleep: only its count says it happened.
+        d.sample(sample_after(7, 120 * MS, Some(3), 1));
+        d.sample(sample_after(7, 130 * MS, Some(3), 1));
+        // One that slept.
+        d.park_sleep(7, 131 * MS, 2);
+        d.park_wake(7, 132 * MS, MS);
+        d.sample(sample_after(7, 140 * MS, Some(3), 2));
+        d.sample(sample_after(7, 150 * MS, Some(3), 2));
         d.finish_runs();
+        assert!(d.take_findings().is_empty());
+    }
+
+    #[test]
+    fn a_preemption_after_a_park_does_not_extend_the_run() {
+        let mut d = detector();
+        d.sample(sample(7, 100 * MS, Some(3)));
+        d.sample(sample(7, 105 * MS, Some(3)));
+        // Preempted after parking once (in the park, or in a later poll).
+        d.off_cpu(7, 106 * MS, 24 * MS, 0, true, 1, None);
+        d.park_sleep(7, 130 * MS, 2);
         assert!(d.take_findings().is_empty());
     }
 
@@ -442,8 +484,8 @@ mod tests {
         let mut d = detector();
         d.sample(sample(7, 100 * MS, Some(3)));
         d.sample(sample(7, 105 * MS, Some(3)));
-        d.off_cpu(7, 106 * MS, 24 * MS, 0, true, None);
-        d.park_start(7, 130 * MS);
+        d.off_cpu(7, 106 * MS, 24 * MS, 0, true, 0, None);
+        d.park_sleep(7, 130 * MS, 1);
         let found = d.take_findings();
         let [Finding::Hog(hog)] = found.as_slice() else {
             panic!("{found:?}")
@@ -455,17 +497,17 @@ mod tests {
     fn one_sample_and_a_preemption_is_no_hog() {
         let mut d = detector();
         d.sample(sample(7, 100 * MS, Some(3)));
-        d.off_cpu(7, 101 * MS, 30 * MS, 0, true, None);
-        d.park_start(7, 131 * MS);
+        d.off_cpu(7, 101 * MS, 30 * MS, 0, true, 0, None);
+        d.park_sleep(7, 131 * MS, 1);
         assert!(d.take_findings().is_empty());
     }
 
     #[test]
     fn only_long_voluntary_sleeps_are_blocking() {
         let mut d = detector();
-        d.off_cpu(7, 0, 50 * MS, 0, true, None);
-        d.off_cpu(7, 0, 2 * MS, 1, false, None);
-        d.off_cpu(7, 0, 12 * MS, 1, false, Some(sample(7, 0, Some(5))));
+        d.off_cpu(7, 0, 50 * MS, 0, true, 0, None);
+        d.off_cpu(7, 0, 2 * MS, 1, false, 0, None);
+        d.off_cpu(7, 0, 12 * MS, 1, false, 0, Some(sample(7, 0, Some(5))));
         let found = d.take_findings();
         assert_eq!(found.len(), 1);
         let Finding::Blocking(blocking) = &found[0] else {
@@ -482,13 +524,19 @@ mod tests {
     #[test]
     fn busy_share_counts_time_not_parked() {
         let mut d = detector();
-        d.park_start(1, 0);
-        d.park_end(1, 250 * MS);
-        d.park_start(1, 500 * MS);
-        // Still parked at the end: 250 + 500 ms parked of 1000.
+        d.park_sleep(1, 0, 10);
+        d.park_wake(1, 250 * MS, 250 * MS);
+        d.park_sleep(1, 500 * MS, 13);
+        // Still asleep at the end: 250 + 500 ms parked of 1000.
         let health = d.close_interval(1000 * MS);
         assert_eq!(health.workers.len(), 1);
         assert!((health.workers[0].busy - 0.25).abs() < 1e-9, "{health:?}");
-        assert_eq!(health.workers[0].parks, 2);
+        // Counted from the first count seen (10): three parks since.
+        assert_eq!(health.workers[0].parks, 3);
+        // The next interval: asleep until 1600 ms, of which 600 ms here.
+        d.park_wake(1, 1600 * MS, 1100 * MS);
+        let health = d.close_interval(2000 * MS);
+        assert!((health.workers[0].busy - 0.4).abs() < 1e-9, "{health:?}");
+        assert_eq!(health.workers[0].parks, 0);
     }
 }

@@ -7,13 +7,17 @@
 //! The watch tier attaches nothing that runs per poll. It learns what the
 //! workers do from three things whose rate the program's load does not set:
 //!
-//! - CPU samples (`--sample-hz`, default 99 per CPU), with the user stack
+//! - CPU samples (`--sample-hz`, default 199 per CPU), with the user stack
 //!   and, in the kernel, the kernel stack too; the task type is the poll
 //!   frame found on the unwound stack ([`stacks`]);
-//! - parks (an entry and a return probe per park): busy share, and "no park
-//!   in between" for hogs;
-//! - context switches of workers that are not parked (`sched_switch`): a
-//!   worker asleep outside its park is blocking every task queued on it.
+//! - parks (one entry probe per park, which only counts it in the kernel:
+//!   ~0.7 µs a park, the tier's main cost flat out): "no park in between"
+//!   for hogs;
+//! - context switches and wakeups of workers (`sched_switch`,
+//!   `sched_wakeup`): the system call a worker sleeps in says whether it
+//!   sleeps in its park (epoll, or a futex word learnt as its park condvar
+//!   from the stack of its first such sleep) — busy share — or is
+//!   blocking every task queued on it.
 //!
 //! From these, [`detect`] makes findings (BLOCKING, HOG) and per-second
 //! health; [`report`] prints them; [`keep`] keeps the last `--keep` in a
@@ -25,6 +29,7 @@ mod escalate;
 pub mod incident;
 pub mod keep;
 pub mod kernel;
+mod park_words;
 pub mod probes;
 pub mod report;
 pub mod stacks;
@@ -45,6 +50,7 @@ use crate::record::preflight::{self, KernelPaths};
 use crate::record::target::Target;
 use detect::{Detector, Finding, Thresholds};
 use keep::{FlightRecorder, Kept};
+use park_words::ParkWords;
 use report::Names;
 use stacks::{Capture, StackReader};
 
@@ -130,8 +136,8 @@ struct Watcher {
     /// The latest blocking switch's capture per thread, until its off-CPU
     /// span arrives (a thread is in one switch at a time).
     switches: HashMap<u32, Capture>,
-    /// Parks in progress, by thread: kept whole when they end.
-    park_starts: HashMap<u32, u64>,
+    /// The futex words the switch program takes for parks: learnt here.
+    park_words: ParkWords,
     next_health_ns: u64,
     blocking: u64,
     hogs: u64,
@@ -176,7 +182,9 @@ pub async fn watch(options: WatchOptions) -> Result<WatchOutcome> {
         stack_bytes: options.stack_bytes,
         min_off_cpu_ns: 1_000_000.min(options.blocking.as_nanos() as u64),
     })?;
-    let reader = StackReader::new(target.pid, &target.exe, &poll_code)?;
+    let park_code =
+        tracer_probes::poll_code::site_code(&target.exe, &plan, tracer_probes::SiteKind::Park)?;
+    let reader = StackReader::new(target.pid, &target.exe, &poll_code, &park_code)?;
     let escalation = options.escalates().then(|| {
         incident::Escalation::new(
             plan.clone(),
@@ -199,6 +207,7 @@ pub async fn watch(options: WatchOptions) -> Result<WatchOutcome> {
     );
     let mut event_ring = probes.take_ring(names::WATCH_EVENTS)?;
     let mut stack_ring = probes.take_ring(names::WATCH_STACKS)?;
+    let park_futex = probes.take_park_futex()?;
     // With -v, what each program costs (read back at the end).
     let stats = log::log_enabled!(log::Level::Info)
         .then(probes::collect_stats)
@@ -228,7 +237,7 @@ pub async fn watch(options: WatchOptions) -> Result<WatchOutcome> {
         recorder: FlightRecorder::new(options.keep, options.keep_memory),
         pending: Vec::new(),
         switches: HashMap::new(),
-        park_starts: HashMap::new(),
+        park_words: ParkWords::new(park_futex),
         next_health_ns: start_ns + HEALTH_INTERVAL_NS,
         blocking: 0,
         hogs: 0,
@@ -391,25 +400,27 @@ impl Watcher {
                     self.detector.sample(capture);
                 }
                 WatchStackKind::Switch => {
+                    if capture.in_park {
+                        self.park_words.learn(&capture);
+                    }
                     self.switches.insert(capture.tid, capture);
                 }
             },
             Record::Event(event) => match WatchEventKind::from_u32(event.kind) {
-                Some(WatchEventKind::ParkStart) => {
-                    self.detector.park_start(event.tid, event.ts_ns);
-                    self.park_starts.insert(event.tid, event.ts_ns);
+                Some(WatchEventKind::ParkSleep) => {
+                    self.detector
+                        .park_sleep(event.tid, event.ts_ns, event.parks);
                 }
-                Some(WatchEventKind::ParkEnd) => {
-                    self.detector.park_end(event.tid, event.ts_ns);
-                    if let Some(start) = self.park_starts.remove(&event.tid) {
-                        self.recorder.push(
-                            start,
-                            Kept::Park {
-                                tid: event.tid,
-                                end_ns: event.ts_ns,
-                            },
-                        );
-                    }
+                Some(WatchEventKind::ParkWake) => {
+                    self.detector
+                        .park_wake(event.tid, event.ts_ns, event.duration_ns);
+                    self.recorder.push(
+                        event.ts_ns.saturating_sub(event.duration_ns),
+                        Kept::Park {
+                            tid: event.tid,
+                            end_ns: event.ts_ns,
+                        },
+                    );
                 }
                 Some(WatchEventKind::OffCpu) => {
                     let capture = self
@@ -417,6 +428,23 @@ impl Watcher {
                         .remove(&event.tid)
                         .filter(|capture| capture.ts_ns == event.ts_ns);
                     let preempted = event.preempted != 0;
+                    if let Some(capture) = capture.as_ref().filter(|capture| capture.in_park) {
+                        // A park on a futex word not learnt yet: a park
+                        // sleep, not a blocking call.
+                        self.detector
+                            .park_sleep(event.tid, event.ts_ns, capture.parks);
+                        let end_ns = event.ts_ns + event.duration_ns;
+                        self.detector
+                            .park_wake(event.tid, end_ns, event.duration_ns);
+                        self.recorder.push(
+                            event.ts_ns,
+                            Kept::Park {
+                                tid: event.tid,
+                                end_ns,
+                            },
+                        );
+                        return;
+                    }
                     self.recorder.push(
                         event.ts_ns,
                         Kept::OffCpu {
@@ -431,6 +459,7 @@ impl Watcher {
                         event.duration_ns,
                         event.site_or_state,
                         preempted,
+                        event.parks,
                         capture,
                     );
                 }

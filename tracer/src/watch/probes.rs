@@ -1,6 +1,7 @@
 //! Loading and attaching the watch tier's eBPF programs (see the eBPF
-//! crate's `watch` module): park probes, the `sched_switch` BTF tracepoint
-//! and per-CPU sampling. No poll probe: that is the point of the tier.
+//! crate's `watch` module): park entry probes (one trap per park, no
+//! uretprobe), the `sched_switch` BTF tracepoint and per-CPU sampling. No
+//! poll probe: that is the point of the tier.
 
 use std::num::NonZeroU32;
 use std::path::Path;
@@ -9,7 +10,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, anyhow};
 use aya::{
     Btf, Ebpf, EbpfLoader,
-    maps::{Array, MapData, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, MapData, PerCpuArray, RingBuf},
     programs::{
         BtfTracePoint, PerfEvent, UProbe,
         perf_event::{PerfEventConfig, PerfEventScope, SamplePolicy, SoftwareEvent},
@@ -24,9 +25,9 @@ use crate::record::detach::Detacher;
 use crate::record::loader::{EBPF_OBJECT, UNUSED_RING_BYTES, check_object};
 
 const PARK_START: &str = programs::WATCH_PARK_START;
-const PARK_END: &str = programs::WATCH_PARK_END;
 const SAMPLE: &str = programs::WATCH_SAMPLE;
 const SWITCH: &str = programs::WATCH_SWITCH;
+const WAKEUP: &str = programs::WATCH_WAKEUP;
 
 pub struct WatchProbes {
     ebpf: Ebpf,
@@ -54,18 +55,19 @@ pub fn load(settings: &WatchSettings) -> Result<WatchProbes> {
         .map_max_entries(maps::STACKS, UNUSED_RING_BYTES)
         .load(EBPF_OBJECT)
         .context("the kernel refused to load the eBPF programs")?;
-    for name in [PARK_START, PARK_END] {
-        uprobe(&mut ebpf, name)?
-            .load()
-            .with_context(|| format!("the kernel's verifier refused the eBPF program {name}"))?;
-    }
+    uprobe(&mut ebpf, PARK_START)?
+        .load()
+        .with_context(|| format!("the kernel's verifier refused the eBPF program {PARK_START}"))?;
     perf_event(&mut ebpf)?
         .load()
         .with_context(|| format!("the kernel's verifier refused the eBPF program {SAMPLE}"))?;
     let btf = Btf::from_sys_fs().context("reading the kernel's BTF (/sys/kernel/btf/vmlinux)")?;
-    switch(&mut ebpf)?
+    tracepoint(&mut ebpf, SWITCH)?
         .load("sched_switch", &btf)
         .with_context(|| format!("the kernel refused the eBPF program {SWITCH}"))?;
+    tracepoint(&mut ebpf, WAKEUP)?
+        .load("sched_wakeup", &btf)
+        .with_context(|| format!("the kernel refused the eBPF program {WAKEUP}"))?;
     Ok(WatchProbes {
         ebpf,
         uprobe_links: Vec::new(),
@@ -88,29 +90,28 @@ impl WatchProbes {
             if site.kind != SiteKind::Park {
                 continue;
             }
-            for (name, offset) in [
-                (PARK_START, site.probe_offset),
-                (PARK_END, site.file_offset),
-            ] {
-                let point = UProbeAttachPoint {
-                    location: UProbeAttachLocation::AbsoluteOffset(offset),
-                    cookie: Some(index as u64),
-                };
-                let link = uprobe(&mut self.ebpf, name)?
-                    .attach(point, binary, scope)
-                    .with_context(|| {
-                        format!(
-                            "could not attach {name} to {} at file offset {offset:#x}",
-                            site.symbol
-                        )
-                    })?;
-                self.uprobe_links.push((name, link));
-            }
+            let offset = site.probe_offset;
+            let point = UProbeAttachPoint {
+                location: UProbeAttachLocation::AbsoluteOffset(offset),
+                cookie: Some(index as u64),
+            };
+            let link = uprobe(&mut self.ebpf, PARK_START)?
+                .attach(point, binary, scope)
+                .with_context(|| {
+                    format!(
+                        "could not attach {PARK_START} to {} at file offset {offset:#x}",
+                        site.symbol
+                    )
+                })?;
+            self.uprobe_links.push((PARK_START, link));
             self.parks += 1;
         }
-        switch(&mut self.ebpf)?
+        tracepoint(&mut self.ebpf, SWITCH)?
             .attach()
             .context("could not attach to the sched_switch tracepoint")?;
+        tracepoint(&mut self.ebpf, WAKEUP)?
+            .attach()
+            .context("could not attach to the sched_wakeup tracepoint")?;
         let cpus =
             aya::util::online_cpus().map_err(|(path, err)| anyhow!("can't read {path}: {err}"))?;
         let sampler = perf_event(&mut self.ebpf)?;
@@ -140,6 +141,16 @@ impl WatchProbes {
         Ok(())
     }
 
+    /// The futex words user space tells the switch program are park
+    /// condvars (learnt from captures whose stack is in a park, see `Capture::in_park`).
+    pub fn take_park_futex(&mut self) -> Result<HashMap<MapData, u64, u32>> {
+        let map = self
+            .ebpf
+            .take_map(maps::PARK_FUTEX)
+            .with_context(|| format!("the {} map is missing", maps::PARK_FUTEX))?;
+        Ok(HashMap::try_from(map)?)
+    }
+
     pub fn take_ring(&mut self, name: &str) -> Result<RingBuf<MapData>> {
         let map = self
             .ebpf
@@ -163,7 +174,7 @@ impl WatchProbes {
     /// context switch cost in the programs themselves, traps excluded.
     pub fn program_stats(&self) -> Vec<(&'static str, u64, Duration)> {
         let mut stats = Vec::new();
-        for name in [PARK_START, PARK_END, SAMPLE, SWITCH] {
+        for name in [PARK_START, SAMPLE, SWITCH, WAKEUP] {
             let Some(program) = self.ebpf.program(name) else {
                 continue;
             };
@@ -233,11 +244,11 @@ fn perf_event(ebpf: &mut Ebpf) -> Result<&mut PerfEvent> {
         .with_context(|| format!("the eBPF program {SAMPLE} is not a perf event program"))
 }
 
-fn switch(ebpf: &mut Ebpf) -> Result<&mut BtfTracePoint> {
-    ebpf.program_mut(SWITCH)
-        .with_context(|| format!("the eBPF object has no program {SWITCH}"))?
+fn tracepoint<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut BtfTracePoint> {
+    ebpf.program_mut(name)
+        .with_context(|| format!("the eBPF object has no program {name}"))?
         .try_into()
-        .with_context(|| format!("the eBPF program {SWITCH} is not a BTF tracepoint"))
+        .with_context(|| format!("the eBPF program {name} is not a BTF tracepoint"))
 }
 
 /// Turns on the kernel's per-program run-time statistics while the

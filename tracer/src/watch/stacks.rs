@@ -32,6 +32,15 @@ pub struct Capture {
     pub site: Option<usize>,
     /// How many user frames lie inside that task's poll (above its poll frame).
     pub task_depth: usize,
+    /// A park function's frame is on the user stack, with no task's poll
+    /// inside it: the worker is in its park.
+    pub in_park: bool,
+    /// How many times the worker had entered its park function (the
+    /// kernel's count: a hog run ends when it changes).
+    pub parks: u32,
+    /// In the kernel: the system call (-1 when none) and its first argument.
+    pub syscall: u64,
+    pub arg0: u64,
 }
 
 impl Capture {
@@ -50,6 +59,8 @@ pub struct StackReader {
     exe_mappings: Vec<Mapping>,
     /// (file-offset range, poll site), sorted by range start.
     poll_code: Vec<(Range<u64>, usize)>,
+    /// The park functions' file-offset ranges.
+    park_code: Vec<Range<u64>>,
     symbolizer: Option<Symbolizer>,
     kernel: Option<KernelSymbols>,
     pub malformed: u64,
@@ -60,6 +71,7 @@ impl StackReader {
         pid: u32,
         exe: &std::path::Path,
         poll_code: &[tracer_probes::poll_code::PollCode],
+        park_code: &[tracer_probes::poll_code::PollCode],
     ) -> Result<Self> {
         let maps = ProcessMaps::read(pid).with_context(|| format!("reading /proc/{pid}/maps"))?;
         let exe_path = std::fs::read_link(exe)
@@ -95,6 +107,10 @@ impl StackReader {
             unwind_error,
             exe_mappings,
             poll_code: ranges,
+            park_code: park_code
+                .iter()
+                .flat_map(|code| code.ranges.iter().cloned())
+                .collect(),
             symbolizer: None,
             kernel: None,
             malformed: 0,
@@ -136,6 +152,10 @@ impl StackReader {
             Some((depth, site)) => (Some(site), depth),
             None => (None, user.len()),
         };
+        // Only a switch's: samples don't need it.
+        let in_park = kind == WatchStackKind::Switch
+            && site.is_none()
+            && (self.park_frame(&user) || self.park_word(data));
         Some(Capture {
             ts_ns: header.ts_ns,
             tid: header.tid,
@@ -145,6 +165,33 @@ impl StackReader {
             kernel,
             site,
             task_depth,
+            in_park,
+            parks: header.parks,
+            syscall: header.syscall,
+            arg0: header.arg0,
+        })
+    }
+
+    /// Whether a word of the raw stack looks like a return address into a
+    /// park function: the fallback when unwinding stopped short of the
+    /// park's frame (no CFI, or no unwinder at all), so that a condvar park
+    /// is not taken for blocking. Switches with no task frame only: a poll
+    /// frame, when found, settles it.
+    fn park_word(&self, stack: &[u8]) -> bool {
+        stack.chunks_exact(8).any(|word| {
+            let address = u64::from_le_bytes(word.try_into().expect("8 bytes"));
+            address > 0
+                && self.file_offset(address - 1).is_some_and(|offset| {
+                    self.park_code.iter().any(|range| range.contains(&offset))
+                })
+        })
+    }
+
+    /// Whether a return address on the stack lies in a park function.
+    fn park_frame(&self, user: &[u64]) -> bool {
+        user.iter().skip(1).any(|&address| {
+            self.file_offset(address.saturating_sub(1))
+                .is_some_and(|offset| self.park_code.iter().any(|range| range.contains(&offset)))
         })
     }
 
