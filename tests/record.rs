@@ -8,31 +8,14 @@ use std::collections::{BTreeMap, BTreeSet};
 use support::Profile;
 use trace::{Fixture, Trace, TraceSlice, describe, require_root, run, scratch_dir, tracer};
 
-/// Records `fixture` for `seconds` and returns the parsed trace.
+/// Records `fixture` for `seconds` and returns the parsed trace and the
+/// tracer's stdout.
 fn record_fixture(name: &str, profile: Profile, seconds: &str) -> (Trace, String) {
-    require_root();
-    let fixture = Fixture::start(name, profile, 60.0);
-    let dir = scratch_dir(&format!("{name}-{profile:?}"));
-    let output = dir.join("trace.pftrace");
-    let result = run(tracer()
-        .arg("--pid")
-        .arg(fixture.pid().to_string())
-        .arg("-o")
-        .arg(&output)
-        .arg("--duration")
-        .arg(seconds));
-    assert!(
-        result.status.success(),
-        "tracer failed\n{}",
-        describe(&result)
-    );
-    assert!(
-        !dir.join("trace.pftrace.partial").exists(),
-        "partial file left behind"
-    );
+    let recorded =
+        trace::record_running(name, profile, &format!("{name}-{profile:?}"), seconds, &[]);
     (
-        Trace::load(&output),
-        String::from_utf8_lossy(&result.stdout).into_owned(),
+        recorded.trace,
+        String::from_utf8_lossy(&recorded.output.stdout).into_owned(),
     )
 }
 

@@ -11,7 +11,7 @@ use std::path::PathBuf;
 
 use serde_json::Value;
 use support::Profile;
-use trace::{Fixture, Trace, TraceSlice, describe, require_root, run, scratch_dir, tracer};
+use trace::{Trace, TraceSlice};
 
 /// How long each recording lasts.
 const RECORD_FOR: &str = "2s";
@@ -19,28 +19,9 @@ const RECORD_FOR: &str = "2s";
 /// Attaches to a running `name` fixture for `RECORD_FOR` with `extra` flags;
 /// returns the trace and the scratch directory (for other output files).
 fn record(name: &str, profile: Profile, test: &str, extra: &[&str]) -> (Trace, PathBuf) {
-    require_root();
-    let fixture = Fixture::start(name, profile, 60.0);
-    let dir = scratch_dir(&format!("stacks-{test}-{profile:?}"));
-    let output = dir.join("trace.pftrace");
-    let result = run(tracer()
-        .arg("--pid")
-        .arg(fixture.pid().to_string())
-        .arg("-o")
-        .arg(&output)
-        .arg("--duration")
-        .arg(RECORD_FOR)
-        .args(
-            extra
-                .iter()
-                .map(|arg| arg.replace("{dir}", dir.to_str().unwrap())),
-        ));
-    assert!(
-        result.status.success(),
-        "tracer failed\n{}",
-        describe(&result)
-    );
-    (Trace::load(&output), dir)
+    let scratch = format!("stacks-{test}-{profile:?}");
+    let recorded = trace::record_running(name, profile, &scratch, RECORD_FOR, extra);
+    (recorded.trace, recorded.dir)
 }
 
 /// One frame as the tracer prints it: `"<function> (<file>:<line>)"`, or

@@ -8,28 +8,19 @@
 use test_support::{self as support, trace};
 
 use support::Profile;
-use trace::{Fixture, Trace, TraceSlice, describe, require_root, run, scratch_dir, tracer};
+use trace::{Trace, TraceSlice};
 
 /// Traces a running `awaits` fixture for 2 s (native Perfetto trace: the
 /// annotations are read back through Perfetto's own schema).
 fn record(profile: Profile) -> Trace {
-    require_root();
-    let fixture = Fixture::start("awaits", profile, 60.0);
-    let dir = scratch_dir(&format!("waits-on-{profile:?}"));
-    let output = dir.join("trace.pftrace");
-    let result = run(tracer()
-        .arg("--pid")
-        .arg(fixture.pid().to_string())
-        .arg("-o")
-        .arg(&output)
-        .arg("--duration")
-        .arg("2s"));
-    assert!(
-        result.status.success(),
-        "tracer failed\n{}",
-        describe(&result)
-    );
-    Trace::load(&output)
+    trace::record_running(
+        "awaits",
+        profile,
+        &format!("waits-on-{profile:?}"),
+        "2s",
+        &[],
+    )
+    .trace
 }
 
 /// The `waits_on` of the polls of `task` (those that have one), after

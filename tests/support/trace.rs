@@ -156,6 +156,58 @@ pub fn wait_with_limit(mut child: Child, limit: Duration) -> Output {
     }
 }
 
+/// What [`record_running`] got: the trace, the scratch directory (for
+/// other output files) and the tracer's output (its summary on stdout).
+pub struct Recorded {
+    pub trace: Trace,
+    pub dir: PathBuf,
+    pub output: Output,
+}
+
+/// Starts fixture `name`, records it with `--pid` into a native Perfetto
+/// trace for `duration` (`"2s"`) with `extra` arguments (`{dir}` in one is
+/// the scratch directory, for other output files), checks the tracer
+/// succeeded and left no partial file, and reads the trace back (checked
+/// against Perfetto's schema by [`Trace::load`]).
+pub fn record_running(
+    name: &str,
+    profile: Profile,
+    scratch: &str,
+    duration: &str,
+    extra: &[&str],
+) -> Recorded {
+    require_root();
+    let fixture = Fixture::start(name, profile, 60.0);
+    let dir = scratch_dir(scratch);
+    let trace_path = dir.join("trace.pftrace");
+    let output = run(tracer()
+        .arg("--pid")
+        .arg(fixture.pid().to_string())
+        .arg("-o")
+        .arg(&trace_path)
+        .arg("--duration")
+        .arg(duration)
+        .args(
+            extra
+                .iter()
+                .map(|arg| arg.replace("{dir}", dir.to_str().unwrap())),
+        ));
+    assert!(
+        output.status.success(),
+        "tracer failed\n{}",
+        describe(&output)
+    );
+    assert!(
+        !dir.join("trace.pftrace.partial").exists(),
+        "partial file left behind"
+    );
+    Recorded {
+        trace: Trace::load(&trace_path),
+        dir,
+        output,
+    }
+}
+
 pub fn describe(output: &Output) -> String {
     format!(
         "status: {}\nstdout:\n{}\nstderr:\n{}",

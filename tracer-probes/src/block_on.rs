@@ -49,10 +49,7 @@ use crate::{ProbeSite, ReturnSite, SiteKind, TaskArg};
 /// and wake functions; none when the binary has no `block_on` loop or no
 /// parker's park (a `block_on` whose parks can't be seen would show one
 /// poll as long as the program).
-pub(crate) fn sites(
-    code: &Code,
-    poll_returns: &[ReturnSite],
-) -> anyhow::Result<Vec<ProbeSite>> {
+pub(crate) fn sites(code: &Code, poll_returns: &[ReturnSite]) -> anyhow::Result<Vec<ProbeSite>> {
     let symbols = code.symbols;
     let paths = |list: &'static [&'static str]| {
         group_by_address(list.iter().flat_map(|path| symbols.with_path(path)))
