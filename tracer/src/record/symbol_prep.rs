@@ -1,4 +1,4 @@
-//! Loading the target binary's symbols while recording, so that the stop
+//! Loading the target's symbols while recording, so that the stop
 //! pays only for the lookups.
 //!
 //! Symbolizing has a fixed part that does not depend on how many stacks
@@ -9,9 +9,13 @@
 //! (issue 9). So a thread started once the probes are attached loads the
 //! main binary's module at nice 19 (it yields to the target and to the
 //! drain; the eBPF side keeps recording whatever it does) and
-//! [`stacks`](super::stacks) adopts it at the stop. Only the main binary is
-//! prepared: it is where the expensive DWARF is, and it is mapped before
-//! the first poll; libraries (often without DWARF) load at first use.
+//! [`stacks`](super::stacks) adopts it at the stop. Prepared: the main
+//! binary (the tasks' code) and the C library (every thread's outermost
+//! frames, so every stack reaches it; its debug package, when installed,
+//! was most of that fixed cost on the HTTP bench, whose binary has a symbol
+//! table only). Other libraries, and anything mapped later, load at first
+//! use after the stop as before: preparing what no stack reaches would only
+//! cost the recording.
 //!
 //! What can go wrong, and what happens then:
 //! - the mapping changes while recording (an exec, a rebuilt binary): the
@@ -132,7 +136,8 @@ fn prepare(pid: u32, exe: &Path, stopping: &AtomicBool) -> Prepared {
     }
 }
 
-/// Waits for `exe` to be mapped in `pid` and loads its module.
+/// Waits for `exe` to be mapped in `pid` and loads its module, then the
+/// C library's.
 fn load_main_module(pid: u32, exe: &Path, stopping: &AtomicBool) -> Option<Symbolizer> {
     use std::os::unix::fs::MetadataExt;
     let exe_file = std::fs::metadata(exe)
@@ -140,7 +145,7 @@ fn load_main_module(pid: u32, exe: &Path, stopping: &AtomicBool) -> Option<Symbo
         .ok()?;
     let identity = (exe_file.dev(), exe_file.ino());
     let waiting = Instant::now();
-    let (maps, address) = loop {
+    let (maps, main) = loop {
         let maps = ProcessMaps::read(pid).ok()?;
         // The module whose mapped file is the binary the probes are in.
         let found = maps.modules().into_iter().find(|module| {
@@ -156,14 +161,38 @@ fn load_main_module(pid: u32, exe: &Path, stopping: &AtomicBool) -> Option<Symbo
         }
         std::thread::sleep(MAPPED_POLL);
     };
+    let libc = maps
+        .modules()
+        .into_iter()
+        .filter(|module| is_c_library(&module.path))
+        .map(|module| module.avma_range.start);
     let mut symbolizer = Symbolizer::new(&maps);
-    match symbolizer.prepare(address)? {
-        Ok(()) => Some(symbolizer),
-        Err(err) => {
-            log::debug!("symbol prep: {err}");
-            None
+    let mut loaded = 0;
+    for address in std::iter::once(main).chain(libc) {
+        match symbolizer.prepare(address) {
+            Some(Ok(())) => loaded += 1,
+            Some(Err(err)) => log::debug!("symbol prep: {err}"),
+            None => {}
         }
     }
+    (loaded > 0).then_some(symbolizer)
+}
+
+/// The C library (glibc, with libpthread before 2.34; musl): every thread's
+/// outermost frames are there (`start_thread`, `clone3`), so every stack
+/// reaches it, and with its debug package installed its DWARF was most of
+/// the fixed cost (the HTTP bench server has a symbol table only).
+fn is_c_library(path: &str) -> bool {
+    let name = path.rsplit('/').next().unwrap_or(path);
+    [
+        "libc.so",
+        "libc-",
+        "libpthread.so",
+        "libpthread-",
+        "ld-musl-",
+    ]
+    .iter()
+    .any(|prefix| name.starts_with(prefix))
 }
 
 fn thread_cpu_ns() -> u64 {
@@ -174,4 +203,18 @@ fn thread_cpu_ns() -> u64 {
     // SAFETY: clock_gettime writes into the timespec we own.
     unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn knows_the_c_library() {
+        assert!(is_c_library("/usr/lib/x86_64-linux-gnu/libc.so.6"));
+        assert!(is_c_library("/lib/x86_64-linux-gnu/libpthread-2.31.so"));
+        assert!(is_c_library("/lib/ld-musl-x86_64.so.1"));
+        assert!(!is_c_library("/usr/lib/x86_64-linux-gnu/libcrypto.so.3"));
+        assert!(!is_c_library("/usr/lib/x86_64-linux-gnu/libcap.so.2"));
+    }
 }
