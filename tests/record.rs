@@ -283,6 +283,77 @@ fn target_exit_ends_with_a_complete_trace() {
     assert!(!trace.polls().is_empty());
 }
 
+/// The binary's symbols are loaded while recording (a thread started at
+/// attach, see tracer/src/record/symbol_prep.rs), from the file the process
+/// has mapped. This binary is deleted before the tracer starts and the
+/// process exits before the stop: its file is then reachable by no path and
+/// no /proc entry, so `file:line` in the trace can only come from what was
+/// loaded while recording.
+#[test]
+fn symbols_of_a_target_that_exits_come_from_the_binary_loaded_while_recording() {
+    require_root();
+    let _turn = trace::tracer_turn();
+    let dir = scratch_dir("exit-deleted");
+    let binary = dir.join("current_thread");
+    std::fs::copy(
+        support::fixture("current_thread", Profile::ReleaseDebug),
+        &binary,
+    )
+    .unwrap();
+    let mut child = std::process::Command::new(&binary)
+        .arg("2")
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut ready = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(child.stdout.take().unwrap()),
+        &mut ready,
+    )
+    .unwrap();
+    assert!(ready.starts_with("ready"), "fixture said {ready:?}");
+    let fixture = Fixture {
+        child,
+        path: binary.clone(),
+    };
+    std::fs::remove_file(&binary).unwrap();
+    let output = dir.join("trace.pftrace");
+    let summary = dir.join("summary.json");
+    let result = trace::run_holding_turn(
+        tracer()
+            .arg("--pid")
+            .arg(fixture.pid().to_string())
+            .arg("-o")
+            .arg(&output)
+            .arg("--summary-json")
+            .arg(&summary),
+    );
+    assert!(result.status.success(), "{}", describe(&result));
+    assert!(String::from_utf8_lossy(&result.stdout).contains("target exited"));
+    let trace = Trace::load(&output);
+    let waits_at: Vec<String> = trace
+        .polls()
+        .iter()
+        .filter_map(|poll| poll.args["waits_at"].as_str().map(str::to_owned))
+        .collect();
+    assert!(
+        waits_at
+            .iter()
+            .any(|at| at.contains("fixture_ticker") && at.contains("current_thread.rs:")),
+        "no waits_at in fixture_ticker with its source line: {:?}",
+        &waits_at[..waits_at.len().min(10)]
+    );
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&summary).unwrap()).unwrap();
+    let prepare_ms = &summary["tracer_cost"]["symbolize_prepare_cpu_ms"];
+    assert!(prepare_ms.is_u64(), "{summary}");
+    assert_eq!(
+        trace.metadata()["symbolize_prepare_cpu_ms"],
+        *prepare_ms,
+        "the trace and the summary disagree"
+    );
+}
+
 unsafe extern "C" {
     fn kill(pid: i32, signal: i32) -> i32;
 }

@@ -431,6 +431,7 @@ fn a_task_hogging_its_worker_is_flagged() {
         "render_ms",
         "render_cpu_ms",
         "symbolize_cpu_ms",
+        "symbolize_prepare_cpu_ms",
     ] {
         assert_eq!(cost[key], trace.metadata()[key], "{key}: {summary}");
     }

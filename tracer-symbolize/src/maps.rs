@@ -28,6 +28,9 @@ pub struct Mapping {
     /// the fallback where map_files may not be opened. Equal to `path` when
     /// the maps were parsed without a pid.
     pub open_path: PathBuf,
+    /// The file's inode, as the maps say: with the path, what tells a
+    /// rebuilt binary (same path, new file) from the one mapped before.
+    pub inode: u64,
 }
 
 /// The file-backed executable mappings of one file, taken together: that is
@@ -43,6 +46,10 @@ pub struct Module {
     /// The lowest executable mapping, from which the load bias is computed.
     pub first_mapping_start: u64,
     pub first_mapping_offset: u64,
+    /// See [`Mapping::inode`].
+    pub inode: u64,
+    /// See [`Mapping::deleted`].
+    pub deleted: bool,
 }
 
 /// The executable mappings of a process, plus the two kernel-provided code
@@ -102,6 +109,7 @@ impl ProcessMaps {
                         path: path.to_owned(),
                         deleted,
                         open_path,
+                        inode: entry.inode,
                     });
                 }
                 _ => {}
@@ -144,6 +152,8 @@ impl ProcessMaps {
                     avma_range: m.start..m.end,
                     first_mapping_start: m.start,
                     first_mapping_offset: m.file_offset,
+                    inode: m.inode,
+                    deleted: m.deleted,
                 }),
             }
         }

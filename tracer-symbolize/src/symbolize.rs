@@ -54,6 +54,11 @@ struct ModuleEntry {
     name: String,
     avma_range: Range<u64>,
     source: Source,
+    /// The file's inode and whether the kernel called it deleted (0 and
+    /// false for the vDSO): with the name and place, what makes a module
+    /// prepared by another symbolizer the same (see [`Symbolizer::adopt`]).
+    inode: u64,
+    deleted: bool,
     /// `None` until first used. A module that failed keeps its error, so
     /// that it is tried once, not once per address.
     loaded: Option<Result<ModuleSymbols, String>>,
@@ -66,6 +71,28 @@ enum Source {
         first_mapping_offset: u64,
     },
     Vdso,
+}
+
+impl Source {
+    /// The same mapping of a file (not necessarily opened the same way: a
+    /// path once the process is gone, `/proc/PID/map_files` while it lives).
+    fn same_place(&self, other: &Source) -> bool {
+        match (self, other) {
+            (
+                Source::File {
+                    first_mapping_start: a_start,
+                    first_mapping_offset: a_offset,
+                    ..
+                },
+                Source::File {
+                    first_mapping_start: b_start,
+                    first_mapping_offset: b_offset,
+                    ..
+                },
+            ) => a_start == b_start && a_offset == b_offset,
+            _ => false,
+        }
+    }
 }
 
 struct ModuleSymbols {
@@ -95,6 +122,8 @@ impl Symbolizer {
                     first_mapping_start: m.first_mapping_start,
                     first_mapping_offset: m.first_mapping_offset,
                 },
+                inode: m.inode,
+                deleted: m.deleted,
                 loaded: None,
             })
             .collect();
@@ -103,6 +132,8 @@ impl Symbolizer {
                 name: "[vdso]".into(),
                 avma_range: range,
                 source: Source::Vdso,
+                inode: 0,
+                deleted: false,
                 loaded: None,
             });
         }
@@ -136,6 +167,48 @@ impl Symbolizer {
         let i = self.module_index(address)?;
         self.load(i);
         self.modules[i].loaded.as_ref()?.as_ref().err().cloned()
+    }
+
+    /// Loads the module mapped at `address` now rather than at its first
+    /// lookup: opening the file, reading its symbol table, decompressing its
+    /// DWARF and indexing its units, the part of symbolizing that does not
+    /// depend on how many addresses there are. Returns whether it loaded
+    /// (the error otherwise); `None` if no module is mapped there.
+    pub fn prepare(&mut self, address: u64) -> Option<Result<(), String>> {
+        let i = self.module_index(address)?;
+        self.load(i);
+        match self.modules[i].loaded.as_ref()? {
+            Ok(_) => Some(Ok(())),
+            Err(err) => Some(Err(err.clone())),
+        }
+    }
+
+    /// Takes over the modules `prepared` loaded (see [`Self::prepare`]) that
+    /// this symbolizer has not loaded yet and that are the same file mapped
+    /// at the same place: same path, inode, deleted or not, range and first
+    /// mapping. Any other module is loaded here at its first use, as usual,
+    /// so a changed mapping (an exec, a rebuilt library) cannot borrow the
+    /// wrong file's symbols. Returns how many modules were taken.
+    pub fn adopt(&mut self, prepared: Symbolizer) -> usize {
+        let mut taken = 0;
+        for theirs in prepared.modules {
+            let Some(Ok(symbols)) = theirs.loaded else {
+                continue;
+            };
+            let same = |ours: &&mut ModuleEntry| {
+                ours.loaded.is_none()
+                    && ours.name == theirs.name
+                    && ours.avma_range == theirs.avma_range
+                    && ours.inode == theirs.inode
+                    && ours.deleted == theirs.deleted
+                    && ours.source.same_place(&theirs.source)
+            };
+            if let Some(ours) = self.modules.iter_mut().find(same) {
+                ours.loaded = Some(Ok(symbols));
+                taken += 1;
+            }
+        }
+        taken
     }
 
     fn lookup(&mut self, address: u64, is_return_address: bool) -> Vec<Frame> {
@@ -404,6 +477,63 @@ mod tests {
         let error = symbolizer.module_error(0x1800).unwrap();
         assert!(error.contains("open"), "{error}");
         assert_eq!(symbolizer.module_error(0x3000), None, "in no module");
+    }
+
+    #[test]
+    fn symbolizer_can_be_prepared_on_another_thread() {
+        fn send<T: Send>() {}
+        send::<Symbolizer>();
+    }
+
+    /// This test binary's own code, as mapped in this process.
+    fn own_maps() -> (ProcessMaps, u64) {
+        let maps = ProcessMaps::read(std::process::id()).unwrap();
+        let here = own_maps as *const () as usize as u64;
+        assert!(maps.find(here).is_some(), "own code not in the maps");
+        (maps, here)
+    }
+
+    #[test]
+    fn adopts_a_prepared_module_of_the_same_mapping() {
+        let (maps, here) = own_maps();
+        let mut prepared = Symbolizer::new(&maps);
+        assert_eq!(prepared.prepare(here), Some(Ok(())));
+        let expected = prepared.symbolize(here, false);
+        let mut symbolizer = Symbolizer::new(&maps);
+        assert_eq!(symbolizer.adopt(prepared), 1);
+        assert_eq!(symbolizer.symbolize(here, false), expected);
+        assert!(
+            expected[0]
+                .function
+                .as_deref()
+                .is_some_and(|f| f.ends_with("own_maps")),
+            "{expected:?}"
+        );
+    }
+
+    #[test]
+    fn does_not_adopt_another_file_at_the_same_place() {
+        let (maps, here) = own_maps();
+        let mut prepared = Symbolizer::new(&maps);
+        assert_eq!(prepared.prepare(here), Some(Ok(())));
+        // The same path and place, another inode: a rebuilt binary after
+        // an exec.
+        let module = maps
+            .modules()
+            .into_iter()
+            .find(|m| m.avma_range.contains(&here))
+            .unwrap();
+        let m = maps.find(here).unwrap();
+        let text = format!(
+            "{:x}-{:x} r-xp {:08x} 08:01 {} {}\n",
+            m.start,
+            m.end,
+            m.file_offset,
+            module.inode + 1,
+            module.path
+        );
+        let mut symbolizer = Symbolizer::new(&ProcessMaps::parse(&text));
+        assert_eq!(symbolizer.adopt(prepared), 0);
     }
 
     #[test]

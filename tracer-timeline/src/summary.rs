@@ -62,6 +62,9 @@ pub struct TracerCost {
     pub render_cpu_ms: u64,
     /// CPU time of symbolizing the stacks, the first part of rendering.
     pub symbolize_cpu_ms: u64,
+    /// CPU time of loading the binary's symbols while recording (part of
+    /// `recording_cpu_ns`), which spares the stop that fixed cost.
+    pub symbolize_prepare_cpu_ms: u64,
 }
 
 /// The scheduler's part of the report, with task types already named.

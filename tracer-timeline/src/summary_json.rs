@@ -106,6 +106,7 @@ impl Summary {
                 "render_ms": self.cost.render_ms,
                 "render_cpu_ms": self.cost.render_cpu_ms,
                 "symbolize_cpu_ms": self.cost.symbolize_cpu_ms,
+                "symbolize_prepare_cpu_ms": self.cost.symbolize_prepare_cpu_ms,
             },
         })
     }
@@ -219,6 +220,7 @@ mod tests {
                 render_ms: 7,
                 render_cpu_ms: 6,
                 symbolize_cpu_ms: 2,
+                symbolize_prepare_cpu_ms: 3,
             },
             ..Summary::default()
         };
@@ -228,6 +230,7 @@ mod tests {
         assert_eq!(json["tracer_cost"]["render_ms"], 7);
         assert_eq!(json["tracer_cost"]["render_cpu_ms"], 6);
         assert_eq!(json["tracer_cost"]["symbolize_cpu_ms"], 2);
+        assert_eq!(json["tracer_cost"]["symbolize_prepare_cpu_ms"], 3);
         assert_eq!(json["polls"], 20);
         assert_eq!(json["workers"][0]["busy_ns"], 900_000_000);
         let findings = json["findings"].as_array().unwrap();

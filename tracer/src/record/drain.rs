@@ -65,6 +65,12 @@ impl Recorder {
         }
     }
 
+    /// Starts loading the symbols of `exe` on the side (see
+    /// [`StackTable::prepare_symbols`]).
+    pub fn prepare_symbols(&mut self, exe: &std::path::Path) {
+        self.stacks.prepare_symbols(exe);
+    }
+
     /// Events drained so far.
     pub fn events(&self) -> u64 {
         self.spill.events()

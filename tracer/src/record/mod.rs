@@ -4,8 +4,9 @@
 //! launch the process ([`target`], [`launch`]); find its probe sites
 //! (`tracer_probes`); open the output; load and attach the eBPF programs
 //! ([`loader`]); drain events until told to stop ([`session`], [`drain`]),
-//! into a spill file ([`spill`]) with the stacks unwound as they come; then
-//! symbolize the stacks ([`stacks`]) and render the trace from the spill
+//! into a spill file ([`spill`]) with the stacks unwound as they come and the
+//! binary's symbols loaded on the side ([`symbol_prep`]); then symbolize the
+//! stacks ([`stacks`]) and render the trace from the spill
 //! file in one pass ([`sink`]) into the output ([`trace_file`]).
 
 mod await_chain;
@@ -21,6 +22,7 @@ pub mod sink;
 pub mod spill;
 pub mod stacks;
 pub mod status;
+mod symbol_prep;
 pub mod target;
 pub mod trace_file;
 pub mod trace_size;

@@ -181,6 +181,8 @@ pub async fn record(options: RecordOptions) -> Result<Outcome> {
     }
 
     let mut recorder = Recorder::new(target.pid, spill);
+    // The stop then only looks addresses up (see `symbol_prep`).
+    recorder.prepare_symbols(&target.exe);
     let mut status = StatusLine::new();
     // --max-size holds for the biggest of the outputs.
     let bytes_per_event = trace_files

@@ -63,7 +63,7 @@ pub fn render(
         malformed,
     } = recording;
     let (await_captures, empty_captures) = (stacks.await_captures, stacks.empty_captures);
-    let symbols = stacks.symbolize();
+    let (symbols, symbolize_prepare_cpu_ns) = stacks.symbolize();
     let symbolize_cpu_ns = process_cpu_ns().saturating_sub(render_cpu_start);
     let info = TraceInfo {
         pid: input.pid,
@@ -163,6 +163,7 @@ pub fn render(
             render_ms,
             render_cpu_ms,
             symbolize_cpu_ms: symbolize_cpu_ns / 1_000_000,
+            symbolize_prepare_cpu_ms: symbolize_prepare_cpu_ns / 1_000_000,
         },
     };
     // Findings are decided once, by the summary; the trace carries them too.
@@ -178,6 +179,7 @@ pub fn render(
         "render_ms": summary.cost.render_ms,
         "render_cpu_ms": summary.cost.render_cpu_ms,
         "symbolize_cpu_ms": summary.cost.symbolize_cpu_ms,
+        "symbolize_prepare_cpu_ms": summary.cost.symbolize_prepare_cpu_ms,
         "lost_events": counters.lost_events,
         "short_polls_not_recorded": counters.short_polls,
         "kernel_samples_not_shown": counters.kernel_samples,

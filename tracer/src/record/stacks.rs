@@ -14,6 +14,7 @@ use std::io::Write;
 use super::await_chain::{
     described_chain, harness_at, reaches_harness, registration_frames, spawned_at,
 };
+use super::symbol_prep::SymbolPrep;
 use super::waits_on::waits_on;
 use anyhow::{Context, Result};
 use tracer_common::{STACK_HEADER_SIZE, StackHeader, StackKind};
@@ -55,6 +56,8 @@ pub struct StackTable {
     /// /proc/PID/maps at the first call site, for when no capture came and
     /// the process is gone by the end.
     call_site_maps: Option<String>,
+    /// The binary's symbols, being loaded while recording.
+    prep: Option<SymbolPrep>,
     pub await_captures: u64,
     /// Captures with no stack to show: none could be read, or it unwound
     /// to no frame.
@@ -95,9 +98,16 @@ impl StackTable {
             await_stacks: HashMap::new(),
             call_sites: HashSet::new(),
             call_site_maps: None,
+            prep: None,
             await_captures: 0,
             empty_captures: 0,
         }
+    }
+
+    /// Starts loading the symbols of `exe` (the binary the probes are in)
+    /// now, while recording, for [`Self::symbolize`] to use.
+    pub fn prepare_symbols(&mut self, exe: &std::path::Path) {
+        self.prep = SymbolPrep::start(self.pid, exe);
     }
 
     /// Notes a spawn's call site, to be symbolized with the stacks.
@@ -199,7 +209,13 @@ impl StackTable {
 
     /// Symbolizes every stack seen (with a progress bar on a terminal when
     /// it takes a while), and works out where each captured await point is.
-    pub fn symbolize(self) -> Symbols {
+    /// Also returns the CPU time the symbols' preparing took while recording
+    /// (0 if none was started).
+    pub fn symbolize(self) -> (Symbols, u64) {
+        // Waits for the preparing if it is not done: it is further along
+        // than starting over.
+        let prepared = self.prep.map(SymbolPrep::finish);
+        let prepare_cpu_ns = prepared.as_ref().map_or(0, |p| p.cpu_ns);
         // While the process lives, its files open through /proc (other mount
         // namespaces, replaced files); afterwards, by path. A launched
         // command that exited is a zombie until the end: /proc/PID is still
@@ -220,6 +236,10 @@ impl StackTable {
         let mut call_sites = HashMap::new();
         if let Some(maps) = maps {
             let mut symbolizer = Symbolizer::new(&maps);
+            if let Some(prepared) = prepared.and_then(|p| p.symbolizer) {
+                let adopted = symbolizer.adopt(prepared);
+                log::info!("symbolizing with {adopted} module(s) loaded while recording");
+            }
             for &address in &self.call_sites {
                 // A return address: the call is the instruction before it.
                 let frames: Vec<SymbolFrame> = symbolizer
@@ -272,12 +292,13 @@ impl StackTable {
                 await_points.insert(key, index);
             }
         }
-        Symbols {
+        let symbols = Symbols {
             stacks,
             await_points,
             await_chains,
             call_sites,
-        }
+        };
+        (symbols, prepare_cpu_ns)
     }
 }
 

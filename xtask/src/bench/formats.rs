@@ -40,6 +40,7 @@ struct Figures {
     render_ms: f64,
     render_cpu_ms: f64,
     symbolize_cpu_ms: f64,
+    symbolize_prepare_cpu_ms: f64,
     lost: f64,
     peak_rss_kib: f64,
 }
@@ -81,7 +82,7 @@ pub(super) fn run(options: &Options) -> Result<()> {
     );
     let _ = writeln!(
         table,
-        "| format | traced | events | trace size | bytes/event | rendering after the stop (wall) | rendering per CPU-second (of which symbolizing) | events lost | tracer peak RSS |"
+        "| format | traced | events | trace size | bytes/event | rendering after the stop (wall) | rendering per CPU-second (of which symbolizing; symbols prepared while recording) | events lost | tracer peak RSS |"
     );
     let _ = writeln!(
         table,
@@ -97,7 +98,7 @@ pub(super) fn run(options: &Options) -> Result<()> {
         let cpu_rate = f.events / (f.render_cpu_ms.max(1.0) / 1e3);
         let _ = writeln!(
             table,
-            "| {} | {} s | {:.0} | {:.1} MB | {:.1} | {:.1} M events/s ({:.0} ms) | {:.1} M events/s ({:.0} ms CPU, {:.0} ms symbolizing) | {:.0} | {:.0} MiB |",
+            "| {} | {} s | {:.0} | {:.1} MB | {:.1} | {:.1} M events/s ({:.0} ms) | {:.1} M events/s ({:.0} ms CPU, {:.0} ms symbolizing; {:.0} ms prepared while recording) | {:.0} | {:.0} MiB |",
             run.label,
             run.seconds,
             f.events,
@@ -108,6 +109,7 @@ pub(super) fn run(options: &Options) -> Result<()> {
             cpu_rate / 1e6,
             f.render_cpu_ms,
             f.symbolize_cpu_ms,
+            f.symbolize_prepare_cpu_ms,
             f.lost,
             f.peak_rss_kib / 1024.0
         );
@@ -188,6 +190,7 @@ fn measure(tools: &Tools, run: &Run) -> Result<Figures> {
         render_ms: cost.render_ms,
         render_cpu_ms: cost.render_cpu_ms,
         symbolize_cpu_ms: cost.symbolize_cpu_ms,
+        symbolize_prepare_cpu_ms: cost.symbolize_prepare_cpu_ms,
         lost: recorded.lost,
         peak_rss_kib: peak.join().unwrap_or(0.0),
     };

@@ -292,6 +292,9 @@ pub(super) struct RenderCost {
     pub render_ms: f64,
     pub render_cpu_ms: f64,
     pub symbolize_cpu_ms: f64,
+    /// Loading the binary's symbols while recording (0 from a tracer that
+    /// does not).
+    pub symbolize_prepare_cpu_ms: f64,
 }
 
 /// A recording's figures, from its `--summary-json`. The drain rate is
@@ -314,6 +317,7 @@ pub(super) fn recording_figures(summary: &Path) -> Result<(TracerSample, RenderC
         render_ms: number(cost, "render_ms"),
         render_cpu_ms: number(cost, "render_cpu_ms"),
         symbolize_cpu_ms: number(cost, "symbolize_cpu_ms"),
+        symbolize_prepare_cpu_ms: number(cost, "symbolize_prepare_cpu_ms"),
     };
     Ok((sample, render))
 }
@@ -360,7 +364,8 @@ mod tests {
             r#"{"version": 1, "events": 3000000, "lost_events": 12, "polls": 1400000,
                 "trace_bytes": 45000000, "workers": [],
                 "tracer_cost": {"recording_cpu_ns": 1500000000, "render_ms": 900,
-                                "render_cpu_ms": 800, "symbolize_cpu_ms": 20}}"#,
+                                "render_cpu_ms": 800, "symbolize_cpu_ms": 20,
+                                "symbolize_prepare_cpu_ms": 150}}"#,
         )
         .unwrap();
         let (sample, render) = recording_figures(&path).unwrap();
@@ -374,7 +379,8 @@ mod tests {
             RenderCost {
                 render_ms: 900.0,
                 render_cpu_ms: 800.0,
-                symbolize_cpu_ms: 20.0
+                symbolize_cpu_ms: 20.0,
+                symbolize_prepare_cpu_ms: 150.0
             }
         );
         // An older tracer without tracer_cost: no drain rate, not a made-up one.

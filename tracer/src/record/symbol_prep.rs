@@ -1,0 +1,220 @@
+//! Loading the target's symbols while recording, so that the stop
+//! pays only for the lookups.
+//!
+//! Symbolizing has a fixed part that does not depend on how many stacks
+//! there are: opening the binary, reading its symbol table, decompressing
+//! its DWARF and indexing its compilation units (addr2line's context). It
+//! took 0.1–0.35 s of CPU after the stop, which held short traces (5 s) at
+//! 3.2–3.5 M rendered events per CPU-second against 5.5 M without it
+//! (issue 9). So a thread started once the probes are attached loads the
+//! main binary's module at nice 19 (it yields to the target and to the
+//! drain; the eBPF side keeps recording whatever it does) and
+//! [`stacks`](super::stacks) adopts it at the stop. Prepared: the main
+//! binary (the tasks' code) and the C library (every thread's outermost
+//! frames, so every stack reaches it; its debug package, when installed,
+//! was most of that fixed cost on the HTTP bench, whose binary has a symbol
+//! table only). Other libraries, and anything mapped later, load at first
+//! use after the stop as before: preparing what no stack reaches would only
+//! cost the recording.
+//!
+//! What can go wrong, and what happens then:
+//! - the mapping changes while recording (an exec, a rebuilt binary): the
+//!   module is only adopted if the stop's maps show the same file (path,
+//!   inode) at the same place; otherwise it is loaded then, as before;
+//! - the target exits while recording: the prepared module keeps its file
+//!   mapped, so it still symbolizes (better than by path: that is the file
+//!   that ran);
+//! - not finished at the stop: the stop waits for it (the work is half
+//!   done, redoing it would cost more), and `-v` says so;
+//! - it fails or panics: nothing is adopted and the stop loads the module
+//!   itself, as it always did.
+//!
+//! Its CPU is counted where it is spent: in the recording's CPU, and on its
+//! own as `symbolize_prepare_cpu_ms` (trace metadata, `--summary-json`).
+
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use tracer_symbolize::{ProcessMaps, Symbolizer};
+
+/// How often the maps are read while the binary is not mapped yet (a
+/// launched command is released just before this starts, and execs then).
+const MAPPED_POLL: Duration = Duration::from_millis(5);
+/// How long to wait for the binary to be mapped at all.
+const MAPPED_WAIT: Duration = Duration::from_secs(2);
+
+/// A preparing thread.
+pub struct SymbolPrep {
+    thread: JoinHandle<Prepared>,
+    /// Tells the thread to stop waiting for the binary to be mapped.
+    stopping: Arc<AtomicBool>,
+}
+
+/// What the thread did.
+struct Prepared {
+    /// The symbolizer holding the loaded module, if it could be loaded.
+    symbolizer: Option<Symbolizer>,
+    /// The thread's own CPU time.
+    cpu_ns: u64,
+    /// Wall time from start to end.
+    took: Duration,
+}
+
+/// What the stop gets from the preparing.
+pub struct PrepResult {
+    pub symbolizer: Option<Symbolizer>,
+    pub cpu_ns: u64,
+}
+
+impl SymbolPrep {
+    /// Starts preparing the symbols of `exe` as mapped by process `pid`.
+    /// None if no thread could be started (then the stop does it all).
+    pub fn start(pid: u32, exe: &Path) -> Option<Self> {
+        let stopping = Arc::new(AtomicBool::new(false));
+        let exe = exe.to_path_buf();
+        let flag = stopping.clone();
+        let thread = std::thread::Builder::new()
+            .name("symbol-prep".into())
+            .spawn(move || prepare(pid, &exe, &flag))
+            .inspect_err(|err| log::info!("symbols not prepared while recording: {err}"))
+            .ok()?;
+        Some(SymbolPrep { thread, stopping })
+    }
+
+    /// At the stop: waits for the thread if it is still loading, and hands
+    /// over what it loaded.
+    pub fn finish(self) -> PrepResult {
+        let ready = self.thread.is_finished();
+        self.stopping.store(true, Ordering::Relaxed);
+        let waiting = Instant::now();
+        match self.thread.join() {
+            Ok(prepared) => {
+                log::info!(
+                    "symbols prepared while recording: {} in {:?} ({} ms of CPU), {}",
+                    if prepared.symbolizer.is_some() {
+                        "loaded"
+                    } else {
+                        "nothing loaded"
+                    },
+                    prepared.took,
+                    prepared.cpu_ns / 1_000_000,
+                    if ready {
+                        "ready at the stop".to_owned()
+                    } else {
+                        format!("the stop waited {:?}", waiting.elapsed())
+                    },
+                );
+                PrepResult {
+                    symbolizer: prepared.symbolizer,
+                    cpu_ns: prepared.cpu_ns,
+                }
+            }
+            Err(_) => {
+                log::warn!("preparing the symbols failed; loading them now");
+                PrepResult {
+                    symbolizer: None,
+                    cpu_ns: 0,
+                }
+            }
+        }
+    }
+}
+
+fn prepare(pid: u32, exe: &Path, stopping: &AtomicBool) -> Prepared {
+    let started = Instant::now();
+    // Lowest priority for this thread only (on Linux nice is per thread).
+    // SAFETY: plain syscalls on this thread's own id.
+    unsafe { libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, 19) };
+    let symbolizer = load_main_module(pid, exe, stopping);
+    Prepared {
+        symbolizer,
+        cpu_ns: thread_cpu_ns(),
+        took: started.elapsed(),
+    }
+}
+
+/// Waits for `exe` to be mapped in `pid` and loads its module, then the
+/// C library's.
+fn load_main_module(pid: u32, exe: &Path, stopping: &AtomicBool) -> Option<Symbolizer> {
+    use std::os::unix::fs::MetadataExt;
+    let exe_file = std::fs::metadata(exe)
+        .inspect_err(|err| log::debug!("symbol prep: {}: {err}", exe.display()))
+        .ok()?;
+    let identity = (exe_file.dev(), exe_file.ino());
+    let waiting = Instant::now();
+    let (maps, main) = loop {
+        let maps = ProcessMaps::read(pid).ok()?;
+        // The module whose mapped file is the binary the probes are in.
+        let found = maps.modules().into_iter().find(|module| {
+            std::fs::metadata(&module.open_path)
+                .is_ok_and(|file| (file.dev(), file.ino()) == identity)
+        });
+        if let Some(module) = found {
+            break (maps, module.avma_range.start);
+        }
+        if stopping.load(Ordering::Relaxed) || waiting.elapsed() > MAPPED_WAIT {
+            log::debug!("symbol prep: {} is not mapped in {pid}", exe.display());
+            return None;
+        }
+        std::thread::sleep(MAPPED_POLL);
+    };
+    let libc = maps
+        .modules()
+        .into_iter()
+        .filter(|module| is_c_library(&module.path))
+        .map(|module| module.avma_range.start);
+    let mut symbolizer = Symbolizer::new(&maps);
+    let mut loaded = 0;
+    for address in std::iter::once(main).chain(libc) {
+        match symbolizer.prepare(address) {
+            Some(Ok(())) => loaded += 1,
+            Some(Err(err)) => log::debug!("symbol prep: {err}"),
+            None => {}
+        }
+    }
+    (loaded > 0).then_some(symbolizer)
+}
+
+/// The C library (glibc, with libpthread before 2.34; musl): every thread's
+/// outermost frames are there (`start_thread`, `clone3`), so every stack
+/// reaches it, and with its debug package installed its DWARF was most of
+/// the fixed cost (the HTTP bench server has a symbol table only).
+fn is_c_library(path: &str) -> bool {
+    let name = path.rsplit('/').next().unwrap_or(path);
+    [
+        "libc.so",
+        "libc-",
+        "libpthread.so",
+        "libpthread-",
+        "ld-musl-",
+    ]
+    .iter()
+    .any(|prefix| name.starts_with(prefix))
+}
+
+fn thread_cpu_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes into the timespec we own.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn knows_the_c_library() {
+        assert!(is_c_library("/usr/lib/x86_64-linux-gnu/libc.so.6"));
+        assert!(is_c_library("/lib/x86_64-linux-gnu/libpthread-2.31.so"));
+        assert!(is_c_library("/lib/ld-musl-x86_64.so.1"));
+        assert!(!is_c_library("/usr/lib/x86_64-linux-gnu/libcrypto.so.3"));
+        assert!(!is_c_library("/usr/lib/x86_64-linux-gnu/libcap.so.2"));
+    }
+}
