@@ -42,4 +42,4 @@ pub mod writer;
 /// from an attacker who could pick colliding keys to slow the tracer down
 /// more than its events already can, and the fixed seed keeps renders
 /// repeatable.
-pub(crate) type FastMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::FixedState>;
+pub type FastMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::FixedState>;

@@ -173,7 +173,7 @@ pub struct Symbols {
     /// By [`StackId`]: frames innermost first.
     pub stacks: Vec<Vec<SymbolFrame>>,
     /// (task id, await key) → index in `await_chains`.
-    pub await_points: HashMap<(u64, u64), u32>,
+    pub await_points: crate::FastMap<(u64, u64), u32>,
     pub await_chains: Vec<AwaitPoint>,
     /// Spawn call sites (the address `spawn` returns to) → where the spawn
     /// was called, described ("app::main (main.rs:12)").

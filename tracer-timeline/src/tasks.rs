@@ -46,7 +46,7 @@ pub struct TaskTypeStats {
     /// `Symbols::await_point` takes it; key 0 left out): what the tasks
     /// waited on, once symbolized. Bounded like the await stacks: one
     /// entry per task and await point.
-    pub await_points: HashMap<(u64, u64), u64>,
+    pub await_points: FastMap<(u64, u64), u64>,
 }
 
 /// One poll, kept because it is among the longest.

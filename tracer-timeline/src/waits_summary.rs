@@ -10,7 +10,7 @@ use crate::symbols::{Symbols, WaitsOn};
 
 /// What polls ended waiting on, most polls first.
 pub(crate) fn waits_on(
-    await_points: &HashMap<(u64, u64), u64>,
+    await_points: &crate::FastMap<(u64, u64), u64>,
     symbols: &Symbols,
 ) -> Vec<(WaitsOn, u64)> {
     let mut counts: HashMap<WaitsOn, u64> = HashMap::new();

@@ -86,7 +86,7 @@ fn info() -> TraceInfo {
         module: "/bin/app".into(),
         symbol_offset: None,
     };
-    let mut await_points = HashMap::new();
+    let mut await_points = crate::FastMap::default();
     await_points.insert((1, 77), 0);
     let await_chains = vec![AwaitPoint {
         chain: vec!["inner (main.rs:3)".into(), "outer (main.rs:9)".into()],

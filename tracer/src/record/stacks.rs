@@ -267,7 +267,7 @@ impl StackTable {
         // One chain per distinct stack, shared by every task waiting there.
         let mut chain_of_stack: HashMap<StackId, Option<u32>> = HashMap::new();
         let mut await_chains = Vec::new();
-        let mut await_points = HashMap::new();
+        let mut await_points = tracer_timeline::FastMap::default();
         for (&key, &id) in &self.await_stacks {
             let index = *chain_of_stack.entry(id).or_insert_with(|| {
                 let frames = stacks.get(id as usize)?;
