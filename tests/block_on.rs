@@ -21,22 +21,14 @@ const ROOT_ID_BASE: u64 = 1 << 52;
 /// JSON trace, to read flows back); returns the trace and the tracer's
 /// stdout.
 fn trace_root(flavour: &str, profile: Profile, seconds: &str) -> (Trace, String) {
-    require_root();
-    let dir = scratch_dir(&format!("block-on-{flavour}-{profile:?}"));
-    let output = dir.join("trace.json");
-    let result = run(tracer()
-        .arg("-o")
-        .arg(&output)
-        .arg("--")
-        .arg(support::fixture("block_on_root", profile))
-        .args([flavour, seconds]));
-    assert!(result.status.success(), "{}", describe(&result));
-    let stdout = String::from_utf8_lossy(&result.stdout).into_owned();
-    assert!(
-        stdout.contains("command exited: exit status: 0"),
-        "{stdout}"
-    );
-    (Trace::load(&output), stdout)
+    let scratch = format!("block-on-{flavour}-{profile:?}");
+    trace::launch_under_tracer(
+        "trace.json",
+        "block_on_root",
+        profile,
+        &scratch,
+        &[flavour, seconds],
+    )
 }
 
 fn pid(trace: &Trace) -> u64 {

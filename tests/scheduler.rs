@@ -18,22 +18,8 @@ fn trace_command(name: &str, profile: Profile, args: &[&str]) -> (Trace, String)
 
 /// [`trace_command`] into a trace file of this name (its format follows).
 fn trace_command_into(file: &str, name: &str, profile: Profile, args: &[&str]) -> (Trace, String) {
-    require_root();
-    let dir = scratch_dir(&format!("sched-{name}-{profile:?}-{file}"));
-    let output = dir.join(file);
-    let result = run(tracer()
-        .arg("-o")
-        .arg(&output)
-        .arg("--")
-        .arg(support::fixture(name, profile))
-        .args(args));
-    assert!(result.status.success(), "{}", describe(&result));
-    let stdout = String::from_utf8_lossy(&result.stdout).into_owned();
-    assert!(
-        stdout.contains("command exited: exit status: 0"),
-        "{stdout}"
-    );
-    (Trace::load(&output), stdout)
+    let scratch = format!("sched-{name}-{profile:?}-{file}");
+    trace::launch_under_tracer(file, name, profile, &scratch, args)
 }
 
 fn events_with<'a>(trace: &'a Trace, phase: &str, category: &str) -> Vec<&'a Value> {

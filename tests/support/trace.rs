@@ -208,6 +208,35 @@ pub fn record_running(
     }
 }
 
+/// Launches fixture `name` with `args` under the tracer (`-o DIR/file --
+/// fixture args…`, the trace's format following `file`'s name) until it
+/// exits; checks both succeeded and returns the trace and the tracer's
+/// stdout.
+pub fn launch_under_tracer(
+    file: &str,
+    name: &str,
+    profile: Profile,
+    scratch: &str,
+    args: &[&str],
+) -> (Trace, String) {
+    require_root();
+    let dir = scratch_dir(scratch);
+    let trace_path = dir.join(file);
+    let output = run(tracer()
+        .arg("-o")
+        .arg(&trace_path)
+        .arg("--")
+        .arg(support::fixture(name, profile))
+        .args(args));
+    assert!(output.status.success(), "{}", describe(&output));
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert!(
+        stdout.contains("command exited: exit status: 0"),
+        "{stdout}"
+    );
+    (Trace::load(&trace_path), stdout)
+}
+
 pub fn describe(output: &Output) -> String {
     format!(
         "status: {}\nstdout:\n{}\nstderr:\n{}",

@@ -15,6 +15,7 @@
 //! waits, read from its memory; [`watch`] the always-on tier (no per-poll
 //! probe, findings and a kept window, escalation to full detail).
 
+pub mod clock;
 pub mod dump;
 pub mod output_file;
 pub mod record;

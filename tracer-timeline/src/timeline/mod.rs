@@ -477,7 +477,11 @@ impl Timeline {
     }
 
     fn flush_ended(&mut self, out: &mut Vec<TimelineOutput>) {
-        out.extend(self.ended.drain(..).map(|end| TimelineOutput::TaskEnd(Box::new(end))));
+        out.extend(
+            self.ended
+                .drain(..)
+                .map(|end| TimelineOutput::TaskEnd(Box::new(end))),
+        );
     }
 
     /// The position of `tid` in `threads`, created on first sight. The bool

@@ -22,6 +22,7 @@ use super::status::StatusLine;
 use super::target::Target;
 use super::trace_file::TraceFile;
 use super::trace_size::{SizeCheck, SizeWatch};
+use crate::clock::{monotonic_ns, process_cpu_ns};
 
 /// How often the ring buffers are drained. At 1M events/s of 56 bytes, the
 /// default 16 MiB ring buffer holds ~300 ms: far more than this.
@@ -314,25 +315,4 @@ fn check_outputs(paths: &[PathBuf]) -> Result<Vec<OutputFile>> {
         seen.push(absolute);
     }
     paths.iter().map(|path| OutputFile::check(path)).collect()
-}
-
-/// CLOCK_MONOTONIC in ns: the clock `bpf_ktime_get_ns` reads.
-fn monotonic_ns() -> u64 {
-    clock_ns(libc::CLOCK_MONOTONIC)
-}
-
-/// CPU time (user + system) of the whole tracer process, all its threads,
-/// in ns: what recording costs the machine besides the probes themselves.
-pub(super) fn process_cpu_ns() -> u64 {
-    clock_ns(libc::CLOCK_PROCESS_CPUTIME_ID)
-}
-
-fn clock_ns(clock: libc::clockid_t) -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: valid out-pointer.
-    unsafe { libc::clock_gettime(clock, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }

@@ -22,9 +22,9 @@ use tracer_timeline::writer::TraceInfo;
 
 use super::drain::Recording;
 use super::loader::KernelCounters;
-use super::session::process_cpu_ns;
 use super::stacks::{StackId, write_folded};
 use super::trace_file::TraceFile;
+use crate::clock::process_cpu_ns;
 
 /// What the trace is of, besides the recording itself.
 pub struct RenderInput<'a> {

@@ -7,7 +7,8 @@ use std::time::Duration;
 use anyhow::Result;
 
 use super::detect::Finding;
-use super::{Watcher, monotonic_ns, trace};
+use super::{Watcher, trace};
+use crate::clock::monotonic_ns;
 
 impl Watcher {
     /// Starts an incident if `finding` is over an `--on-*` threshold.

@@ -205,7 +205,7 @@ impl Escalation {
                 .attach(&plan, &exe, pid, Mode::Full.probe_set())
                 .context("attaching the full probes for an incident")?;
             probes.set_enabled(true)?;
-            let enabled_ns = super::monotonic_ns();
+            let enabled_ns = crate::clock::monotonic_ns();
             let stack_ring = probes.take_stacks()?;
             let ring = probes.take_events()?;
             Ok(Attached {

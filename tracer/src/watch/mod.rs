@@ -44,6 +44,7 @@ use tokio::signal::unix::{SignalKind, signal};
 use tracer_common::names::maps as names;
 use tracer_common::watch::{WATCH_EVENT_SIZE, WatchEvent, WatchEventKind, WatchStackKind};
 
+use crate::clock::monotonic_ns;
 use crate::output_file::OutputFile;
 use crate::record::StopReason;
 use crate::record::preflight::{self, KernelPaths};
@@ -561,17 +562,6 @@ fn numbered(path: &Path, what: &str, n: u32, extension: &str) -> PathBuf {
         _ => name.as_str(),
     };
     path.with_file_name(format!("{stem}.{what}-{n}{extension}{gz}"))
-}
-
-/// CLOCK_MONOTONIC in ns: the clock `bpf_ktime_get_ns` reads.
-fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: valid out-pointer.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 #[cfg(test)]
