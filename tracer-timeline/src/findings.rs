@@ -261,4 +261,25 @@ mod tests {
         let lone = summary_with(vec![worker_stats(900_000_000, 0), blocking]).to_string();
         assert!(!lone.contains("IMBALANCE"), "{lone}");
     }
+
+    #[test]
+    fn the_thread_polling_a_block_on_root_is_not_a_worker() {
+        // A multi-thread runtime's `block_on` thread, busy in its root
+        // future (spawning), next to two evenly busy workers: not an
+        // imbalance (it was flagged before roots were told apart).
+        let root = ThreadStats {
+            polls: 2,
+            root_polls: 2,
+            parks: 1,
+            busy_ns: 800_000_000,
+            ..ThreadStats::default()
+        };
+        let runtime = summary_with(vec![
+            root,
+            worker_stats(150_000_000, 800_000_000),
+            worker_stats(150_000_000, 800_000_000),
+        ])
+        .to_string();
+        assert!(!runtime.contains("IMBALANCE"), "{runtime}");
+    }
 }

@@ -391,9 +391,9 @@ impl Summary {
 }
 
 /// A thread of the runtime proper: it polled or parked, and not only
-/// `spawn_blocking` work.
+/// `spawn_blocking` work or a `block_on` root future.
 pub(crate) fn is_runtime_worker(stats: &ThreadStats) -> bool {
-    stats.ran_tasks_or_parked() && !stats.is_blocking_pool()
+    stats.ran_tasks_or_parked() && !stats.is_blocking_pool() && !stats.only_polled_a_root()
 }
 
 /// `part` as a share of `whole`, e.g. "45.2%"; "-" when `whole` is 0.

@@ -19,6 +19,8 @@ pub struct ThreadStats {
     pub polls: u64,
     /// Of those, polls of `spawn_blocking` tasks.
     pub blocking_polls: u64,
+    /// Of those, polls of a `block_on` root future (not a task).
+    pub root_polls: u64,
     /// Outermost park slices closed.
     pub parks: u64,
     /// Time spent in outermost polls (a nested poll's time is already inside
@@ -47,6 +49,13 @@ impl ThreadStats {
     /// `block_on` thread), not only a thread that woke or spawned tasks.
     pub fn ran_tasks_or_parked(&self) -> bool {
         self.polls > 0 || self.parks > 0
+    }
+
+    /// The thread polled only a `block_on` root future: the thread that
+    /// called a multi-thread runtime's `block_on`, not one of its workers
+    /// (a current-thread runtime's thread polls its tasks too).
+    pub fn only_polled_a_root(&self) -> bool {
+        self.polls > 0 && self.root_polls == self.polls
     }
 }
 
@@ -134,6 +143,9 @@ impl ThreadState {
         stats.polls += 1;
         if is_blocking(poll.site) {
             stats.blocking_polls += 1;
+        }
+        if tracer_common::is_root_id(poll.task_id) {
+            stats.root_polls += 1;
         }
         stats.longest_poll_ns = stats.longest_poll_ns.max(duration);
         if outermost {
