@@ -158,7 +158,7 @@ fn a_running_programs_root_is_joined_at_its_next_park() {
     // `--pid`: the loop was entered before tracing began; its own park
     // method shows the thread is in one.
     require_root();
-    let fixture = trace::Fixture::start("block_on_root", Profile::Release, 60.0);
+    let fixture = trace::Fixture::start("block_on_root", Profile::Release, 600.0);
     let dir = scratch_dir("block-on-pid");
     let output = dir.join("trace.json");
     let result = run(tracer()

@@ -107,7 +107,7 @@ fn events_of(trace: &Trace, category: &str) -> usize {
 /// one worker, short polls and parks elsewhere) for 2 s in `mode`.
 fn record_multi_worker(mode: &str) -> (Trace, String) {
     require_root();
-    let fixture = Fixture::start("multi_worker", Profile::Release, 60.0);
+    let fixture = Fixture::start("multi_worker", Profile::Release, 600.0);
     let dir = scratch_dir(&format!("mode-{mode}"));
     let output = dir.join("trace.pftrace");
     let result = run(tracer()

@@ -242,7 +242,7 @@ fn launched_command_exit_code_is_reported() {
 fn ctrl_c_ends_with_a_complete_trace() {
     require_root();
     let _turn = trace::tracer_turn();
-    let fixture = Fixture::start("multi_worker", Profile::Lto, 60.0);
+    let fixture = Fixture::start("multi_worker", Profile::Lto, 600.0);
     let dir = scratch_dir("sigint");
     let output = dir.join("trace.pftrace");
     let child = tracer()

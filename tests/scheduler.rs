@@ -338,7 +338,7 @@ fn a_task_hogging_its_worker_is_flagged() {
     // multi_worker's busy task spins 50 ms per poll on one worker while the
     // other workers run short polls and park.
     require_root();
-    let fixture = Fixture::start("multi_worker", Profile::Release, 60.0);
+    let fixture = Fixture::start("multi_worker", Profile::Release, 600.0);
     let dir = scratch_dir("imbalance");
     let output = dir.join("trace.pftrace");
     let summary_json = dir.join("summary.json");

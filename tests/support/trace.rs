@@ -177,7 +177,7 @@ pub fn record_running(
     extra: &[&str],
 ) -> Recorded {
     require_root();
-    let fixture = Fixture::start(name, profile, 60.0);
+    let fixture = Fixture::start(name, profile, 600.0);
     let dir = scratch_dir(scratch);
     let trace_path = dir.join("trace.pftrace");
     let output = run(tracer()
