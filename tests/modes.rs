@@ -107,14 +107,19 @@ fn events_of(trace: &Trace, category: &str) -> usize {
 /// one worker, short polls and parks elsewhere) for 2 s in `mode`.
 fn record_multi_worker(mode: &str) -> (Trace, String) {
     require_root();
+    // The turn before the fixture: its spinning task must not share the CPU
+    // with another test's recording while this one waits for its turn.
+    let _turn = trace::tracer_turn();
     let fixture = Fixture::start("multi_worker", Profile::Release, 600.0);
     let dir = scratch_dir(&format!("mode-{mode}"));
     let output = dir.join("trace.pftrace");
-    let result = run(tracer()
-        .args(["--mode", mode, "--duration", "2s", "--pid"])
-        .arg(fixture.pid().to_string())
-        .arg("-o")
-        .arg(&output));
+    let result = trace::run_holding_turn(
+        tracer()
+            .args(["--mode", mode, "--duration", "2s", "--pid"])
+            .arg(fixture.pid().to_string())
+            .arg("-o")
+            .arg(&output),
+    );
     assert!(result.status.success(), "{}", describe(&result));
     let stdout = String::from_utf8_lossy(&result.stdout).into_owned();
     (Trace::load(&output), stdout)

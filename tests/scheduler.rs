@@ -8,7 +8,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use serde_json::Value;
 use support::Profile;
-use trace::{Fixture, Trace, TraceSlice, describe, require_root, run, scratch_dir, tracer};
+use trace::{Fixture, Trace, TraceSlice, describe, require_root, scratch_dir, tracer};
 
 /// Launches `fixture args…` under the tracer until it exits; returns the
 /// trace and the tracer's stdout.
@@ -338,21 +338,27 @@ fn a_task_hogging_its_worker_is_flagged() {
     // multi_worker's busy task spins 50 ms per poll on one worker while the
     // other workers run short polls and park.
     require_root();
+    // The turn before the fixture: its spinning task must not steal the CPU
+    // of another test's recording while this one waits (a preempted short
+    // poll there reads as a HOG).
+    let _turn = trace::tracer_turn();
     let fixture = Fixture::start("multi_worker", Profile::Release, 600.0);
     let dir = scratch_dir("imbalance");
     let output = dir.join("trace.pftrace");
     let summary_json = dir.join("summary.json");
-    let result = run(tracer()
-        .args([
-            "--pid",
-            &fixture.pid().to_string(),
-            "--duration",
-            "2s",
-            "-o",
-        ])
-        .arg(&output)
-        .arg("--summary-json")
-        .arg(&summary_json));
+    let result = trace::run_holding_turn(
+        tracer()
+            .args([
+                "--pid",
+                &fixture.pid().to_string(),
+                "--duration",
+                "2s",
+                "-o",
+            ])
+            .arg(&output)
+            .arg("--summary-json")
+            .arg(&summary_json),
+    );
     assert!(result.status.success(), "{}", describe(&result));
     let stdout = String::from_utf8_lossy(&result.stdout);
     assert!(stdout.contains("IMBALANCE: worker"), "{stdout}");

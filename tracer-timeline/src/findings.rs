@@ -18,8 +18,12 @@ pub const IMBALANCE_BUSY_SHARE_PERMILLE: u64 = 700;
 /// ...when there are at least this many workers...
 pub const IMBALANCE_MIN_WORKERS: usize = 2;
 /// ...and it was busy at least this share of the recording (per-mille): a
-/// mostly idle runtime is not worth a warning.
+/// mostly idle runtime is not worth a warning...
 pub const IMBALANCE_MIN_BUSY_PERMILLE: u64 = 100;
+/// ...and at least this long: over a few dozen milliseconds one preempted
+/// poll decides the shares (a 48 ms run of 2,000 short tasks was flagged
+/// at 72 % on a loaded machine: 14 ms of busy time).
+pub const IMBALANCE_MIN_BUSY_NS: u64 = 100_000_000;
 /// A single poll longer than this held its worker hostage: flagged as a hog.
 pub const HOG_POLL_NS: u64 = 10_000_000;
 
@@ -140,7 +144,10 @@ fn imbalance(summary: &Summary) -> Option<Imbalance> {
     let busy = u128::from(busiest.stats.busy_ns);
     let share = permille(busy, u128::from(all_busy)) as u64;
     let of_recording = permille(busy, u128::from(summary.duration_ns)) as u64;
-    if share <= IMBALANCE_BUSY_SHARE_PERMILLE || of_recording < IMBALANCE_MIN_BUSY_PERMILLE {
+    if share <= IMBALANCE_BUSY_SHARE_PERMILLE
+        || of_recording < IMBALANCE_MIN_BUSY_PERMILLE
+        || busiest.stats.busy_ns < IMBALANCE_MIN_BUSY_NS
+    {
         return None;
     }
     let others = workers.len() as u128 - 1;
@@ -251,6 +258,16 @@ mod tests {
         ])
         .to_string();
         assert!(!idle.contains("IMBALANCE"), "{idle}");
+        // Unbalanced shares of a run too short to say: 30 ms of 40.
+        let short = Summary {
+            duration_ns: 40_000_000,
+            ..summary_with(vec![
+                worker_stats(30_000_000, 0),
+                worker_stats(5_000_000, 30_000_000),
+            ])
+        }
+        .to_string();
+        assert!(!short.contains("IMBALANCE"), "{short}");
         // A lone worker cannot be unbalanced; a blocking-pool thread is not a worker.
         let blocking = ThreadStats {
             polls: 3,
