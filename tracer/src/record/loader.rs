@@ -549,15 +549,21 @@ fn scheduler_event_kind(kind: SiteKind) -> Option<EventKind> {
 }
 
 fn sampler(ebpf: &mut Ebpf) -> Result<&mut PerfEvent> {
-    ebpf.program_mut(SAMPLE)
-        .with_context(|| format!("the eBPF object has no program {SAMPLE}"))?
-        .try_into()
-        .with_context(|| format!("the eBPF program {SAMPLE} is not a perf event program"))
+    program_as(ebpf, SAMPLE, "a perf event program")
 }
 
 fn program<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut UProbe> {
+    program_as(ebpf, name, "a uprobe")
+}
+
+/// Program `name` of the object as its program type `P` (`UProbe`,
+/// `PerfEvent`, `BtfTracePoint`…); `kind` says which in the error.
+pub(crate) fn program_as<'a, P>(ebpf: &'a mut Ebpf, name: &str, kind: &str) -> Result<&'a mut P>
+where
+    &'a mut P: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
     ebpf.program_mut(name)
         .with_context(|| format!("the eBPF object has no program {name}"))?
         .try_into()
-        .with_context(|| format!("the eBPF program {name} is not a uprobe"))
+        .with_context(|| format!("the eBPF program {name} is not {kind}"))
 }

@@ -198,13 +198,7 @@ pub async fn record(options: RecordOptions) -> Result<Outcome> {
     // bounded batches, one per tick, ticks following each other at once.
     let mut drain_tick = tokio::time::interval(DRAIN_INTERVAL);
     drain_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let deadline = options.duration.map(|d| tokio::time::Instant::now() + d);
-    let sleep = async {
-        match deadline {
-            Some(deadline) => tokio::time::sleep_until(deadline).await,
-            None => std::future::pending().await,
-        }
-    };
+    let sleep = crate::clock::sleep_for_or_forever(options.duration);
     tokio::pin!(sleep);
 
     let stop = loop {

@@ -253,16 +253,7 @@ pub async fn watch(options: WatchOptions) -> Result<WatchOutcome> {
 
     let mut drain_tick = tokio::time::interval(DRAIN_INTERVAL);
     drain_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let deadline = watcher
-        .options
-        .duration
-        .map(|d| tokio::time::Instant::now() + d);
-    let sleep = async {
-        match deadline {
-            Some(deadline) => tokio::time::sleep_until(deadline).await,
-            None => std::future::pending().await,
-        }
-    };
+    let sleep = crate::clock::sleep_for_or_forever(watcher.options.duration);
     tokio::pin!(sleep);
     let stop = loop {
         tokio::select! {

@@ -22,6 +22,7 @@ use tracer_common::names::{globals, maps, programs};
 use tracer_probes::{ProbePlan, SiteKind};
 
 use crate::record::detach::Detacher;
+use crate::record::loader::program_as;
 use crate::record::loader::{EBPF_OBJECT, UNUSED_RING_BYTES, check_object};
 
 const PARK_START: &str = programs::WATCH_PARK_START;
@@ -231,24 +232,15 @@ impl WatchProbes {
 }
 
 fn uprobe<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut UProbe> {
-    ebpf.program_mut(name)
-        .with_context(|| format!("the eBPF object has no program {name}"))?
-        .try_into()
-        .with_context(|| format!("the eBPF program {name} is not a uprobe"))
+    program_as(ebpf, name, "a uprobe")
 }
 
 fn perf_event(ebpf: &mut Ebpf) -> Result<&mut PerfEvent> {
-    ebpf.program_mut(SAMPLE)
-        .with_context(|| format!("the eBPF object has no program {SAMPLE}"))?
-        .try_into()
-        .with_context(|| format!("the eBPF program {SAMPLE} is not a perf event program"))
+    program_as(ebpf, SAMPLE, "a perf event program")
 }
 
 fn tracepoint<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut BtfTracePoint> {
-    ebpf.program_mut(name)
-        .with_context(|| format!("the eBPF object has no program {name}"))?
-        .try_into()
-        .with_context(|| format!("the eBPF program {name} is not a BTF tracepoint"))
+    program_as(ebpf, name, "a BTF tracepoint")
 }
 
 /// Turns on the kernel's per-program run-time statistics while the
