@@ -270,7 +270,12 @@ impl Detector {
             let run = worker.run.as_mut().expect("matched above");
             run.last_ns = run.last_ns.max(capture.ts_ns);
             run.samples += 1;
-            run.last = capture;
+            // The finding shows the last sample that ran inside the task's
+            // own callees: one that landed in the poll function's own code
+            // has nothing below the poll frame to say where the time went.
+            if capture.task_depth > 0 || run.last.task_depth == 0 {
+                run.last = capture;
+            }
             let span_ns = run.last_ns - run.first_ns;
             if !run.announced
                 && self
@@ -449,6 +454,25 @@ mod tests {
         };
         assert_eq!((hog.tid, hog.site, hog.samples), (7, 3, 4));
         assert_eq!(hog.lower_bound_ns(), 30 * MS);
+    }
+
+    #[test]
+    fn a_hog_shows_its_last_sample_inside_the_tasks_callees() {
+        let mut d = detector();
+        for i in 0..4 {
+            let mut capture = sample(7, 100 * MS + i * 10 * MS, Some(3));
+            capture.user = vec![10 + i];
+            // The last sample landed in the poll function's own code.
+            capture.task_depth = if i == 3 { 0 } else { 1 };
+            d.sample(capture);
+        }
+        d.sample(sample(7, 150 * MS, Some(4)));
+        let found = d.take_findings();
+        let [Finding::Hog(hog)] = &found[..] else {
+            panic!("{found:?}")
+        };
+        assert_eq!(hog.samples, 4);
+        assert_eq!(hog.capture.user, vec![12], "{hog:?}");
     }
 
     #[test]

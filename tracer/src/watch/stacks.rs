@@ -222,7 +222,8 @@ impl StackReader {
 
     /// Names the user frames of a capture that run inside its task (all of
     /// them when no task was found), innermost first, inlined functions
-    /// included: `function (file:line)`.
+    /// included: `function (file:line)`. A sample in the poll function's
+    /// own code names that function (the task's `async fn`), not nothing.
     pub fn user_frames(&mut self, capture: &Capture) -> Vec<String> {
         if self.symbolizer.is_none() {
             let maps = ProcessMaps::read(self.pid).unwrap_or_default();
@@ -230,7 +231,11 @@ impl StackReader {
         }
         let symbolizer = self.symbolizer.as_mut().expect("made above");
         let mut names = Vec::new();
-        for (depth, &address) in capture.user.iter().take(capture.task_depth).enumerate() {
+        let frames = match capture.site {
+            Some(_) => capture.task_depth.max(1),
+            None => capture.task_depth,
+        };
+        for (depth, &address) in capture.user.iter().take(frames).enumerate() {
             for frame in symbolizer.symbolize(address, depth > 0) {
                 let function = frame.function.unwrap_or_else(|| format!("{address:#x}"));
                 let name = match (frame.file, frame.line) {
