@@ -164,7 +164,9 @@ fn sigkill_of_the_tracer_and_its_detacher_leaves_no_breakpoint() {
     // Not 0 ms: a child killed the instant it is forked, before the tracer
     // dropped its references, is the documented window that can still leak
     // (seen once here: the tracer's own drop became the last one, slow and
-    // killable).
+    // killable). The tracer now forks another child when it finds the first
+    // gone right before its drop (`Detacher::fork_live`), which narrows that
+    // window to the drop itself.
     for delay_ms in [200u64, 1000] {
         let dir = scratch_dir(&format!("killed-both-{delay_ms}"));
         let mut child = start_tracing(&fixture, &dir.join("trace.json"));

@@ -320,7 +320,7 @@ impl LoadedProbes {
     /// forked child's exit, which a kill of the tracer can't interrupt
     /// (see [`detach`](super::detach)); the handle waits for it.
     pub fn detach_in_background(mut self) -> std::thread::JoinHandle<()> {
-        match Detacher::fork() {
+        match Detacher::fork_live() {
             Ok(detacher) => {
                 // The child holds every probe too: dropping ours is instant.
                 self.drop_links();

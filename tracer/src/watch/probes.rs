@@ -198,7 +198,7 @@ impl WatchProbes {
     /// exit, where killing the tracer can't interrupt it and leak a
     /// breakpoint in the target; the handle waits for that child.
     pub fn detach_in_background(mut self) -> std::thread::JoinHandle<()> {
-        match Detacher::fork() {
+        match Detacher::fork_live() {
             Ok(detacher) => {
                 // The child holds every probe too: dropping ours is instant.
                 drop(self);
