@@ -165,8 +165,14 @@ pub async fn watch(options: WatchOptions) -> Result<WatchOutcome> {
     let target = Target::existing(options.pid)?;
     let plan = tracer_probes::discover(&target.exe)
         .with_context(|| format!("process {} ({})", target.pid, target.name))?;
+    // The watch tier probes only the parks: the other probes' warnings
+    // concern it only when it escalates to them.
     for warning in &plan.warnings {
-        log::warn!("{warning}");
+        if warning.about == tracer_probes::WarningAbout::Parks || options.escalates() {
+            log::warn!("{warning}");
+        } else {
+            log::debug!("for recordings: {warning}");
+        }
     }
     if !plan
         .sites
