@@ -87,15 +87,35 @@ pub fn site_code(binary: &Path, plan: &ProbePlan, kind: SiteKind) -> anyhow::Res
     Ok(found)
 }
 
-/// The target of a function that is one direct `jmp` (a thunk).
+/// The target of a function that is one direct `jmp` (a thunk), possibly
+/// inside an empty frame-pointer frame (`push rbp; mov rbp, rsp; pop rbp;
+/// jmp …`: what `-C force-frame-pointers=yes` makes of the same thunk, seen
+/// in the compat matrix's frame-pointer cell).
 fn tail_jump(code: &[u8], address: u64) -> Option<u64> {
+    use iced_x86::{Code, Register};
     let mut decoder = Decoder::with_ip(64, code, address, DecoderOptions::NONE);
-    let instruction = decoder.decode();
-    let is_jump = instruction.flow_control() == FlowControl::UnconditionalBranch
-        && instruction.op0_kind() == OpKind::NearBranch64;
-    let target = instruction.near_branch_target();
-    let inside = address..address + code.len() as u64;
-    (is_jump && !inside.contains(&target)).then_some(target)
+    let mut pushed = 0;
+    // The empty frame is three instructions; the jump comes after it.
+    for _ in 0..4 {
+        let instruction = decoder.decode();
+        match instruction.code() {
+            Code::Push_r64 if instruction.op0_register() == Register::RBP => pushed += 1,
+            Code::Pop_r64 if instruction.op0_register() == Register::RBP && pushed > 0 => {
+                pushed -= 1
+            }
+            Code::Mov_rm64_r64 | Code::Mov_r64_rm64
+                if instruction.op0_register() == Register::RBP
+                    && instruction.op1_register() == Register::RSP => {}
+            _ => {
+                let is_jump = instruction.flow_control() == FlowControl::UnconditionalBranch
+                    && instruction.op0_kind() == OpKind::NearBranch64;
+                let target = instruction.near_branch_target();
+                let inside = address..address + code.len() as u64;
+                return (is_jump && pushed == 0 && !inside.contains(&target)).then_some(target);
+            }
+        }
+    }
+    None
 }
 
 #[cfg(test)]
@@ -107,6 +127,16 @@ mod tests {
         // jmp rel32 (+0x100 from the next instruction at 0x1005).
         let code = [0xe9, 0x00, 0x01, 0x00, 0x00];
         assert_eq!(tail_jump(&code, 0x1000), Some(0x1105));
+    }
+
+    #[test]
+    fn a_thunk_in_an_empty_frame_pointer_frame_jumps_to_its_target() {
+        // push rbp; mov rbp, rsp; pop rbp; jmp rel32 (+0x100 from 0x100a).
+        let code = [0x55, 0x48, 0x89, 0xe5, 0x5d, 0xe9, 0x00, 0x01, 0x00, 0x00];
+        assert_eq!(tail_jump(&code, 0x1000), Some(0x110a));
+        // Without the pop, the jump leaves a frame behind: no thunk.
+        let code = [0x55, 0x48, 0x89, 0xe5, 0xe9, 0x00, 0x01, 0x00, 0x00];
+        assert_eq!(tail_jump(&code, 0x1000), None);
     }
 
     #[test]
