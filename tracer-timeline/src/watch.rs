@@ -1,0 +1,553 @@
+//! The watch tier's window as timeline outputs: what `rt-ebpf-trace watch`
+//! keeps (parks, off-CPU spans, findings, CPU samples, per-second health)
+//! composed into the same [`TimelineOutput`] stream a recording makes, so
+//! both writers say it in their format and an incident is one trace: the
+//! kept window's outputs first, then the detail recording's, on the same
+//! tracks (a worker is one thread track in both parts) and one time base.
+//!
+//! Why compose here rather than let the watch tier write events itself:
+//! Perfetto's slices on a thread track must nest (a BEGIN/END stack per
+//! track, written in time order on the track's sequence), and what the
+//! window holds overlaps: a BLOCKING finding covers exactly its off-CPU
+//! span, a HOG finding covers the preemptions inside it. [`compose`] sorts
+//! the window's intervals (outer first at equal starts), clips an interval
+//! that would end after the one it is nested in (counted, flagged
+//! `clipped`), and interleaves the ends with the begins and instants in
+//! time order, which is what both writers need.
+//!
+//! Parks and samples reuse the recording's outputs
+//! ([`SliceKind::Park`], [`Sample`]): a watch sample's stack (kernel frames
+//! innermost, then user frames) is a [`StackId`] in the trace's
+//! [`Symbols`](crate::symbols::Symbols), so the Perfetto trace has real
+//! callstack samples and the kept window gives a flamegraph.
+
+use std::collections::VecDeque;
+
+use serde_json::{Value, json};
+
+use crate::output::{Sample, Slice, SliceKind, SliceStart, StackId, ThreadName, TimelineOutput};
+use crate::symbols::{SymbolFrame, Symbols};
+
+/// The module name kernel frames carry (as `perf` and Perfetto name it).
+pub const KERNEL_MODULE: &str = "[kernel.kallsyms]";
+
+/// A watch-tier output (boxed in [`TimelineOutput::Watch`]).
+#[derive(Clone, Debug, PartialEq)]
+pub enum WatchOutput {
+    /// A span of a worker's time opened (off CPU, or a finding). Closed by a
+    /// later [`Span`](Self::Span) on the same thread, innermost first.
+    SpanStart {
+        tid: u32,
+        ts_ns: u64,
+        kind: SpanKind,
+    },
+    /// A span closed.
+    Span(Span),
+    /// A finding made while an incident's detail recording ran: an instant
+    /// on the worker's track (the detail's polls are the slices there, and
+    /// a HOG spans several of them).
+    FindingMark(Box<FindingOutput>),
+    /// One health interval, at its end: an instant with the record on the
+    /// process track, and its [`counters`](HealthRecord::counters).
+    Health(Box<HealthRecord>),
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum SpanKind {
+    /// The worker was off CPU while not parked: `preempted` (involuntary)
+    /// or blocked, with the thread's `prev_state` at the switch.
+    OffCpu {
+        preempted: bool,
+        state: u32,
+    },
+    Finding(Box<FindingOutput>),
+}
+
+impl SpanKind {
+    /// The slice's name and category.
+    pub fn name_and_category(&self) -> (String, &'static str) {
+        match self {
+            SpanKind::OffCpu {
+                preempted: true, ..
+            } => ("off CPU (preempted)".to_owned(), "off_cpu"),
+            SpanKind::OffCpu { .. } => ("off CPU (blocked)".to_owned(), "off_cpu"),
+            SpanKind::Finding(finding) => (finding.name(), "finding"),
+        }
+    }
+
+    /// The slice's arguments (a JSON object).
+    pub fn args(&self, clipped: bool) -> Value {
+        match self {
+            SpanKind::OffCpu { preempted, state } => json!({
+                "preempted": preempted,
+                "state": state,
+                "clipped": clipped,
+            }),
+            SpanKind::Finding(finding) => {
+                let mut args = finding.args();
+                args["clipped"] = json!(clipped);
+                args
+            }
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Span {
+    pub tid: u32,
+    pub start_ns: u64,
+    pub end_ns: u64,
+    pub kind: SpanKind,
+    /// Cut short to nest in the span around it, or at an incident's
+    /// detail start.
+    pub clipped: bool,
+}
+
+/// A BLOCKING or HOG finding, as the terminal reported it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct FindingOutput {
+    /// "BLOCKING" or "HOG".
+    pub kind: String,
+    pub tid: u32,
+    /// The task type (short name, as the report says it).
+    pub task: String,
+    /// Its probe site, when a task was on the stack.
+    pub site: Option<u32>,
+    pub start_ns: u64,
+    pub duration_ns: u64,
+    /// The report's line.
+    pub summary: String,
+    pub reason: String,
+    /// Innermost first, as named for the report.
+    pub user_stack: Vec<String>,
+    pub kernel_stack: Vec<String>,
+    /// The whole stack (kernel frames innermost, then user frames) in the
+    /// trace's symbols: a callstack where the format has them.
+    pub stack: Option<StackId>,
+}
+
+impl FindingOutput {
+    pub fn name(&self) -> String {
+        format!("{} {}", self.kind, self.task)
+    }
+
+    pub fn args(&self) -> Value {
+        json!({
+            "finding": self.kind,
+            "task": self.task,
+            "duration_ns": self.duration_ns,
+            "reason": self.reason,
+            "summary": self.summary,
+            "user_stack": self.user_stack,
+            "kernel_stack": self.kernel_stack,
+        })
+    }
+}
+
+/// One worker's share of a health interval.
+#[derive(Clone, Debug, PartialEq)]
+pub struct WorkerShare {
+    pub tid: u32,
+    /// As the report names it: "tokio-rt-worker (tid 42)".
+    pub name: String,
+    /// Fraction of the interval not parked, 0..=1.
+    pub busy: f64,
+    pub parks: u64,
+}
+
+/// CPU of one task type in a health interval.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TaskCpu {
+    pub task: String,
+    pub samples: u64,
+    pub cpu_ms: f64,
+}
+
+/// One health interval (`watch`'s health line, as data).
+#[derive(Clone, Debug, PartialEq)]
+pub struct HealthRecord {
+    pub start_ns: u64,
+    pub end_ns: u64,
+    pub workers: Vec<WorkerShare>,
+    pub imbalance: f64,
+    pub hogs: u32,
+    pub blocking: u32,
+    pub blocked_ns: u64,
+    pub preempted_ns: u64,
+    pub kernel_samples: u64,
+    pub cpu_by_task: Vec<TaskCpu>,
+}
+
+impl HealthRecord {
+    /// The record as the instant's arguments.
+    pub fn args(&self) -> Value {
+        let workers: Vec<Value> = self
+            .workers
+            .iter()
+            .map(|w| json!({"tid": w.tid, "worker": w.name, "busy": w.busy, "parks": w.parks}))
+            .collect();
+        let cpu: Vec<Value> = self
+            .cpu_by_task
+            .iter()
+            .map(|t| json!({"task": t.task, "samples": t.samples, "cpu_ms": t.cpu_ms}))
+            .collect();
+        json!({
+            "interval_ns": self.end_ns.saturating_sub(self.start_ns),
+            "workers": workers,
+            "imbalance": self.imbalance,
+            "hogs": self.hogs,
+            "blocking": self.blocking,
+            "blocked_ns": self.blocked_ns,
+            "preempted_ns": self.preempted_ns,
+            "kernel_samples": self.kernel_samples,
+            "cpu_by_task": cpu,
+        })
+    }
+
+    /// Counter values at the interval's end: (counter, series, value).
+    /// Each worker's busy share in percent, the workers' busy shares added
+    /// up (in percent of one worker: 150 is one and a half workers busy),
+    /// and the time blocked and preempted in ms.
+    pub fn counters(&self) -> Vec<(&'static str, String, u64)> {
+        let percent = |share: f64| (share * 100.0).round().max(0.0) as u64;
+        let mut counters: Vec<(&'static str, String, u64)> = self
+            .workers
+            .iter()
+            .map(|w| ("busy %", w.name.clone(), percent(w.busy)))
+            .collect();
+        let all: f64 = self.workers.iter().map(|w| w.busy).sum();
+        counters.push(("workers busy %", "all".to_owned(), percent(all)));
+        counters.push(("blocked ms", "all".to_owned(), self.blocked_ns / 1_000_000));
+        counters.push((
+            "preempted ms",
+            "all".to_owned(),
+            self.preempted_ns / 1_000_000,
+        ));
+        counters
+    }
+}
+
+/// What the flight recorder keeps, as the watch tier hands it over.
+#[derive(Clone, Debug)]
+pub enum WatchItem {
+    Park {
+        tid: u32,
+        start_ns: u64,
+        end_ns: u64,
+    },
+    OffCpu {
+        tid: u32,
+        start_ns: u64,
+        end_ns: u64,
+        preempted: bool,
+        state: u32,
+    },
+    Finding(Box<FindingOutput>),
+    Sample {
+        tid: u32,
+        ts_ns: u64,
+        site: Option<u32>,
+        stack: StackId,
+    },
+    Health(Box<HealthRecord>),
+}
+
+/// The window's outputs, composed.
+#[derive(Debug, Default)]
+pub struct Composed {
+    /// Thread names, then everything before `until` in time order.
+    pub outputs: Vec<TimelineOutput>,
+    /// From `until` on: findings (as instants) and health records, in time
+    /// order, to be interleaved with the detail recording's outputs.
+    pub tail: VecDeque<TimelineOutput>,
+    pub samples: u64,
+    pub parks: u64,
+    pub findings: u64,
+    /// Spans cut short to nest in the one around them.
+    pub clipped: u64,
+}
+
+/// An interval to open at `start`, close at `end`.
+struct Interval {
+    tid: u32,
+    start: u64,
+    end: u64,
+    kind: IntervalKind,
+    clipped: bool,
+}
+
+enum IntervalKind {
+    Park,
+    Span(SpanKind),
+}
+
+/// Composes `items` into outputs. `threads` are the workers' tracks
+/// (tid, name), in order. With `until` (an incident's detail start),
+/// parks, off-CPU spans and samples from then on are left out (the detail
+/// shows them in full), slices are cut there, and findings and health
+/// records from then on go to [`Composed::tail`].
+pub fn compose(threads: &[(u32, String)], items: Vec<WatchItem>, until: Option<u64>) -> Composed {
+    let until = until.unwrap_or(u64::MAX);
+    let mut composed = Composed::default();
+    for (index, (tid, name)) in threads.iter().enumerate() {
+        composed
+            .outputs
+            .push(TimelineOutput::ThreadName(ThreadName {
+                tid: *tid,
+                name: name.clone(),
+                sort_index: index as u32 + 1,
+            }));
+    }
+    let mut intervals = Vec::new();
+    // Instants, by time: samples and health.
+    let mut instants: Vec<(u64, TimelineOutput)> = Vec::new();
+    let mut tail: Vec<(u64, TimelineOutput)> = Vec::new();
+    for item in items {
+        match item {
+            WatchItem::Park {
+                tid,
+                start_ns,
+                end_ns,
+            } if start_ns < until => {
+                composed.parks += 1;
+                intervals.push(Interval {
+                    tid,
+                    start: start_ns,
+                    end: end_ns.max(start_ns),
+                    kind: IntervalKind::Park,
+                    clipped: false,
+                });
+            }
+            WatchItem::OffCpu {
+                tid,
+                start_ns,
+                end_ns,
+                preempted,
+                state,
+            } if start_ns < until => intervals.push(Interval {
+                tid,
+                start: start_ns,
+                end: end_ns.max(start_ns),
+                kind: IntervalKind::Span(SpanKind::OffCpu { preempted, state }),
+                clipped: false,
+            }),
+            WatchItem::Sample {
+                tid,
+                ts_ns,
+                site,
+                stack,
+            } if ts_ns < until => {
+                composed.samples += 1;
+                let sample = Sample {
+                    tid,
+                    ts_ns,
+                    task_id: 0,
+                    site,
+                    stack,
+                };
+                instants.push((ts_ns, TimelineOutput::Sample(sample)));
+            }
+            WatchItem::Finding(finding) => {
+                composed.findings += 1;
+                if finding.start_ns < until {
+                    intervals.push(Interval {
+                        tid: finding.tid,
+                        start: finding.start_ns,
+                        // At least 1 ns: a slice, not an instant.
+                        end: finding.start_ns + finding.duration_ns.max(1),
+                        kind: IntervalKind::Span(SpanKind::Finding(finding)),
+                        clipped: false,
+                    });
+                } else {
+                    let ts = finding.start_ns;
+                    let mark = WatchOutput::FindingMark(finding);
+                    tail.push((ts, TimelineOutput::Watch(Box::new(mark))));
+                }
+            }
+            WatchItem::Health(health) => {
+                let ts = health.end_ns;
+                let output = TimelineOutput::Watch(Box::new(WatchOutput::Health(health)));
+                if ts < until {
+                    instants.push((ts, output));
+                } else {
+                    tail.push((ts, output));
+                }
+            }
+            // Detailed items from `until` on: the detail has them in full.
+            WatchItem::Park { .. } | WatchItem::OffCpu { .. } | WatchItem::Sample { .. } => {}
+        }
+    }
+    // Outer first at equal starts: the longer one, then a finding before
+    // the off-CPU span it is about.
+    intervals.sort_by_key(|i| {
+        let rank = match &i.kind {
+            IntervalKind::Span(SpanKind::Finding(_)) => 0,
+            _ => 1,
+        };
+        (i.start, std::cmp::Reverse(i.end), rank)
+    });
+    instants.sort_by_key(|(ts, _)| *ts);
+    tail.sort_by_key(|(ts, _)| *ts);
+    composed.tail = tail.into_iter().map(|(_, output)| output).collect();
+
+    // Per thread, the intervals open (innermost last).
+    let mut open: Vec<(u32, Vec<Interval>)> = Vec::new();
+    let mut instants = instants.into_iter().peekable();
+    let out = &mut composed.outputs;
+    for mut interval in intervals {
+        while let Some((_, instant)) = instants.next_if(|(ts, _)| *ts < interval.start) {
+            close_until(&mut open, instant_ts(&instant), out);
+            out.push(instant);
+        }
+        close_until(&mut open, interval.start, out);
+        let stack = match open.iter_mut().find(|(tid, _)| *tid == interval.tid) {
+            Some((_, stack)) => stack,
+            None => {
+                open.push((interval.tid, Vec::new()));
+                &mut open.last_mut().expect("pushed").1
+            }
+        };
+        let mut clipped = false;
+        if let Some(outer) = stack.last()
+            && interval.end > outer.end
+        {
+            interval.end = outer.end;
+            clipped = true;
+            composed.clipped += 1;
+        }
+        if interval.end > until {
+            interval.end = until;
+            clipped = true;
+        }
+        interval.clipped = clipped;
+        out.push(open_output(&interval));
+        stack.push(interval);
+    }
+    for (ts, instant) in instants {
+        close_until(&mut open, ts, out);
+        out.push(instant);
+    }
+    close_until(&mut open, u64::MAX, out);
+    composed
+}
+
+/// The time of an instant output.
+fn instant_ts(output: &TimelineOutput) -> u64 {
+    output_ts(output).unwrap_or(0)
+}
+
+/// When an output happens (None for thread names).
+pub fn output_ts(output: &TimelineOutput) -> Option<u64> {
+    Some(match output {
+        TimelineOutput::ThreadName(_) => return None,
+        TimelineOutput::SliceStart(start) => start.ts_ns,
+        TimelineOutput::Slice(slice) => slice.end_ns,
+        TimelineOutput::Spawn(spawn) => spawn.ts_ns,
+        TimelineOutput::Wake(wake) => wake.ts_ns,
+        TimelineOutput::WokenPoll(poll) => poll.ts_ns,
+        TimelineOutput::TaskEnd(end) => end.ts_ns,
+        TimelineOutput::Unpark(unpark) => unpark.ts_ns,
+        TimelineOutput::Counter(counter) => counter.ts_ns,
+        TimelineOutput::Sample(sample) => sample.ts_ns,
+        TimelineOutput::Watch(watch) => match watch.as_ref() {
+            WatchOutput::SpanStart { ts_ns, .. } => *ts_ns,
+            WatchOutput::Span(span) => span.end_ns,
+            WatchOutput::FindingMark(finding) => finding.start_ns,
+            WatchOutput::Health(health) => health.end_ns,
+        },
+    })
+}
+
+fn open_output(interval: &Interval) -> TimelineOutput {
+    match &interval.kind {
+        IntervalKind::Park => TimelineOutput::SliceStart(SliceStart {
+            tid: interval.tid,
+            ts_ns: interval.start,
+            kind: SliceKind::Park,
+            woken_by: None,
+        }),
+        IntervalKind::Span(kind) => TimelineOutput::Watch(Box::new(WatchOutput::SpanStart {
+            tid: interval.tid,
+            ts_ns: interval.start,
+            kind: kind.clone(),
+        })),
+    }
+}
+
+/// Closes, in time order, every open interval that ends by `ts`.
+fn close_until(open: &mut [(u32, Vec<Interval>)], ts: u64, out: &mut Vec<TimelineOutput>) {
+    loop {
+        // The thread whose innermost open interval ends first.
+        let next = open
+            .iter()
+            .enumerate()
+            .filter_map(|(index, (_, stack))| stack.last().map(|i| (i.end, index)))
+            .filter(|(end, _)| *end <= ts)
+            .min_by_key(|(end, _)| *end);
+        let Some((_, index)) = next else {
+            return;
+        };
+        let stack = &mut open[index].1;
+        let interval = stack.pop().expect("has a last");
+        out.push(close_output(interval));
+    }
+}
+
+fn close_output(interval: Interval) -> TimelineOutput {
+    match interval.kind {
+        IntervalKind::Park => TimelineOutput::Slice(Slice {
+            tid: interval.tid,
+            kind: SliceKind::Park,
+            start_ns: interval.start,
+            end_ns: interval.end,
+            truncated: interval.clipped,
+            end_lost: false,
+        }),
+        IntervalKind::Span(kind) => TimelineOutput::Watch(Box::new(WatchOutput::Span(Span {
+            tid: interval.tid,
+            start_ns: interval.start,
+            end_ns: interval.end,
+            kind,
+            clipped: interval.clipped,
+        }))),
+    }
+}
+
+/// The window's stacks, to be added to a recording's [`Symbols`] (an
+/// incident): its samples' and findings' stack ids are moved past the
+/// recording's.
+pub fn adopt_stacks(
+    symbols: &mut Symbols,
+    stacks: Vec<Vec<SymbolFrame>>,
+    outputs: &mut [TimelineOutput],
+    tail: &mut VecDeque<TimelineOutput>,
+) {
+    let base = symbols.stacks.len() as StackId;
+    symbols.stacks.extend(stacks);
+    for output in outputs.iter_mut().chain(tail.iter_mut()) {
+        match output {
+            TimelineOutput::Sample(sample) => sample.stack += base,
+            TimelineOutput::Watch(watch) => match watch.as_mut() {
+                WatchOutput::SpanStart {
+                    kind: SpanKind::Finding(finding),
+                    ..
+                }
+                | WatchOutput::Span(Span {
+                    kind: SpanKind::Finding(finding),
+                    ..
+                })
+                | WatchOutput::FindingMark(finding) => {
+                    if let Some(stack) = &mut finding.stack {
+                        *stack += base;
+                    }
+                }
+                _ => {}
+            },
+            _ => {}
+        }
+    }
+}
+
+#[cfg(test)]
+#[path = "watch_tests.rs"]
+mod tests;
