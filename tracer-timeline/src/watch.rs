@@ -513,6 +513,35 @@ fn close_output(interval: Interval) -> TimelineOutput {
     }
 }
 
+/// A watch window composed for a trace: written alone (`watch`'s exit
+/// and SIGUSR1 traces), or before a recording in the same trace (an
+/// incident: [`adopt_stacks`](Self::adopt_stacks) first, then
+/// [`Composed::outputs`], then the recording's outputs with
+/// [`Composed::tail`] interleaved by time).
+#[derive(Debug, Default)]
+pub struct WatchWindow {
+    pub composed: Composed,
+    /// The samples' and findings' stacks, by the [`StackId`]s they carry.
+    pub stacks: Vec<Vec<SymbolFrame>>,
+    /// Its first time: the trace's time zero.
+    pub start_ns: u64,
+    /// The window's figures (reason, keep bound, lost, sample rate…).
+    pub metadata: Value,
+}
+
+impl WatchWindow {
+    /// Moves the window's stacks into a recording's `symbols`.
+    pub fn adopt_stacks(&mut self, symbols: &mut Symbols) {
+        let stacks = std::mem::take(&mut self.stacks);
+        adopt_stacks(
+            symbols,
+            stacks,
+            &mut self.composed.outputs,
+            &mut self.composed.tail,
+        );
+    }
+}
+
 /// The window's stacks, to be added to a recording's [`Symbols`] (an
 /// incident): its samples' and findings' stack ids are moved past the
 /// recording's.

@@ -179,7 +179,13 @@ fn json_notes<W: Write>(w: &mut PerfettoWriter<'_, W>, sequence: &mut Sequence, 
         return;
     };
     for (key, value) in map {
-        if value.is_null() {
+        // An empty list has no value to write: left out, as null is.
+        let empty = match value {
+            Value::Array(items) => items.is_empty(),
+            Value::Object(entries) => entries.is_empty(),
+            other => other.is_null(),
+        };
+        if empty {
             continue;
         }
         let iid = sequence.annotation_name(&mut w.interned, key);

@@ -129,6 +129,8 @@ impl Record {
 struct Watcher {
     options: WatchOptions,
     names: Names,
+    /// The task types by probe site, for the traces.
+    types: tracer_timeline::task_types::TaskTypes,
     reader: StackReader,
     detector: Detector,
     recorder: FlightRecorder,
@@ -158,7 +160,6 @@ pub async fn watch(options: WatchOptions) -> Result<WatchOutcome> {
 
     // Checked before anything is attached; written at exit.
     let exit_output = OutputFile::check(&options.output)?;
-    trace::check_format(&exit_output)?;
     let target = Target::existing(options.pid)?;
     let plan = tracer_probes::discover(&target.exe)
         .with_context(|| format!("process {} ({})", target.pid, target.name))?;
@@ -226,6 +227,7 @@ pub async fn watch(options: WatchOptions) -> Result<WatchOutcome> {
     let start_ns = monotonic_ns();
     let mut watcher = Watcher {
         names: Names::new(target.pid, &plan),
+        types: crate::record::sink::task_types(&plan),
         reader,
         detector: Detector::new(
             Thresholds {
@@ -267,7 +269,8 @@ pub async fn watch(options: WatchOptions) -> Result<WatchOutcome> {
                     continue;
                 }
                 usr1_count += 1;
-                let path = numbered(&watcher.options.output, "usr1", usr1_count, ".json");
+                let output = &watcher.options.output;
+                let path = numbered(output, "usr1", usr1_count, trace_extension(output));
                 let lost = probes.lost().unwrap_or(0);
                 let written = OutputFile::check(&path)
                     .and_then(|output| watcher.write(output, &process, "SIGUSR1", lost));
@@ -443,6 +446,7 @@ impl Watcher {
                             tid: event.tid,
                             duration_ns: event.duration_ns,
                             preempted,
+                            state: if preempted { 0 } else { event.site_or_state },
                         },
                     );
                     self.detector.off_cpu(
@@ -520,7 +524,7 @@ impl Watcher {
         };
         trace::write_window(
             output,
-            self.options.pid,
+            &self.types,
             &self.recorder,
             &mut self.names,
             &mut self.reader,
@@ -536,9 +540,18 @@ impl Watcher {
     }
 }
 
-/// `watch.json` → `watch.usr1-3.json` (`what` "usr1", `n` 3, `extension`
-/// ".json"); a `.gz` of the output stays at the end (`w.json.gz` →
-/// `w.usr1-3.json.gz`).
+/// The extension of traces written next to `output`, in its format:
+/// ".json" for a JSON trace, ".pftrace" otherwise.
+fn trace_extension(output: &Path) -> &'static str {
+    match tracer_timeline::writer::Format::for_path(output).0 {
+        tracer_timeline::writer::Format::Json => ".json",
+        tracer_timeline::writer::Format::Perfetto => ".pftrace",
+    }
+}
+
+/// `watch.pftrace` → `watch.usr1-3.pftrace` (`what` "usr1", `n` 3,
+/// `extension` ".pftrace"); a `.gz` of the output stays at the end
+/// (`w.json.gz` → `w.usr1-3.json.gz`).
 fn numbered(path: &Path, what: &str, n: u32, extension: &str) -> PathBuf {
     let name = path
         .file_name()
@@ -570,8 +583,11 @@ mod tests {
             PathBuf::from("w.usr1-1.json.gz")
         );
         assert_eq!(
-            numbered(Path::new("d/w.json"), "incident", 1, ".pftrace"),
+            numbered(Path::new("d/w.pftrace"), "incident", 1, ".pftrace"),
             PathBuf::from("d/w.incident-1.pftrace")
         );
+        assert_eq!(trace_extension(Path::new("w.json.gz")), ".json");
+        assert_eq!(trace_extension(Path::new("watch.pftrace")), ".pftrace");
+        assert_eq!(trace_extension(Path::new("w.perfetto-trace")), ".pftrace");
     }
 }
