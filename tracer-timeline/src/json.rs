@@ -219,7 +219,8 @@ impl<'a, W: Write> JsonWriter<'a, W> {
                 self.writer
                     .instant(pid, pid, "health", "health", ts, &health.args())?;
                 for (counter, series, value) in health.counters() {
-                    self.writer.counter(pid, counter, &series, ts, value)?;
+                    let series = if series.is_empty() { "value" } else { &series };
+                    self.writer.counter(pid, counter, series, ts, value)?;
                 }
                 Ok(())
             }

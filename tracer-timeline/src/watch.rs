@@ -204,10 +204,11 @@ impl HealthRecord {
         })
     }
 
-    /// Counter values at the interval's end: (counter, series, value).
-    /// Each worker's busy share in percent, the workers' busy shares added
-    /// up (in percent of one worker: 150 is one and a half workers busy),
-    /// and the time blocked and preempted in ms.
+    /// Counter values at the interval's end: (counter, series, value); an
+    /// empty series for a counter of its own. Each worker's busy share in
+    /// percent, the workers' busy shares added up (in percent of one
+    /// worker: 150 is one and a half workers busy), and the time blocked
+    /// and preempted in ms.
     pub fn counters(&self) -> Vec<(&'static str, String, u64)> {
         let percent = |share: f64| (share * 100.0).round().max(0.0) as u64;
         let mut counters: Vec<(&'static str, String, u64)> = self
@@ -216,13 +217,9 @@ impl HealthRecord {
             .map(|w| ("busy %", w.name.clone(), percent(w.busy)))
             .collect();
         let all: f64 = self.workers.iter().map(|w| w.busy).sum();
-        counters.push(("workers busy %", "all".to_owned(), percent(all)));
-        counters.push(("blocked ms", "all".to_owned(), self.blocked_ns / 1_000_000));
-        counters.push((
-            "preempted ms",
-            "all".to_owned(),
-            self.preempted_ns / 1_000_000,
-        ));
+        counters.push(("busy % all workers", String::new(), percent(all)));
+        counters.push(("blocked ms", String::new(), self.blocked_ns / 1_000_000));
+        counters.push(("preempted ms", String::new(), self.preempted_ns / 1_000_000));
         counters
     }
 }

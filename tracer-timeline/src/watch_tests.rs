@@ -237,6 +237,83 @@ fn adopted_stacks_move_past_the_recording_s() {
 fn health_counters_are_percent_and_ms() {
     let counters = health(5_000).counters();
     assert_eq!(counters[0], ("busy %", "w (tid 1)".to_owned(), 25));
-    assert!(counters.contains(&("workers busy %", "all".to_owned(), 25)));
-    assert!(counters.contains(&("blocked ms", "all".to_owned(), 3)));
+    assert!(counters.contains(&("busy % all workers", String::new(), 25)));
+    assert!(counters.contains(&("blocked ms", String::new(), 3)));
+}
+
+/// Both writers take a composed window: JSON gives the finding as a slice
+/// with its report and the off-CPU span inside it, health as an instant
+/// and counters; Perfetto writes the finding's callstack (field 56).
+#[test]
+fn both_writers_write_a_composed_window() {
+    use crate::task_types::TaskTypes;
+    use crate::writer::{Format, TraceInfo};
+    let items = vec![
+        WatchItem::Finding(finding(1, 1_000, 500)),
+        WatchItem::OffCpu {
+            tid: 1,
+            start_ns: 1_000,
+            end_ns: 1_500,
+            preempted: false,
+            state: 1,
+        },
+        WatchItem::Sample {
+            tid: 1,
+            ts_ns: 1_700,
+            site: None,
+            stack: 0,
+        },
+        WatchItem::Health(health(2_000)),
+    ];
+    let composed = compose(&[(1, "w (tid 1)".to_owned())], items, None);
+    let frame = |function: &str, module: &str| SymbolFrame {
+        address: 0x10,
+        function: Some(function.to_owned()),
+        module: module.to_owned(),
+        ..SymbolFrame::default()
+    };
+    let info = TraceInfo {
+        pid: 7,
+        process_name: "app".to_owned(),
+        start_ns: 1_000,
+        types: TaskTypes::new(vec![None; 4]),
+        symbols: Symbols {
+            stacks: vec![vec![
+                frame("do_nanosleep", KERNEL_MODULE),
+                frame("app::handler", "/app"),
+            ]],
+            ..Symbols::default()
+        },
+    };
+    let write = |format: Format| {
+        let mut out = Vec::new();
+        let mut writer = format.writer(&mut out, &info).unwrap();
+        for output in &composed.outputs {
+            writer.write(output).unwrap();
+        }
+        writer.finish(&json!({"written_on": "exit"})).unwrap();
+        drop(writer);
+        out
+    };
+    let json: Value = serde_json::from_slice(&write(Format::Json)).unwrap();
+    let events = json["traceEvents"].as_array().unwrap();
+    let finding = events.iter().find(|e| e["cat"] == "finding").unwrap();
+    assert_eq!(finding["ph"], "X");
+    assert_eq!(finding["args"]["kernel_stack"][0], "do_nanosleep");
+    assert!(
+        events
+            .iter()
+            .any(|e| e["cat"] == "off_cpu" && e["args"]["state"] == 1)
+    );
+    let health = events.iter().find(|e| e["cat"] == "health").unwrap();
+    assert_eq!(health["args"]["workers"][0]["parks"], 7);
+    assert!(
+        events
+            .iter()
+            .any(|e| e["ph"] == "C" && e["name"] == "busy %")
+    );
+    let proto = write(Format::Perfetto);
+    // TrackEvent.callstack_iid (56) is a two-byte tag: 0xc0 0x03.
+    assert!(proto.windows(2).any(|w| w == [0xc0, 0x03]));
+    assert!(proto.windows(12).any(|w| w == b"do_nanosleep"));
 }

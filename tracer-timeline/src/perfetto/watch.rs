@@ -137,7 +137,10 @@ impl<W: Write> PerfettoWriter<'_, W> {
         self.packet.end();
         self.end_packet()?;
         for (counter, series, value) in health.counters() {
-            let track_name = format!("{counter} {series}");
+            let track_name = match series.as_str() {
+                "" => counter.to_owned(),
+                series => format!("{counter} {series}"),
+            };
             let uuid = match self.watch_counters.get(&track_name) {
                 Some(&uuid) => uuid,
                 None => {

@@ -201,8 +201,10 @@ impl Escalation {
             probes
                 .attach(&plan, &exe, pid, Mode::Full.probe_set())
                 .context("attaching the full probes for an incident")?;
-            probes.set_enabled(true)?;
+            // Read before enabling: no detail event is older than the
+            // detail's start, where the incident trace's window part ends.
             let enabled_ns = crate::clock::monotonic_ns();
+            probes.set_enabled(true)?;
             let stack_ring = probes.take_stacks()?;
             let ring = probes.take_events()?;
             Ok(Attached {

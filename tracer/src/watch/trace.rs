@@ -136,6 +136,7 @@ pub fn window(
     let composed = compose(&threads, items, info.until_ns);
     let (first, last) = recorder.span().unwrap_or((0, 0));
     let metadata = json!({
+        "tracer": concat!("rt-ebpf-trace ", env!("CARGO_PKG_VERSION")),
         "tool": "rt-ebpf-trace watch",
         "written_on": info.reason,
         "target_pid": pid,
