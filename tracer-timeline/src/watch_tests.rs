@@ -205,8 +205,10 @@ fn an_incident_window_stops_at_the_detail_and_keeps_later_findings_and_health_fo
 
 #[test]
 fn adopted_stacks_move_past_the_recording_s() {
-    let mut symbols = Symbols::default();
-    symbols.stacks = vec![Vec::new(); 5];
+    let mut symbols = Symbols {
+        stacks: vec![Vec::new(); 5],
+        ..Symbols::default()
+    };
     let mut outputs = vec![TimelineOutput::Sample(Sample {
         tid: 1,
         ts_ns: 1,
