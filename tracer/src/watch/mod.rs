@@ -21,8 +21,13 @@
 //!
 //! From these, [`detect`] makes findings (BLOCKING, HOG) and per-second
 //! health; [`report`] prints them; [`keep`] keeps the last `--keep` in a
-//! bounded memory; [`trace`] writes that window on SIGUSR1 and at exit.
-//! Measured costs are in BENCHMARKS.md and NOTES.md.
+//! bounded memory; [`trace`] writes that window on SIGUSR1 and at exit,
+//! through the timeline's writers (`tracer_timeline::watch` composes it):
+//! native Perfetto by default (`watch.pftrace`: callstack samples with
+//! kernel frames, findings with their callstacks, health counters), Chrome
+//! JSON for `-o x.json`. An escalation ([`incident`]) writes one trace per
+//! incident: the kept window, then the full-detail recording, on the same
+//! tracks. Measured costs are in BENCHMARKS.md and NOTES.md.
 
 pub mod detect;
 mod escalate;

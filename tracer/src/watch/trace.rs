@@ -178,6 +178,7 @@ pub fn write_window(
     info: &WindowInfo,
 ) -> Result<u64> {
     let pid = names.pid();
+    let writing = std::time::Instant::now();
     let mut file = TraceFile::create(output)?;
     let WatchWindow {
         composed,
@@ -204,7 +205,14 @@ pub fn write_window(
     log::info!("trace metadata: {metadata}");
     writer.finish(&metadata)?;
     drop(writer);
-    file.finish()
+    let bytes = file.finish()?;
+    log::info!(
+        "wrote the kept window ({} items, {} distinct stacks) in {:?}: {bytes} bytes",
+        recorder.items().count(),
+        trace.symbols.stacks.len(),
+        writing.elapsed()
+    );
+    Ok(bytes)
 }
 
 /// The window's distinct stacks, named once each.
