@@ -180,8 +180,8 @@ impl Escalation {
             }
         };
         let number = self.incidents + 1;
-        let extension = super::trace_extension(&self.output);
-        let path = super::numbered(&self.output, "incident", number, extension);
+        let extension = super::trace::trace_extension(&self.output);
+        let path = super::trace::numbered(&self.output, "incident", number, extension);
         let output = match OutputFile::check(&path) {
             Ok(output) => output,
             Err(err) => {

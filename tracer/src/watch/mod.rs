@@ -41,7 +41,7 @@ pub mod stacks;
 pub mod trace;
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
@@ -275,7 +275,7 @@ pub async fn watch(options: WatchOptions) -> Result<WatchOutcome> {
                 }
                 usr1_count += 1;
                 let output = &watcher.options.output;
-                let path = numbered(output, "usr1", usr1_count, trace_extension(output));
+                let path = trace::numbered(output, "usr1", usr1_count, trace::trace_extension(output));
                 let lost = probes.lost().unwrap_or(0);
                 let written = OutputFile::check(&path)
                     .and_then(|output| watcher.write(output, &process, "SIGUSR1", lost));
@@ -542,57 +542,5 @@ impl Watcher {
     fn window(&self) -> String {
         let (first, last) = self.recorder.span().unwrap_or((0, 0));
         format!("{:.1} s", (last - first) as f64 / 1e9)
-    }
-}
-
-/// The extension of traces written next to `output`, in its format:
-/// ".json" for a JSON trace, ".pftrace" otherwise.
-fn trace_extension(output: &Path) -> &'static str {
-    match tracer_timeline::writer::Format::for_path(output).0 {
-        tracer_timeline::writer::Format::Json => ".json",
-        tracer_timeline::writer::Format::Perfetto => ".pftrace",
-    }
-}
-
-/// `watch.pftrace` → `watch.usr1-3.pftrace` (`what` "usr1", `n` 3,
-/// `extension` ".pftrace"); a `.gz` of the output stays at the end
-/// (`w.json.gz` → `w.usr1-3.json.gz`).
-fn numbered(path: &Path, what: &str, n: u32, extension: &str) -> PathBuf {
-    let name = path
-        .file_name()
-        .map(|s| s.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let (name, gz) = match name.strip_suffix(".gz") {
-        Some(name) => (name.to_owned(), ".gz"),
-        None => (name, ""),
-    };
-    let stem = match name.rfind('.') {
-        Some(dot) if dot > 0 => &name[..dot],
-        _ => name.as_str(),
-    };
-    path.with_file_name(format!("{stem}.{what}-{n}{extension}{gz}"))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn usr1_traces_are_numbered_next_to_the_output() {
-        assert_eq!(
-            numbered(Path::new("/tmp/w.json"), "usr1", 2, ".json"),
-            PathBuf::from("/tmp/w.usr1-2.json")
-        );
-        assert_eq!(
-            numbered(Path::new("w.json.gz"), "usr1", 1, ".json"),
-            PathBuf::from("w.usr1-1.json.gz")
-        );
-        assert_eq!(
-            numbered(Path::new("d/w.pftrace"), "incident", 1, ".pftrace"),
-            PathBuf::from("d/w.incident-1.pftrace")
-        );
-        assert_eq!(trace_extension(Path::new("w.json.gz")), ".json");
-        assert_eq!(trace_extension(Path::new("watch.pftrace")), ".pftrace");
-        assert_eq!(trace_extension(Path::new("w.perfetto-trace")), ".pftrace");
     }
 }

@@ -25,6 +25,7 @@
 //! distinct stack is named once per trace.
 
 use std::collections::{BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
 
 use anyhow::Result;
 use serde_json::json;
@@ -289,5 +290,57 @@ fn health_record(health: &Health, names: &mut Names, sample_hz: u64) -> HealthRe
                 cpu_ms: *samples as f64 * 1000.0 / sample_hz as f64,
             })
             .collect(),
+    }
+}
+
+/// The extension of traces written next to `output`, in its format:
+/// ".json" for a JSON trace, ".pftrace" otherwise.
+pub fn trace_extension(output: &Path) -> &'static str {
+    match tracer_timeline::writer::Format::for_path(output).0 {
+        tracer_timeline::writer::Format::Json => ".json",
+        tracer_timeline::writer::Format::Perfetto => ".pftrace",
+    }
+}
+
+/// `watch.pftrace` → `watch.usr1-3.pftrace` (`what` "usr1", `n` 3,
+/// `extension` ".pftrace"); a `.gz` of the output stays at the end
+/// (`w.json.gz` → `w.usr1-3.json.gz`).
+pub fn numbered(path: &Path, what: &str, n: u32, extension: &str) -> PathBuf {
+    let name = path
+        .file_name()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let (name, gz) = match name.strip_suffix(".gz") {
+        Some(name) => (name.to_owned(), ".gz"),
+        None => (name, ""),
+    };
+    let stem = match name.rfind('.') {
+        Some(dot) if dot > 0 => &name[..dot],
+        _ => name.as_str(),
+    };
+    path.with_file_name(format!("{stem}.{what}-{n}{extension}{gz}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn usr1_traces_are_numbered_next_to_the_output() {
+        assert_eq!(
+            numbered(Path::new("/tmp/w.json"), "usr1", 2, ".json"),
+            PathBuf::from("/tmp/w.usr1-2.json")
+        );
+        assert_eq!(
+            numbered(Path::new("w.json.gz"), "usr1", 1, ".json"),
+            PathBuf::from("w.usr1-1.json.gz")
+        );
+        assert_eq!(
+            numbered(Path::new("d/w.pftrace"), "incident", 1, ".pftrace"),
+            PathBuf::from("d/w.incident-1.pftrace")
+        );
+        assert_eq!(trace_extension(Path::new("w.json.gz")), ".json");
+        assert_eq!(trace_extension(Path::new("watch.pftrace")), ".pftrace");
+        assert_eq!(trace_extension(Path::new("w.perfetto-trace")), ".pftrace");
     }
 }

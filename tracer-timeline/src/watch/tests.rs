@@ -1,4 +1,5 @@
 use super::*;
+use serde_json::json;
 
 fn finding(tid: u32, start_ns: u64, duration_ns: u64) -> Box<FindingOutput> {
     Box::new(FindingOutput {
