@@ -142,17 +142,25 @@ fn check_findings(stdout: &str, trace: &Trace, kind: &str, expected: &[&str]) {
             "{event}: {workers:?}"
         );
     }
-    // A CPU sample's stack has frames, and its task type is the stack's.
-    let samples = trace.samples();
-    assert!(!samples.is_empty(), "no samples in the window");
-    assert!(
-        samples.iter().any(|sample| {
-            sample["args"]["task_type"]
-                .as_str()
-                .is_some_and(|task| task.contains("fixture_injected_task"))
-        }) || kind == "BLOCKING",
-        "no sample of the injected task"
-    );
+    if kind == "HOG" {
+        // The hog's CPU samples, as callstack samples whose root frame
+        // names the task type (the blocked fixtures' workers hardly run:
+        // their windows may hold no sample at all).
+        let samples = trace.samples();
+        assert!(
+            samples.iter().any(|sample| {
+                sample["args"]["task_type"]
+                    .as_str()
+                    .is_some_and(|task| task.contains("fixture_injected_task"))
+                    && sample["args"]["stack"].as_array().is_some_and(|stack| {
+                        stack
+                            .iter()
+                            .any(|f| f.as_str().is_some_and(|f| f.contains("spin_for")))
+                    })
+            }),
+            "no sample of the injected task in spin_for: {samples:?}"
+        );
+    }
     if kind == "BLOCKING" {
         // A blocking finding covers the worker's off-CPU span (blocked,
         // with its sleep state), nested in it on the same track.
@@ -290,7 +298,6 @@ fn a_healthy_program_gets_no_findings() {
         kernel_samples == 0 || with_kernel_frames > 0,
         "{kernel_samples} kernel samples counted, none in the trace with kernel frames"
     );
-    assert!(!trace.samples().is_empty(), "no samples");
 }
 
 #[test]
@@ -437,7 +444,7 @@ fn check_incident(incident: &Trace, reason: &str, samples: bool) -> f64 {
         .filter(|s| before(s["ts"].as_f64().unwrap()))
         .count();
     assert!(
-        samples_before > 0,
+        !samples || samples_before > 0,
         "no samples before the detail: {metadata}"
     );
     let parks = incident.parks();
