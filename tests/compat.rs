@@ -122,13 +122,17 @@ fn check_cell(repo: &Path, cell: &Cell) -> Outcome {
         .unwrap_or("?")
         .to_owned();
     let seen = Seen::of(&trace);
+    let watched = watch(&binary, cell);
     let mut features = Vec::new();
     let mut failed_stderr = None;
     for &feature in matrix::FEATURES {
         let (status, note) = if !feature.applies(cell) {
             ("n/a", String::new())
         } else {
-            let found = seen.check(feature);
+            let found = match feature {
+                Feature::Watch => watched.clone(),
+                _ => seen.check(feature),
+            };
             match (found, matrix::gap(cell, feature)) {
                 (Ok(()), None) => ("ok", String::new()),
                 (Ok(()), Some(_)) => (
@@ -153,16 +157,7 @@ fn check_cell(repo: &Path, cell: &Cell) -> Outcome {
 /// Traces the service for 3 seconds and returns the trace and the tracer's
 /// stderr (its warnings).
 fn record(binary: &Path, cell: &Cell) -> (Trace, String) {
-    let mut child = Command::new(binary)
-        .args([cell.flavour.arg(), "60"])
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("start the compat service");
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .expect("read the service's output");
-    assert!(line.starts_with("ready"), "{} said {line:?}", cell.slug());
+    let mut child = start_service(binary, cell);
     let dir = scratch_dir(&format!("compat-{}", cell.slug()));
     let output = dir.join("trace.json");
     let result = run(tracer()
@@ -183,6 +178,73 @@ fn record(binary: &Path, cell: &Cell) -> (Trace, String) {
     let trace = Trace::load(&output);
     let _ = std::fs::remove_dir_all(&dir);
     (trace, String::from_utf8_lossy(&result.stderr).into_owned())
+}
+
+/// Starts the service and waits for its "ready" line.
+fn start_service(binary: &Path, cell: &Cell) -> std::process::Child {
+    let mut child = Command::new(binary)
+        .args([cell.flavour.arg(), "60"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("start the compat service");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .expect("read the service's output");
+    assert!(line.starts_with("ready"), "{} said {line:?}", cell.slug());
+    child
+}
+
+/// Watches the service for 3 seconds (`watch --pid`, no poll probe): `Ok`
+/// when its health lines give each worker a busy share and attribute CPU
+/// to the spinning task's type. Findings are not checked here (a loaded
+/// machine can stretch the spinner's 2 ms into a real HOG by preemption;
+/// `tests/watch.rs` checks a healthy program has none).
+fn watch(binary: &Path, cell: &Cell) -> Result<(), String> {
+    let mut child = start_service(binary, cell);
+    let dir = scratch_dir(&format!("compat-watch-{}", cell.slug()));
+    let result = run(tracer()
+        .args(["watch", "--duration", "3s", "--pid"])
+        .arg(child.id().to_string())
+        .arg("-o")
+        .arg(dir.join("watch.json")));
+    let _ = child.kill();
+    let _ = child.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+    if !result.status.success() {
+        return Err(format!("watch failed: {}", describe(&result)));
+    }
+    let stdout = String::from_utf8_lossy(&result.stdout);
+    let health: Vec<&str> = stdout
+        .lines()
+        .filter(|l| l.starts_with("health: "))
+        .collect();
+    let workers = |line: &str| {
+        let busy = line.split("busy [").nth(1)?.split(']').next()?;
+        Some(busy.split_whitespace().count())
+    };
+    let expected_workers = match cell.flavour {
+        matrix::Flavour::Multi => 1..=64,
+        matrix::Flavour::Current => 1..=1,
+    };
+    if !health
+        .iter()
+        .any(|line| workers(line).is_some_and(|n| expected_workers.contains(&n)))
+    {
+        return Err(format!(
+            "no health line gives {expected_workers:?} workers a busy share: {health:?}"
+        ));
+    }
+    if !health.iter().any(|line| {
+        line.split("| cpu:")
+            .nth(1)
+            .is_some_and(|cpu| cpu.contains("compat_spinner"))
+    }) {
+        return Err(format!(
+            "no health line attributes CPU to compat_spinner: {health:?}"
+        ));
+    }
+    Ok(())
 }
 
 /// What one trace holds, reduced to what the features are checked on.
@@ -363,6 +425,7 @@ impl<'a> Seen<'a> {
                     in_spin.len(),
                 )
             }
+            Feature::Watch => Err("seen by a watch run, not in a recording".to_owned()),
             Feature::BlockOnRoot => {
                 let root = self
                     .polls

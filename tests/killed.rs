@@ -118,14 +118,7 @@ fn sigkill_during_the_stop_leaves_no_breakpoint_and_no_file() {
         }
         signal(&child, libc::SIGKILL);
         child.wait().unwrap();
-        // Removing probes takes the kernel seconds; wait for it, with a
-        // generous bound (leaked probes are never removed).
-        let waiting = Instant::now();
-        let mut patched = patched_code(fixture.pid(), &fixture.path);
-        while !patched.is_empty() && waiting.elapsed() < Duration::from_secs(60) {
-            std::thread::sleep(Duration::from_millis(200));
-            patched = patched_code(fixture.pid(), &fixture.path);
-        }
+        let patched = patched_after_removal(&fixture);
         if !patched.is_empty() {
             let int3 = patched.iter().filter(|(_, byte)| *byte == 0xcc).count();
             failures.push(format!(
@@ -164,7 +157,9 @@ fn sigkill_of_the_tracer_and_its_detacher_leaves_no_breakpoint() {
     // Not 0 ms: a child killed the instant it is forked, before the tracer
     // dropped its references, is the documented window that can still leak
     // (seen once here: the tracer's own drop became the last one, slow and
-    // killable).
+    // killable). The tracer now forks another child when it finds the first
+    // gone right before its drop (`Detacher::fork_live`), which narrows that
+    // window to the drop itself.
     for delay_ms in [200u64, 1000] {
         let dir = scratch_dir(&format!("killed-both-{delay_ms}"));
         let mut child = start_tracing(&fixture, &dir.join("trace.json"));
@@ -183,12 +178,7 @@ fn sigkill_of_the_tracer_and_its_detacher_leaves_no_breakpoint() {
         }
         signal(&child, libc::SIGKILL);
         child.wait().unwrap();
-        let waiting = Instant::now();
-        let mut patched = patched_code(fixture.pid(), &fixture.path);
-        while !patched.is_empty() && waiting.elapsed() < Duration::from_secs(60) {
-            std::thread::sleep(Duration::from_millis(200));
-            patched = patched_code(fixture.pid(), &fixture.path);
-        }
+        let patched = patched_after_removal(&fixture);
         if !patched.is_empty() {
             failures.push(format!(
                 "both killed {delay_ms} ms after SIGINT: {} bytes still differ",
@@ -197,6 +187,19 @@ fn sigkill_of_the_tracer_and_its_detacher_leaves_no_breakpoint() {
         }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// The target's code bytes that still differ from the file once the probes
+/// had time to go: removing them takes the kernel seconds, so this waits,
+/// with a generous bound (leaked probes are never removed).
+fn patched_after_removal(fixture: &Fixture) -> Vec<(u64, u8)> {
+    let waiting = Instant::now();
+    let mut patched = patched_code(fixture.pid(), &fixture.path);
+    while !patched.is_empty() && waiting.elapsed() < Duration::from_secs(60) {
+        std::thread::sleep(Duration::from_millis(200));
+        patched = patched_code(fixture.pid(), &fixture.path);
+    }
+    patched
 }
 
 /// The processes called `comm` whose parent is `parent`.

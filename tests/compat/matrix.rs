@@ -270,6 +270,9 @@ pub enum Feature {
     Samples,
     /// The `block_on` root future's polls on its thread.
     BlockOnRoot,
+    /// `watch --pid`: per-second health with each worker's busy share, and
+    /// CPU attributed to the spinning task's type, without a poll probe.
+    Watch,
 }
 
 pub const FEATURES: &[Feature] = &[
@@ -286,6 +289,7 @@ pub const FEATURES: &[Feature] = &[
     Feature::WaitsOn,
     Feature::Samples,
     Feature::BlockOnRoot,
+    Feature::Watch,
 ];
 
 impl Feature {
@@ -304,6 +308,7 @@ impl Feature {
             Feature::WaitsOn => "waits_on",
             Feature::Samples => "samples",
             Feature::BlockOnRoot => "block_on root",
+            Feature::Watch => "watch",
         }
     }
 
@@ -341,6 +346,13 @@ pub const GAPS: &[Gap] = &[
         applies: |cell| cell.flavour == Flavour::Current && !cell.version_at_least(17),
         why: "tokio < 1.17's current-thread scheduler (`basic_scheduler`) parks its driver from \
               inside `block_on`: it has no park function of its own to probe",
+    },
+    Gap {
+        feature: Feature::Watch,
+        applies: |cell| cell.flavour == Flavour::Current && !cell.version_at_least(17),
+        why: "the watch tier tells a worker by its park probe, and tokio < 1.17's current-thread \
+              scheduler has no park function to probe (see parks): its CPU is attributed to task \
+              types, but the thread has no busy share, hogs or blocking findings",
     },
     Gap {
         feature: Feature::BlockOnRoot,

@@ -11,8 +11,8 @@ use crate::image::Image;
 use crate::symbols::{FunctionSymbol, SymbolTable};
 use crate::unwind::UnwindTable;
 use crate::{
-    ProbePlan, ProbeSite, ReturnSite, SiteKind, TaskArg, catalog, disasm, dwarf, naming, placement,
-    return_sites, version,
+    PlanWarning, ProbePlan, ProbeSite, ReturnSite, SiteKind, TaskArg, WarningAbout, catalog,
+    disasm, dwarf, naming, placement, return_sites, version,
 };
 
 /// Larger than any executable we would trace (debug builds of big programs
@@ -90,7 +90,7 @@ pub fn discover(binary: &Path) -> anyhow::Result<ProbePlan> {
 
     let mut warnings = Vec::new();
     if park_groups.is_empty() {
-        warnings.push(format!(
+        warnings.push(PlanWarning::new(WarningAbout::Parks, format!(
             "no scheduler park function found (looked for: {}); polls will be traced but idle time will not",
             catalog::PARK_FAMILIES
                 .iter()
@@ -98,7 +98,7 @@ pub fn discover(binary: &Path) -> anyhow::Result<ProbePlan> {
                 .copied()
                 .collect::<Vec<_>>()
                 .join(", ")
-        ));
+        )));
     }
 
     let dwarf_names = if dwarf::has_debug_info(&file) {
@@ -143,7 +143,10 @@ pub fn discover(binary: &Path) -> anyhow::Result<ProbePlan> {
     for family in catalog::EVENT_FAMILIES {
         let functions = catalog::choose_event_functions(family, |path| symbols.has_path(path));
         if functions.is_empty() {
-            warnings.push(missing_event_warning(family));
+            warnings.push(PlanWarning::new(
+                WarningAbout::Events,
+                missing_event_warning(family),
+            ));
         }
         for function in functions {
             let groups = group_by_address(symbols.with_path(function.path));
@@ -170,7 +173,10 @@ pub fn discover(binary: &Path) -> anyhow::Result<ProbePlan> {
         });
     let task_id_layout = task_id_layout(tokio_version.as_deref());
     if tokio_version.is_none() {
-        warnings.push("tokio version unknown: task ids will not be read".to_string());
+        warnings.push(PlanWarning::new(
+            WarningAbout::TaskIds,
+            "tokio version unknown: task ids will not be read",
+        ));
     }
     let layout = tokio_version
         .as_deref()
@@ -182,36 +188,39 @@ pub fn discover(binary: &Path) -> anyhow::Result<ProbePlan> {
     };
     if !park_groups.is_empty() {
         for scheduler in schedulers_without_park(&sites, &symbols) {
-            warnings.push(format!(
+            warnings.push(PlanWarning::new(WarningAbout::Parks, format!(
                 "no park function of the {scheduler} scheduler found (tokio < 1.17's current-thread \
                  scheduler parks from inside block_on): its idle time will not be traced"
-            ));
+            )));
         }
     }
     sites.extend(crate::block_on::sites(&code, &poll_returns)?);
     let uncovered = uncovered_schedulers(&sites, &poll_returns, &symbols);
     let poll_end_uretprobes = poll_returns.is_empty() || !uncovered.is_empty();
     if poll_returns.is_empty() {
-        warnings.push(
+        warnings.push(PlanWarning::new(
+            WarningAbout::Polls,
             "no call of a task vtable's poll found (or the task header layout is unknown for \
-             this tokio version): poll ends are traced by return probes (~0.2 µs more a poll)"
-                .to_string(),
-        );
+             this tokio version): poll ends are traced by return probes (~0.2 µs more a poll)",
+        ));
     } else if !uncovered.is_empty() {
-        warnings.push(format!(
+        warnings.push(PlanWarning::new(WarningAbout::Polls, format!(
             "no call of a task vtable's poll found in {}'s code: poll ends are traced by return \
              probes as well (~0.2 µs more a poll)",
             uncovered.join(", ")
-        ));
+        )));
     }
     for site in poll_returns
         .iter()
         .filter(|site| site.cost == placement::Cost::SingleStep)
     {
-        warnings.push(format!(
-            "poll end probe after the call at {:#x} in {} single-steps `{}`: no emulated \
+        warnings.push(PlanWarning::new(
+            WarningAbout::Polls,
+            format!(
+                "poll end probe after the call at {:#x} in {} single-steps `{}`: no emulated \
              instruction right after the return is safe to probe",
-            site.call_address, site.function, site.instruction
+                site.call_address, site.function, site.instruction
+            ),
         ));
     }
 

@@ -240,7 +240,44 @@ pub struct ProbePlan {
     pub skipped: Vec<(ProbeSite, &'static str)>,
     /// Things the user should know that don't stop tracing (e.g. no park
     /// function found: polls are traced, idle time is not).
-    pub warnings: Vec<String>,
+    pub warnings: Vec<PlanWarning>,
+}
+
+/// Something the user should know that doesn't stop tracing: which probes
+/// it concerns (the watch tier uses only the park probes, so the others'
+/// warnings matter to it only when it escalates to the full probes), and
+/// the text for people.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PlanWarning {
+    pub about: WarningAbout,
+    pub text: String,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WarningAbout {
+    /// The park probes: idle time, and the watch tier's busy share and hogs.
+    Parks,
+    /// Poll probes: where poll ends are probed, and at what cost.
+    Polls,
+    /// Spawn, wake, end, unpark and await probes.
+    Events,
+    /// Task ids read from the task header.
+    TaskIds,
+}
+
+impl PlanWarning {
+    fn new(about: WarningAbout, text: impl Into<String>) -> Self {
+        PlanWarning {
+            about,
+            text: text.into(),
+        }
+    }
+}
+
+impl std::fmt::Display for PlanWarning {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.text)
+    }
 }
 
 /// One place `raw::poll` returns to, and the entry-style probe that marks

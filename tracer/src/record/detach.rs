@@ -24,10 +24,14 @@
 //! page writes. If the tracer is killed first, its end of the pipe closes
 //! all the same. The child ignores SIGINT/SIGTERM/SIGHUP and has a session
 //! of its own (a second Ctrl-C or `timeout` signalling the process group
-//! doesn't reach it); a SIGKILL sent to it *before* the tracer dropped its
-//! references (a window of microseconds) is the one way left to leak, and
-//! the tracer waits for the child so that "the tool exited" still means "the
-//! probes are gone".
+//! doesn't reach it). A child killed *before* the tracer dropped its
+//! references would leave the tracer's drop as the last, interruptible one
+//! (seen once: a test killed the child the instant it appeared, then the
+//! tracer, and one breakpoint stayed): so the tracer checks the child is
+//! still there right before it drops its references, and forks another if
+//! not ([`Detacher::fork_live`]); what is left is the microseconds between
+//! that check and the drop. The tracer waits for the child so that "the tool
+//! exited" still means "the probes are gone".
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
@@ -41,9 +45,9 @@ pub struct Detacher {
 }
 
 impl Detacher {
-    /// Forks the child. Call when the probes should go, before dropping
-    /// them; then drop them and call [`release`](Self::release).
-    pub fn fork() -> Result<Detacher> {
+    /// Forks the child (see [`fork_live`](Self::fork_live)); then drop the
+    /// probes and call [`release`](Self::release).
+    fn fork() -> Result<Detacher> {
         let mut fds = [0; 2];
         // SAFETY: a valid array for two descriptors.
         if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
@@ -63,6 +67,28 @@ impl Detacher {
         }
         drop(wait_end);
         Ok(Detacher { pid, release })
+    }
+
+    /// Forks the child, and forks again while the child is found gone
+    /// (killed) right after: call it immediately before dropping the probes.
+    pub fn fork_live() -> Result<Detacher> {
+        const ATTEMPTS: usize = 3;
+        let mut detacher = Detacher::fork()?;
+        for _ in 1..ATTEMPTS {
+            if detacher.alive() {
+                break;
+            }
+            log::warn!("the process that removes the probes is gone; forking another");
+            detacher = Detacher::fork()?;
+        }
+        Ok(detacher)
+    }
+
+    /// Whether the child has not exited (reaps it if it has).
+    fn alive(&self) -> bool {
+        let mut status = 0;
+        // SAFETY: our own child; a valid out-pointer.
+        unsafe { libc::waitpid(self.pid, &mut status, libc::WNOHANG) == 0 }
     }
 
     /// Lets the child exit, removing whatever probes only it still holds;
@@ -115,5 +141,27 @@ unsafe fn child(wait_end: libc::c_int, release: libc::c_int) -> ! {
             }
         }
         libc::_exit(0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_child_lives_until_released_and_a_killed_one_is_seen() {
+        let detacher = Detacher::fork_live().expect("fork");
+        assert!(detacher.alive());
+        // SAFETY: our own child.
+        unsafe { libc::kill(detacher.pid, libc::SIGKILL) };
+        // The kill lands asynchronously: wait (boundedly) for the exit.
+        let gone = (0..1000).any(|_| {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+            !detacher.alive()
+        });
+        assert!(gone, "a killed child still counted as alive");
+        let detacher = Detacher::fork_live().expect("fork");
+        assert!(detacher.alive());
+        detacher.release();
     }
 }

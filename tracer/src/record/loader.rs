@@ -261,11 +261,7 @@ impl LoadedProbes {
     }
 
     fn take_ring(&mut self, name: &str) -> Result<RingBuf<MapData>> {
-        let map = self
-            .ebpf
-            .take_map(name)
-            .with_context(|| format!("the {name} map is missing"))?;
-        Ok(RingBuf::try_from(map)?)
+        take_map_as(&mut self.ebpf, name)
     }
 
     /// Events the eBPF side could not write because a ring buffer was full.
@@ -284,13 +280,7 @@ impl LoadedProbes {
 
     /// One counter, summed over CPUs.
     fn count(&self, counter: Counter) -> Result<u64> {
-        let name = maps::COUNTERS;
-        let map = self
-            .ebpf
-            .map(name)
-            .with_context(|| format!("the {name} map is missing"))?;
-        let counters: PerCpuArray<&MapData, u64> = PerCpuArray::try_from(map)?;
-        Ok(counters.get(&(counter as u32), 0)?.iter().sum())
+        count(&self.ebpf, counter)
     }
 
     /// How many probes are attached.
@@ -320,7 +310,7 @@ impl LoadedProbes {
     /// forked child's exit, which a kill of the tracer can't interrupt
     /// (see [`detach`](super::detach)); the handle waits for it.
     pub fn detach_in_background(mut self) -> std::thread::JoinHandle<()> {
-        match Detacher::fork() {
+        match Detacher::fork_live() {
             Ok(detacher) => {
                 // The child holds every probe too: dropping ours is instant.
                 self.drop_links();
@@ -554,6 +544,28 @@ fn sampler(ebpf: &mut Ebpf) -> Result<&mut PerfEvent> {
 
 fn program<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut UProbe> {
     program_as(ebpf, name, "a uprobe")
+}
+
+/// Map `name`, taken out of the object (once), as its map type `M`
+/// (`RingBuf`, `HashMap`…).
+pub(crate) fn take_map_as<M>(ebpf: &mut Ebpf, name: &str) -> Result<M>
+where
+    M: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
+{
+    let map = ebpf
+        .take_map(name)
+        .with_context(|| format!("the {name} map is missing"))?;
+    Ok(M::try_from(map)?)
+}
+
+/// One of the object's counters, summed over the CPUs.
+pub(crate) fn count(ebpf: &Ebpf, counter: Counter) -> Result<u64> {
+    let name = maps::COUNTERS;
+    let map = ebpf
+        .map(name)
+        .with_context(|| format!("the {name} map is missing"))?;
+    let counters: PerCpuArray<&MapData, u64> = PerCpuArray::try_from(map)?;
+    Ok(counters.get(&(counter as u32), 0)?.iter().sum())
 }
 
 /// Program `name` of the object as its program type `P` (`UProbe`,

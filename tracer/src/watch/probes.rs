@@ -10,7 +10,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, anyhow};
 use aya::{
     Btf, Ebpf, EbpfLoader,
-    maps::{Array, HashMap, MapData, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, MapData, RingBuf},
     programs::{
         BtfTracePoint, PerfEvent, UProbe,
         perf_event::{PerfEventConfig, PerfEventScope, SamplePolicy, SoftwareEvent},
@@ -22,8 +22,8 @@ use tracer_common::names::{globals, maps, programs};
 use tracer_probes::{ProbePlan, SiteKind};
 
 use crate::record::detach::Detacher;
-use crate::record::loader::program_as;
 use crate::record::loader::{EBPF_OBJECT, UNUSED_RING_BYTES, check_object};
+use crate::record::loader::{count, program_as, take_map_as};
 
 const PARK_START: &str = programs::WATCH_PARK_START;
 const SAMPLE: &str = programs::WATCH_SAMPLE;
@@ -145,29 +145,16 @@ impl WatchProbes {
     /// The futex words user space tells the switch program are park
     /// condvars (learnt from captures whose stack is in a park, see `Capture::in_park`).
     pub fn take_park_futex(&mut self) -> Result<HashMap<MapData, u64, u32>> {
-        let map = self
-            .ebpf
-            .take_map(maps::PARK_FUTEX)
-            .with_context(|| format!("the {} map is missing", maps::PARK_FUTEX))?;
-        Ok(HashMap::try_from(map)?)
+        take_map_as(&mut self.ebpf, maps::PARK_FUTEX)
     }
 
     pub fn take_ring(&mut self, name: &str) -> Result<RingBuf<MapData>> {
-        let map = self
-            .ebpf
-            .take_map(name)
-            .with_context(|| format!("the {name} map is missing"))?;
-        Ok(RingBuf::try_from(map)?)
+        take_map_as(&mut self.ebpf, name)
     }
 
     /// Records dropped because a watch ring buffer was full.
     pub fn lost(&self) -> Result<u64> {
-        let map = self
-            .ebpf
-            .map(maps::COUNTERS)
-            .with_context(|| format!("the {} map is missing", maps::COUNTERS))?;
-        let counters: PerCpuArray<&MapData, u64> = PerCpuArray::try_from(map)?;
-        Ok(counters.get(&(Counter::WatchLost as u32), 0)?.iter().sum())
+        count(&self.ebpf, Counter::WatchLost)
     }
 
     /// Each program's runs and average run time, when the kernel kept
@@ -198,7 +185,7 @@ impl WatchProbes {
     /// exit, where killing the tracer can't interrupt it and leak a
     /// breakpoint in the target; the handle waits for that child.
     pub fn detach_in_background(mut self) -> std::thread::JoinHandle<()> {
-        match Detacher::fork() {
+        match Detacher::fork_live() {
             Ok(detacher) => {
                 // The child holds every probe too: dropping ours is instant.
                 drop(self);

@@ -149,14 +149,18 @@ impl Report {
                 let e = effect(&r.samples, untraced, polls_per_op, r.load == Load::FlatOut);
                 let _ = write!(
                     row,
-                    "{:.3} | {} | {:.2} | {} | {:.0} | {:.1} |",
+                    "{:.3} | {} | {:.2} | {} | {} | {} |",
                     e.throughput_ratio,
                     spread(&r.samples, |s| s.p99_ns, ns),
                     e.p99_ratio,
                     e.added_wall_ns
                         .map_or("–".to_owned(), |v| format!("{v:.0}")),
-                    e.added_cpu_ns,
-                    polls_per_op,
+                    e.added_cpu_ns.map_or("–".to_owned(), |v| format!("{v:.0}")),
+                    if polls_per_op > 0.0 {
+                        format!("{polls_per_op:.1}")
+                    } else {
+                        "–".to_owned()
+                    },
                 );
             }
             let _ = writeln!(out, "{row}");

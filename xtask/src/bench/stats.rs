@@ -30,10 +30,11 @@ pub(super) struct Effect {
     pub throughput_ratio: f64,
     pub p99_ratio: f64,
     /// Extra wall time per poll (flat out only: at a fixed load the wall
-    /// time is the schedule's).
+    /// time is the schedule's; none when no condition counted the polls).
     pub added_wall_ns: Option<f64>,
-    /// Extra workload CPU time per poll.
-    pub added_cpu_ns: f64,
+    /// Extra workload CPU time per poll (none when no condition counted the
+    /// polls: a run of only `untraced` and `watch`, which has no poll probe).
+    pub added_cpu_ns: Option<f64>,
 }
 
 pub(super) fn effect(
@@ -50,8 +51,9 @@ pub(super) fn effect(
     Effect {
         throughput_ratio: med(traced, &throughput) / med(untraced, &throughput),
         p99_ratio: med(traced, &p99) / med(untraced, &p99),
-        added_wall_ns: flat_out.then(|| wall_per_op / polls_per_op * 1e9),
-        added_cpu_ns: (med(traced, &cpu_per_op) - med(untraced, &cpu_per_op)) / polls_per_op * 1e9,
+        added_wall_ns: (flat_out && polls_per_op > 0.0).then(|| wall_per_op / polls_per_op * 1e9),
+        added_cpu_ns: (polls_per_op > 0.0)
+            .then(|| (med(traced, &cpu_per_op) - med(untraced, &cpu_per_op)) / polls_per_op * 1e9),
     }
 }
 
@@ -104,7 +106,10 @@ mod tests {
         assert_eq!(e.p99_ratio, 1.0);
         // 1 ms more wall and CPU per op, 2 polls an op.
         assert!((e.added_wall_ns.unwrap() - 500_000.0).abs() < 1e-6);
-        assert!((e.added_cpu_ns - 500_000.0).abs() < 1e-6);
+        assert!((e.added_cpu_ns.unwrap() - 500_000.0).abs() < 1e-6);
         assert_eq!(effect(&traced, &untraced, 2.0, false).added_wall_ns, None);
+        // No condition counted polls: nothing per poll, rather than inf.
+        let e = effect(&traced, &untraced, 0.0, true);
+        assert_eq!((e.added_wall_ns, e.added_cpu_ns), (None, None));
     }
 }
