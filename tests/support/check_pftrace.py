@@ -29,6 +29,14 @@ invariants the Perfetto UI relies on are checked:
 - the process descriptor, and a thread descriptor for every thread track
   used, are present.
 
+Watch traces add: slices of categories "off_cpu" and "finding" on the
+worker's tracks (a finding's `callstack_iid` must be interned on its
+sequence; the output lists its frames as `args.callstack`), "health"
+instants on the process track whose nested annotations (`dict_entries`,
+`array_values`) become JSON objects and lists, counters, and samples with
+kernel frames (`args.kernel_frames` counts the frames in
+"[kernel.kallsyms]").
+
 Output (stdout): the trace in the shape of the tool's Chrome JSON trace, so
 the tests assert on both formats alike: {"traceEvents": [...], "metadata":
 {...}}, events sorted by time, times in microseconds from the trace start,
@@ -53,6 +61,39 @@ INCREMENTAL_STATE_CLEARED = 1
 # (tracer-timeline's perfetto::sequence::WAITS_ON_PREFIX).
 WAITS_ON_PREFIX = "waits on: "
 TASK_FRAME_MAPPING = "[tokio task]"
+# Kernel frames' module (tracer-timeline's watch::KERNEL_MODULE).
+KERNEL_MAPPING = "[kernel.kallsyms]"
+
+
+def plain_value(note):
+    """A debug annotation's value that is not interned: nested values
+    (`dict_entries`, `array_values`) become JSON objects and lists."""
+    if note.HasField("uint_value"):
+        return note.uint_value
+    if note.HasField("int_value"):
+        return note.int_value
+    if note.HasField("bool_value"):
+        return note.bool_value
+    if note.HasField("double_value"):
+        return note.double_value
+    if note.HasField("pointer_value"):
+        return hex(note.pointer_value)
+    if note.HasField("string_value"):
+        return note.string_value
+    if note.dict_entries:
+        return {entry.name: plain_value(entry) for entry in note.dict_entries}
+    if note.array_values:
+        return [plain_value(item) for item in note.array_values]
+    return None
+
+
+def callstack_frames(seq, iid, where, problems):
+    """The frames of interned callstack `iid` (outermost first), or None."""
+    stack = seq.tables["callstacks"].get(iid)
+    if stack is None:
+        problems.add(f"{where}: undefined callstack {iid}")
+        return None
+    return [seq.tables["frames"][fid] for fid in stack if fid in seq.tables["frames"]]
 
 
 class Problems(list):
@@ -268,9 +309,10 @@ def main(path):
             if frames and frames[0][3] == "/" + TASK_FRAME_MAPPING:
                 task_type = frames[0][0]
                 frames = frames[1:]
+            kernel = sum(1 for frame in frames if frame[3] == "/" + KERNEL_MAPPING)
             events.append({"ph": "i", "cat": "sample", "name": "sample", "pid": sample.pid,
                            "tid": sample.tid, "_ts": ts,
-                           "args": {"task_type": task_type,
+                           "args": {"task_type": task_type, "kernel_frames": kernel,
                                     "stack": [describe_frame(f, s, l) for f, s, l, _ in reversed(frames)]}})
 
         if not packet.HasField("track_event"):
@@ -323,19 +365,14 @@ def main(path):
                     if not value:
                         continue
                     args["waits_at"] = value[0]
-            elif note.HasField("uint_value"):
-                value = note.uint_value
-            elif note.HasField("int_value"):
-                value = note.int_value
-            elif note.HasField("bool_value"):
-                value = note.bool_value
-            elif note.HasField("pointer_value"):
-                value = hex(note.pointer_value)
-            elif note.HasField("string_value"):
-                value = note.string_value
             else:
-                value = None
+                value = plain_value(note)
             args[key] = value
+        if event.HasField("callstack_iid"):
+            # A watch finding's stack: innermost frame first, as "stack".
+            frames = callstack_frames(seq, event.callstack_iid, where, problems)
+            if frames is not None:
+                args["callstack"] = [describe_frame(f, s, l) for f, s, l, _ in reversed(frames)]
         # Trace processor reads the deprecated varint fields (the writer's,
         # 36 and 42) where the fixed64 ones are absent.
         # What the flow's ends belong to: the instant, or the slice (its
@@ -373,6 +410,14 @@ def main(path):
                            "_ts": start, "_dur": ts - start, "args": merged})
         elif kind == pb.TrackEvent.TYPE_INSTANT:
             if name == "rt-ebpf-trace":
+                # Objects and lists in the metadata are JSON text there
+                # ("findings", an incident's "watch"): back to JSON values.
+                for key, value in args.items():
+                    if isinstance(value, str) and value[:1] in ("{", "["):
+                        try:
+                            args[key] = json.loads(value)
+                        except ValueError:
+                            pass
                 metadata = args
                 continue
             category = categories[0] if categories else name

@@ -272,6 +272,8 @@ impl TraceSlice {
 /// trace's shape, so the tests assert on either format alike.
 pub struct Trace {
     pub json: Value,
+    /// Read from a Perfetto protobuf trace (not a Chrome JSON one).
+    perfetto: bool,
 }
 
 impl Trace {
@@ -279,7 +281,8 @@ impl Trace {
     /// here.
     pub fn load(path: &Path) -> Trace {
         let name = path.to_string_lossy();
-        let json = if name.ends_with(".json") {
+        let perfetto = !name.ends_with(".json");
+        let json = if !perfetto {
             let text = std::fs::read_to_string(path)
                 .unwrap_or_else(|err| panic!("read trace {}: {err}", path.display()));
             serde_json::from_str(&text)
@@ -292,7 +295,20 @@ impl Trace {
             json["metadata"].is_object(),
             "no metadata: the trace was not finalized"
         );
-        Trace { json }
+        Trace { json, perfetto }
+    }
+
+    /// Whether the file was a Perfetto protobuf trace.
+    pub fn is_perfetto(&self) -> bool {
+        self.perfetto
+    }
+
+    /// CPU samples ("i" events of category "sample").
+    pub fn samples(&self) -> Vec<&Value> {
+        self.events()
+            .iter()
+            .filter(|e| e["ph"] == "i" && e["cat"] == "sample")
+            .collect()
     }
 
     /// Flow arrows: starts ("s" events; each has its end, checked on load

@@ -34,6 +34,7 @@ use crate::chrome::ChromeTraceWriter;
 use crate::output::{
     Sample, Slice, SliceKind, Spawn, TaskEnd, TimelineOutput, Unpark, Wake, Waker,
 };
+use crate::watch::WatchOutput;
 use crate::writer::{TraceInfo, TraceWriter};
 
 /// Category and name of every flow arrow: Perfetto matches "s" and "f" by
@@ -191,6 +192,41 @@ impl<'a, W: Write> JsonWriter<'a, W> {
             .instant(self.info.pid, sample.tid, "sample", "sample", ts, &args)
     }
 
+    /// The watch tier's outputs: spans as "X" events (categories
+    /// `off_cpu`, `finding`) when they close, findings during an
+    /// incident's detail as instants, health as an instant on the process
+    /// track (`tid` = pid) with the record as its args, and counters.
+    fn write_watch(&mut self, output: &WatchOutput) -> Result<()> {
+        let pid = self.info.pid;
+        match output {
+            WatchOutput::SpanStart { .. } => Ok(()),
+            WatchOutput::Span(span) => {
+                let (name, category) = span.kind.name_and_category();
+                let start = self.relative(span.start_ns);
+                let duration = span.end_ns.saturating_sub(span.start_ns);
+                let args = span.kind.args(span.clipped);
+                self.writer
+                    .complete(pid, span.tid, &name, category, start, duration, &args)
+            }
+            WatchOutput::FindingMark(finding) => {
+                let ts = self.relative(finding.start_ns);
+                let (tid, name) = (finding.tid, finding.name());
+                self.writer
+                    .instant(pid, tid, &name, "finding", ts, &finding.args())
+            }
+            WatchOutput::Health(health) => {
+                let ts = self.relative(health.end_ns);
+                self.writer
+                    .instant(pid, pid, "health", "health", ts, &health.args())?;
+                for (counter, series, value) in health.counters() {
+                    let series = if series.is_empty() { "value" } else { &series };
+                    self.writer.counter(pid, counter, series, ts, value)?;
+                }
+                Ok(())
+            }
+        }
+    }
+
     fn relative(&self, ts_ns: u64) -> u64 {
         ts_ns.saturating_sub(self.info.start_ns)
     }
@@ -228,6 +264,7 @@ impl<W: Write> TraceWriter for JsonWriter<'_, W> {
                     .counter(self.info.pid, name, series, ts, sample.value)
             }
             TimelineOutput::Sample(sample) => self.write_sample(sample),
+            TimelineOutput::Watch(watch) => self.write_watch(watch),
         }
     }
 

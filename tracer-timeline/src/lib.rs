@@ -9,6 +9,8 @@
 //! - [`writer`] is the one interface to a file format; [`perfetto`] writes
 //!   Perfetto's native protobuf (the default), [`json`] Chrome JSON through
 //!   [`chrome`]. [`symbols`] holds the symbolized stacks they look up.
+//! - [`watch`] composes the watch tier's kept window (off-CPU spans,
+//!   findings, health, samples) into the same outputs.
 //! - [`task_types`] names task types by probe site.
 //! - [`summary`] renders the short text report printed when recording ends;
 //!   [`findings`] decides what it flags (HOG, IMBALANCE) as typed values;
@@ -34,6 +36,7 @@ mod test_util;
 pub mod timeline;
 pub mod units;
 mod waits_summary;
+pub mod watch;
 pub mod writer;
 
 /// The hash map for maps looked up per event (task ids, tids, interned

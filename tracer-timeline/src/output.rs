@@ -38,6 +38,9 @@ pub enum TimelineOutput {
     Counter(CounterSample),
     /// A CPU sample, with the task it hit.
     Sample(Sample),
+    /// What the watch tier keeps (off-CPU spans, findings, health; see
+    /// [`crate::watch`]). Boxed: outputs stay 56 bytes.
+    Watch(Box<crate::watch::WatchOutput>),
 }
 
 #[derive(Clone, Debug, PartialEq)]

@@ -60,10 +60,10 @@ pub struct WatchArgs {
     #[arg(short, long)]
     pub pid: u32,
 
-    /// Where the kept window is written at exit (Chrome JSON: the name must
-    /// end in `.json` or `.json.gz`). On SIGUSR1 it goes to FILE with
-    /// `.usr1-N` before the extension.
-    #[arg(short, long, default_value = "watch.json")]
+    /// Where the kept window is written at exit: Perfetto protobuf, or
+    /// Chrome JSON for a name ending in `.json` (gzipped for `.gz`). On
+    /// SIGUSR1 it goes to FILE with `.usr1-N` before the extension.
+    #[arg(short, long, default_value = "watch.pftrace")]
     pub output: PathBuf,
 
     /// Stop after this long; otherwise on Ctrl-C, SIGTERM, or the target's exit.
@@ -101,10 +101,10 @@ pub struct WatchArgs {
     pub quiet: bool,
 
     /// Escalation: on a trigger, attach the full probes for this long and
-    /// write the full detail as a Perfetto trace (FILE's stem with
-    /// `.incident-N.pftrace`) and the kept window before it (with
-    /// `.incident-N.window.json`). SIGUSR1 is then a trigger too. Default 5s
-    /// when --on-hog or --on-blocking is given.
+    /// write one incident trace (FILE's stem with `.incident-N.pftrace`, or
+    /// `.json` for a JSON FILE): the kept window before the trigger, then
+    /// the full detail. SIGUSR1 is then a trigger too. Default 5s when
+    /// --on-hog or --on-blocking is given.
     #[arg(long, value_parser = parse_duration)]
     pub detail: Option<Duration>,
 

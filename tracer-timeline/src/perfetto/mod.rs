@@ -58,7 +58,8 @@
 //!
 //! Code: this module frames packets, keeps the sequences and thread tracks
 //! and writes counters and samples; `events` encodes the thread tracks'
-//! slices and instants, `metadata` the trace's last packets, `samples`
+//! slices and instants, `watch` the watch tier's spans, findings and
+//! health, `metadata` the trace's last packets, `samples`
 //! the interned callstacks, `sequence` the per-sequence interning and
 //! clock, `proto` the field numbers and encoder.
 
@@ -68,6 +69,7 @@ mod metadata;
 mod proto;
 mod samples;
 mod sequence;
+mod watch;
 
 use std::collections::HashMap;
 use std::io::Write;
@@ -115,11 +117,15 @@ pub struct PerfettoWriter<'a, W: Write> {
     flows: flows::Flows,
     /// What the sample sequence has interned of the stacks.
     callstacks: Callstacks,
+    /// The watch tier's counter tracks, by name.
+    watch_counters: HashMap<String, u64>,
     packets: u64,
 }
 
 struct ThreadTrack {
     sequence: Sequence,
+    /// Callstacks interned on this thread's sequence (a watch finding's).
+    callstacks: Option<Box<Callstacks>>,
 }
 
 impl<'a, W: Write> PerfettoWriter<'a, W> {
@@ -139,6 +145,7 @@ impl<'a, W: Write> PerfettoWriter<'a, W> {
             counters_described: [false; 3],
             flows: flows::Flows::default(),
             callstacks: Callstacks::default(),
+            watch_counters: HashMap::new(),
             packets: 0,
         };
         let mut main = std::mem::take(&mut writer.main);
@@ -247,7 +254,10 @@ impl<'a, W: Write> PerfettoWriter<'a, W> {
         let mut sequence = Sequence::new(self.next_sequence, self.info.start_ns);
         self.next_sequence += 1;
         self.start_sequence(&mut sequence, Some(THREAD_UUID_BASE + tid as u64), false)?;
-        let mut thread = Box::new(ThreadTrack { sequence });
+        let mut thread = Box::new(ThreadTrack {
+            sequence,
+            callstacks: None,
+        });
         match name {
             Some(name) => self.describe_thread(&mut thread, tid, &name.name, name.sort_index)?,
             None => self.describe_thread(&mut thread, tid, &format!("thread {tid}"), u32::MAX)?,
@@ -381,6 +391,7 @@ impl<W: Write> TraceWriter for PerfettoWriter<'_, W> {
             TimelineOutput::Unpark(unpark) => self.unpark(unpark),
             TimelineOutput::Counter(sample) => self.counter(sample),
             TimelineOutput::Sample(sample) => self.sample(sample),
+            TimelineOutput::Watch(watch) => self.watch(watch),
         }
     }
 

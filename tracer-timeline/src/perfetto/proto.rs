@@ -12,6 +12,7 @@
 
 /// Protobuf wire types.
 const VARINT: u8 = 0;
+const I64: u8 = 1;
 const LEN: u8 = 2;
 
 /// `trace.proto`: `Trace`.
@@ -91,6 +92,9 @@ pub mod event {
     pub const NAME_IID: u32 = 10;
     pub const TRACK_UUID: u32 = 11;
     pub const COUNTER_VALUE: u32 = 30;
+    /// An interned `Callstack` of the slice or instant (a watch finding's
+    /// stack); trace processor's `ParseCallstack` reads it.
+    pub const CALLSTACK_IID: u32 = 56;
     /// An interned `SourceLocation`: trace processor turns it into the
     /// slice's `source.function_name` (and `source.file_name`,
     /// `source.line_number`) args (`AddSourceLocationArgs`,
@@ -118,7 +122,13 @@ pub mod annotation {
     pub const BOOL_VALUE: u32 = 2;
     pub const UINT_VALUE: u32 = 3;
     pub const INT_VALUE: u32 = 4;
+    pub const DOUBLE_VALUE: u32 = 5;
+    pub const STRING_VALUE: u32 = 6;
     pub const POINTER_VALUE: u32 = 7;
+    /// The name of a nested entry (`dict_entries`), not interned.
+    pub const NAME: u32 = 10;
+    pub const DICT_ENTRIES: u32 = 11;
+    pub const ARRAY_VALUES: u32 = 12;
     pub const STRING_VALUE_IID: u32 = 17;
 }
 
@@ -201,6 +211,12 @@ impl Encoder {
     /// An `int64`/`int32` field (negative values take ten bytes).
     pub fn int(&mut self, field: u32, value: i64) {
         self.varint(field, value as u64);
+    }
+
+    /// A `double` field.
+    pub fn double(&mut self, field: u32, value: f64) {
+        self.tag(field, I64);
+        self.buf.extend_from_slice(&value.to_le_bytes());
     }
 
     pub fn bool(&mut self, field: u32, value: bool) {

@@ -50,9 +50,14 @@ pub enum Category {
     TaskEnd,
     Unpark,
     Tracer,
+    Finding,
+    OffCpu,
+    Health,
 }
 
-const CATEGORIES: [&str; 5] = ["blocking", "spawn", "task_end", "unpark", "tracer"];
+const CATEGORIES: [&str; 8] = [
+    "blocking", "spawn", "task_end", "unpark", "tracer", "finding", "off_cpu", "health",
+];
 
 /// Debug annotation names with fixed iids.
 #[derive(Clone, Copy)]
@@ -152,6 +157,8 @@ pub struct Sequence {
     /// task's site, which names it): the interned `await_stack`.
     awaits: FastMap<(u32, u32), u64>,
     notes: FastMap<String, u64>,
+    /// Other event names (the watch tier's), by text.
+    names: FastMap<String, u64>,
 }
 
 impl Sequence {
@@ -329,6 +336,18 @@ impl Sequence {
         Some(stack)
     }
 
+    /// An event name iid for `text` (not one of the fixed ones).
+    pub fn event_name(&mut self, i: &mut Encoder, text: &str) -> u64 {
+        if let Some(&iid) = self.names.get(text) {
+            return iid;
+        }
+        let iid = self.next_name;
+        self.next_name += 1;
+        self.names.insert(text.to_owned(), iid);
+        entry(i, interned::EVENT_NAMES, iid, text);
+        iid
+    }
+
     /// A `debug_annotation_string_values` iid for `text`.
     pub fn string_value(&mut self, i: &mut Encoder, text: &str) -> u64 {
         if let Some(&iid) = self.strings.get(text) {
@@ -372,7 +391,8 @@ mod tests {
         assert_eq!(name(Name::WakeByTask.iid()), "wake (task)");
         assert_eq!(NAMES.len() as u64, Name::WakeByTask.iid());
         assert_eq!(CATEGORIES[Category::Tracer.iid() as usize - 1], "tracer");
-        assert_eq!(CATEGORIES.len() as u64, Category::Tracer.iid());
+        assert_eq!(CATEGORIES[Category::Health.iid() as usize - 1], "health");
+        assert_eq!(CATEGORIES.len() as u64, Category::Health.iid());
         let note = |iid: u64| NOTES[iid as usize - 1];
         assert_eq!(note(Note::TaskId.iid()), "task_id");
         assert_eq!(note(Note::EndLost.iid()), "end_lost");

@@ -259,6 +259,7 @@ pub async fn record(options: RecordOptions) -> Result<Outcome> {
         counters: &counters,
         recording_cpu_ns,
         folded: folded_file.as_mut().map(|folded| &mut folded.file),
+        window: None,
     };
     let mut summary = render(input, recording, &mut trace_files)?;
     let mut also_written = Vec::new();

@@ -6,7 +6,7 @@
 //! trace says; the writer (Perfetto protobuf or Chrome JSON, by the file's
 //! name) only how.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::io::{IsTerminal, Write};
 use std::time::Instant;
 
@@ -18,6 +18,7 @@ use tracer_timeline::output::TimelineOutput;
 use tracer_timeline::summary::{SchedulerSummary, Summary, TracerCost, WorkerSummary};
 use tracer_timeline::task_types::{TaskName, TaskTypes};
 use tracer_timeline::timeline::Timeline;
+use tracer_timeline::watch::{WatchWindow, output_ts};
 use tracer_timeline::writer::TraceInfo;
 
 use super::drain::Recording;
@@ -40,6 +41,10 @@ pub struct RenderInput<'a> {
     pub recording_cpu_ns: u64,
     /// Where to write the samples as folded stacks, if anywhere.
     pub folded: Option<&'a mut std::fs::File>,
+    /// A watch window to write first, in the same trace (an incident):
+    /// its outputs, then the recording's with the window's tail
+    /// interleaved by time; its metadata under `watch`.
+    pub window: Option<WatchWindow>,
 }
 
 /// Writes the whole trace of `recording` into each of `files` (not
@@ -63,12 +68,19 @@ pub fn render(
         malformed,
     } = recording;
     let (await_captures, empty_captures) = (stacks.await_captures, stacks.empty_captures);
-    let (symbols, symbolize_prepare_cpu_ns) = stacks.symbolize();
+    let (mut symbols, symbolize_prepare_cpu_ns) = stacks.symbolize();
     let symbolize_cpu_ns = process_cpu_ns().saturating_sub(render_cpu_start);
+    let mut window = input.window;
+    if let Some(window) = &mut window {
+        window.adopt_stacks(&mut symbols);
+    }
     let info = TraceInfo {
         pid: input.pid,
         process_name: input.process_name.clone(),
-        start_ns: input.start_ns,
+        // One time base for a window before the recording.
+        start_ns: window
+            .as_ref()
+            .map_or(input.start_ns, |w| w.start_ns.min(input.start_ns)),
         types: task_types(input.plan),
         symbols,
     };
@@ -81,6 +93,21 @@ pub fn render(
         .iter_mut()
         .map(|file| file.format().writer(file, &info))
         .collect::<Result<Vec<_>>>()?;
+    // A watch window first (an incident): its samples are its own, not
+    // counted as the recording's.
+    let (window_metadata, mut tail) = match window {
+        Some(WatchWindow {
+            composed, metadata, ..
+        }) => {
+            for output in &composed.outputs {
+                for writer in &mut writers {
+                    writer.write(output)?;
+                }
+            }
+            (Some(metadata), composed.tail)
+        }
+        None => (None, VecDeque::new()),
+    };
     let mut timeline =
         Timeline::with_task_types(info.types.clone()).with_thread_comms(thread_comms);
     let mut progress = Progress::new(events.remaining());
@@ -104,6 +131,13 @@ pub fn render(
     let mut samples = samples.into_iter().peekable();
     for event in events {
         let event = event?;
+        // The window's findings and health records made meanwhile.
+        while tail
+            .front()
+            .is_some_and(|output| output_ts(output).is_some_and(|ts| ts < event.ts_ns))
+        {
+            outputs.extend(tail.pop_front());
+        }
         // A sample sees the tasks polled before it, as it did live.
         while let Some(sample) = samples.next_if(|sample| sample.ts_ns < event.ts_ns) {
             timeline.push_sample(
@@ -128,6 +162,7 @@ pub fn render(
             &mut outputs,
         );
     }
+    outputs.extend(tail);
     timeline.finish(input.end_ns, &mut outputs);
     write_outputs(&mut outputs)?;
     progress.finish();
@@ -169,7 +204,7 @@ pub fn render(
     // Findings are decided once, by the summary; the trace carries them too.
     let findings: Vec<serde_json::Value> =
         summary.findings().iter().map(Finding::to_json).collect();
-    let metadata = json!({
+    let mut metadata = json!({
         "tracer": concat!("rt-ebpf-trace ", env!("CARGO_PKG_VERSION")),
         "target_pid": input.pid,
         "binary": input.plan.binary.display().to_string(),
@@ -192,6 +227,9 @@ pub fn render(
         "stack_captures_without_stack": empty_captures,
         "findings": findings,
     });
+    if let Some(window) = window_metadata {
+        metadata["watch"] = window;
+    }
     // The same figures for people reading `-v`, whatever the trace's
     // format (programs read `--summary-json`).
     log::info!("trace metadata: {metadata}");
@@ -207,7 +245,7 @@ pub fn render(
 
 /// The task type of each probe site, by site index (the cookie the eBPF side
 /// reports); unnamed poll sites are called after their address.
-fn task_types(plan: &ProbePlan) -> TaskTypes {
+pub(crate) fn task_types(plan: &ProbePlan) -> TaskTypes {
     let names = plan
         .sites
         .iter()

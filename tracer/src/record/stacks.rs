@@ -302,7 +302,7 @@ impl StackTable {
     }
 }
 
-fn symbol_frame(frame: Frame) -> SymbolFrame {
+pub(crate) fn symbol_frame(frame: Frame) -> SymbolFrame {
     SymbolFrame {
         address: frame.address,
         function: frame.function,

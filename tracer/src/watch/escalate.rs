@@ -1,6 +1,6 @@
 //! The watcher's side of escalation: which findings trigger an incident,
 //! and writing the incident trace (the kept window, then the detail window
-//! that [`incident`](super::incident) recorded).
+//! that [`incident`](super::incident) recorded, in one file).
 
 use std::time::Duration;
 
@@ -90,26 +90,20 @@ impl Watcher {
         Ok(())
     }
 
-    /// Writes the running incident's traces: the detail window (rendered
-    /// by [`incident`](super::incident)), and the kept window up to the
-    /// detail's start.
+    /// Writes the running incident's trace: the kept window up to the
+    /// detail's start, then the detail window (rendered by
+    /// [`incident`](super::incident)), in one file.
     pub(super) fn finish_incident(&mut self, process: &str, lost: u64) -> Result<()> {
-        let Some(escalation) = &mut self.escalation else {
+        let Some(detail_start) = self.escalation.as_ref().and_then(|e| e.detail_start()) else {
             return Ok(());
         };
-        let Some(detail) = &escalation.active else {
-            return Ok(());
-        };
-        let detail_start = detail.incident.start_ns;
         let end_ns = monotonic_ns();
         let window_start = self
             .recorder
             .span()
             .map_or(detail_start, |(first, _)| first.min(detail_start));
-        let Some((incident, events, window_output)) = escalation.finish(end_ns, process)? else {
-            return Ok(());
-        };
-        let reason = format!("incident {}", incident.number);
+        let number = self.escalation.as_ref().map_or(0, |e| e.incidents);
+        let reason = format!("incident {number}");
         let info = trace::WindowInfo {
             process,
             reason: &reason,
@@ -120,21 +114,25 @@ impl Watcher {
             malformed: self.malformed + self.reader.malformed,
             until_ns: Some(detail_start),
         };
-        trace::write_window(
-            window_output,
+        let window = trace::window(
             self.options.pid,
             &self.recorder,
             &mut self.names,
             &mut self.reader,
             &info,
-        )?;
+        );
+        let Some(escalation) = &mut self.escalation else {
+            return Ok(());
+        };
+        let Some((incident, events)) = escalation.finish(end_ns, process, window)? else {
+            return Ok(());
+        };
         println!(
-            "incident {}: wrote {} ({:.1} s of full detail, {events} events) and {} ({:.1} s kept before it)",
+            "incident {}: wrote {} ({:.1} s kept before it, then {:.1} s of full detail, {events} events)",
             incident.number,
             incident.path.display(),
-            (end_ns - detail_start) as f64 / 1e9,
-            incident.window_path.display(),
             (detail_start - window_start) as f64 / 1e9,
+            (end_ns - detail_start) as f64 / 1e9,
         );
         Ok(())
     }

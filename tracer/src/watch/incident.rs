@@ -1,12 +1,17 @@
 //! Escalation: on a trigger (`--on-hog`, `--on-blocking`, SIGUSR1), the
-//! full recording probes are attached for `--detail`, and two files are
-//! written per incident: the detail window (every poll, park, wake, await
-//! point), rendered like a recording (`render`, Perfetto protobuf:
-//! `FILE.incident-N.pftrace`), and the kept window up to the detail's start
-//! (watch data, findings included: `FILE.incident-N.window.json`), so the
-//! incident is seen from before it started. Both are checked
-//! ([`OutputFile::check`]) at the trigger, before anything is attached; a
-//! trigger whose files can't be written is reported and ignored.
+//! full recording probes are attached for `--detail`, and one trace is
+//! written per incident, `FILE.incident-N.pftrace` (`.json` when `-o` is
+//! JSON): the kept window up to the detail's start (watch data: samples,
+//! parks, off-CPU spans, findings — the one that set it off included —
+//! and health), then the detail window (every poll, park, wake, await
+//! point) rendered like a recording (`render`), by one writer from header
+//! to trailer, on the same tracks (a worker's thread is one track in both
+//! parts) and one time base, so the incident is seen from before it
+//! started. Findings and health records made during the detail window are
+//! interleaved with it by time. Both parts' metadata are in it (the
+//! window's under `watch`). The file is checked ([`OutputFile::check`]) at
+//! the trigger, before anything is attached; a trigger whose file can't be
+//! written is reported and ignored.
 //!
 //! Speed: the full probes' eBPF object is loaded ahead of time (30–200 ms
 //! here), so a trigger only attaches them (5–25 ms for ~30 probes) and
@@ -22,6 +27,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use aya::maps::{MapData, RingBuf};
 use tracer_probes::ProbePlan;
+use tracer_timeline::watch::WatchWindow;
 
 use crate::output_file::OutputFile;
 use crate::record::Mode;
@@ -47,16 +53,8 @@ pub struct Incident {
     pub trigger_ns: u64,
     /// When the full probes were recording.
     pub start_ns: u64,
-    /// The detail window's trace.
+    /// The incident's trace.
     pub path: PathBuf,
-    /// The kept window's trace.
-    pub window_path: PathBuf,
-}
-
-/// An incident's two files, checked at its trigger.
-struct Outputs {
-    detail: OutputFile,
-    window: OutputFile,
 }
 
 /// Full probes attached and recording.
@@ -76,7 +74,7 @@ pub struct Detail {
     ring: RingBuf<MapData>,
     stack_ring: RingBuf<MapData>,
     recorder: Recorder,
-    outputs: Outputs,
+    output: OutputFile,
 }
 
 pub struct Escalation {
@@ -90,7 +88,11 @@ pub struct Escalation {
     spare: Spare,
     pub active: Option<Detail>,
     /// An incident whose probes are being attached.
-    attaching: Option<(Incident, Outputs, std::thread::JoinHandle<Result<Attached>>)>,
+    attaching: Option<(
+        Incident,
+        OutputFile,
+        std::thread::JoinHandle<Result<Attached>>,
+    )>,
     pub incidents: u32,
     /// Triggers that came while an incident ran, or after the last one allowed.
     pub ignored: u32,
@@ -178,15 +180,10 @@ impl Escalation {
             }
         };
         let number = self.incidents + 1;
-        let path = super::numbered(&self.output, "incident", number, ".pftrace");
-        let window_path = super::numbered(&self.output, "incident", number, ".window.json");
-        let outputs = match OutputFile::check(&path).and_then(|detail| {
-            Ok(Outputs {
-                detail,
-                window: OutputFile::check(&window_path)?,
-            })
-        }) {
-            Ok(outputs) => outputs,
+        let extension = super::trace::trace_extension(&self.output);
+        let path = super::trace::numbered(&self.output, "incident", number, extension);
+        let output = match OutputFile::check(&path) {
+            Ok(output) => output,
             Err(err) => {
                 eprintln!("incident {number} not started: {err:#}");
                 self.spare = Spare::Loading(loading);
@@ -204,8 +201,10 @@ impl Escalation {
             probes
                 .attach(&plan, &exe, pid, Mode::Full.probe_set())
                 .context("attaching the full probes for an incident")?;
-            probes.set_enabled(true)?;
+            // Read before enabling: no detail event is older than the
+            // detail's start, where the incident trace's window part ends.
             let enabled_ns = crate::clock::monotonic_ns();
+            probes.set_enabled(true)?;
             let stack_ring = probes.take_stacks()?;
             let ring = probes.take_events()?;
             Ok(Attached {
@@ -223,9 +222,8 @@ impl Escalation {
                 trigger_ns,
                 start_ns: 0,
                 path,
-                window_path,
             },
-            outputs,
+            output,
             handle,
         ));
         Some(number)
@@ -241,7 +239,7 @@ impl Escalation {
         if !ready {
             return Ok(None);
         }
-        let (mut incident, outputs, handle) = self.attaching.take().expect("checked");
+        let (mut incident, output, handle) = self.attaching.take().expect("checked");
         let attached = match handle.join() {
             Ok(Ok(attached)) => attached,
             Ok(Err(err)) => {
@@ -254,7 +252,7 @@ impl Escalation {
             }
         };
         incident.start_ns = attached.enabled_ns;
-        let spill = SpillWriter::create_in(&outputs.detail.scratch_dir())?;
+        let spill = SpillWriter::create_in(&output.scratch_dir())?;
         self.active = Some(Detail {
             incident: incident.clone(),
             until: Instant::now() + self.detail_for,
@@ -262,7 +260,7 @@ impl Escalation {
             ring: attached.ring,
             stack_ring: attached.stack_ring,
             recorder: Recorder::new(self.pid, spill),
-            outputs,
+            output,
         });
         Ok(Some((incident, attached.took)))
     }
@@ -280,15 +278,21 @@ impl Escalation {
         Ok((started, at_exit || Instant::now() >= detail.until))
     }
 
+    /// When the running incident's detail recording started, if one runs.
+    pub fn detail_start(&self) -> Option<u64> {
+        self.active.as_ref().map(|detail| detail.incident.start_ns)
+    }
+
     /// Ends the detail window: recording stops at once, the probes are
-    /// removed in the background, and the detail trace is rendered and
-    /// published. Returns the incident, the events recorded, and the
-    /// output the caller writes the kept window into.
+    /// removed in the background, and the incident's trace (`window`, then
+    /// the detail recording) is rendered and published. Returns the
+    /// incident and the events recorded.
     pub fn finish(
         &mut self,
         end_ns: u64,
         process_name: &str,
-    ) -> Result<Option<(Incident, u64, OutputFile)>> {
+        window: WatchWindow,
+    ) -> Result<Option<(Incident, u64)>> {
         let Some(detail) = self.active.take() else {
             return Ok(None);
         };
@@ -298,7 +302,7 @@ impl Escalation {
             mut ring,
             mut stack_ring,
             mut recorder,
-            outputs,
+            output,
             ..
         } = detail;
         probes.set_enabled(false)?;
@@ -320,7 +324,7 @@ impl Escalation {
         }));
         self.load_spare();
         let recording = recorder.finish()?;
-        let mut file = TraceFile::create(outputs.detail)?;
+        let mut file = TraceFile::create(output)?;
         let input = RenderInput {
             plan: &self.plan,
             pid: self.pid,
@@ -330,10 +334,11 @@ impl Escalation {
             counters: &counters,
             recording_cpu_ns: 0,
             folded: None,
+            window: Some(window),
         };
         render(input, recording, std::slice::from_mut(&mut file))?;
         file.finish()?;
-        Ok(Some((incident, events, outputs.window)))
+        Ok(Some((incident, events)))
     }
 
     /// Waits for the probe removals still running (at exit).

@@ -30,6 +30,9 @@ pub struct FindingRecord {
     pub reason: String,
     pub user_stack: Vec<String>,
     pub kernel_stack: Vec<String>,
+    /// The stacks it was named from (a blocking switch's, a hog's last
+    /// sample), for the trace's callstack.
+    pub capture: Option<Box<Capture>>,
 }
 
 #[derive(Clone, Debug)]
@@ -43,6 +46,8 @@ pub enum Kept {
         tid: u32,
         duration_ns: u64,
         preempted: bool,
+        /// `prev_state` at the switch (0 when preempted).
+        state: u32,
     },
     Finding(Box<FindingRecord>),
     Health(Box<Health>),
@@ -68,6 +73,7 @@ impl Item {
                         .chain(&finding.kernel_stack)
                         .map(|frame| frame.capacity() + std::mem::size_of::<String>())
                         .sum::<usize>()
+                    + finding.capture.as_ref().map_or(0, |c| c.heap_bytes())
             }
             Kept::Health(health) => {
                 std::mem::size_of::<Health>()

@@ -21,8 +21,13 @@
 //!
 //! From these, [`detect`] makes findings (BLOCKING, HOG) and per-second
 //! health; [`report`] prints them; [`keep`] keeps the last `--keep` in a
-//! bounded memory; [`trace`] writes that window on SIGUSR1 and at exit.
-//! Measured costs are in BENCHMARKS.md and NOTES.md.
+//! bounded memory; [`trace`] writes that window on SIGUSR1 and at exit,
+//! through the timeline's writers (`tracer_timeline::watch` composes it):
+//! native Perfetto by default (`watch.pftrace`: callstack samples with
+//! kernel frames, findings with their callstacks, health counters), Chrome
+//! JSON for `-o x.json`. An escalation ([`incident`]) writes one trace per
+//! incident: the kept window, then the full-detail recording, on the same
+//! tracks. Measured costs are in BENCHMARKS.md and NOTES.md.
 
 pub mod detect;
 mod escalate;
@@ -36,7 +41,7 @@ pub mod stacks;
 pub mod trace;
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
@@ -132,6 +137,8 @@ impl Record {
 struct Watcher {
     options: WatchOptions,
     names: Names,
+    /// The task types by probe site, for the traces.
+    types: tracer_timeline::task_types::TaskTypes,
     reader: StackReader,
     detector: Detector,
     recorder: FlightRecorder,
@@ -161,7 +168,6 @@ pub async fn watch(options: WatchOptions) -> Result<WatchOutcome> {
 
     // Checked before anything is attached; written at exit.
     let exit_output = OutputFile::check(&options.output)?;
-    trace::check_format(&exit_output)?;
     let target = Target::existing(options.pid)?;
     let plan = tracer_probes::discover(&target.exe)
         .with_context(|| format!("process {} ({})", target.pid, target.name))?;
@@ -235,6 +241,7 @@ pub async fn watch(options: WatchOptions) -> Result<WatchOutcome> {
     let start_ns = monotonic_ns();
     let mut watcher = Watcher {
         names: Names::new(target.pid, &plan),
+        types: crate::record::sink::task_types(&plan),
         reader,
         detector: Detector::new(
             Thresholds {
@@ -276,7 +283,8 @@ pub async fn watch(options: WatchOptions) -> Result<WatchOutcome> {
                     continue;
                 }
                 usr1_count += 1;
-                let path = numbered(&watcher.options.output, "usr1", usr1_count, ".json");
+                let output = &watcher.options.output;
+                let path = trace::numbered(output, "usr1", usr1_count, trace::trace_extension(output));
                 let lost = probes.lost().unwrap_or(0);
                 let written = OutputFile::check(&path)
                     .and_then(|output| watcher.write(output, &process, "SIGUSR1", lost));
@@ -453,6 +461,7 @@ impl Watcher {
                             tid: event.tid,
                             duration_ns: event.duration_ns,
                             preempted,
+                            state: if preempted { 0 } else { event.site_or_state },
                         },
                     );
                     self.detector.off_cpu(
@@ -530,7 +539,7 @@ impl Watcher {
         };
         trace::write_window(
             output,
-            self.options.pid,
+            &self.types,
             &self.recorder,
             &mut self.names,
             &mut self.reader,
@@ -543,45 +552,5 @@ impl Watcher {
     fn window(&self) -> String {
         let (first, last) = self.recorder.span().unwrap_or((0, 0));
         format!("{:.1} s", (last - first) as f64 / 1e9)
-    }
-}
-
-/// `watch.json` → `watch.usr1-3.json` (`what` "usr1", `n` 3, `extension`
-/// ".json"); a `.gz` of the output stays at the end (`w.json.gz` →
-/// `w.usr1-3.json.gz`).
-fn numbered(path: &Path, what: &str, n: u32, extension: &str) -> PathBuf {
-    let name = path
-        .file_name()
-        .map(|s| s.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let (name, gz) = match name.strip_suffix(".gz") {
-        Some(name) => (name.to_owned(), ".gz"),
-        None => (name, ""),
-    };
-    let stem = match name.rfind('.') {
-        Some(dot) if dot > 0 => &name[..dot],
-        _ => name.as_str(),
-    };
-    path.with_file_name(format!("{stem}.{what}-{n}{extension}{gz}"))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn usr1_traces_are_numbered_next_to_the_output() {
-        assert_eq!(
-            numbered(Path::new("/tmp/w.json"), "usr1", 2, ".json"),
-            PathBuf::from("/tmp/w.usr1-2.json")
-        );
-        assert_eq!(
-            numbered(Path::new("w.json.gz"), "usr1", 1, ".json"),
-            PathBuf::from("w.usr1-1.json.gz")
-        );
-        assert_eq!(
-            numbered(Path::new("d/w.json"), "incident", 1, ".pftrace"),
-            PathBuf::from("d/w.incident-1.pftrace")
-        );
     }
 }

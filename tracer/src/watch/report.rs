@@ -36,6 +36,11 @@ impl Names {
         }
     }
 
+    /// The watched process.
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
     pub fn task(&self, site: Site) -> String {
         match site {
             Some(site) => self
@@ -110,6 +115,7 @@ pub fn describe_blocking(
         reason: format!("blocked ({})", sleep_state(blocking.state)),
         user_stack,
         kernel_stack,
+        capture: blocking.capture.clone().map(Box::new),
     }
 }
 
@@ -139,6 +145,7 @@ pub fn describe_hog(hog: &Hog, names: &mut Names, reader: &mut StackReader) -> F
         reason: "on CPU across consecutive samples (a lower bound)".to_string(),
         user_stack,
         kernel_stack,
+        capture: Some(Box::new(hog.capture.clone())),
     }
 }
 

@@ -14,7 +14,11 @@ use tracer_common::STACK_BYTES_MAX;
 use tracer_common::watch::{WATCH_STACK_HEADER_SIZE, WatchStackHeader, WatchStackKind};
 use tracer_symbolize::{CapturedStack, Mapping, ProcessMaps, Symbolizer, Unwinder};
 
+use tracer_timeline::symbols::SymbolFrame;
+use tracer_timeline::watch::KERNEL_MODULE;
+
 use super::kernel::{KernelSymbols, is_machinery};
+use crate::record::stacks::symbol_frame;
 
 /// One unwound capture.
 #[derive(Clone, Debug)]
@@ -249,6 +253,40 @@ impl StackReader {
             }
         }
         names
+    }
+
+    /// The capture's whole stack, named, for a trace's callstack: the
+    /// kernel frames innermost first (module `[kernel.kallsyms]`; the
+    /// sampling and scheduling machinery at the top left out), then every
+    /// user frame, inlined functions included, down to the thread's start.
+    pub fn symbol_frames(&mut self, capture: &Capture) -> Vec<SymbolFrame> {
+        let kernel = self.kernel.get_or_insert_with(KernelSymbols::load);
+        let mut frames: Vec<SymbolFrame> = capture
+            .kernel
+            .iter()
+            .map(|&address| (address, kernel.name(address)))
+            .skip_while(|(_, name)| is_machinery(name))
+            .map(|(address, name)| SymbolFrame {
+                address,
+                function: Some(name.to_string()),
+                module: KERNEL_MODULE.to_string(),
+                ..SymbolFrame::default()
+            })
+            .collect();
+        if self.symbolizer.is_none() {
+            let maps = ProcessMaps::read(self.pid).unwrap_or_default();
+            self.symbolizer = Some(Symbolizer::new(&maps));
+        }
+        let symbolizer = self.symbolizer.as_mut().expect("made above");
+        for (depth, &address) in capture.user.iter().enumerate() {
+            frames.extend(
+                symbolizer
+                    .symbolize(address, depth > 0)
+                    .into_iter()
+                    .map(symbol_frame),
+            );
+        }
+        frames
     }
 
     /// Names the kernel frames, innermost first.

@@ -60,7 +60,9 @@ impl Tracer {
         workload: Workload,
         pid: u32,
     ) -> Result<Tracer> {
-        // The watch tier's kept window is Chrome JSON (`watch` refuses other names).
+        // The watch tier's figures are read from its window's metadata,
+        // plain JSON in a Chrome JSON trace (`watch` writes Perfetto by
+        // default, JSON for a `.json` name).
         let extension = if *condition == Condition::Watch {
             "json"
         } else {
