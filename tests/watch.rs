@@ -263,9 +263,16 @@ fn a_healthy_program_gets_no_findings() {
         counted > 100,
         "{counted} parks counted in the health records"
     );
-    for record in &health {
+    for (n, record) in health.iter().enumerate() {
         let workers = record["args"]["workers"].as_array().expect("workers");
-        assert_eq!(workers.len(), 2, "{record}");
+        // A worker is known from its first park, sleep or sample: on a
+        // loaded machine the first interval (under a second, from the
+        // attach) may end before one of them did any.
+        if n == 0 {
+            assert!((1..=2).contains(&workers.len()), "{record}");
+        } else {
+            assert_eq!(workers.len(), 2, "{record}");
+        }
         for worker in workers {
             let busy = worker["busy"].as_f64().expect("busy");
             assert!((0.0..=1.0).contains(&busy), "{record}");
