@@ -188,9 +188,13 @@ impl Symbolizer {
     /// at the same place: same path, inode, deleted or not, range and first
     /// mapping. Any other module is loaded here at its first use, as usual,
     /// so a changed mapping (an exec, a rebuilt library) cannot borrow the
-    /// wrong file's symbols. Returns how many modules were taken.
+    /// wrong file's symbols. The answers `prepared` cached for addresses in
+    /// the modules taken come along (looked up while recording, they are
+    /// what the stop would have looked up). Returns how many modules were
+    /// taken.
     pub fn adopt(&mut self, prepared: Symbolizer) -> usize {
         let mut taken = 0;
+        let mut cache = prepared.cache;
         for theirs in prepared.modules {
             let Some(Ok(symbols)) = theirs.loaded else {
                 continue;
@@ -206,6 +210,22 @@ impl Symbolizer {
             if let Some(ours) = self.modules.iter_mut().find(same) {
                 ours.loaded = Some(Ok(symbols));
                 taken += 1;
+                // Keyed by the address asked about; the module is the one
+                // the looked-up address (one byte back for a return) is in.
+                cache.retain(|&(address, is_return), frames| {
+                    let probe = if is_return {
+                        address.saturating_sub(1)
+                    } else {
+                        address
+                    };
+                    if !ours.avma_range.contains(&probe) {
+                        return true;
+                    }
+                    self.cache
+                        .entry((address, is_return))
+                        .or_insert_with(|| std::mem::take(frames));
+                    false
+                });
             }
         }
         taken

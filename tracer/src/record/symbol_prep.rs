@@ -35,6 +35,7 @@
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{Receiver, Sender, channel};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -50,8 +51,12 @@ const MAPPED_WAIT: Duration = Duration::from_secs(2);
 /// A preparing thread.
 pub struct SymbolPrep {
     thread: JoinHandle<Prepared>,
-    /// Tells the thread to stop waiting for the binary to be mapped.
+    /// Tells the thread to stop waiting for the binary to be mapped, and
+    /// to leave the addresses still queued to the stop.
     stopping: Arc<AtomicBool>,
+    /// New stacks' addresses (and whether each is a return address), for
+    /// the thread to look up once its modules are loaded.
+    addresses: Sender<Vec<(u64, bool)>>,
 }
 
 /// What the thread did.
@@ -60,8 +65,10 @@ struct Prepared {
     symbolizer: Option<Symbolizer>,
     /// The thread's own CPU time.
     cpu_ns: u64,
-    /// Wall time from start to end.
+    /// Wall time from its start to the modules loaded.
     took: Duration,
+    /// Addresses looked up while recording.
+    looked_up: u64,
 }
 
 /// What the stop gets from the preparing.
@@ -77,36 +84,47 @@ impl SymbolPrep {
         let stopping = Arc::new(AtomicBool::new(false));
         let exe = exe.to_path_buf();
         let flag = stopping.clone();
+        let (addresses, queued) = channel();
         let thread = std::thread::Builder::new()
             .name("symbol-prep".into())
-            .spawn(move || prepare(pid, &exe, &flag))
+            .spawn(move || prepare(pid, &exe, &flag, queued))
             .inspect_err(|err| log::info!("symbols not prepared while recording: {err}"))
             .ok()?;
-        Some(SymbolPrep { thread, stopping })
+        Some(SymbolPrep {
+            thread,
+            stopping,
+            addresses,
+        })
+    }
+
+    /// Queues addresses (and whether each is a return address) to be
+    /// looked up while recording; the stop then finds them in the adopted
+    /// cache.
+    pub fn look_up_soon(&self, addresses: impl IntoIterator<Item = (u64, bool)>) {
+        // The thread is gone if it failed: the stop looks them up itself.
+        let _ = self.addresses.send(addresses.into_iter().collect());
     }
 
     /// At the stop: waits for the thread if it is still loading, and hands
     /// over what it loaded.
     pub fn finish(self) -> PrepResult {
-        let ready = self.thread.is_finished();
         self.stopping.store(true, Ordering::Relaxed);
+        drop(self.addresses);
         let waiting = Instant::now();
         match self.thread.join() {
             Ok(prepared) => {
                 log::info!(
-                    "symbols prepared while recording: {} in {:?} ({} ms of CPU), {}",
+                    "symbols prepared while recording: {} in {:?}, {} addresses looked up \
+                     ({} ms of CPU); the stop waited {:?}",
                     if prepared.symbolizer.is_some() {
                         "loaded"
                     } else {
                         "nothing loaded"
                     },
                     prepared.took,
+                    prepared.looked_up,
                     prepared.cpu_ns / 1_000_000,
-                    if ready {
-                        "ready at the stop".to_owned()
-                    } else {
-                        format!("the stop waited {:?}", waiting.elapsed())
-                    },
+                    waiting.elapsed(),
                 );
                 PrepResult {
                     symbolizer: prepared.symbolizer,
@@ -124,16 +142,36 @@ impl SymbolPrep {
     }
 }
 
-fn prepare(pid: u32, exe: &Path, stopping: &AtomicBool) -> Prepared {
+fn prepare(
+    pid: u32,
+    exe: &Path,
+    stopping: &AtomicBool,
+    queued: Receiver<Vec<(u64, bool)>>,
+) -> Prepared {
     let started = Instant::now();
     // Lowest priority for this thread only (on Linux nice is per thread).
     // SAFETY: plain syscalls on this thread's own id.
     unsafe { libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, 19) };
-    let symbolizer = load_main_module(pid, exe, stopping);
+    let mut symbolizer = load_main_module(pid, exe, stopping);
+    let took = started.elapsed();
+    let mut looked_up = 0;
+    if let Some(symbolizer) = &mut symbolizer {
+        // Until the stop: whatever is left then, the stop does itself.
+        for batch in queued {
+            if stopping.load(Ordering::Relaxed) {
+                break;
+            }
+            for (address, is_return_address) in batch {
+                symbolizer.symbolize(address, is_return_address);
+                looked_up += 1;
+            }
+        }
+    }
     Prepared {
         symbolizer,
         cpu_ns: thread_cpu_ns(),
-        took: started.elapsed(),
+        took,
+        looked_up,
     }
 }
 
