@@ -532,6 +532,31 @@ mod tests {
     }
 
     #[test]
+    fn adopting_takes_the_answers_for_the_modules_taken_only() {
+        let (maps, here) = own_maps();
+        let mut prepared = Symbolizer::new(&maps);
+        assert_eq!(prepared.prepare(here), Some(Ok(())));
+        // Marked answers, to tell a carried one from a new lookup: one in
+        // the module taken, one in no module (looked up again after).
+        let marked = |address| Frame {
+            address,
+            function: Some("looked up while recording".into()),
+            file: None,
+            line: None,
+            inlined: false,
+            module: String::new(),
+            symbol_offset: None,
+        };
+        prepared.cache.insert((here, false), vec![marked(here)]);
+        prepared.cache.insert((0x10, true), vec![marked(0x10)]);
+        let mut symbolizer = Symbolizer::new(&maps);
+        assert_eq!(symbolizer.adopt(prepared), 1);
+        assert_eq!(symbolizer.symbolize(here, false), vec![marked(here)]);
+        let elsewhere = symbolizer.symbolize(0x10, true);
+        assert_eq!(elsewhere[0].function, None, "{elsewhere:?}");
+    }
+
+    #[test]
     fn does_not_adopt_another_file_at_the_same_place() {
         let (maps, here) = own_maps();
         let mut prepared = Symbolizer::new(&maps);
