@@ -32,6 +32,7 @@ pub mod tasks;
 #[cfg(test)]
 mod test_util;
 pub mod timeline;
+mod type_table;
 pub mod units;
 mod waits_summary;
 pub mod writer;

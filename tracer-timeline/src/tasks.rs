@@ -22,6 +22,7 @@ use tracer_common::Event;
 use crate::histogram::Histogram;
 pub use crate::output::TaskStats;
 use crate::output::{FlowId, Spawn, TaskEnd, Wake, Waker, WokenPoll};
+use crate::type_table::TypeTable;
 
 /// How many of the longest polls (one per task) the summary lists.
 pub const LONGEST_POLLS_KEPT: usize = 5;
@@ -123,7 +124,7 @@ pub(crate) struct TaskTracker {
     site_by_id: FastMap<u64, u32>,
     next_serial: u64,
     next_flow: FlowId,
-    by_type: FastMap<Option<u32>, TaskTypeStats>,
+    by_type: TypeTable,
     /// (task serial, poll), longest first, one entry per task.
     longest_polls: Vec<(u64, LongPoll)>,
     totals: TaskTotals,
@@ -142,7 +143,7 @@ impl TaskTracker {
     }
 
     pub(crate) fn by_type(&self) -> impl Iterator<Item = (Option<u32>, &TaskTypeStats)> {
-        self.by_type.iter().map(|(site, stats)| (*site, stats))
+        self.by_type.iter()
     }
 
     pub(crate) fn longest_polls(&self) -> impl Iterator<Item = &LongPoll> {
@@ -217,7 +218,7 @@ impl TaskTracker {
             });
         }
         if let Some(site) = site {
-            self.by_type.entry(Some(site)).or_default().times_woken += 1;
+            self.by_type.entry(Some(site)).times_woken += 1;
         }
         Wake {
             tid: ev.tid,
@@ -269,7 +270,7 @@ impl TaskTracker {
                 delay_ns,
             }
         });
-        let type_stats = self.by_type.entry(Some(ev.site)).or_default();
+        let type_stats = self.by_type.entry(Some(ev.site));
         if first_poll {
             // The task's type is known from now on; its wakes so far could
             // not be attributed to the type until now.
@@ -303,7 +304,7 @@ impl TaskTracker {
         if let Some(runnable) = &mut task.runnable {
             runnable.since_ns = runnable.since_ns.max(poll.end_ns);
         }
-        let type_stats = self.by_type.entry(Some(poll.site)).or_default();
+        let type_stats = self.by_type.entry(Some(poll.site));
         type_stats.polls += 1;
         type_stats.busy_ns += duration;
         type_stats.longest_poll_ns = type_stats.longest_poll_ns.max(duration);
@@ -427,7 +428,7 @@ impl TaskTracker {
 
     /// Folds an ended task into the totals and returns its end record.
     fn finalize(&mut self, task: LiveTask, tid: u32, ts_ns: u64) -> TaskEnd {
-        let type_stats = self.by_type.entry(task.stats.site).or_default();
+        let type_stats = self.by_type.entry(task.stats.site);
         if task.stats.site.is_none() {
             // Never polled: its first poll did not count it, so count it here.
             type_stats.tasks += 1;

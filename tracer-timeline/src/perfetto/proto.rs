@@ -190,11 +190,18 @@ impl Encoder {
         self.open.clear();
     }
 
+    #[inline]
     fn tag(&mut self, field: u32, wire_type: u8) {
         self.raw_varint(((field as u64) << 3) | wire_type as u64);
     }
 
+    #[inline]
     fn raw_varint(&mut self, mut value: u64) {
+        // Most values here (tags, deltas, iids, lengths) are one byte.
+        if value < 0x80 {
+            self.buf.push(value as u8);
+            return;
+        }
         while value >= 0x80 {
             self.buf.push(value as u8 | 0x80);
             value >>= 7;
@@ -202,16 +209,19 @@ impl Encoder {
         self.buf.push(value as u8);
     }
 
+    #[inline]
     pub fn varint(&mut self, field: u32, value: u64) {
         self.tag(field, VARINT);
         self.raw_varint(value);
     }
 
     /// An `int64`/`int32` field (negative values take ten bytes).
+    #[inline]
     pub fn int(&mut self, field: u32, value: i64) {
         self.varint(field, value as u64);
     }
 
+    #[inline]
     pub fn bool(&mut self, field: u32, value: bool) {
         self.varint(field, value as u64);
     }
@@ -227,6 +237,7 @@ impl Encoder {
     }
 
     /// Opens a nested message in `field`; close it with [`end`](Self::end).
+    #[inline]
     pub fn begin(&mut self, field: u32) {
         self.tag(field, LEN);
         // The length's first byte; see the type's docs.
@@ -235,13 +246,20 @@ impl Encoder {
     }
 
     /// Closes the innermost open message: fills in its length.
+    #[inline]
     pub fn end(&mut self) {
         let start = self.open.pop().expect("end() without begin()");
         let len = self.buf.len() - start;
         if len < 0x80 {
             self.buf[start - 1] = len as u8;
-            return;
+        } else {
+            self.long_length(start, len);
         }
+    }
+
+    /// A length of two bytes or more: moves the message to make room.
+    #[cold]
+    fn long_length(&mut self, start: usize, len: usize) {
         let mut prefix = [0u8; 10];
         let mut n = 0;
         let mut value = len as u64;

@@ -227,7 +227,10 @@ impl Timeline {
             .thread_changed(activity_before, activity_after);
         self.counters.tasks_alive = self.tasks.alive() as u64;
         self.counters.sample(ev.ts_ns, &mut self.samples);
-        out.extend(self.samples.drain(..).map(TimelineOutput::Counter));
+        // Most events change no counter: skip the drain's setup.
+        if !self.samples.is_empty() {
+            out.extend(self.samples.drain(..).map(TimelineOutput::Counter));
+        }
         first_seen
     }
 
@@ -471,6 +474,10 @@ impl Timeline {
     }
 
     fn flush_ended(&mut self, out: &mut Vec<TimelineOutput>) {
+        // Called a few times an event; tasks end rarely.
+        if self.ended.is_empty() {
+            return;
+        }
         out.extend(
             self.ended
                 .drain(..)
