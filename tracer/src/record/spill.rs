@@ -1,16 +1,18 @@
 //! The spill file: the raw event stream, kept on disk while recording and
 //! read back afterwards to render the trace.
 //!
-//! Rendering an event (timeline, JSON) costs about a microsecond; copying its
-//! 56 bytes costs a few nanoseconds. So while the target runs, the drain loop
-//! only appends each `EVENTS` ring-buffer record to this file, and the trace
-//! is rendered from it once recording has stopped (as Go's execution tracer
-//! does). That keeps the tracer's CPU per event low while it competes with
-//! the target for the machine.
+//! Rendering an event (timeline, trace writer) costs 150–300 ns; encoding it
+//! here a few. So while the target runs, the drain loop only appends each
+//! `EVENTS` ring-buffer record to this file, and the trace is rendered from
+//! it once recording has stopped (as Go's execution tracer does). That keeps
+//! the tracer's CPU per event low while it competes with the target for the
+//! machine.
 //!
-//! Format: the `tracer_common::Event` records exactly as the eBPF side wrote
-//! them, back to back, in drain order, in this machine's byte order. No
-//! header: the file is private to one process and never outlives it.
+//! Format: the events in drain order, each as a compact record
+//! ([`spill_codec`](super::spill_codec): ~10 bytes where the event is 56, so
+//! writing, reading back and the kernel's freeing of the file's pages at the
+//! end cost a fifth). No header: the file is private to one process and
+//! never outlives it.
 //!
 //! The file is an unnamed temporary file (`O_TMPFILE` where the file system
 //! has it) in the output's directory: nothing is left behind if the tracer is
@@ -18,26 +20,25 @@
 //! to, which has room for something larger than it.
 
 use std::fs::File;
-use std::io::{self, BufWriter, Write};
+use std::io::{self, Write};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Result, anyhow};
-use memmap2::{Mmap, MmapOptions};
 use tracer_common::{EVENT_SIZE, Event};
 
-/// Large enough that the drain loop reaches the kernel in big chunks even at
-/// millions of events per second.
-const BUFFER_BYTES: usize = 1 << 20;
+use super::spill_codec::{self, Context, MAX_RECORD};
 
-/// Events per window of the file mapped while reading back: 3.5 MiB, a
-/// whole number of events and of pages (a mapping starts at a multiple of
-/// the page size; 56 × 65,536 bytes is one of 4, 16 and 64 KiB).
-const WINDOW_EVENTS: u64 = 1 << 16;
-const _: () = assert!((WINDOW_EVENTS as usize * EVENT_SIZE).is_multiple_of(64 * 1024));
+/// Large enough that the drain loop reaches the kernel in big chunks even at
+/// millions of events per second, and that reading back does too.
+const BUFFER_BYTES: usize = 1 << 20;
 
 /// Appends ring-buffer records to the spill file.
 pub struct SpillWriter {
-    out: BufWriter<File>,
+    file: File,
+    /// Encoded records not yet written.
+    buf: Vec<u8>,
+    context: Context,
     /// The directory the file is in, for error messages (it has no name).
     dir: PathBuf,
     events: u64,
@@ -54,7 +55,9 @@ impl SpillWriter {
             )
         })?;
         Ok(SpillWriter {
-            out: BufWriter::with_capacity(BUFFER_BYTES, file),
+            file,
+            buf: Vec::with_capacity(BUFFER_BYTES + MAX_RECORD),
+            context: Context::default(),
             dir: dir.to_path_buf(),
             events: 0,
             malformed: 0,
@@ -71,13 +74,16 @@ impl SpillWriter {
             self.malformed += 1;
             return Ok(None);
         }
-        self.out
-            .write_all(record)
-            .map_err(|err| self.io_error(err))?;
+        // SAFETY: `Event` is plain `repr(C)` data of EVENT_SIZE bytes, and
+        // these are the bytes the eBPF side wrote for one; read_unaligned
+        // copes with the ring buffer's alignment.
+        let event = unsafe { std::ptr::read_unaligned::<Event>(record.as_ptr().cast()) };
+        spill_codec::encode(&mut self.context, &event, &mut self.buf);
+        if self.buf.len() >= BUFFER_BYTES {
+            self.flush().map_err(|err| self.io_error(err))?;
+        }
         self.events += 1;
-        const TID: usize = std::mem::offset_of!(Event, tid);
-        let tid = u32::from_ne_bytes(record[TID..TID + 4].try_into().expect("4 bytes"));
-        Ok(Some(tid))
+        Ok(Some(event.tid))
     }
 
     /// Events written so far.
@@ -90,25 +96,25 @@ impl SpillWriter {
         self.malformed
     }
 
-    /// Flushes the file and opens it for reading from its start.
-    pub fn finish(self) -> Result<SpillReader> {
-        let dir = self.dir.clone();
-        let events = self.events;
-        let file = self.out.into_inner().map_err(|err| {
-            anyhow!(
-                "writing the temporary event file in {}: {}",
-                dir.display(),
-                err.error()
-            )
-        })?;
+    /// Writes what is buffered and opens the file for reading from its start.
+    pub fn finish(mut self) -> Result<SpillReader> {
+        self.flush().map_err(|err| self.io_error(err))?;
         Ok(SpillReader {
-            file,
-            dir,
-            remaining: events,
-            window: None,
-            window_offset: 0,
-            at: 0,
+            file: self.file,
+            dir: self.dir,
+            remaining: self.events,
+            context: Context::default(),
+            buf: vec![0; BUFFER_BYTES],
+            start: 0,
+            end: 0,
+            offset: 0,
         })
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.file.write_all(&self.buf)?;
+        self.buf.clear();
+        Ok(())
     }
 
     fn io_error(&self, err: io::Error) -> anyhow::Error {
@@ -120,20 +126,19 @@ impl SpillWriter {
 }
 
 /// Reads the spill file back, one event at a time (it can hold far more
-/// than fits in memory), through a window of it mapped at a time: the
-/// events are read where the page cache holds them, where `read` copied
-/// every byte out first (the copy and the buffered reader's per-event work
-/// were ~11 % of rendering), and memory stays bounded by the window.
+/// than fits in memory), a buffer of records at a time.
 pub struct SpillReader {
     file: File,
     dir: PathBuf,
     /// Events not read yet: the file holds exactly what was written.
     remaining: u64,
-    /// The mapped window and the next event's index in it.
-    window: Option<Mmap>,
-    /// Where the window starts in the file, in bytes.
-    window_offset: u64,
-    at: usize,
+    context: Context,
+    /// Bytes read from the file; `start..end` are not decoded yet.
+    buf: Vec<u8>,
+    start: usize,
+    end: usize,
+    /// Where the next read starts in the file.
+    offset: u64,
 }
 
 impl SpillReader {
@@ -142,32 +147,31 @@ impl SpillReader {
         self.remaining
     }
 
-    /// Maps the window after the current one (the previous is unmapped).
-    fn map_next_window(&mut self) -> io::Result<()> {
-        let start = match &self.window {
-            // Windows are whole: the next starts where this one ends.
-            Some(window) => window.len() as u64,
-            None => 0,
-        };
-        let offset = self.window_offset + start;
-        let events = self.remaining.min(WINDOW_EVENTS);
-        self.window = None;
-        // SAFETY: the file is an unnamed temporary file that only this
-        // process has (see the module docs) and nothing writes it any
-        // more, so the mapped bytes cannot change under us.
-        let window = unsafe {
-            MmapOptions::new()
-                .offset(offset)
-                .len(events as usize * EVENT_SIZE)
-                // The whole window is read right away: map its pages in
-                // one go rather than fault by fault.
-                .populate()
-                .map(&self.file)?
-        };
-        self.window_offset = offset;
-        self.window = Some(window);
-        self.at = 0;
+    /// Moves the undecoded bytes to the buffer's start and reads more after
+    /// them, as far as the buffer or the file goes.
+    fn refill(&mut self) -> io::Result<()> {
+        self.buf.copy_within(self.start..self.end, 0);
+        self.end -= self.start;
+        self.start = 0;
+        while self.end < self.buf.len() {
+            let read = self.file.read_at(&mut self.buf[self.end..], self.offset)?;
+            if read == 0 {
+                break;
+            }
+            self.end += read;
+            self.offset += read as u64;
+        }
         Ok(())
+    }
+
+    fn read_event(&mut self) -> io::Result<Event> {
+        if self.end - self.start < MAX_RECORD {
+            self.refill()?;
+        }
+        let (event, used) = spill_codec::decode(&mut self.context, &self.buf[self.start..self.end])
+            .ok_or_else(|| io::Error::new(io::ErrorKind::UnexpectedEof, "a record is cut short"))?;
+        self.start += used;
+        Ok(event)
     }
 }
 
@@ -178,26 +182,19 @@ impl Iterator for SpillReader {
         if self.remaining == 0 {
             return None;
         }
-        let window_len = self.window.as_ref().map_or(0, |w| w.len() / EVENT_SIZE);
-        if self.at == window_len
-            && let Err(err) = self.map_next_window()
-        {
-            self.remaining = 0;
-            return Some(Err(anyhow!(
-                "reading the temporary event file in {}: {err}",
-                self.dir.display()
-            )));
+        match self.read_event() {
+            Ok(event) => {
+                self.remaining -= 1;
+                Some(Ok(event))
+            }
+            Err(err) => {
+                self.remaining = 0;
+                Some(Err(anyhow!(
+                    "reading the temporary event file in {}: {err}",
+                    self.dir.display()
+                )))
+            }
         }
-        let window = self.window.as_ref().expect("mapped above");
-        let bytes = &window[self.at * EVENT_SIZE..][..EVENT_SIZE];
-        self.at += 1;
-        self.remaining -= 1;
-        // SAFETY: `Event` is plain `repr(C)` data of EVENT_SIZE bytes, and
-        // these are the bytes the eBPF side wrote for one; read_unaligned
-        // copes with any alignment.
-        Some(Ok(unsafe {
-            std::ptr::read_unaligned::<Event>(bytes.as_ptr().cast())
-        }))
     }
 
     fn size_hint(&self) -> (usize, Option<usize>) {
@@ -278,10 +275,9 @@ mod tests {
     }
 
     #[test]
-    fn reading_streams_through_a_file_larger_than_a_window() {
-        // Two whole windows and a partial third.
-        let count = 2 * WINDOW_EVENTS as usize + 5;
-        assert!(count * EVENT_SIZE > 3 * BUFFER_BYTES);
+    fn reading_streams_through_a_file_larger_than_the_buffer() {
+        // Records cross the read buffer's end several times.
+        let count = 3 * BUFFER_BYTES / 8 + 5;
         let mut spill = writer();
         for i in 0..count as u64 {
             spill.push(&bytes(&[event(i, 1, 2)])).expect("push");
