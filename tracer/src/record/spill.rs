@@ -9,9 +9,9 @@
 //! machine.
 //!
 //! Format: the events in drain order, each as a compact record
-//! ([`spill_codec`](super::spill_codec): ~10 bytes where the event is 56, so
+//! ([`spill_codec`](super::spill_codec): ~13 bytes where the event is 56, so
 //! writing, reading back and the kernel's freeing of the file's pages at the
-//! end cost a fifth). No header: the file is private to one process and
+//! end cost a quarter). No header: the file is private to one process and
 //! never outlives it.
 //!
 //! The file is an unnamed temporary file (`O_TMPFILE` where the file system

@@ -1,4 +1,4 @@
-//! The spill file's record format: each event in ~10 bytes instead of its
+//! The spill file's record format: each event in ~13 bytes instead of its
 //! 56 in memory.
 //!
 //! Why: the spill is written to the page cache while recording and read
@@ -9,7 +9,8 @@
 //! fields are zero, repeat the previous event's, or are small: a poll's
 //! start is its time (a delta from the previous event's), its site, its
 //! task's header and id; a park is its time. Measured on that benchmark:
-//! 66 MB → 13 MB (10.6 bytes an event). Encoding costs the drain a few ns
+//! 13.3 bytes an event (5 s flat out, 1.39 M events: 18.5 MB of spill
+//! where the raw events took 78). Encoding costs the drain a few ns
 //! an event, less than copying the 56 bytes through the page cache did.
 //!
 //! A record: a little-endian `u16` header, then the time as a zigzag varint
