@@ -27,6 +27,8 @@ pub mod summary;
 pub mod summary_json;
 pub mod symbols;
 mod table;
+#[cfg(test)]
+mod task_tracker_tests;
 pub mod task_types;
 pub mod tasks;
 #[cfg(test)]
