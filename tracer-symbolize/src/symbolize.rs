@@ -188,9 +188,13 @@ impl Symbolizer {
     /// at the same place: same path, inode, deleted or not, range and first
     /// mapping. Any other module is loaded here at its first use, as usual,
     /// so a changed mapping (an exec, a rebuilt library) cannot borrow the
-    /// wrong file's symbols. Returns how many modules were taken.
+    /// wrong file's symbols. The answers `prepared` cached for addresses in
+    /// the modules taken come along (looked up while recording, they are
+    /// what the stop would have looked up). Returns how many modules were
+    /// taken.
     pub fn adopt(&mut self, prepared: Symbolizer) -> usize {
         let mut taken = 0;
+        let mut cache = prepared.cache;
         for theirs in prepared.modules {
             let Some(Ok(symbols)) = theirs.loaded else {
                 continue;
@@ -206,6 +210,22 @@ impl Symbolizer {
             if let Some(ours) = self.modules.iter_mut().find(same) {
                 ours.loaded = Some(Ok(symbols));
                 taken += 1;
+                // Keyed by the address asked about; the module is the one
+                // the looked-up address (one byte back for a return) is in.
+                cache.retain(|&(address, is_return), frames| {
+                    let probe = if is_return {
+                        address.saturating_sub(1)
+                    } else {
+                        address
+                    };
+                    if !ours.avma_range.contains(&probe) {
+                        return true;
+                    }
+                    self.cache
+                        .entry((address, is_return))
+                        .or_insert_with(|| std::mem::take(frames));
+                    false
+                });
             }
         }
         taken
@@ -509,6 +529,31 @@ mod tests {
                 .is_some_and(|f| f.ends_with("own_maps")),
             "{expected:?}"
         );
+    }
+
+    #[test]
+    fn adopting_takes_the_answers_for_the_modules_taken_only() {
+        let (maps, here) = own_maps();
+        let mut prepared = Symbolizer::new(&maps);
+        assert_eq!(prepared.prepare(here), Some(Ok(())));
+        // Marked answers, to tell a carried one from a new lookup: one in
+        // the module taken, one in no module (looked up again after).
+        let marked = |address| Frame {
+            address,
+            function: Some("looked up while recording".into()),
+            file: None,
+            line: None,
+            inlined: false,
+            module: String::new(),
+            symbol_offset: None,
+        };
+        prepared.cache.insert((here, false), vec![marked(here)]);
+        prepared.cache.insert((0x10, true), vec![marked(0x10)]);
+        let mut symbolizer = Symbolizer::new(&maps);
+        assert_eq!(symbolizer.adopt(prepared), 1);
+        assert_eq!(symbolizer.symbolize(here, false), vec![marked(here)]);
+        let elsewhere = symbolizer.symbolize(0x10, true);
+        assert_eq!(elsewhere[0].function, None, "{elsewhere:?}");
     }
 
     #[test]

@@ -29,11 +29,14 @@ pub mod summary;
 pub mod summary_json;
 pub mod symbols;
 mod table;
+#[cfg(test)]
+mod task_tracker_tests;
 pub mod task_types;
 pub mod tasks;
 #[cfg(test)]
 mod test_util;
 pub mod timeline;
+mod type_table;
 pub mod units;
 mod waits_summary;
 pub mod watch;

@@ -14,11 +14,11 @@ use crate::test_util::{event, park_end, park_start, poll_end};
 use crate::timeline::Timeline;
 use crate::writer::{Format, TraceInfo};
 
-const SITE_A: u32 = 0;
-const SITE_B: u32 = 1;
+pub(crate) const SITE_A: u32 = 0;
+pub(crate) const SITE_B: u32 = 1;
 const SITE_BLOCKING: u32 = 2;
 
-fn types() -> TaskTypes {
+pub(crate) fn types() -> TaskTypes {
     let name = |full: &str| {
         Some(TaskName {
             short: full.rsplit("::").next().unwrap().to_owned(),
@@ -33,11 +33,11 @@ fn types() -> TaskTypes {
 }
 
 /// Task ids are small numbers; headers are derived from them.
-fn header(task_id: u64) -> u64 {
+pub(crate) fn header(task_id: u64) -> u64 {
     0x7f00_0000 + task_id * 0x100
 }
 
-fn poll_start(ts_ns: u64, tid: u32, task_id: u64, site: u32) -> Event {
+pub(crate) fn poll_start(ts_ns: u64, tid: u32, task_id: u64, site: u32) -> Event {
     Event {
         site,
         task: header(task_id),
@@ -47,7 +47,7 @@ fn poll_start(ts_ns: u64, tid: u32, task_id: u64, site: u32) -> Event {
 }
 
 /// `task_id` is woken on `tid`; `by` is the task the eBPF side saw running (0: none).
-fn wake(ts_ns: u64, tid: u32, task_id: u64, by: u64) -> Event {
+pub(crate) fn wake(ts_ns: u64, tid: u32, task_id: u64, by: u64) -> Event {
     Event {
         task: header(task_id),
         task_id,
@@ -56,7 +56,7 @@ fn wake(ts_ns: u64, tid: u32, task_id: u64, by: u64) -> Event {
     }
 }
 
-fn spawn(ts_ns: u64, tid: u32, task_id: u64, by: u64) -> Event {
+pub(crate) fn spawn(ts_ns: u64, tid: u32, task_id: u64, by: u64) -> Event {
     Event {
         task: header(task_id),
         task_id,
@@ -66,7 +66,7 @@ fn spawn(ts_ns: u64, tid: u32, task_id: u64, by: u64) -> Event {
     }
 }
 
-fn task_end(ts_ns: u64, tid: u32, task_id: u64) -> Event {
+pub(crate) fn task_end(ts_ns: u64, tid: u32, task_id: u64) -> Event {
     Event {
         task: header(task_id),
         task_id,

@@ -22,6 +22,7 @@ use tracer_common::Event;
 use crate::histogram::Histogram;
 pub use crate::output::TaskStats;
 use crate::output::{FlowId, Spawn, TaskEnd, Wake, Waker, WokenPoll};
+use crate::type_table::TypeTable;
 
 /// How many of the longest polls (one per task) the summary lists.
 pub const LONGEST_POLLS_KEPT: usize = 5;
@@ -86,6 +87,8 @@ struct LiveTask {
     /// The end event arrived mid-poll (tokio releases a finished task inside
     /// its last poll): finish the task when that poll closes.
     end_pending: Option<(u32, u64)>,
+    /// The (task id, site) this task is entered under in `site_by_id`.
+    indexed: Option<(u64, u32)>,
 }
 
 /// The task is waiting to be polled since `since_ns`.
@@ -111,9 +114,17 @@ pub(crate) struct ClosedPoll {
 #[derive(Default)]
 pub(crate) struct TaskTracker {
     live: FastMap<u64, LiveTask>,
+    /// How many of `live` are tokio's tasks (not `block_on` root futures):
+    /// kept as they come and go, since the tasks-alive counter reads it at
+    /// every event (counting the map each time cost O(tasks) per event).
+    tokio_alive: usize,
+    /// The probe site of each live task, by task id: samples carry only the
+    /// id. Written when a task's (id, site) first shows in a poll, not per
+    /// poll (an insert per poll was most of `Timeline::push`'s map work).
+    site_by_id: FastMap<u64, u32>,
     next_serial: u64,
     next_flow: FlowId,
-    by_type: FastMap<Option<u32>, TaskTypeStats>,
+    by_type: TypeTable,
     /// (task serial, poll), longest first, one entry per task.
     longest_polls: Vec<(u64, LongPoll)>,
     totals: TaskTotals,
@@ -124,10 +135,7 @@ impl TaskTracker {
     /// tracer shows as tasks (never spawned, and alive as long as their
     /// `block_on`).
     pub(crate) fn alive(&self) -> usize {
-        self.live
-            .values()
-            .filter(|task| !tracer_common::is_root_id(task.stats.task_id))
-            .count()
+        self.tokio_alive
     }
 
     pub(crate) fn live_tasks(&self) -> impl Iterator<Item = &TaskStats> {
@@ -135,7 +143,7 @@ impl TaskTracker {
     }
 
     pub(crate) fn by_type(&self) -> impl Iterator<Item = (Option<u32>, &TaskTypeStats)> {
-        self.by_type.iter().map(|(site, stats)| (*site, stats))
+        self.by_type.iter()
     }
 
     pub(crate) fn longest_polls(&self) -> impl Iterator<Item = &LongPoll> {
@@ -146,9 +154,14 @@ impl TaskTracker {
         &self.totals
     }
 
+    /// The probe site of the live task with id `task_id`, once polled.
+    pub(crate) fn site_of(&self, task_id: u64) -> Option<u32> {
+        self.site_by_id.get(&task_id).copied()
+    }
+
     pub(crate) fn spawn(&mut self, ev: &Event, ended: &mut Vec<TaskEnd>) -> Spawn {
         // A spawn on a live header means the old task's end was lost.
-        if let Some(stale) = self.live.remove(&ev.task) {
+        if let Some(stale) = self.remove(ev.task) {
             self.totals.ends_lost += 1;
             ended.push(self.finalize(stale, ev.tid, ev.ts_ns));
         }
@@ -205,7 +218,7 @@ impl TaskTracker {
             });
         }
         if let Some(site) = site {
-            self.by_type.entry(Some(site)).or_default().times_woken += 1;
+            self.by_type.entry(Some(site)).times_woken += 1;
         }
         Wake {
             tid: ev.tid,
@@ -226,6 +239,13 @@ impl TaskTracker {
         let task = self.live.get_mut(&ev.task).expect("ensured above");
         let first_poll = task.stats.site.is_none();
         task.stats.site = Some(ev.site);
+        if ev.task_id != 0 && task.indexed != Some((ev.task_id, ev.site)) {
+            if let Some((old_id, _)) = task.indexed {
+                self.site_by_id.remove(&old_id);
+            }
+            self.site_by_id.insert(ev.task_id, ev.site);
+            task.indexed = Some((ev.task_id, ev.site));
+        }
         task.polling_since = Some(ev.ts_ns);
         // A wake stamped after this poll's start happened during it (with
         // `--min-poll`, a poll's events arrive only at its end, after what
@@ -250,7 +270,7 @@ impl TaskTracker {
                 delay_ns,
             }
         });
-        let type_stats = self.by_type.entry(Some(ev.site)).or_default();
+        let type_stats = self.by_type.entry(Some(ev.site));
         if first_poll {
             // The task's type is known from now on; its wakes so far could
             // not be attributed to the type until now.
@@ -284,7 +304,7 @@ impl TaskTracker {
         if let Some(runnable) = &mut task.runnable {
             runnable.since_ns = runnable.since_ns.max(poll.end_ns);
         }
-        let type_stats = self.by_type.entry(Some(poll.site)).or_default();
+        let type_stats = self.by_type.entry(Some(poll.site));
         type_stats.polls += 1;
         type_stats.busy_ns += duration;
         type_stats.longest_poll_ns = type_stats.longest_poll_ns.max(duration);
@@ -333,7 +353,7 @@ impl TaskTracker {
     }
 
     fn end_now(&mut self, task: u64, tid: u32, ts_ns: u64, ended: &mut Vec<TaskEnd>) {
-        if let Some(task) = self.live.remove(&task) {
+        if let Some(task) = self.remove(task) {
             ended.push(self.finalize(task, tid, ts_ns));
         }
     }
@@ -349,6 +369,10 @@ impl TaskTracker {
             }
             if old_id == 0 {
                 task.stats.task_id = ev.task_id;
+                // Id 0 counted as tokio's; a root id does not.
+                if tracer_common::is_root_id(ev.task_id) {
+                    self.tokio_alive -= 1;
+                }
                 return;
             }
             self.totals.ends_lost += 1;
@@ -370,8 +394,31 @@ impl TaskTracker {
             runnable: None,
             polling_since: None,
             end_pending: None,
+            indexed: None,
         };
-        self.live.entry(header).insert_entry(task).into_mut()
+        if !tracer_common::is_root_id(task_id) {
+            self.tokio_alive += 1;
+        }
+        if let Some(replaced) = self.live.insert(header, task) {
+            self.forget(&replaced);
+        }
+        self.live.get_mut(&header).expect("inserted above")
+    }
+
+    fn remove(&mut self, header: u64) -> Option<LiveTask> {
+        let task = self.live.remove(&header)?;
+        self.forget(&task);
+        Some(task)
+    }
+
+    /// Takes a task that left `live` out of the count and the site index.
+    fn forget(&mut self, task: &LiveTask) {
+        if !tracer_common::is_root_id(task.stats.task_id) {
+            self.tokio_alive -= 1;
+        }
+        if let Some((task_id, _)) = task.indexed {
+            self.site_by_id.remove(&task_id);
+        }
     }
 
     fn new_flow(&mut self) -> FlowId {
@@ -381,7 +428,7 @@ impl TaskTracker {
 
     /// Folds an ended task into the totals and returns its end record.
     fn finalize(&mut self, task: LiveTask, tid: u32, ts_ns: u64) -> TaskEnd {
-        let type_stats = self.by_type.entry(task.stats.site).or_default();
+        let type_stats = self.by_type.entry(task.stats.site);
         if task.stats.site.is_none() {
             // Never polled: its first poll did not count it, so count it here.
             type_stats.tasks += 1;

@@ -96,7 +96,10 @@ const PENDING_BYTES: usize = 64 * 1024;
 pub struct PerfettoWriter<'a, W: Write> {
     out: W,
     info: &'a TraceInfo,
-    /// The packet being written, and its new interned entries.
+    /// Whole packets not yet handed to `out`, then the one being written
+    /// (one `write_all` per 64 KiB rather than per ~20-byte packet, and no
+    /// copy of each packet from a buffer of its own); and the packet's new
+    /// interned entries.
     packet: Encoder,
     interned: Encoder,
     main: Sequence,
@@ -108,9 +111,6 @@ pub struct PerfettoWriter<'a, W: Write> {
     thread_index: HashMap<u32, usize>,
     tracks: Vec<Option<Box<ThreadTrack>>>,
     last_thread: Option<(u32, usize)>,
-    /// Whole packets not yet handed to `out`: one `write_all` per 64 KiB
-    /// rather than per packet (~20 bytes).
-    pending: Vec<u8>,
     next_sequence: u32,
     counters_described: [bool; 3],
     /// Flows started and not yet ended, and their ids on the wire.
@@ -133,14 +133,13 @@ impl<'a, W: Write> PerfettoWriter<'a, W> {
         let mut writer = Self {
             out,
             info,
-            packet: Encoder::default(),
+            packet: Encoder::with_capacity(PENDING_BYTES + 4096),
             interned: Encoder::default(),
             main: Sequence::new(MAIN_SEQUENCE, info.start_ns),
             samples: Sequence::new(SAMPLE_SEQUENCE, info.start_ns),
             thread_index: HashMap::new(),
             tracks: Vec::new(),
             last_thread: None,
-            pending: Vec::with_capacity(PENDING_BYTES + 4096),
             next_sequence: SAMPLE_SEQUENCE + 1,
             counters_described: [false; 3],
             flows: flows::Flows::default(),
@@ -179,7 +178,6 @@ impl<'a, W: Write> PerfettoWriter<'a, W> {
         track_uuid: Option<u64>,
         primary_clock: bool,
     ) -> Result<()> {
-        self.packet.clear();
         self.interned.clear();
         self.packet.begin(proto::trace::PACKET);
         sequence.write_start(
@@ -195,7 +193,6 @@ impl<'a, W: Write> PerfettoWriter<'a, W> {
 
     /// Starts a packet on `sequence` at `ts_ns` (None: no timestamp).
     fn begin_packet(&mut self, sequence: &Sequence, delta: Option<u64>) {
-        self.packet.clear();
         self.interned.clear();
         self.packet.begin(proto::trace::PACKET);
         if let Some(delta) = delta {
@@ -220,8 +217,7 @@ impl<'a, W: Write> PerfettoWriter<'a, W> {
     fn emit(&mut self) -> Result<()> {
         debug_assert!(!self.packet.is_open());
         self.packets += 1;
-        self.pending.extend_from_slice(&self.packet.buf);
-        if self.pending.len() >= PENDING_BYTES {
+        if self.packet.buf.len() >= PENDING_BYTES {
             self.flush_pending()?;
         }
         Ok(())
@@ -229,9 +225,9 @@ impl<'a, W: Write> PerfettoWriter<'a, W> {
 
     fn flush_pending(&mut self) -> Result<()> {
         self.out
-            .write_all(&self.pending)
+            .write_all(&self.packet.buf)
             .context("writing the trace")?;
-        self.pending.clear();
+        self.packet.buf.clear();
         Ok(())
     }
 

@@ -156,6 +156,10 @@ pub struct Sequence {
     /// By await chain (and, for a future inlined into the harness, the
     /// task's site, which names it): the interned `await_stack`.
     awaits: FastMap<(u32, u32), u64>,
+    /// The same by (task id, await key, site), as polls ask for it: one
+    /// lookup a poll instead of two (the symbols' and `awaits`). Only found
+    /// stacks are kept, so it is bounded like the symbols' await points.
+    await_of_poll: FastMap<(u64, u64, u32), u64>,
     notes: FastMap<String, u64>,
     /// Other event names (the watch tier's), by text.
     names: FastMap<String, u64>,
@@ -303,6 +307,26 @@ impl Sequence {
     /// own cost ~7 bytes a poll — 1.5 bytes an event on the HTTP benchmark,
     /// past the 20-byte budget (NOTES.md, "Trace format").
     pub fn await_stack(
+        &mut self,
+        i: &mut Encoder,
+        symbols: &Symbols,
+        types: &TaskTypes,
+        site: u32,
+        task_id: u64,
+        key: u64,
+    ) -> Option<u64> {
+        if key == 0 {
+            return None;
+        }
+        if let Some(&known) = self.await_of_poll.get(&(task_id, key, site)) {
+            return Some(known);
+        }
+        let iid = self.intern_await_stack(i, symbols, types, site, task_id, key)?;
+        self.await_of_poll.insert((task_id, key, site), iid);
+        Some(iid)
+    }
+
+    fn intern_await_stack(
         &mut self,
         i: &mut Encoder,
         symbols: &Symbols,

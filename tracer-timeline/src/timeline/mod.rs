@@ -65,6 +65,9 @@ pub struct Timeline {
     threads: Vec<(u32, ThreadState)>,
     /// tid -> position in `threads`.
     index_by_tid: FastMap<u32, usize>,
+    /// The last event's thread and its position: events come in runs on
+    /// one thread (a poll's start, its wakes, its end), so most skip the map.
+    last_thread: Option<(u32, usize)>,
     tasks: TaskTracker,
     counters: RuntimeCounters,
     unmatched_ends: u64,
@@ -72,9 +75,6 @@ pub struct Timeline {
     unknown_kinds: u64,
     /// Each thread's `comm` as read while recording, for track names.
     thread_comms: HashMap<u32, String>,
-    /// The task type (probe site) of each task id seen polled and not ended:
-    /// samples carry only the task id.
-    task_sites: FastMap<u64, u32>,
     /// Scratch space reused across events.
     ended: Vec<TaskEnd>,
     samples: Vec<CounterSample>,
@@ -120,7 +120,7 @@ impl Timeline {
                 .get(&tid)
                 .and_then(|&index| self.threads[index].1.open_polls.last())
                 .map(|poll| poll.site),
-            id => self.task_sites.get(&id).copied(),
+            id => self.tasks.site_of(id),
         };
         out.push(TimelineOutput::Sample(Sample {
             tid,
@@ -168,12 +168,7 @@ impl Timeline {
         let activity_before = self.threads[index].1.activity(&self.types);
 
         match kind {
-            EventKind::PollStart => {
-                if ev.task_id != 0 {
-                    self.task_sites.insert(ev.task_id, ev.site);
-                }
-                self.poll_start(index, ev, out)
-            }
+            EventKind::PollStart => self.poll_start(index, ev, out),
             EventKind::PollEnd => {
                 // `addr` is the await point the task registered its waker at.
                 if !self.close_poll(index, ev.ts_ns, false, ev.addr, out) {
@@ -213,7 +208,6 @@ impl Timeline {
                 out.push(TimelineOutput::Wake(wake));
             }
             EventKind::TaskEnd => {
-                self.task_sites.remove(&ev.task_id);
                 self.threads[index].1.last_task_end = Some((ev.task, ev.ts_ns));
                 self.tasks.task_end(ev, &mut self.ended);
                 self.flush_ended(out);
@@ -233,7 +227,10 @@ impl Timeline {
             .thread_changed(activity_before, activity_after);
         self.counters.tasks_alive = self.tasks.alive() as u64;
         self.counters.sample(ev.ts_ns, &mut self.samples);
-        out.extend(self.samples.drain(..).map(TimelineOutput::Counter));
+        // Most events change no counter: skip the drain's setup.
+        if !self.samples.is_empty() {
+            out.extend(self.samples.drain(..).map(TimelineOutput::Counter));
+        }
         first_seen
     }
 
@@ -477,6 +474,10 @@ impl Timeline {
     }
 
     fn flush_ended(&mut self, out: &mut Vec<TimelineOutput>) {
+        // Called a few times an event; tasks end rarely.
+        if self.ended.is_empty() {
+            return;
+        }
         out.extend(
             self.ended
                 .drain(..)
@@ -487,6 +488,11 @@ impl Timeline {
     /// The position of `tid` in `threads`, created on first sight. The bool
     /// is true if it was just created.
     fn thread_index(&mut self, tid: u32, first_ns: u64) -> (usize, bool) {
+        if let Some((last, index)) = self.last_thread
+            && last == tid
+        {
+            return (index, false);
+        }
         let mut first_seen = false;
         let index = *self.index_by_tid.entry(tid).or_insert_with(|| {
             first_seen = true;
@@ -497,6 +503,7 @@ impl Timeline {
             state.stats.first_ns = first_ns;
             self.threads.push((tid, state));
         }
+        self.last_thread = Some((tid, index));
         (index, first_seen)
     }
 }

@@ -20,6 +20,7 @@ pub mod preflight;
 pub mod session;
 pub mod sink;
 pub mod spill;
+mod spill_codec;
 pub mod stacks;
 pub mod status;
 mod symbol_prep;

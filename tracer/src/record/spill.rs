@@ -1,16 +1,18 @@
 //! The spill file: the raw event stream, kept on disk while recording and
 //! read back afterwards to render the trace.
 //!
-//! Rendering an event (timeline, JSON) costs about a microsecond; copying its
-//! 56 bytes costs a few nanoseconds. So while the target runs, the drain loop
-//! only appends each `EVENTS` ring-buffer record to this file, and the trace
-//! is rendered from it once recording has stopped (as Go's execution tracer
-//! does). That keeps the tracer's CPU per event low while it competes with
-//! the target for the machine.
+//! Rendering an event (timeline, trace writer) costs 150–300 ns; encoding it
+//! here a few. So while the target runs, the drain loop only appends each
+//! `EVENTS` ring-buffer record to this file, and the trace is rendered from
+//! it once recording has stopped (as Go's execution tracer does). That keeps
+//! the tracer's CPU per event low while it competes with the target for the
+//! machine.
 //!
-//! Format: the `tracer_common::Event` records exactly as the eBPF side wrote
-//! them, back to back, in drain order, in this machine's byte order. No
-//! header: the file is private to one process and never outlives it.
+//! Format: the events in drain order, each as a compact record
+//! ([`spill_codec`](super::spill_codec): ~13 bytes where the event is 56, so
+//! writing, reading back and the kernel's freeing of the file's pages at the
+//! end cost a quarter). No header: the file is private to one process and
+//! never outlives it.
 //!
 //! The file is an unnamed temporary file (`O_TMPFILE` where the file system
 //! has it) in the output's directory: nothing is left behind if the tracer is
@@ -18,19 +20,25 @@
 //! to, which has room for something larger than it.
 
 use std::fs::File;
-use std::io::{self, BufReader, BufWriter, Read, Seek, Write};
+use std::io::{self, Write};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result, anyhow};
+use anyhow::{Result, anyhow};
 use tracer_common::{EVENT_SIZE, Event};
 
+use super::spill_codec::{self, Context, MAX_RECORD};
+
 /// Large enough that the drain loop reaches the kernel in big chunks even at
-/// millions of events per second.
+/// millions of events per second, and that reading back does too.
 const BUFFER_BYTES: usize = 1 << 20;
 
 /// Appends ring-buffer records to the spill file.
 pub struct SpillWriter {
-    out: BufWriter<File>,
+    file: File,
+    /// Encoded records not yet written.
+    buf: Vec<u8>,
+    context: Context,
     /// The directory the file is in, for error messages (it has no name).
     dir: PathBuf,
     events: u64,
@@ -47,7 +55,9 @@ impl SpillWriter {
             )
         })?;
         Ok(SpillWriter {
-            out: BufWriter::with_capacity(BUFFER_BYTES, file),
+            file,
+            buf: Vec::with_capacity(BUFFER_BYTES + MAX_RECORD),
+            context: Context::default(),
             dir: dir.to_path_buf(),
             events: 0,
             malformed: 0,
@@ -64,13 +74,16 @@ impl SpillWriter {
             self.malformed += 1;
             return Ok(None);
         }
-        self.out
-            .write_all(record)
-            .map_err(|err| self.io_error(err))?;
+        // SAFETY: `Event` is plain `repr(C)` data of EVENT_SIZE bytes, and
+        // these are the bytes the eBPF side wrote for one; read_unaligned
+        // copes with the ring buffer's alignment.
+        let event = unsafe { std::ptr::read_unaligned::<Event>(record.as_ptr().cast()) };
+        spill_codec::encode(&mut self.context, &event, &mut self.buf);
+        if self.buf.len() >= BUFFER_BYTES {
+            self.flush().map_err(|err| self.io_error(err))?;
+        }
         self.events += 1;
-        const TID: usize = std::mem::offset_of!(Event, tid);
-        let tid = u32::from_ne_bytes(record[TID..TID + 4].try_into().expect("4 bytes"));
-        Ok(Some(tid))
+        Ok(Some(event.tid))
     }
 
     /// Events written so far.
@@ -83,24 +96,25 @@ impl SpillWriter {
         self.malformed
     }
 
-    /// Flushes the file and opens it for reading from its start.
-    pub fn finish(self) -> Result<SpillReader> {
-        let dir = self.dir.clone();
-        let events = self.events;
-        let mut file = self.out.into_inner().map_err(|err| {
-            anyhow!(
-                "writing the temporary event file in {}: {}",
-                dir.display(),
-                err.error()
-            )
-        })?;
-        file.rewind()
-            .with_context(|| format!("rewinding the temporary event file in {}", dir.display()))?;
+    /// Writes what is buffered and opens the file for reading from its start.
+    pub fn finish(mut self) -> Result<SpillReader> {
+        self.flush().map_err(|err| self.io_error(err))?;
         Ok(SpillReader {
-            input: BufReader::with_capacity(BUFFER_BYTES, file),
-            dir,
-            remaining: events,
+            file: self.file,
+            dir: self.dir,
+            remaining: self.events,
+            context: Context::default(),
+            buf: vec![0; BUFFER_BYTES],
+            start: 0,
+            end: 0,
+            offset: 0,
         })
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.file.write_all(&self.buf)?;
+        self.buf.clear();
+        Ok(())
     }
 
     fn io_error(&self, err: io::Error) -> anyhow::Error {
@@ -112,18 +126,52 @@ impl SpillWriter {
 }
 
 /// Reads the spill file back, one event at a time (it can hold far more
-/// than fits in memory).
+/// than fits in memory), a buffer of records at a time.
 pub struct SpillReader {
-    input: BufReader<File>,
+    file: File,
     dir: PathBuf,
     /// Events not read yet: the file holds exactly what was written.
     remaining: u64,
+    context: Context,
+    /// Bytes read from the file; `start..end` are not decoded yet.
+    buf: Vec<u8>,
+    start: usize,
+    end: usize,
+    /// Where the next read starts in the file.
+    offset: u64,
 }
 
 impl SpillReader {
     /// Events not read yet.
     pub fn remaining(&self) -> u64 {
         self.remaining
+    }
+
+    /// Moves the undecoded bytes to the buffer's start and reads more after
+    /// them, as far as the buffer or the file goes.
+    fn refill(&mut self) -> io::Result<()> {
+        self.buf.copy_within(self.start..self.end, 0);
+        self.end -= self.start;
+        self.start = 0;
+        while self.end < self.buf.len() {
+            let read = self.file.read_at(&mut self.buf[self.end..], self.offset)?;
+            if read == 0 {
+                break;
+            }
+            self.end += read;
+            self.offset += read as u64;
+        }
+        Ok(())
+    }
+
+    fn read_event(&mut self) -> io::Result<Event> {
+        if self.end - self.start < MAX_RECORD {
+            self.refill()?;
+        }
+        let (event, used) = spill_codec::decode(&mut self.context, &self.buf[self.start..self.end])
+            .ok_or_else(|| io::Error::new(io::ErrorKind::UnexpectedEof, "a record is cut short"))?;
+        self.start += used;
+        Ok(event)
     }
 }
 
@@ -134,21 +182,19 @@ impl Iterator for SpillReader {
         if self.remaining == 0 {
             return None;
         }
-        let mut bytes = [0u8; EVENT_SIZE];
-        if let Err(err) = self.input.read_exact(&mut bytes) {
-            self.remaining = 0;
-            return Some(Err(anyhow!(
-                "reading the temporary event file in {}: {err}",
-                self.dir.display()
-            )));
+        match self.read_event() {
+            Ok(event) => {
+                self.remaining -= 1;
+                Some(Ok(event))
+            }
+            Err(err) => {
+                self.remaining = 0;
+                Some(Err(anyhow!(
+                    "reading the temporary event file in {}: {err}",
+                    self.dir.display()
+                )))
+            }
         }
-        self.remaining -= 1;
-        // SAFETY: `Event` is plain `repr(C)` data of EVENT_SIZE bytes, and
-        // these are the bytes the eBPF side wrote for one; read_unaligned
-        // copes with the buffer's alignment.
-        Some(Ok(unsafe {
-            std::ptr::read_unaligned::<Event>(bytes.as_ptr().cast())
-        }))
     }
 
     fn size_hint(&self) -> (usize, Option<usize>) {
@@ -230,7 +276,8 @@ mod tests {
 
     #[test]
     fn reading_streams_through_a_file_larger_than_the_buffer() {
-        let count = 3 * BUFFER_BYTES / EVENT_SIZE + 5;
+        // Records cross the read buffer's end several times.
+        let count = 3 * BUFFER_BYTES / 8 + 5;
         let mut spill = writer();
         for i in 0..count as u64 {
             spill.push(&bytes(&[event(i, 1, 2)])).expect("push");
@@ -243,6 +290,11 @@ mod tests {
             expected += 1;
         }
         assert_eq!(expected, count as u64);
+    }
+
+    #[test]
+    fn an_empty_recording_reads_back_as_no_events() {
+        assert_eq!(read_all(writer()), []);
     }
 
     #[test]
