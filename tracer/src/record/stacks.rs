@@ -29,6 +29,12 @@ use tracer_timeline::symbols::{AwaitPoint, SymbolFrame, Symbols};
 /// times a second).
 const TRAMPOLINE_LOOKUP_INTERVAL: std::time::Duration = std::time::Duration::from_millis(20);
 
+/// How often at most it is read when a stack has a frame outside every
+/// mapping known at the start: the trampoline, mapped since (a park's
+/// uretprobe returned between two periodic reads; seen in the stack tests
+/// as a bare `0x7fffffffe000` frame).
+const UNKNOWN_FRAME_LOOKUP_INTERVAL: std::time::Duration = std::time::Duration::from_millis(1);
+
 struct Unwinding {
     unwinder: Unwinder,
     /// The kernel's uretprobe trampoline: a frame there whose real return
@@ -40,6 +46,29 @@ struct Unwinding {
     /// The maps as read then, to reopen the files by path once the process
     /// is gone.
     maps_text: String,
+    /// The same, parsed: which frames lie in known code.
+    maps: ProcessMaps,
+}
+
+impl Unwinding {
+    fn look_for_trampoline(&mut self, pid: u32) {
+        self.trampoline_looked_for = std::time::Instant::now();
+        self.trampoline = ProcessMaps::read(pid)
+            .ok()
+            .and_then(|maps| maps.uprobes_trampoline());
+        if let Some(trampoline) = &self.trampoline {
+            self.unwinder.set_uprobes_trampoline(trampoline.clone());
+        }
+    }
+
+    /// A frame outside every file mapping known at the start, and not in
+    /// the vDSO.
+    fn has_unknown_frame(&self, addresses: &[u64]) -> bool {
+        let vdso = self.maps.vdso().unwrap_or_default();
+        addresses
+            .iter()
+            .any(|address| self.maps.find(*address).is_none() && !vdso.contains(address))
+    }
 }
 
 pub struct StackTable {
@@ -163,15 +192,7 @@ impl StackTable {
         let look_again = header.poll_return != 0
             || unwinding.trampoline_looked_for.elapsed() >= TRAMPOLINE_LOOKUP_INTERVAL;
         if unwinding.trampoline.is_none() && look_again {
-            unwinding.trampoline_looked_for = std::time::Instant::now();
-            unwinding.trampoline = ProcessMaps::read(self.pid)
-                .ok()
-                .and_then(|maps| maps.uprobes_trampoline());
-            if let Some(trampoline) = &unwinding.trampoline {
-                unwinding
-                    .unwinder
-                    .set_uprobes_trampoline(trampoline.clone());
-            }
+            unwinding.look_for_trampoline(self.pid);
         }
         let stack = CapturedStack {
             ip: header.ip,
@@ -189,6 +210,12 @@ impl StackTable {
         let mut addresses = unwinding
             .unwinder
             .unwind_through_uretprobes(&stack, real_returns);
+        if unwinding.trampoline.is_none()
+            && unwinding.trampoline_looked_for.elapsed() >= UNKNOWN_FRAME_LOOKUP_INTERVAL
+            && unwinding.has_unknown_frame(&addresses)
+        {
+            unwinding.look_for_trampoline(self.pid);
+        }
         if let Some(trampoline) = &unwinding.trampoline
             && let Some(cut) = addresses
                 .iter()
@@ -341,6 +368,7 @@ fn start_unwinding(pid: u32) -> Result<Unwinding> {
         trampoline: maps.uprobes_trampoline(),
         trampoline_looked_for: std::time::Instant::now(),
         maps_text,
+        maps,
     })
 }
 
