@@ -14,9 +14,7 @@
 mod matrix;
 use test_support::{self as support, trace};
 
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Command, Stdio};
 
 use matrix::{Cell, Feature};
 use serde_json::Value;
@@ -157,18 +155,17 @@ fn check_cell(repo: &Path, cell: &Cell) -> Outcome {
 /// Traces the service for 3 seconds and returns the trace and the tracer's
 /// stderr (its warnings).
 fn record(binary: &Path, cell: &Cell) -> (Trace, String) {
-    let mut child = start_service(binary, cell);
+    let service = start_service(binary, cell);
     let dir = scratch_dir(&format!("compat-{}", cell.slug()));
     let output = dir.join("trace.json");
     let result = run(tracer()
         .arg("--pid")
-        .arg(child.id().to_string())
+        .arg(service.pid().to_string())
         .arg("-o")
         .arg(&output)
         .arg("--duration")
         .arg("3s"));
-    let _ = child.kill();
-    let _ = child.wait();
+    drop(service);
     assert!(
         result.status.success(),
         "{}: tracer failed\n{}",
@@ -180,19 +177,9 @@ fn record(binary: &Path, cell: &Cell) -> (Trace, String) {
     (trace, String::from_utf8_lossy(&result.stderr).into_owned())
 }
 
-/// Starts the service and waits for its "ready" line.
-fn start_service(binary: &Path, cell: &Cell) -> std::process::Child {
-    let mut child = Command::new(binary)
-        .args([cell.flavour.arg(), "60"])
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("start the compat service");
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .expect("read the service's output");
-    assert!(line.starts_with("ready"), "{} said {line:?}", cell.slug());
-    child
+/// Starts the service (killed when dropped) and waits until it is up.
+fn start_service(binary: &Path, cell: &Cell) -> trace::Fixture {
+    trace::Fixture::launch(binary, &[cell.flavour.arg(), "60"])
 }
 
 /// Watches the service for 3 seconds (`watch --pid`, no poll probe): `Ok`
@@ -201,15 +188,14 @@ fn start_service(binary: &Path, cell: &Cell) -> std::process::Child {
 /// machine can stretch the spinner's 2 ms into a real HOG by preemption;
 /// `tests/watch.rs` checks a healthy program has none).
 fn watch(binary: &Path, cell: &Cell) -> Result<(), String> {
-    let mut child = start_service(binary, cell);
+    let service = start_service(binary, cell);
     let dir = scratch_dir(&format!("compat-watch-{}", cell.slug()));
     let result = run(tracer()
         .args(["watch", "--duration", "3s", "--pid"])
-        .arg(child.id().to_string())
+        .arg(service.pid().to_string())
         .arg("-o")
         .arg(dir.join("watch.json")));
-    let _ = child.kill();
-    let _ = child.wait();
+    drop(service);
     let _ = std::fs::remove_dir_all(&dir);
     if !result.status.success() {
         return Err(format!("watch failed: {}", describe(&result)));

@@ -15,11 +15,14 @@ use test_support::{self as support, trace};
 
 use std::io::{BufRead, BufReader};
 use std::os::unix::fs::PermissionsExt;
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::{Child, ChildStdout, Stdio};
 
 use serde_json::Value;
 use support::Profile;
-use trace::{Trace, describe, require_root, run_holding_turn, scratch_dir, tracer, tracer_turn};
+use trace::{
+    Fixture, Trace, describe, require_root, run_holding_turn, scratch_dir, tracer, tracer_turn,
+};
 
 /// How long each watch lasts: 12 injections.
 const WATCH_FOR: &str = "3s";
@@ -28,50 +31,83 @@ const MIN_FOUND: usize = 9;
 const TASK: &str = "task type fixture_injected_task::";
 
 /// The `watch_faults` fixture running `kind`, killed when dropped.
-struct Faults(Child);
-
-impl Faults {
-    fn start(kind: &str, profile: Profile) -> Faults {
-        let path = support::fixture("watch_faults", profile);
-        let mut child = Command::new(&path)
-            .args(["60", kind])
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("start fixture");
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .expect("read fixture output");
-        assert!(line.starts_with("ready"), "watch_faults said {line:?}");
-        Faults(child)
-    }
+fn faults(kind: &str, profile: Profile) -> Fixture {
+    Fixture::launch(&support::fixture("watch_faults", profile), &["60", kind])
 }
 
-impl Drop for Faults {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// Watches a `kind` fixture for `WATCH_FOR` into `file` (its name picks
-/// the format); returns stdout and the trace.
 fn watch(kind: &str, profile: Profile, file: &str) -> (String, Trace) {
     require_root();
     let _turn = tracer_turn();
-    let faults = Faults::start(kind, profile);
+    let faults = faults(kind, profile);
     let dir = scratch_dir(&format!("watch-{kind}-{profile:?}"));
     let output = dir.join(file);
     let result = run_holding_turn(
         tracer()
             .args(["watch", "--duration", WATCH_FOR, "--quiet", "--pid"])
-            .arg(faults.0.id().to_string())
+            .arg(faults.pid().to_string())
             .arg("-o")
             .arg(&output),
     );
     assert!(result.status.success(), "{}", describe(&result));
     let stdout = String::from_utf8_lossy(&result.stdout).into_owned();
     (stdout, Trace::load(&output))
+}
+
+/// A `watch` of a running fixture, its output read as it comes.
+struct Watching {
+    child: Child,
+    stdout: BufReader<ChildStdout>,
+    /// Everything it printed so far.
+    seen: String,
+}
+
+impl Watching {
+    fn start(args: &[&str], pid: u32, output: &Path) -> Watching {
+        let mut child = tracer()
+            .arg("watch")
+            .args(args)
+            .arg("--pid")
+            .arg(pid.to_string())
+            .arg("-o")
+            .arg(output)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start watch");
+        let stdout = BufReader::new(child.stdout.take().unwrap());
+        Watching {
+            child,
+            stdout,
+            seen: String::new(),
+        }
+    }
+
+    /// Reads lines until `done` holds for all it printed so far; fails if
+    /// the watch ends first.
+    fn read_until(&mut self, done: impl Fn(&str) -> bool) {
+        let mut line = String::new();
+        while !done(&self.seen) {
+            line.clear();
+            assert!(
+                self.stdout.read_line(&mut line).unwrap() > 0,
+                "watch ended early:\n{}",
+                self.seen
+            );
+            self.seen.push_str(&line);
+        }
+    }
+
+    fn signal(&self, signal: i32) {
+        // SAFETY: plain kill(2) of our own child.
+        unsafe { kill(self.child.id() as i32, signal) };
+    }
+
+    /// Stops it with SIGINT; it must exit successfully.
+    fn stop(mut self) {
+        self.signal(SIGINT);
+        let status = self.child.wait().expect("wait for watch");
+        assert!(status.success(), "{}", self.seen);
+    }
 }
 
 fn lines<'a>(stdout: &'a str, prefix: &str) -> Vec<&'a str> {
@@ -311,43 +347,15 @@ fn a_healthy_program_gets_no_findings() {
 fn sigusr1_writes_the_kept_window() {
     require_root();
     let _turn = tracer_turn();
-    let faults = Faults::start("sleep", Profile::Release);
+    let faults = faults("sleep", Profile::Release);
     let dir = scratch_dir("watch-usr1");
     let output = dir.join("watch.pftrace");
-    let mut watcher = tracer()
-        .args(["watch", "--quiet", "--keep", "30s", "--pid"])
-        .arg(faults.0.id().to_string())
-        .arg("-o")
-        .arg(&output)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start watch");
-    let mut stdout = BufReader::new(watcher.stdout.take().unwrap());
-    let mut seen = String::new();
-    let mut line = String::new();
+    let mut watching = Watching::start(&["--quiet", "--keep", "30s"], faults.pid(), &output);
     // Wait until it watches and has found something, then ask for the window.
-    while !seen.contains("BLOCKING: ") {
-        line.clear();
-        assert!(
-            stdout.read_line(&mut line).unwrap() > 0,
-            "watch ended early:\n{seen}"
-        );
-        seen.push_str(&line);
-    }
-    let pid = watcher.id() as i32;
-    unsafe { kill(pid, SIGUSR1) };
-    while !line.starts_with("SIGUSR1: wrote") {
-        line.clear();
-        assert!(
-            stdout.read_line(&mut line).unwrap() > 0,
-            "no SIGUSR1 answer:\n{seen}"
-        );
-        seen.push_str(&line);
-    }
-    unsafe { kill(pid, SIGINT) };
-    let status = watcher.wait().expect("wait for watch");
-    assert!(status.success(), "{seen}");
+    watching.read_until(|seen| seen.contains("BLOCKING: "));
+    watching.signal(SIGUSR1);
+    watching.read_until(|seen| seen.lines().any(|line| line.starts_with("SIGUSR1: wrote")));
+    watching.stop();
 
     let usr1 = dir.join("watch.usr1-1.pftrace");
     let trace = Trace::load(&usr1);
@@ -376,7 +384,7 @@ fn sigusr1_writes_the_kept_window() {
 fn a_blocking_finding_escalates_to_one_incident_trace() {
     require_root();
     let _turn = tracer_turn();
-    let faults = Faults::start("sleep", Profile::Release);
+    let faults = faults("sleep", Profile::Release);
     let dir = scratch_dir("watch-incident");
     let output = dir.join("watch.pftrace");
     let result = run_holding_turn(
@@ -391,7 +399,7 @@ fn a_blocking_finding_escalates_to_one_incident_trace() {
                 "1",
             ])
             .arg("--pid")
-            .arg(faults.0.id().to_string())
+            .arg(faults.pid().to_string())
             .arg("-o")
             .arg(&output),
     );
@@ -494,42 +502,18 @@ fn check_incident(incident: &Trace, reason: &str, samples: bool) -> f64 {
 fn sigusr1_escalates_with_the_health_before_it_in_json() {
     require_root();
     let _turn = tracer_turn();
-    let faults = Faults::start("hog", Profile::Release);
+    let faults = faults("hog", Profile::Release);
     let dir = scratch_dir("watch-incident-usr1");
     let output = dir.join("watch.json");
-    let mut watcher = tracer()
-        .args(["watch", "--detail", "1s", "--max-incidents", "1", "--pid"])
-        .arg(faults.0.id().to_string())
-        .arg("-o")
-        .arg(&output)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start watch");
-    let mut stdout = BufReader::new(watcher.stdout.take().unwrap());
-    let mut seen = String::new();
-    let mut line = String::new();
-    let mut read_until = |done: &dyn Fn(&str) -> bool, seen: &mut String| loop {
-        line.clear();
-        assert!(
-            stdout.read_line(&mut line).unwrap() > 0,
-            "watch ended early:\n{seen}"
-        );
-        seen.push_str(&line);
-        if done(seen) {
-            return;
-        }
-    };
-    read_until(
-        &|seen| seen.contains("HOG: ") && seen.contains("health: "),
-        &mut seen,
+    let mut watching = Watching::start(
+        &["--detail", "1s", "--max-incidents", "1"],
+        faults.pid(),
+        &output,
     );
-    let pid = watcher.id() as i32;
-    unsafe { kill(pid, SIGUSR1) };
-    read_until(&|seen| seen.contains("incident 1: wrote"), &mut seen);
-    unsafe { kill(pid, SIGINT) };
-    let status = watcher.wait().expect("wait for watch");
-    assert!(status.success(), "{seen}");
+    watching.read_until(|seen| seen.contains("HOG: ") && seen.contains("health: "));
+    watching.signal(SIGUSR1);
+    watching.read_until(|seen| seen.contains("incident 1: wrote"));
+    watching.stop();
 
     let incident = Trace::load(&dir.join("watch.incident-1.json"));
     assert!(!incident.is_perfetto());
@@ -561,10 +545,10 @@ fn bad_input_is_a_clear_error() {
     assert!(stderr.contains("no process with pid 999999999"), "{stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");
 
-    let faults = Faults::start("healthy", Profile::Release);
+    let faults = faults("healthy", Profile::Release);
     let bad_dir = tracer()
         .args(["watch", "-o", "/nonexistent-dir/w.json", "--pid"])
-        .arg(faults.0.id().to_string())
+        .arg(faults.pid().to_string())
         .output()
         .expect("run");
     assert!(!bad_dir.status.success());

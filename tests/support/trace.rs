@@ -58,19 +58,31 @@ pub struct Fixture {
 impl Fixture {
     /// Starts a fixture that runs for `seconds` and waits until its runtime is up.
     pub fn start(name: &str, profile: Profile, seconds: f64) -> Fixture {
-        let path = support::fixture(name, profile);
-        let mut child = Command::new(&path)
-            .arg(seconds.to_string())
+        Fixture::launch(&support::fixture(name, profile), &[&seconds.to_string()])
+    }
+
+    /// Starts `path` with `args` and waits for its `ready` line (every
+    /// traced program the tests start says it once its runtime is up).
+    pub fn launch(path: &Path, args: &[&str]) -> Fixture {
+        let mut child = Command::new(path)
+            .args(args)
             .stdout(Stdio::piped())
             .spawn()
-            .expect("start fixture");
+            .unwrap_or_else(|err| panic!("start {}: {err}", path.display()));
         let stdout = child.stdout.take().unwrap();
         let mut line = String::new();
         BufReader::new(stdout)
             .read_line(&mut line)
-            .expect("read fixture output");
-        assert!(line.starts_with("ready"), "fixture {name} said {line:?}");
-        Fixture { child, path }
+            .expect("read the program's output");
+        assert!(
+            line.starts_with("ready"),
+            "{} said {line:?}",
+            path.display()
+        );
+        Fixture {
+            child,
+            path: path.to_path_buf(),
+        }
     }
 
     pub fn pid(&self) -> u32 {
