@@ -116,25 +116,26 @@ fn check_root_polls(trace: &Trace) -> Vec<TraceSlice> {
 }
 
 /// Wake arrows that end on the main thread: each is a wake of the root.
-fn flows_into(trace: &Trace, tid: u64) -> usize {
-    trace
+/// At least one wake arrow into the root's thread for every two root polls:
+/// its waker is the thread parker's, and the notifier's wakes reach it.
+fn check_root_wakes(trace: &Trace, root_polls: usize) {
+    let tid = pid(trace);
+    let flows = trace
         .events()
         .iter()
         .filter(|event: &&Value| event["ph"] == "f" && event["tid"] == tid)
-        .count()
+        .count();
+    assert!(
+        flows * 2 >= root_polls,
+        "{flows} wake arrows into {root_polls} root polls"
+    );
 }
 
 #[test]
 fn multi_thread_block_on_root_is_polled_on_its_thread() {
     let (trace, stdout) = trace_root("multi", Profile::Release, "1");
     let roots = check_root_polls(&trace);
-    // Its waker is the thread parker's: the notifier's wakes reach it.
-    let flows = flows_into(&trace, pid(&trace));
-    assert!(
-        flows * 2 >= roots.len(),
-        "{flows} wake arrows into {} root polls",
-        roots.len()
-    );
+    check_root_wakes(&trace, roots.len());
     assert!(stdout.contains("block_on root fixture_root"), "{stdout}");
 }
 
@@ -171,12 +172,7 @@ fn a_running_programs_root_is_joined_at_its_next_park() {
     assert!(result.status.success(), "{}", describe(&result));
     let trace = Trace::load(&output);
     let roots = check_root_polls(&trace);
-    let flows = flows_into(&trace, pid(&trace));
-    assert!(
-        flows * 2 >= roots.len(),
-        "{flows} wake arrows into {} root polls",
-        roots.len()
-    );
+    check_root_wakes(&trace, roots.len());
 }
 
 #[test]
