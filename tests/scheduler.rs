@@ -222,7 +222,9 @@ fn spawns_record_their_call_site() {
             bias + size.next_multiple_of(4096),
             binary.display()
         ));
-        let frames = tracer_symbolize::Symbolizer::new(&maps).symbolize(call_site, true);
+        let frames = tracer_symbolize::Symbolizer::new(&maps)
+            .symbolize(call_site, true)
+            .to_vec();
         let source = std::fs::read_to_string(binary_source("spawner")).unwrap();
         let spawn_line = source
             .lines()

@@ -11,6 +11,7 @@
 use std::collections::HashMap;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use anyhow::Context as _;
 use object::{Object, ObjectSymbol};
@@ -20,20 +21,24 @@ use crate::maps::{ProcessMaps, load_bias};
 
 /// One function at an address; an address gives several when functions were
 /// inlined into each other.
+///
+/// The names are shared (`Arc<str>`): a stack copies its frames out of the
+/// symbolizer's cache, and at the stop that was thousands of stacks of tens
+/// of frames each: copying the strings took most of the symbolizing there.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Frame {
     /// The address asked about (the return address itself, not minus one).
     pub address: u64,
     /// Demangled, without the `::h0123…` hash. `None` when neither DWARF nor
     /// a symbol covers the address.
-    pub function: Option<String>,
-    pub file: Option<String>,
+    pub function: Option<Arc<str>>,
+    pub file: Option<Arc<str>>,
     pub line: Option<u32>,
     /// This function was inlined into the next frame of the chain.
     pub inlined: bool,
     /// Path of the file the address is in (as the process sees it),
     /// `[vdso]`, `[uprobes]`, or empty when in no known module.
-    pub module: String,
+    pub module: Arc<str>,
     /// The address's offset from the start of its symbol (`fn+0x1a3`), on
     /// the frame whose machine code this is (not on inlined frames), when
     /// the symbol table covers it. Without line tables it is what tells
@@ -51,7 +56,7 @@ pub struct Symbolizer {
 }
 
 struct ModuleEntry {
-    name: String,
+    name: Arc<str>,
     avma_range: Range<u64>,
     source: Source,
     /// The file's inode and whether the kernel called it deleted (0 and
@@ -115,7 +120,7 @@ impl Symbolizer {
             .modules()
             .into_iter()
             .map(|m| ModuleEntry {
-                name: m.path,
+                name: m.path.into(),
                 avma_range: m.avma_range,
                 source: Source::File {
                     open_path: m.open_path,
@@ -151,14 +156,13 @@ impl Symbolizer {
     /// one frame. For a return address, the call instruction before it is
     /// looked up: the return address can already be the next line, or even
     /// the next function when the call does not return.
-    pub fn symbolize(&mut self, address: u64, is_return_address: bool) -> Vec<Frame> {
-        if let Some(frames) = self.cache.get(&(address, is_return_address)) {
-            return frames.clone();
+    pub fn symbolize(&mut self, address: u64, is_return_address: bool) -> &[Frame] {
+        let key = (address, is_return_address);
+        if !self.cache.contains_key(&key) {
+            let frames = self.lookup(address, is_return_address);
+            self.cache.insert(key, frames);
         }
-        let frames = self.lookup(address, is_return_address);
-        self.cache
-            .insert((address, is_return_address), frames.clone());
-        frames
+        &self.cache[&key]
     }
 
     /// Why a module's symbols could not be loaded, if they could not; e.g.
@@ -237,13 +241,13 @@ impl Symbolizer {
         } else {
             address
         };
-        let bare = |module: &str| Frame {
+        let bare = |module: Arc<str>| Frame {
             address,
             function: None,
             file: None,
             line: None,
             inlined: false,
-            module: module.to_owned(),
+            module,
             symbol_offset: None,
         };
         if self
@@ -251,16 +255,16 @@ impl Symbolizer {
             .uprobes_trampoline()
             .is_some_and(|t| t.contains(&probe))
         {
-            return vec![bare("[uprobes]")];
+            return vec![bare("[uprobes]".into())];
         }
         let Some(i) = self.module_index(probe) else {
-            return vec![bare("")];
+            return vec![bare("".into())];
         };
         self.load(i);
         let module = &self.modules[i];
         let Some(Ok(symbols)) = &module.loaded else {
             // Could not be read: the module name is all we know.
-            return vec![bare(&module.name)];
+            return vec![bare(module.name.clone())];
         };
         let svma = probe.wrapping_sub(symbols.bias);
 
@@ -295,7 +299,7 @@ impl Symbolizer {
             None => frames.push(Frame {
                 function: symbol.map(|(_, name)| demangle(name)),
                 symbol_offset,
-                ..bare(&module.name)
+                ..bare(module.name.clone())
             }),
         }
         frames
@@ -415,7 +419,7 @@ fn load_vdso(maps: &ProcessMaps, start: u64) -> anyhow::Result<ModuleSymbols> {
 fn dwarf_frames(
     dwarf: &addr2line::Loader,
     svma: u64,
-    push: &mut dyn FnMut(Option<String>, Option<String>, Option<u32>),
+    push: &mut dyn FnMut(Option<Arc<str>>, Option<Arc<str>>, Option<u32>),
 ) {
     let Ok(mut iter) = dwarf.find_frames(svma) else {
         return;
@@ -427,7 +431,7 @@ fn dwarf_frames(
             .and_then(|f| f.raw_name().ok())
             .map(|name| demangle(&name));
         let (file, line) = match frame.location {
-            Some(loc) => (loc.file.map(str::to_owned), loc.line),
+            Some(loc) => (loc.file.map(Arc::from), loc.line),
             None => (None, None),
         };
         push(function, file, line);
@@ -435,10 +439,10 @@ fn dwarf_frames(
 }
 
 /// Rust names without the hash (`{:#}`); other names as they are.
-fn demangle(name: &str) -> String {
+fn demangle(name: &str) -> Arc<str> {
     match rustc_demangle::try_demangle(name) {
-        Ok(demangled) => format!("{demangled:#}"),
-        Err(_) => name.to_owned(),
+        Ok(demangled) => format!("{demangled:#}").into(),
+        Err(_) => name.into(),
     }
 }
 
@@ -489,7 +493,7 @@ mod tests {
         let mut symbolizer = Symbolizer::new(&maps);
         let frames = symbolizer.symbolize(0x1800, true);
         assert_eq!(frames.len(), 1);
-        assert_eq!(frames[0].module, "/nonexistent/lib.so");
+        assert_eq!(&*frames[0].module, "/nonexistent/lib.so");
         assert_eq!(
             (frames[0].address, frames[0].function.as_deref()),
             (0x1800, None)
@@ -518,7 +522,7 @@ mod tests {
         let (maps, here) = own_maps();
         let mut prepared = Symbolizer::new(&maps);
         assert_eq!(prepared.prepare(here), Some(Ok(())));
-        let expected = prepared.symbolize(here, false);
+        let expected = prepared.symbolize(here, false).to_vec();
         let mut symbolizer = Symbolizer::new(&maps);
         assert_eq!(symbolizer.adopt(prepared), 1);
         assert_eq!(symbolizer.symbolize(here, false), expected);
@@ -544,7 +548,7 @@ mod tests {
             file: None,
             line: None,
             inlined: false,
-            module: String::new(),
+            module: "".into(),
             symbol_offset: None,
         };
         prepared.cache.insert((here, false), vec![marked(here)]);
@@ -584,13 +588,13 @@ mod tests {
     #[test]
     fn demangles_without_hash() {
         assert_eq!(
-            demangle("_ZN8fixtures8spin_for17h0123456789abcdefE"),
+            &*demangle("_ZN8fixtures8spin_for17h0123456789abcdefE"),
             "fixtures::spin_for"
         );
         assert_eq!(
-            demangle("_RNvCs1234_8fixtures8spin_for"),
+            &*demangle("_RNvCs1234_8fixtures8spin_for"),
             "fixtures::spin_for"
         );
-        assert_eq!(demangle("clock_gettime"), "clock_gettime");
+        assert_eq!(&*demangle("clock_gettime"), "clock_gettime");
     }
 }

@@ -129,7 +129,7 @@ fn check_spin_for_with_lines(symbolizer: &mut Symbolizer, spin_for: Range<u64>) 
         }
         assert!(frames[..frames.len() - 1].iter().all(|f| f.inlined));
         if frames.len() > longest.len() {
-            longest = frames;
+            longest = frames.to_vec();
         }
     }
     eprintln!("{without_line} of {len} bytes without a line");
@@ -152,7 +152,7 @@ fn release_build_without_dwarf_names_functions_from_symbols() {
         assert_eq!(frames.len(), 1, "{frames:#?}");
         assert_eq!(frames[0].function.as_deref(), Some("fixtures::spin_for"));
         assert_eq!((frames[0].file.as_deref(), frames[0].line), (None, None));
-        assert_eq!(frames[0].module, binary.display().to_string());
+        assert_eq!(*frames[0].module, binary.display().to_string());
     }
     // Return address just past the function: the call is still in it.
     let after = symbolizer.symbolize(BASE + spin_for.end, true);
@@ -421,7 +421,7 @@ fn unwinds_and_symbolizes_a_running_fixture_from_outside() {
             let symbolized: Vec<Frame> = frames
                 .iter()
                 .enumerate()
-                .flat_map(|(i, &a)| symbolizer.symbolize(a, i > 0))
+                .flat_map(|(i, &a)| symbolizer.symbolize(a, i > 0).to_vec())
                 .collect();
             let names: Vec<&str> = symbolized
                 .iter()
@@ -432,7 +432,7 @@ fn unwinds_and_symbolizes_a_running_fixture_from_outside() {
                 continue;
             };
             if maps.vdso().is_some_and(|v| v.contains(&ip)) {
-                assert_eq!(symbolized[0].module, "[vdso]");
+                assert_eq!(&*symbolized[0].module, "[vdso]");
                 assert!(names[0].contains("clock_gettime"), "{names:#?}");
                 caught_in_vdso = true;
             }

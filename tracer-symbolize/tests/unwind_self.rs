@@ -138,8 +138,11 @@ fn function_names(symbolizer: &mut Symbolizer, frames: &[u64]) -> Vec<String> {
     frames
         .iter()
         .enumerate()
-        .flat_map(|(i, &a)| symbolizer.symbolize(a, i > 0))
-        .map(|f| f.function.unwrap_or_else(|| "?".into()))
+        .flat_map(|(i, &a)| symbolizer.symbolize(a, i > 0).to_vec())
+        .map(|f| {
+            f.function
+                .map_or_else(|| "?".into(), |name| name.to_string())
+        })
         .collect()
 }
 

@@ -7,22 +7,27 @@
 //! nothing in the trace is a placeholder to patch up later.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 pub use crate::output::StackId;
 
 /// One frame of a symbolized stack (inlined calls are frames of their own).
+///
+/// The names are shared with the symbolizer's answer for the address and
+/// with every other stack through it (a clone is a reference count, not a
+/// copy of three strings: see `tracer_symbolize::Frame`).
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct SymbolFrame {
     /// The instruction's address in the target.
     pub address: u64,
     /// The function's name, when known.
-    pub function: Option<String>,
-    pub file: Option<String>,
+    pub function: Option<Arc<str>>,
+    pub file: Option<Arc<str>>,
     pub line: Option<u32>,
     /// Inlined into the frame below it (same address).
     pub inlined: bool,
     /// The file the address is in (executable or library).
-    pub module: String,
+    pub module: Arc<str>,
     /// The address's offset in its symbol, on the frame whose code it is
     /// (not an inlined one), when the symbol table covers it.
     pub symbol_offset: Option<u64>,
@@ -31,9 +36,10 @@ pub struct SymbolFrame {
 impl SymbolFrame {
     /// The function's name, or its address when unknown.
     pub fn function_name(&self) -> String {
-        self.function
-            .clone()
-            .unwrap_or_else(|| format!("{:#x}", self.address))
+        match &self.function {
+            Some(name) => name.to_string(),
+            None => format!("{:#x}", self.address),
+        }
     }
 
     /// "function (file.rs:line)", or as much of it as is known; without

@@ -9,6 +9,7 @@
 //! task type first, as `--folded` does.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use super::proto::{Encoder, interned, profile};
 use crate::symbols::{StackId, SymbolFrame, Symbols};
@@ -22,7 +23,9 @@ pub struct Callstacks {
     callstacks: HashMap<(StackId, Option<u32>), u64>,
     /// Task-type root frames, by site.
     task_frames: HashMap<u32, u64>,
-    frames: HashMap<(u64, String), u64>,
+    /// By (address, function): an address has one frame per function
+    /// inlined there. The name is the symbolizer's shared one, not a copy.
+    frames: HashMap<(u64, Option<Arc<str>>), u64>,
     function_names: HashMap<String, u64>,
     source_paths: HashMap<String, u64>,
     mappings: HashMap<String, u64>,
@@ -62,8 +65,7 @@ impl Callstacks {
     }
 
     fn frame(&mut self, interned: &mut Encoder, frame: &SymbolFrame) -> u64 {
-        let function = frame.function_name();
-        let key = (frame.address, function);
+        let key = (frame.address, frame.function.clone());
         if let Some(&iid) = self.frames.get(&key) {
             return iid;
         }
@@ -71,7 +73,7 @@ impl Callstacks {
             &mut self.function_names,
             interned,
             interned::FUNCTION_NAMES,
-            &key.1,
+            &frame.function_name(),
         );
         let source_iid = frame.file.as_deref().map(|file| {
             intern_string(
@@ -106,8 +108,8 @@ impl Callstacks {
             return iid;
         }
         let frame = SymbolFrame {
-            function: Some(name.to_owned()),
-            module: TASK_MAPPING.to_owned(),
+            function: Some(name.into()),
+            module: TASK_MAPPING.into(),
             // Not an address: keeps task frames apart from real ones.
             address: u64::MAX - site as u64,
             ..SymbolFrame::default()

@@ -271,8 +271,8 @@ fn both_writers_write_a_composed_window() {
     let composed = compose(&[(1, "w (tid 1)".to_owned())], items, None);
     let frame = |function: &str, module: &str| SymbolFrame {
         address: 0x10,
-        function: Some(function.to_owned()),
-        module: module.to_owned(),
+        function: Some(function.into()),
+        module: module.into(),
         ..SymbolFrame::default()
     };
     let info = TraceInfo {

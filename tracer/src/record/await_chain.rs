@@ -169,11 +169,11 @@ pub(super) mod tests {
     pub(in crate::record) fn frame(function: &str, line: u32) -> Frame {
         Frame {
             address: 0x1000,
-            function: Some(function.to_string()),
-            file: Some("/src/app/src/main.rs".to_string()),
+            function: Some(function.into()),
+            file: Some("/src/app/src/main.rs".into()),
             line: Some(line),
             inlined: true,
-            module: "/app".to_string(),
+            module: "/app".into(),
             symbol_offset: None,
         }
     }

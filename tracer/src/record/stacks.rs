@@ -280,7 +280,7 @@ impl StackTable {
                 // A return address: the call is the instruction before it.
                 let frames: Vec<SymbolFrame> = symbolizer
                     .symbolize(address, true)
-                    .into_iter()
+                    .iter()
                     .map(symbol_frame)
                     .collect();
                 if let Some(at) = spawned_at(&frames) {
@@ -289,12 +289,11 @@ impl StackTable {
             }
             let progress = Progress::new(self.stacks.len());
             for (done, addresses) in self.stacks.iter().enumerate() {
-                let stack: Vec<SymbolFrame> = addresses
-                    .iter()
-                    .enumerate()
-                    .flat_map(|(depth, &address)| symbolizer.symbolize(address, depth > 0))
-                    .map(symbol_frame)
-                    .collect();
+                let mut stack = Vec::with_capacity(addresses.len());
+                for (depth, &address) in addresses.iter().enumerate() {
+                    let frames = symbolizer.symbolize(address, depth > 0);
+                    stack.extend(frames.iter().map(symbol_frame));
+                }
                 stacks.push(stack);
                 progress.update(done + 1);
             }
@@ -343,14 +342,15 @@ impl StackTable {
     }
 }
 
-pub(crate) fn symbol_frame(frame: Frame) -> SymbolFrame {
+/// The symbolizer's frame as the timeline's (sharing its names).
+pub(crate) fn symbol_frame(frame: &Frame) -> SymbolFrame {
     SymbolFrame {
         address: frame.address,
-        function: frame.function,
-        file: frame.file,
+        function: frame.function.clone(),
+        file: frame.file.clone(),
         line: frame.line,
         inlined: frame.inlined,
-        module: frame.module,
+        module: frame.module.clone(),
         symbol_offset: frame.symbol_offset,
     }
 }

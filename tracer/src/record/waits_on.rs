@@ -316,8 +316,8 @@ mod tests {
 
     fn symbol(function: &str) -> Frame {
         Frame {
-            function: Some(function.to_owned()),
-            module: "/app".to_owned(),
+            function: Some(function.into()),
+            module: "/app".into(),
             ..Frame::default()
         }
     }
@@ -547,11 +547,11 @@ mod tests {
         let mut frame = symbol("poll_elapsed");
         frame.file = Some(
             "/root/.cargo/registry/src/index.crates.io-1949/tokio-1.54.1/src/runtime/time/entry.rs"
-                .to_owned(),
+                .into(),
         );
         assert_eq!(waits_on(&[frame]).map(|w| w.kind), Some(Timer));
         let mut own = symbol("poll_elapsed");
-        own.file = Some("/src/app/src/time/entry.rs".to_owned());
+        own.file = Some("/src/app/src/time/entry.rs".into());
         assert_eq!(waits_on(&[own]), None, "not tokio's file");
     }
 }

@@ -241,10 +241,13 @@ impl StackReader {
         };
         for (depth, &address) in capture.user.iter().take(frames).enumerate() {
             for frame in symbolizer.symbolize(address, depth > 0) {
-                let function = frame.function.unwrap_or_else(|| format!("{address:#x}"));
-                let name = match (frame.file, frame.line) {
+                let function = match &frame.function {
+                    Some(name) => name.to_string(),
+                    None => format!("{address:#x}"),
+                };
+                let name = match (&frame.file, frame.line) {
                     (Some(file), Some(line)) => {
-                        let file = file.rsplit('/').next().unwrap_or(&file).to_string();
+                        let file = file.rsplit('/').next().unwrap_or(file);
                         format!("{function} ({file}:{line})")
                     }
                     _ => function,
@@ -268,8 +271,8 @@ impl StackReader {
             .skip_while(|(_, name)| is_machinery(name))
             .map(|(address, name)| SymbolFrame {
                 address,
-                function: Some(name.to_string()),
-                module: KERNEL_MODULE.to_string(),
+                function: Some(name.into()),
+                module: KERNEL_MODULE.into(),
                 ..SymbolFrame::default()
             })
             .collect();
@@ -282,7 +285,7 @@ impl StackReader {
             frames.extend(
                 symbolizer
                     .symbolize(address, depth > 0)
-                    .into_iter()
+                    .iter()
                     .map(symbol_frame),
             );
         }
