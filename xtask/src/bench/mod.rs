@@ -59,7 +59,8 @@ pub struct Options {
     #[arg(long)]
     pub no_write: bool,
     /// Only measure the trace formats (size, rendering rate, tracer memory;
-    /// see `bench/formats.rs`).
+    /// see `bench/formats.rs`); `--runs` is how often the 5 s Perfetto run
+    /// is repeated (default 3).
     #[arg(long)]
     pub formats: bool,
     /// Only these workloads (e.g. `--workload http --workload kv`); all by default.
