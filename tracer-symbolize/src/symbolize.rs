@@ -10,6 +10,7 @@
 
 use std::collections::HashMap;
 use std::ops::Range;
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -367,8 +368,13 @@ impl Symbolizer {
             }
         }
         // A broken debug file costs file:line, not the function names.
+        // addr2line opens the binary again itself: through our descriptor, the
+        // very file whose symbols were just read. By `open_path` it failed
+        // when the process exited in between (its /proc/PID/map_files went
+        // with it): a short-lived command's stacks then had symbols only.
+        let own = PathBuf::from(format!("/proc/self/fd/{}", file.as_raw_fd()));
         let dwarf = match debug_file {
-            Some(Itself) => addr2line::Loader::new(self.dwarf_path(name, open_path)).ok(),
+            Some(Itself) => addr2line::Loader::new(self.dwarf_path(name, open_path, own)).ok(),
             Some(Separate(path)) => addr2line::Loader::new(path).ok(),
             None => None,
         };
@@ -386,8 +392,8 @@ impl Symbolizer {
     /// `/proc/PID/…` it found none (~35 % of `waits_at` right while the
     /// target lived, 99.8 % once it had exited). The real path inside the
     /// process's root is used when it holds the very file mapped (same
-    /// device and inode) and a `.dwp` lies beside it.
-    fn dwarf_path(&self, name: &str, open_path: &Path) -> PathBuf {
+    /// device and inode) and a `.dwp` lies beside it; `otherwise` if not.
+    fn dwarf_path(&self, name: &str, open_path: &Path, otherwise: PathBuf) -> PathBuf {
         use std::os::unix::fs::MetadataExt;
         let real = self.maps.path_in_process_root(Path::new(name));
         let mut dwp = real.clone().into_os_string();
@@ -399,7 +405,7 @@ impl Symbolizer {
         if same_file && Path::new(&dwp).exists() {
             real
         } else {
-            open_path.to_path_buf()
+            otherwise
         }
     }
 }
