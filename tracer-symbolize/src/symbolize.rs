@@ -271,17 +271,11 @@ impl Symbolizer {
 
         let mut frames = Vec::new();
         if let Some(dwarf) = &symbols.dwarf {
-            dwarf_frames(dwarf, svma, &mut |function, file, line| {
-                frames.push(Frame {
-                    address,
-                    function,
-                    file,
-                    line,
-                    inlined: true,
-                    module: module.name.clone(),
-                    symbol_offset: None,
-                })
-            });
+            let inlined = Frame {
+                inlined: true,
+                ..bare(module.name.clone())
+            };
+            dwarf_frames(dwarf, svma, &inlined, &mut frames);
         }
         let symbol = symbols.symbols.lookup(svma);
         // The return address's own offset (not the call's, one byte back):
@@ -420,13 +414,10 @@ fn load_vdso(maps: &ProcessMaps, start: u64) -> anyhow::Result<ModuleSymbols> {
     })
 }
 
-/// Calls `push(function, file, line)` for each frame DWARF has at `svma`,
-/// innermost first. Errors end the chain: what was found is still right.
-fn dwarf_frames(
-    dwarf: &addr2line::Loader,
-    svma: u64,
-    push: &mut dyn FnMut(Option<Arc<str>>, Option<Arc<str>>, Option<u32>),
-) {
+/// Pushes `like` with each frame's function, file and line that DWARF has
+/// at `svma`, innermost first. Errors end the chain: what was found is
+/// still right.
+fn dwarf_frames(dwarf: &addr2line::Loader, svma: u64, like: &Frame, frames: &mut Vec<Frame>) {
     let Ok(mut iter) = dwarf.find_frames(svma) else {
         return;
     };
@@ -440,7 +431,12 @@ fn dwarf_frames(
             Some(loc) => (loc.file.map(Arc::from), loc.line),
             None => (None, None),
         };
-        push(function, file, line);
+        frames.push(Frame {
+            function,
+            file,
+            line,
+            ..like.clone()
+        });
     }
 }
 
