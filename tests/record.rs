@@ -267,7 +267,9 @@ fn ctrl_c_ends_with_a_complete_trace() {
 fn target_exit_ends_with_a_complete_trace() {
     require_root();
     let _turn = trace::tracer_turn();
-    let fixture = Fixture::start("current_thread", Profile::Release, 2.0);
+    // Long enough that the probes are in before it exits on a loaded
+    // machine (2 s was not, once: the tracer then rightly refused).
+    let fixture = Fixture::start("current_thread", Profile::Release, 4.0);
     let dir = scratch_dir("target-exit");
     let output = dir.join("trace.pftrace");
     let result = trace::run_holding_turn(
