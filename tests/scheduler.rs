@@ -437,3 +437,96 @@ fn a_balanced_runtime_is_not_flagged() {
     assert!(!stdout.contains("IMBALANCE"), "{stdout}");
     assert!(!stdout.contains("HOG:"), "{stdout}");
 }
+
+/// Spinning processes pinned to one CPU, killed on drop.
+struct Contention(Vec<std::process::Child>);
+
+impl Contention {
+    fn on_cpu(cpu: u32, spinners: usize) -> Contention {
+        let spin = |_| {
+            std::process::Command::new("taskset")
+                .args(["-c", &cpu.to_string(), "sh", "-c", "while :; do :; done"])
+                .spawn()
+                .expect("taskset starts a spinner")
+        };
+        Contention((0..spinners).map(spin).collect())
+    }
+}
+
+impl Drop for Contention {
+    fn drop(&mut self) {
+        for child in &mut self.0 {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+#[test]
+fn preempted_time_is_measured_and_is_not_a_hog() {
+    // multi_worker pinned to CPU 0 with three spinners there: every thread
+    // gets a quarter of the CPU, so the busy task's 50 ms (wall) spins are
+    // preempted again and again, and so is any short poll the scheduler
+    // takes CPU 0 from (~10 ms a time, a HOG before preemption was counted).
+    require_root();
+    let _turn = trace::tracer_turn();
+    let fixture = Fixture::start("multi_worker", Profile::Release, 600.0);
+    let pinned = std::process::Command::new("taskset")
+        .args(["-a", "-p", "-c", "0", &fixture.pid().to_string()])
+        .output()
+        .expect("taskset");
+    assert!(pinned.status.success(), "{pinned:?}");
+    let _contention = Contention::on_cpu(0, 3);
+    let dir = scratch_dir("preempted");
+    let output = dir.join("trace.pftrace");
+    let summary_json = dir.join("summary.json");
+    let result = trace::run_holding_turn(
+        tracer()
+            .args([
+                "--pid",
+                &fixture.pid().to_string(),
+                "--duration",
+                "2s",
+                "-o",
+            ])
+            .arg(&output)
+            .arg("--summary-json")
+            .arg(&summary_json),
+    );
+    assert!(result.status.success(), "{}", describe(&result));
+    let trace = Trace::load(&output);
+    let preempted: Vec<(f64, u64)> = trace
+        .polls()
+        .iter()
+        .filter_map(|p| Some((p.dur_ns, p.args["preempted_ns"].as_u64()?)))
+        .collect();
+    let busy = trace
+        .polls()
+        .into_iter()
+        .filter(|p| p.name.contains("fixture_busy_task"))
+        .filter(|p| p.args["preempted_ns"].as_u64().is_some_and(|ns| ns > 0))
+        .count();
+    assert!(busy > 0, "no busy-task poll was preempted: {preempted:?}");
+    for (duration, preempted_ns) in &preempted {
+        assert!(
+            *preempted_ns as f64 <= duration + 1.0,
+            "preempted {preempted_ns} ns in a {duration} ns poll"
+        );
+    }
+    // A hog is the poll's own time over 10 ms, whatever the preemptions.
+    let text = std::fs::read_to_string(&summary_json).expect("--summary-json was written");
+    let summary: Value = serde_json::from_str(&text).expect("--summary-json is JSON");
+    for hog in summary["findings"].as_array().expect("findings") {
+        if hog["kind"] != "HOG" {
+            continue;
+        }
+        let own = hog["poll_ns"].as_u64().unwrap() - hog["preempted_ns"].as_u64().unwrap();
+        assert!(own > 10_000_000, "{hog}");
+        assert!(
+            hog["task_type"]
+                .as_str()
+                .is_some_and(|t| t.contains("fixture_busy_task")),
+            "a short poll's preemption flagged as a HOG: {hog}"
+        );
+    }
+}

@@ -15,7 +15,9 @@ pub enum EventKind {
     /// was not seen), `addr` the key of the last await point where the poll
     /// registered the task's waker (0 when none): where the task now waits.
     /// The key names the stack captured for it (a [`StackHeader`] with the
-    /// same key, sent once per task and key).
+    /// same key, sent once per task and key). `other_task_id` is not a task
+    /// here: it is how long (ns) the thread was preempted during the poll,
+    /// runnable but off CPU (the kernel's doing, not the task's).
     PollEnd = 2,
     /// A worker entered a park function of its scheduler.
     ParkStart = 3,
@@ -215,7 +217,11 @@ pub mod names {
         pub const OFF_CPU_PENDING: &str = "OFF_CPU_PENDING";
         /// Watch tier: futex words the workers park on (learnt by user space).
         pub const PARK_FUTEX: &str = "PARK_FUTEX";
-        pub const ALL: [&str; 16] = [
+        /// Threads preempted inside a poll, until they run again.
+        pub const PREEMPTED: &str = "PREEMPTED";
+        /// How many `PREEMPTED` entries there are (slot 0).
+        pub const PREEMPTED_PENDING: &str = "PREEMPTED_PENDING";
+        pub const ALL: [&str; 18] = [
             EVENTS,
             STACKS,
             COUNTERS,
@@ -232,6 +238,8 @@ pub mod names {
             ROOT_OF_PARKER,
             OFF_CPU_PENDING,
             PARK_FUTEX,
+            PREEMPTED,
+            PREEMPTED_PENDING,
         ];
     }
 
@@ -302,6 +310,9 @@ pub mod names {
         pub const WATCH_SWITCH: &str = "watch_switch";
         /// Watch tier: `sched_wakeup` (BTF tracepoint).
         pub const WATCH_WAKEUP: &str = "watch_wakeup";
+        /// `sched_switch` (BTF tracepoint): time a thread spent preempted
+        /// inside a poll.
+        pub const POLL_PREEMPTED: &str = "poll_preempted";
         /// The watch tier's uprobe programs (no uretprobe: one trap per park).
         pub const WATCH_UPROBES: [&str; 1] = [WATCH_PARK_START];
         /// The record mode's uprobe and uretprobe programs (every program

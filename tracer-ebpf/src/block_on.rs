@@ -295,6 +295,7 @@ fn start_root_poll(tid: u32, state: *mut BlockOnThread) {
         entry_sp: unsafe { (*state).entry_sp },
         poll_return: 0,
         await_key: 0,
+        preempted_at_start: 0,
     };
     push_poll(tid, current);
     unsafe { (*state).polling = 1 };
@@ -318,17 +319,19 @@ unsafe fn end_root_poll(tid: u32, state: *mut BlockOnThread) {
         (*state).polling = 0;
         let end_ns = bpf_ktime_get_ns();
         let root_id = (*state).root_id;
-        let mut await_key = 0;
+        let (mut await_key, mut preempted_ns) = (0, 0);
         if let Some(slot) = CURRENT_TASK.get_ptr_mut(&tid)
             && (*slot).depth != 0
             && (*slot).inner.task_id == root_id
         {
-            await_key = pop_poll(slot).await_key;
+            let ended = pop_poll(slot);
+            (await_key, preempted_ns) = (ended.await_key, ended.preempted_at_start);
         }
         let detail = Detail {
             site: (*state).site,
             task_id: root_id,
             addr: await_key,
+            other_task_id: preempted_ns,
             ..Detail::default()
         };
         emit_at(end_ns, EventKind::PollEnd, tid, detail);

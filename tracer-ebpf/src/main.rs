@@ -15,8 +15,9 @@
 //! The modules: [`config`] (what user space sets before loading), [`maps`]
 //! (every map, declared once), [`emit`] (one event into the ring buffer),
 //! [`task_id`] (reading tokio's task id), and one module per group of
-//! programs: [`poll`], [`park`], [`scheduler`] (spawn, wake, task end,
-//! unpark), [`stacks`] (await points and CPU samples), and [`watch`] (the
+//! programs: [`poll`], [`preempt`] (time preempted inside a poll), [`park`],
+//! [`scheduler`] (spawn, wake, task end, unpark), [`stacks`] (await points
+//! and CPU samples), and [`watch`] (the
 //! always-on watch tier's own programs and maps, loaded without the others).
 //! Maps, globals and programs are named after their identifiers, which are
 //! the names in `tracer_common::names` (a test of the tracer checks the
@@ -35,6 +36,7 @@ mod emit;
 mod maps;
 mod park;
 mod poll;
+mod preempt;
 mod scheduler;
 mod stacks;
 mod task_id;

@@ -35,6 +35,19 @@ pub struct StackRecord {
 #[map]
 pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Counter::SLOTS, 0);
 
+/// Adds `delta` (wrapping) to `*slot` atomically: the BPF target has no
+/// `AtomicU64` read-modify-write, its instruction set has (`lock … +=`).
+#[inline(always)]
+pub fn atomic_add(slot: *mut u64, delta: u64) {
+    unsafe {
+        core::arch::asm!(
+            "lock *(u64 *)({slot} + 0) += {delta}",
+            slot = in(reg) slot,
+            delta = in(reg) delta,
+        )
+    }
+}
+
 /// Adds one to a counter of this CPU.
 #[inline(always)]
 pub fn count(counter: Counter) {
@@ -67,6 +80,9 @@ pub struct CurrentTask {
     /// The key of the last await point this poll registered a waker at (0
     /// when none): sent with the poll's end rather than as an event of its own.
     pub await_key: u64,
+    /// The thread's `ThreadPolls::preempted_ns` when the poll started; once
+    /// `poll::pop_poll` ended the poll, how long it was preempted during it.
+    pub preempted_at_start: u64,
 }
 
 /// What a thread of the target is polling right now: the innermost poll,
@@ -83,6 +99,10 @@ pub struct ThreadPolls {
     pub _pad: u32,
     pub inner: CurrentTask,
     pub outer: CurrentTask,
+    /// Nanoseconds this thread has spent preempted inside polls, all told
+    /// (added by [`crate::preempt`]): a poll's share is the difference
+    /// between its end and its start.
+    pub preempted_ns: u64,
 }
 
 /// The polls each thread of the target is in (thread id → polls), so that a
@@ -142,3 +162,20 @@ pub static BLOCK_ON: LruHashMap<u32, BlockOnThread> = LruHashMap::with_max_entri
 /// that a wake of the parker is a wake of that root.
 #[map]
 pub static ROOT_OF_PARKER: LruHashMap<u64, u64> = LruHashMap::with_max_entries(4096, 0);
+
+/// A target thread preempted inside a poll, until it runs again.
+#[derive(Clone, Copy)]
+pub struct Preempted {
+    pub ts_ns: u64,
+    pub tid: u32,
+    pub _pad: u32,
+}
+
+/// By the thread's `task_struct` address (see [`crate::preempt`]).
+#[map]
+pub static PREEMPTED: LruHashMap<u64, Preempted> = LruHashMap::with_max_entries(4096, 0);
+
+/// Slot 0: how many entries `PREEMPTED` holds, so that the switches of the
+/// rest of the machine skip its lookup while none is pending.
+#[map]
+pub static PREEMPTED_PENDING: Array<u64> = Array::with_max_entries(1, 0);

@@ -62,6 +62,7 @@ pub fn poll_start(ctx: ProbeContext) -> u32 {
         entry_sp,
         poll_return,
         await_key: 0,
+        preempted_at_start: 0,
     };
     push_poll(tid, current);
     if filtering {
@@ -132,9 +133,10 @@ pub fn poll_returned(ctx: ProbeContext) -> u32 {
 
 /// Makes `current` the thread's innermost poll.
 #[inline(always)]
-pub fn push_poll(tid: u32, current: CurrentTask) {
+pub fn push_poll(tid: u32, mut current: CurrentTask) {
     match CURRENT_TASK.get_ptr_mut(&tid) {
         Some(slot) => unsafe {
+            current.preempted_at_start = (*slot).preempted_ns;
             // The stack grows down: a poll within a poll starts deeper than
             // the one it interrupts. One that doesn't means the polls in the
             // slot ended unseen (a missed end must not leave a stale task
@@ -160,6 +162,7 @@ pub fn push_poll(tid: u32, current: CurrentTask) {
                 _pad: 0,
                 inner: current,
                 outer: current,
+                preempted_ns: 0,
             };
             let _ = CURRENT_TASK.insert(&tid, &polls, 0);
         }
@@ -167,11 +170,14 @@ pub fn push_poll(tid: u32, current: CurrentTask) {
 }
 
 /// Ends the thread's innermost poll (`depth` must be non-zero) and returns
-/// it; the poll it interrupted, if any, is the innermost again.
+/// it, its `preempted_at_start` turned into how long the thread was
+/// preempted during it; the poll it interrupted, if any, is the innermost
+/// again.
 #[inline(always)]
 pub unsafe fn pop_poll(slot: *mut ThreadPolls) -> CurrentTask {
     unsafe {
-        let ended = (*slot).inner;
+        let mut ended = (*slot).inner;
+        ended.preempted_at_start = (*slot).preempted_ns.wrapping_sub(ended.preempted_at_start);
         if (*slot).depth >= 2 {
             (*slot).inner = (*slot).outer;
             (*slot).depth = 1;
@@ -207,6 +213,8 @@ fn finish_poll<C: EbpfContext>(ctx: &C, tid: u32, end_ns: u64, mut current: Curr
         site: current.site,
         task_id: current.task_id,
         addr: current.await_key,
+        // `pop_poll` made it the time preempted during the poll.
+        other_task_id: current.preempted_at_start,
         ..Detail::default()
     };
     emit_at(end_ns, EventKind::PollEnd, tid, end);

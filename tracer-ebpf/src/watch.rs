@@ -51,7 +51,7 @@ use tracer_common::{Counter, STACK_BYTES_MAX};
 
 use crate::config::{enabled, stack_bytes, target_tgid, target_thread};
 use crate::emit::NO_WAKEUP;
-use crate::maps::count;
+use crate::maps::{atomic_add, count};
 
 /// x86_64 system call numbers a park sleeps in.
 const SYS_FUTEX: u64 = 202;
@@ -117,19 +117,6 @@ struct WatchStackRecord {
 #[inline(always)]
 fn min_off_cpu_ns() -> u64 {
     unsafe { core::ptr::read_volatile(&MIN_OFF_CPU_NS) }
-}
-
-/// Adds `delta` (wrapping) to `*slot` atomically: the BPF target has no
-/// `AtomicU64` read-modify-write, its instruction set has (`lock … +=`).
-#[inline(always)]
-fn atomic_add(slot: *mut u64, delta: u64) {
-    unsafe {
-        core::arch::asm!(
-            "lock *(u64 *)({slot} + 0) += {delta}",
-            slot = in(reg) slot,
-            delta = in(reg) delta,
-        )
-    }
 }
 
 #[inline(always)]

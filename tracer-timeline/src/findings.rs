@@ -57,6 +57,9 @@ pub struct Hog {
     pub worker: String,
     pub tid: u32,
     pub poll_ns: u64,
+    /// Of `poll_ns`, the time the thread was preempted (what is left is
+    /// over [`HOG_POLL_NS`]).
+    pub preempted_ns: u64,
     /// When the poll started (CLOCK_MONOTONIC ns).
     pub start_ns: u64,
     /// Still running when recording stopped: the real poll was longer.
@@ -90,6 +93,7 @@ impl Finding {
                 "worker": h.worker,
                 "tid": h.tid,
                 "poll_ns": h.poll_ns,
+                "preempted_ns": h.preempted_ns,
                 "start_ns": h.start_ns,
                 "truncated": h.truncated,
             }),
@@ -108,14 +112,20 @@ impl fmt::Display for Finding {
                 format_permille(i.busy_share_permille),
                 format_permille(i.others_parked_permille)
             ),
-            Finding::Hog(h) => write!(
-                f,
-                "HOG: {} {} held worker {} for {} in one poll",
-                task_label(h.task_id, h.task),
-                h.task_type,
-                h.worker,
-                human_duration(h.poll_ns)
-            ),
+            Finding::Hog(h) => {
+                write!(
+                    f,
+                    "HOG: {} {} held worker {} for {} in one poll",
+                    task_label(h.task_id, h.task),
+                    h.task_type,
+                    h.worker,
+                    human_duration(h.poll_ns)
+                )?;
+                if h.preempted_ns > 0 {
+                    write!(f, " ({} of it preempted)", human_duration(h.preempted_ns))?;
+                }
+                Ok(())
+            }
         }
     }
 }
@@ -165,14 +175,15 @@ fn imbalance(summary: &Summary) -> Option<Imbalance> {
     })
 }
 
-/// The longest polls over [`HOG_POLL_NS`] (the timeline keeps the longest
-/// few; blocking-pool work is not among them).
+/// The longest polls that held their worker over [`HOG_POLL_NS`], their
+/// preemptions not counted (the timeline keeps the longest few;
+/// blocking-pool work is not among them).
 fn hogs(summary: &Summary) -> impl Iterator<Item = Hog> + '_ {
     summary
         .scheduler
         .longest_polls
         .iter()
-        .filter(|long| long.poll.duration_ns > HOG_POLL_NS)
+        .filter(|long| long.poll.held_ns() > HOG_POLL_NS)
         .map(|long| Hog {
             task_id: long.poll.task_id,
             task: long.poll.task,
@@ -180,6 +191,7 @@ fn hogs(summary: &Summary) -> impl Iterator<Item = Hog> + '_ {
             worker: summary.thread_name(long.poll.tid),
             tid: long.poll.tid,
             poll_ns: long.poll.duration_ns,
+            preempted_ns: long.poll.preempted_ns,
             start_ns: long.poll.start_ns,
             truncated: long.poll.truncated,
         })

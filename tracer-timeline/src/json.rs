@@ -85,6 +85,9 @@ impl<'a, W: Write> JsonWriter<'a, W> {
                     "header": format!("{task:#x}"),
                     "truncated": slice.truncated,
                 });
+                if slice.preempted_ns > 0 {
+                    args["preempted_ns"] = json!(slice.preempted_ns);
+                }
                 if let Some((_, point)) = self.info.symbols.await_point(task_id, await_key) {
                     let task_type = types.full_name(Some(site));
                     if let Some(waits_at) = point.waits_at(task_type) {

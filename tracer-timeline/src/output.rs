@@ -111,6 +111,10 @@ pub struct Slice {
     /// thread parked, first): `end_ns` is when that became clear. Such polls
     /// are not counted; a writer that had to open the slice closes it here.
     pub end_lost: bool,
+    /// A poll's time its thread spent preempted (runnable, but taken off
+    /// CPU by the kernel), included in its duration; 0 for parks, and where
+    /// the kernel's `sched_switch` could not be traced.
+    pub preempted_ns: u64,
 }
 
 impl Slice {

@@ -302,6 +302,12 @@ impl Summary {
         for long in polls {
             let poll = &long.poll;
             let mut duration = human_duration(poll.duration_ns);
+            if poll.preempted_ns > 0 {
+                duration.push_str(&format!(
+                    " ({} preempted)",
+                    human_duration(poll.preempted_ns)
+                ));
+            }
             if poll.truncated {
                 duration.push_str(" (still running)");
             }

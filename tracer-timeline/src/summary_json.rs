@@ -72,6 +72,7 @@ impl Summary {
                     "tid": l.poll.tid,
                     "start_ns": l.poll.start_ns,
                     "duration_ns": l.poll.duration_ns,
+                    "preempted_ns": l.poll.preempted_ns,
                     "truncated": l.poll.truncated,
                 })
             })
@@ -210,6 +211,7 @@ mod tests {
                         tid: 7,
                         start_ns: 5,
                         duration_ns: HOG_POLL_NS + 1,
+                        preempted_ns: 0,
                         truncated: false,
                     },
                 }],

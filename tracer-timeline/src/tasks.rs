@@ -60,8 +60,21 @@ pub struct LongPoll {
     pub tid: u32,
     pub start_ns: u64,
     pub duration_ns: u64,
+    /// Of `duration_ns`, the time its thread was preempted (runnable, taken
+    /// off CPU by the kernel: not the task's doing).
+    pub preempted_ns: u64,
     /// Still running when recording ended: the real poll was longer.
     pub truncated: bool,
+}
+
+impl LongPoll {
+    /// How long the poll held its worker by its own doing: its duration
+    /// less the time it was preempted. What ranks the longest polls and
+    /// makes a hog: on a loaded machine a short poll preempted for
+    /// milliseconds is not one.
+    pub fn held_ns(&self) -> u64 {
+        self.duration_ns.saturating_sub(self.preempted_ns)
+    }
 }
 
 /// Counts over the whole trace.
@@ -106,6 +119,8 @@ pub(crate) struct ClosedPoll {
     pub await_point: (u64, u64),
     pub start_ns: u64,
     pub end_ns: u64,
+    /// Time its thread spent preempted during it.
+    pub preempted_ns: u64,
     pub truncated: bool,
     /// `spawn_blocking` work: not a hog, it runs where blocking is fine.
     pub blocking: bool,
@@ -319,6 +334,7 @@ impl TaskTracker {
             tid: poll.tid,
             start_ns: poll.start_ns,
             duration_ns: duration,
+            preempted_ns: poll.preempted_ns.min(duration),
             truncated: poll.truncated,
         };
         let end_pending = task.end_pending;
@@ -443,22 +459,22 @@ impl TaskTracker {
         }
     }
 
-    /// Keeps `poll` if it is among the longest, one entry per task.
+    /// Keeps `poll` if it is among the longest (by [`LongPoll::held_ns`]),
+    /// one entry per task.
     fn offer_long_poll(&mut self, serial: u64, poll: LongPoll) {
         let board = &mut self.longest_polls;
+        let held = poll.held_ns();
         if let Some(index) = board.iter().position(|(s, _)| *s == serial) {
-            if board[index].1.duration_ns >= poll.duration_ns {
+            if board[index].1.held_ns() >= held {
                 return;
             }
             board.remove(index);
         } else if board.len() >= LONGEST_POLLS_KEPT
-            && board
-                .last()
-                .is_some_and(|(_, last)| last.duration_ns >= poll.duration_ns)
+            && board.last().is_some_and(|(_, last)| last.held_ns() >= held)
         {
             return;
         }
-        let at = board.partition_point(|(_, kept)| kept.duration_ns >= poll.duration_ns);
+        let at = board.partition_point(|(_, kept)| kept.held_ns() >= held);
         board.insert(at, (serial, poll));
         board.truncate(LONGEST_POLLS_KEPT);
     }

@@ -87,6 +87,9 @@ impl<W: Write> PerfettoWriter<'_, W> {
                     string_note(p, Note::AwaitStack, stack);
                 }
             }
+            if slice.preempted_ns > 0 {
+                uint_note(p, Note::PreemptedNs, slice.preempted_ns);
+            }
             if slice.truncated {
                 bool_note(p, Note::Truncated);
             }

@@ -79,9 +79,10 @@ pub enum Note {
     LifetimeNs,
     By,
     Header,
+    PreemptedNs,
 }
 
-const NOTES: [&str; 17] = [
+const NOTES: [&str; 18] = [
     "task_id",
     "task_type",
     "await_stack",
@@ -99,6 +100,7 @@ const NOTES: [&str; 17] = [
     "lifetime_ns",
     "by",
     "header",
+    "preempted_ns",
 ];
 
 /// The first line of an interned await stack that names the leaf primitive
@@ -422,7 +424,8 @@ mod tests {
         assert_eq!(note(Note::EndLost.iid()), "end_lost");
         assert_eq!(note(Note::WakerTaskId.iid()), "waker_task_id");
         assert_eq!(note(Note::Header.iid()), "header");
-        assert_eq!(NOTES.len() as u64, Note::Header.iid());
+        assert_eq!(note(Note::PreemptedNs.iid()), "preempted_ns");
+        assert_eq!(NOTES.len() as u64, Note::PreemptedNs.iid());
         assert!(FIRST_DYNAMIC_NAME > NAMES.len() as u64);
         assert!(FIRST_DYNAMIC_NOTE > NOTES.len() as u64);
     }

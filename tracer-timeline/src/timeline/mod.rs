@@ -53,7 +53,7 @@ pub use crate::output::{Slice, SliceKind};
 use crate::task_types::TaskTypes;
 use crate::tasks::{ClosedPoll, LongPoll, TaskStats, TaskTotals, TaskTracker, TaskTypeStats};
 pub use thread::ThreadStats;
-use thread::{OpenPoll, ThreadState};
+use thread::{OpenPoll, PollEnding, ThreadState};
 
 /// The state machine for all threads and tasks. Feed it events with
 /// [`push`](Self::push), then call [`finish`](Self::finish) once.
@@ -170,8 +170,15 @@ impl Timeline {
         match kind {
             EventKind::PollStart => self.poll_start(index, ev, out),
             EventKind::PollEnd => {
-                // `addr` is the await point the task registered its waker at.
-                if !self.close_poll(index, ev.ts_ns, false, ev.addr, out) {
+                // `addr` is the await point the task registered its waker
+                // at; `other_task_id` the time preempted during the poll.
+                let end = PollEnding {
+                    end_ns: ev.ts_ns,
+                    truncated: false,
+                    await_key: ev.addr,
+                    preempted_ns: ev.other_task_id,
+                };
+                if !self.close_poll(index, end, out) {
                     self.unmatched_ends += 1;
                 }
             }
@@ -240,7 +247,12 @@ impl Timeline {
     pub fn finish(&mut self, end_ns: u64, out: &mut Vec<TimelineOutput>) {
         for index in 0..self.threads.len() {
             let before = self.threads[index].1.activity(&self.types);
-            while self.close_poll(index, end_ns, true, 0, out) {}
+            let end = PollEnding {
+                end_ns,
+                truncated: true,
+                ..PollEnding::default()
+            };
+            while self.close_poll(index, end, out) {}
             let tid = self.threads[index].0;
             self.threads[index].1.close_park(tid, end_ns, true, out);
             let after = self.threads[index].1.activity(&self.types);
@@ -376,19 +388,10 @@ impl Timeline {
 
     /// Closes the innermost open poll of thread `index`. Returns false if
     /// none was open.
-    fn close_poll(
-        &mut self,
-        index: usize,
-        end_ns: u64,
-        truncated: bool,
-        await_key: u64,
-        out: &mut Vec<TimelineOutput>,
-    ) -> bool {
+    fn close_poll(&mut self, index: usize, end: PollEnding, out: &mut Vec<TimelineOutput>) -> bool {
         let (tid, thread) = &mut self.threads[index];
         let blocking = |site| self.types.is_blocking(site);
-        let Some((slice, after_task_end)) =
-            thread.close_poll(*tid, end_ns, truncated, await_key, blocking)
-        else {
+        let Some((slice, after_task_end)) = thread.close_poll(*tid, end, blocking) else {
             return false;
         };
         let SliceKind::Poll {
@@ -407,7 +410,8 @@ impl Timeline {
             await_point: (task_id, await_key),
             start_ns: slice.start_ns,
             end_ns: slice.end_ns,
-            truncated,
+            preempted_ns: slice.preempted_ns,
+            truncated: end.truncated,
             blocking: self.types.is_blocking(site),
         };
         out.push(TimelineOutput::Slice(slice));
@@ -447,6 +451,7 @@ impl Timeline {
                 end_ns: now_ns.max(poll.start_ns),
                 truncated: false,
                 end_lost: true,
+                preempted_ns: 0,
             }));
         }
         self.flush_ended(out);

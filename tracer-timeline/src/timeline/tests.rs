@@ -26,6 +26,7 @@ fn poll(tid: u32, task: u64, start_ns: u64, end_ns: u64) -> Slice {
         end_ns,
         truncated: false,
         end_lost: false,
+        preempted_ns: 0,
     }
 }
 
@@ -37,6 +38,7 @@ fn park(tid: u32, start_ns: u64, end_ns: u64) -> Slice {
         end_ns,
         truncated: false,
         end_lost: false,
+        preempted_ns: 0,
     }
 }
 

@@ -59,6 +59,18 @@ impl ThreadStats {
     }
 }
 
+/// How a poll ended, from its end event (or the end of the recording).
+#[derive(Clone, Copy, Default)]
+pub(crate) struct PollEnding {
+    pub end_ns: u64,
+    /// Still running when recording ended.
+    pub truncated: bool,
+    /// The await point its waker was registered at last (0: none).
+    pub await_key: u64,
+    /// Time its thread spent preempted during it.
+    pub preempted_ns: u64,
+}
+
 /// A poll that has started but not yet ended.
 pub(crate) struct OpenPoll {
     pub(crate) site: u32,
@@ -116,9 +128,7 @@ impl ThreadState {
     pub(crate) fn close_poll(
         &mut self,
         tid: u32,
-        end_ns: u64,
-        truncated: bool,
-        await_key: u64,
+        end: PollEnding,
         is_blocking: impl Fn(u32) -> bool,
     ) -> Option<(Slice, bool)> {
         let poll = self.open_polls.pop()?;
@@ -128,14 +138,15 @@ impl ThreadState {
                 site: poll.site,
                 task: poll.task,
                 task_id: poll.task_id,
-                await_key,
+                await_key: end.await_key,
             },
             start_ns: poll.start_ns,
             // Never end before the start: `finish` may be given an end time
             // taken from another thread's clock reading.
-            end_ns: end_ns.max(poll.start_ns),
-            truncated,
+            end_ns: end.end_ns.max(poll.start_ns),
+            truncated: end.truncated,
             end_lost: false,
+            preempted_ns: end.preempted_ns,
         };
         let duration = slice.duration_ns();
         let outermost = self.open_polls.is_empty();
@@ -181,6 +192,7 @@ impl ThreadState {
             end_ns: end_ns.max(start_ns),
             truncated,
             end_lost: false,
+            preempted_ns: 0,
         };
         self.stats.parks += 1;
         self.stats.parked_ns += slice.duration_ns();

@@ -308,6 +308,7 @@ fn close_output(interval: Interval) -> TimelineOutput {
             end_ns: interval.end,
             truncated: interval.clipped,
             end_lost: false,
+            preempted_ns: 0,
         }),
         IntervalKind::Span(kind) => TimelineOutput::Watch(Box::new(WatchOutput::Span(Span {
             tid: interval.tid,

@@ -6,10 +6,10 @@ use std::path::Path;
 
 use anyhow::{Context, Result, anyhow, bail};
 use aya::{
-    Ebpf, EbpfLoader,
+    Btf, Ebpf, EbpfLoader,
     maps::{Array, MapData, PerCpuArray, RingBuf},
     programs::{
-        PerfEvent, UProbe,
+        BtfTracePoint, PerfEvent, UProbe,
         perf_event::{
             PerfEventConfig, PerfEventLinkId, PerfEventScope, SamplePolicy, SoftwareEvent,
         },
@@ -17,9 +17,10 @@ use aya::{
     },
 };
 use tracer_common::names::programs::{
-    AWAIT_POINT, BLOCK_ON_END, BLOCK_ON_START, PARK_END, PARK_START, POLL_END, POLL_RETURNED,
-    POLL_START, ROOT_PARK_END, ROOT_PARK_START, ROOT_POLL_END, ROOT_POLL_START, ROOT_WAKE, SAMPLE,
-    TASK_EVENT_ARG0, TASK_EVENT_ARG1, TASK_EVENT_ARG1_DEREF, TASK_EVENT_RET, THREAD_EVENT, UPROBES,
+    AWAIT_POINT, BLOCK_ON_END, BLOCK_ON_START, PARK_END, PARK_START, POLL_END, POLL_PREEMPTED,
+    POLL_RETURNED, POLL_START, ROOT_PARK_END, ROOT_PARK_START, ROOT_POLL_END, ROOT_POLL_START,
+    ROOT_WAKE, SAMPLE, TASK_EVENT_ARG0, TASK_EVENT_ARG1, TASK_EVENT_ARG1_DEREF, TASK_EVENT_RET,
+    THREAD_EVENT, UPROBES,
 };
 use tracer_common::names::{globals, maps};
 use tracer_common::{Counter, EventKind};
@@ -180,6 +181,12 @@ impl LoadedProbes {
                 binary.display()
             ));
         }
+        if let Err(err) = self.attach_preemption() {
+            log::warn!(
+                "{err:#}: a poll's time includes any time the thread was preempted \
+                 (a preempted poll may be reported as a HOG)"
+            );
+        }
         if return_site_failed && !by_uretprobe {
             for (index, site) in plan.sites.iter().enumerate() {
                 if site.kind != SiteKind::Poll {
@@ -195,6 +202,22 @@ impl LoadedProbes {
                 }
             }
         }
+        Ok(())
+    }
+
+    /// The `sched_switch` program that measures preemption inside polls
+    /// (tracer-ebpf's `preempt`): a BTF tracepoint, no tracefs needed.
+    fn attach_preemption(&mut self) -> Result<()> {
+        let btf =
+            Btf::from_sys_fs().context("reading the kernel's BTF (/sys/kernel/btf/vmlinux)")?;
+        let program: &mut BtfTracePoint =
+            program_as(&mut self.ebpf, POLL_PREEMPTED, "a BTF tracepoint")?;
+        program
+            .load("sched_switch", &btf)
+            .with_context(|| format!("the kernel refused the eBPF program {POLL_PREEMPTED}"))?;
+        program
+            .attach()
+            .with_context(|| format!("could not attach {POLL_PREEMPTED} to sched_switch"))?;
         Ok(())
     }
 

@@ -88,6 +88,7 @@ fn every_program_is_named_in_tracer_common_and_none_else() {
             programs::WATCH_SAMPLE,
             programs::WATCH_SWITCH,
             programs::WATCH_WAKEUP,
+            programs::POLL_PREEMPTED,
         ]));
     assert_eq!(names, expected);
     // The loaders treat the uprobe lists as uprobes or uretprobes, the
@@ -95,7 +96,7 @@ fn every_program_is_named_in_tracer_common_and_none_else() {
     for (name, section) in &programs {
         let kinds: &[&str] = if name == programs::SAMPLE || name == programs::WATCH_SAMPLE {
             &["perf_event"]
-        } else if name == programs::WATCH_SWITCH {
+        } else if name == programs::WATCH_SWITCH || name == programs::POLL_PREEMPTED {
             &["tp_btf/sched_switch"]
         } else if name == programs::WATCH_WAKEUP {
             &["tp_btf/sched_wakeup"]
