@@ -47,7 +47,7 @@ use tracer_common::{Event, EventKind};
 
 use crate::counters::{CounterSample, RuntimeCounters};
 use crate::output::{
-    Sample, SliceStart, StackId, TaskEnd, ThreadName, TimelineOutput, Unpark, Waker,
+    Outputs, Sample, SliceStart, StackId, TaskEnd, ThreadName, TimelineOutput, Unpark, Waker,
 };
 pub use crate::output::{Slice, SliceKind};
 use crate::task_types::TaskTypes;
@@ -111,7 +111,7 @@ impl Timeline {
         tid: u32,
         task_id: u64,
         stack: StackId,
-        out: &mut Vec<TimelineOutput>,
+        out: &mut impl Outputs,
     ) {
         let site = match task_id {
             // tokio < 1.23 keeps no task id: the poll open on the thread.
@@ -144,7 +144,7 @@ impl Timeline {
     /// Events of an unknown kind are counted in
     /// [`unknown_kinds`](Self::unknown_kinds) and otherwise ignored (they do
     /// not register a thread).
-    pub fn push(&mut self, ev: &Event, out: &mut Vec<TimelineOutput>) -> bool {
+    pub fn push(&mut self, ev: &Event, out: &mut impl Outputs) -> bool {
         let Some(kind) = EventKind::from_u32(ev.kind) else {
             self.unknown_kinds += 1;
             return false;
@@ -237,7 +237,7 @@ impl Timeline {
     /// Closes every open slice at `end_ns`, marked `truncated`, and emits the
     /// counters' last values. Innermost polls come out first, then the park,
     /// per thread in first-seen order.
-    pub fn finish(&mut self, end_ns: u64, out: &mut Vec<TimelineOutput>) {
+    pub fn finish(&mut self, end_ns: u64, out: &mut impl Outputs) {
         for index in 0..self.threads.len() {
             let before = self.threads[index].1.activity(&self.types);
             while self.close_poll(index, end_ns, true, 0, out) {}
@@ -326,7 +326,7 @@ impl Timeline {
         self.unknown_kinds
     }
 
-    fn poll_start(&mut self, index: usize, ev: &Event, out: &mut Vec<TimelineOutput>) {
+    fn poll_start(&mut self, index: usize, ev: &Event, out: &mut impl Outputs) {
         // A task is never polled inside its own poll: an open poll of the
         // same task means that poll's end event was lost.
         let thread = &self.threads[index].1;
@@ -382,7 +382,7 @@ impl Timeline {
         end_ns: u64,
         truncated: bool,
         await_key: u64,
-        out: &mut Vec<TimelineOutput>,
+        out: &mut impl Outputs,
     ) -> bool {
         let (tid, thread) = &mut self.threads[index];
         let blocking = |site| self.types.is_blocking(site);
@@ -426,7 +426,7 @@ impl Timeline {
         index: usize,
         from: usize,
         now_ns: u64,
-        out: &mut Vec<TimelineOutput>,
+        out: &mut impl Outputs,
     ) {
         let (tid, thread) = &mut self.threads[index];
         if from >= thread.open_polls.len() {
@@ -473,7 +473,7 @@ impl Timeline {
         (waker, innermost.is_some())
     }
 
-    fn flush_ended(&mut self, out: &mut Vec<TimelineOutput>) {
+    fn flush_ended(&mut self, out: &mut impl Outputs) {
         // Called a few times an event; tasks end rarely.
         if self.ended.is_empty() {
             return;

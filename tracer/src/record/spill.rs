@@ -297,6 +297,54 @@ mod tests {
         assert_eq!(read_all(writer()), []);
     }
 
+    /// How fast the spill reads back (`cargo test --release -p rt-ebpf-trace
+    /// --lib -- --ignored --nocapture read_rate`): CPU time of this thread,
+    /// the read and the decode together, events shaped like the HTTP
+    /// benchmark's (see `spill_codec::decode_rate`).
+    #[test]
+    #[ignore = "a measurement: run by hand in release mode"]
+    fn read_rate() {
+        let mut spill = writer();
+        let mut ts = 1_000_000_000u64;
+        for i in 0..1_000_000u64 {
+            let task = 0x7f3a_1c00_0000 + (i % 32) * 0x100;
+            for (kind, task, task_id, addr) in [
+                (6, task, 0, 0),
+                (4, 0, 0, 0),
+                (1, task, 100 + i % 32, 0),
+                (2, 0, 0, 0x5555_1234_5678),
+                (3, 0, 0, 0),
+            ] {
+                ts += 300 + (i * 7919) % 700;
+                let event = Event {
+                    ts_ns: ts,
+                    tid: 4000 + (i % 2) as u32,
+                    kind,
+                    site: (i % 2) as u32,
+                    task,
+                    task_id,
+                    addr,
+                    ..Event::default()
+                };
+                spill.push(&bytes(&[event])).expect("push");
+            }
+        }
+        let reader = spill.finish().expect("finish");
+        let count = reader.remaining();
+        let started = crate::clock::thread_cpu_ns();
+        let mut sum = 0u64;
+        for event in reader {
+            let event = event.expect("read");
+            sum = sum.wrapping_add(event.task ^ event.ts_ns ^ event.addr);
+        }
+        let took = crate::clock::thread_cpu_ns() - started;
+        println!(
+            "{count} events read back in {:.1} ms of CPU: {:.1} ns an event ({sum})",
+            took as f64 / 1e6,
+            took as f64 / count as f64
+        );
+    }
+
     #[test]
     fn a_directory_that_cannot_hold_the_file_is_a_clear_error() {
         let err = SpillWriter::create_in(Path::new("/nonexistent/dir"))
