@@ -61,7 +61,7 @@ pub fn render(
     // CPU time too: the wall time says little on a loaded machine.
     let render_cpu_start = process_cpu_ns();
     let Recording {
-        events,
+        mut events,
         samples,
         stacks,
         thread_comms,
@@ -120,8 +120,7 @@ pub fn render(
     };
     let mut event_count = 0u64;
     let mut samples = samples.into_iter().peekable();
-    for event in events {
-        let event = event?;
+    while let Some(event) = events.next_event()? {
         // The window's findings and health records made meanwhile.
         while tail
             .front()
@@ -139,7 +138,7 @@ pub fn render(
                 &mut out,
             );
         }
-        timeline.push(&event, &mut out);
+        timeline.push(event, &mut out);
         out.check()?;
         event_count += 1;
         progress.update(event_count);

@@ -108,6 +108,7 @@ impl SpillWriter {
             start: 0,
             end: 0,
             offset: 0,
+            event: Event::default(),
         })
     }
 
@@ -139,6 +140,8 @@ pub struct SpillReader {
     end: usize,
     /// Where the next read starts in the file.
     offset: u64,
+    /// The event last read, decoded in place.
+    event: Event,
 }
 
 impl SpillReader {
@@ -164,35 +167,54 @@ impl SpillReader {
         Ok(())
     }
 
-    fn read_event(&mut self) -> io::Result<Event> {
-        if self.end - self.start < MAX_RECORD {
-            self.refill()?;
+    /// The next event, or `None` after the last. Decoded into the reader's
+    /// own `event` and lent out: the render loop's way through the file (an
+    /// event returned by value as `Option<Result<Event>>` cost a
+    /// store-forwarding stall on each of its moves; see `spill_codec::decode`).
+    #[inline]
+    pub fn next_event(&mut self) -> Result<Option<&Event>> {
+        if self.remaining == 0 {
+            return Ok(None);
         }
-        let (event, used) = spill_codec::decode(&mut self.context, &self.buf[self.start..self.end])
-            .ok_or_else(|| io::Error::new(io::ErrorKind::UnexpectedEof, "a record is cut short"))?;
-        self.start += used;
-        Ok(event)
+        if self.end - self.start < MAX_RECORD {
+            self.refill().map_err(|err| self.read_error(err))?;
+        }
+        match spill_codec::decode(
+            &mut self.context,
+            &self.buf[self.start..self.end],
+            &mut self.event,
+        ) {
+            Some(used) => {
+                self.start += used;
+                self.remaining -= 1;
+                Ok(Some(&self.event))
+            }
+            None => {
+                self.remaining = 0;
+                let cut = io::Error::new(io::ErrorKind::UnexpectedEof, "a record is cut short");
+                Err(self.read_error(cut))
+            }
+        }
+    }
+
+    fn read_error(&self, err: io::Error) -> anyhow::Error {
+        anyhow!(
+            "reading the temporary event file in {}: {err}",
+            self.dir.display()
+        )
     }
 }
 
+/// The events by value, for code that wants an iterator (tests).
 impl Iterator for SpillReader {
     type Item = Result<Event>;
 
     fn next(&mut self) -> Option<Result<Event>> {
-        if self.remaining == 0 {
-            return None;
-        }
-        match self.read_event() {
-            Ok(event) => {
-                self.remaining -= 1;
-                Some(Ok(event))
-            }
+        match self.next_event() {
+            Ok(event) => event.copied().map(Ok),
             Err(err) => {
                 self.remaining = 0;
-                Some(Err(anyhow!(
-                    "reading the temporary event file in {}: {err}",
-                    self.dir.display()
-                )))
+                Some(Err(err))
             }
         }
     }
@@ -329,12 +351,11 @@ mod tests {
                 spill.push(&bytes(&[event])).expect("push");
             }
         }
-        let reader = spill.finish().expect("finish");
+        let mut reader = spill.finish().expect("finish");
         let count = reader.remaining();
         let started = crate::clock::thread_cpu_ns();
         let mut sum = 0u64;
-        for event in reader {
-            let event = event.expect("read");
+        while let Some(event) = reader.next_event().expect("read") {
             sum = sum.wrapping_add(event.task ^ event.ts_ns ^ event.addr);
         }
         let took = crate::clock::thread_cpu_ns() - started;
