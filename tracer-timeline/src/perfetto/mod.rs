@@ -77,6 +77,7 @@ use std::io::Write;
 use anyhow::{Context, Result};
 use serde_json::Value;
 
+use crate::FastMap;
 use crate::output::{Sample, ThreadName, TimelineOutput};
 use crate::writer::{TraceInfo, TraceWriter};
 use proto::{Encoder, event, packet, perf_sample, track};
@@ -107,8 +108,10 @@ pub struct PerfettoWriter<'a, W: Write> {
     /// Each thread's track, by tid: an index into `tracks`, whose entries
     /// are taken out and put back for every output (boxed: moving a
     /// pointer, not a few hundred bytes of interning tables), with the last
-    /// thread's index at hand (outputs come in runs on one thread).
-    thread_index: HashMap<u32, usize>,
+    /// thread's index at hand (outputs come in runs on one thread; the map,
+    /// asked when workers take turns, hashes with foldhash like the
+    /// timeline's).
+    thread_index: FastMap<u32, usize>,
     tracks: Vec<Option<Box<ThreadTrack>>>,
     last_thread: Option<(u32, usize)>,
     next_sequence: u32,
@@ -137,7 +140,7 @@ impl<'a, W: Write> PerfettoWriter<'a, W> {
             interned: Encoder::default(),
             main: Sequence::new(MAIN_SEQUENCE, info.start_ns),
             samples: Sequence::new(SAMPLE_SEQUENCE, info.start_ns),
-            thread_index: HashMap::new(),
+            thread_index: FastMap::default(),
             tracks: Vec::new(),
             last_thread: None,
             next_sequence: SAMPLE_SEQUENCE + 1,
