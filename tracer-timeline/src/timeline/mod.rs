@@ -41,7 +41,7 @@ mod thread;
 
 use std::collections::HashMap;
 
-use crate::FastMap;
+use crate::thread_index::ThreadIndex;
 
 use tracer_common::{Event, EventKind};
 
@@ -64,10 +64,7 @@ pub struct Timeline {
     /// in a stable, meaningful order.
     threads: Vec<(u32, ThreadState)>,
     /// tid -> position in `threads`.
-    index_by_tid: FastMap<u32, usize>,
-    /// The last event's thread and its position: events come in runs on
-    /// one thread (a poll's start, its wakes, its end), so most skip the map.
-    last_thread: Option<(u32, usize)>,
+    index_by_tid: ThreadIndex,
     tasks: TaskTracker,
     counters: RuntimeCounters,
     unmatched_ends: u64,
@@ -117,8 +114,8 @@ impl Timeline {
             // tokio < 1.23 keeps no task id: the poll open on the thread.
             0 => self
                 .index_by_tid
-                .get(&tid)
-                .and_then(|&index| self.threads[index].1.open_polls.last())
+                .get(tid)
+                .and_then(|index| self.threads[index].1.open_polls.last())
                 .map(|poll| poll.site),
             id => self.tasks.site_of(id),
         };
@@ -133,7 +130,7 @@ impl Timeline {
 
     /// The name given to `tid`'s track, once it was seen.
     pub fn thread_name(&self, tid: u32) -> Option<&str> {
-        let index = *self.index_by_tid.get(&tid)?;
+        let index = self.index_by_tid.peek(tid)?;
         Some(self.threads[index].1.name.as_str())
     }
 
@@ -278,8 +275,8 @@ impl Timeline {
     /// its track "blocking #n"). Known for sure only once recording ended.
     pub fn is_blocking_pool_thread(&self, tid: u32) -> bool {
         self.index_by_tid
-            .get(&tid)
-            .is_some_and(|&index| self.threads[index].1.stats.is_blocking_pool())
+            .peek(tid)
+            .is_some_and(|index| self.threads[index].1.stats.is_blocking_pool())
     }
 
     /// Totals of the tasks alive now (ended tasks were reported in
@@ -488,22 +485,14 @@ impl Timeline {
     /// The position of `tid` in `threads`, created on first sight. The bool
     /// is true if it was just created.
     fn thread_index(&mut self, tid: u32, first_ns: u64) -> (usize, bool) {
-        if let Some((last, index)) = self.last_thread
-            && last == tid
-        {
+        if let Some(index) = self.index_by_tid.get(tid) {
             return (index, false);
         }
-        let mut first_seen = false;
-        let index = *self.index_by_tid.entry(tid).or_insert_with(|| {
-            first_seen = true;
-            self.threads.len()
-        });
-        if first_seen {
-            let mut state = ThreadState::default();
-            state.stats.first_ns = first_ns;
-            self.threads.push((tid, state));
-        }
-        self.last_thread = Some((tid, index));
-        (index, first_seen)
+        let index = self.threads.len();
+        let mut state = ThreadState::default();
+        state.stats.first_ns = first_ns;
+        self.threads.push((tid, state));
+        self.index_by_tid.insert(tid, index);
+        (index, true)
     }
 }
