@@ -13,7 +13,7 @@ use crate::counters::CounterSample;
 ///
 /// Why: pushing each output (72 bytes) to a `Vec`, then draining it to the
 /// writers, moved every output twice more and dropped it from the `Vec`;
-/// those moves and the drain were ~8 % of rendering's CPU (perf, 20 s of the
+/// those moves and the drain were ~7 % of rendering's CPU (perf, 20 s of the
 /// HTTP benchmark; NOTES.md, "Rendering rate, third round").
 pub trait Outputs {
     fn push(&mut self, output: TimelineOutput);
