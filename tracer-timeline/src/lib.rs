@@ -35,6 +35,7 @@ pub mod task_types;
 pub mod tasks;
 #[cfg(test)]
 mod test_util;
+mod thread_index;
 pub mod timeline;
 mod type_table;
 pub mod units;

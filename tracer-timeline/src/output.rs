@@ -6,6 +6,36 @@
 
 use crate::counters::CounterSample;
 
+/// Where the [`Timeline`](crate::timeline::Timeline) puts its outputs, in
+/// order: a `Vec` to look at later (tests, the watch tier), or the trace
+/// writers themselves when rendering, so an output goes from where it is
+/// made to the writer without a round trip through a `Vec`.
+///
+/// Why: pushing each output (72 bytes) to a `Vec`, then draining it to the
+/// writers, moved every output twice more and dropped it from the `Vec`;
+/// those moves and the drain were ~7 % of rendering's CPU (perf, 20 s of the
+/// HTTP benchmark; NOTES.md, "Rendering rate, third round").
+pub trait Outputs {
+    fn push(&mut self, output: TimelineOutput);
+
+    fn extend(&mut self, outputs: impl IntoIterator<Item = TimelineOutput>) {
+        for output in outputs {
+            self.push(output);
+        }
+    }
+}
+
+impl Outputs for Vec<TimelineOutput> {
+    #[inline]
+    fn push(&mut self, output: TimelineOutput) {
+        Vec::push(self, output);
+    }
+
+    fn extend(&mut self, outputs: impl IntoIterator<Item = TimelineOutput>) {
+        Extend::extend(self, outputs);
+    }
+}
+
 /// Identifies one wake-to-poll flow arrow. Unique within a trace.
 pub type FlowId = u64;
 

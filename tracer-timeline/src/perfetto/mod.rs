@@ -78,6 +78,7 @@ use anyhow::{Context, Result};
 use serde_json::Value;
 
 use crate::output::{Sample, ThreadName, TimelineOutput};
+use crate::thread_index::ThreadIndex;
 use crate::writer::{TraceInfo, TraceWriter};
 use proto::{Encoder, event, packet, perf_sample, track};
 use samples::Callstacks;
@@ -90,8 +91,14 @@ const PROCESS_UUID: u64 = 1;
 const COUNTER_UUID_BASE: u64 = 2;
 /// Thread track uuids are this plus the tid.
 const THREAD_UUID_BASE: u64 = 1 << 32;
-/// Packets are handed to the output in chunks of about this size.
-const PENDING_BYTES: usize = 64 * 1024;
+/// Packets are handed to the output in chunks of about this size: as large
+/// as the tracer's trace-file buffer (a `BufWriter` of 1 MiB,
+/// `trace_file.rs`), which then passes each chunk straight to the kernel
+/// instead of copying it into its own buffer first. 64 KiB chunks were
+/// copied: `memmove` under `end_packet`, ~2 % of rendering, half of it
+/// page faults on the buffer's fresh pages (perf, 20 s of the HTTP
+/// benchmark).
+const PENDING_BYTES: usize = 1 << 20;
 
 pub struct PerfettoWriter<'a, W: Write> {
     out: W,
@@ -106,11 +113,9 @@ pub struct PerfettoWriter<'a, W: Write> {
     samples: Sequence,
     /// Each thread's track, by tid: an index into `tracks`, whose entries
     /// are taken out and put back for every output (boxed: moving a
-    /// pointer, not a few hundred bytes of interning tables), with the last
-    /// thread's index at hand (outputs come in runs on one thread).
-    thread_index: HashMap<u32, usize>,
+    /// pointer, not a few hundred bytes of interning tables).
+    thread_index: ThreadIndex,
     tracks: Vec<Option<Box<ThreadTrack>>>,
-    last_thread: Option<(u32, usize)>,
     next_sequence: u32,
     counters_described: [bool; 3],
     /// Flows started and not yet ended, and their ids on the wire.
@@ -137,9 +142,8 @@ impl<'a, W: Write> PerfettoWriter<'a, W> {
             interned: Encoder::default(),
             main: Sequence::new(MAIN_SEQUENCE, info.start_ns),
             samples: Sequence::new(SAMPLE_SEQUENCE, info.start_ns),
-            thread_index: HashMap::new(),
+            thread_index: ThreadIndex::default(),
             tracks: Vec::new(),
-            last_thread: None,
             next_sequence: SAMPLE_SEQUENCE + 1,
             counters_described: [false; 3],
             flows: flows::Flows::default(),
@@ -234,14 +238,9 @@ impl<'a, W: Write> PerfettoWriter<'a, W> {
     /// The thread's track, its sequence started on first use and described
     /// with `name` (or "thread TID" until the timeline names it).
     fn thread(&mut self, tid: u32, name: Option<&ThreadName>) -> Result<Box<ThreadTrack>> {
-        let index = match self.last_thread {
-            Some((last, index)) if last == tid => Some(index),
-            _ => self.thread_index.get(&tid).copied(),
-        };
-        if let Some(index) = index
+        if let Some(index) = self.thread_index.get(tid)
             && let Some(mut thread) = self.tracks[index].take()
         {
-            self.last_thread = Some((tid, index));
             if let Some(name) = name {
                 self.describe_thread(&mut thread, tid, &name.name, name.sort_index)?;
             }
@@ -305,15 +304,13 @@ impl<'a, W: Write> PerfettoWriter<'a, W> {
 
     /// Puts a thread's track taken by [`thread`](Self::thread) back.
     fn put_back(&mut self, tid: u32, thread: Box<ThreadTrack>) {
-        let index = match self.last_thread {
-            Some((last, index)) if last == tid => index,
-            _ => *self.thread_index.entry(tid).or_insert_with(|| {
-                self.tracks.push(None);
-                self.tracks.len() - 1
-            }),
-        };
+        let index = self.thread_index.get(tid).unwrap_or_else(|| {
+            self.tracks.push(None);
+            let index = self.tracks.len() - 1;
+            self.thread_index.insert(tid, index);
+            index
+        });
         self.tracks[index] = Some(thread);
-        self.last_thread = Some((tid, index));
     }
 
     fn counter(&mut self, sample: &crate::counters::CounterSample) -> Result<()> {

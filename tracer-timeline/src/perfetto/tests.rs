@@ -374,19 +374,13 @@ fn render_rate() {
         {
             let mut out = std::io::BufWriter::new(Counting(&mut bytes));
             let mut timeline = Timeline::with_task_types(info.types.clone());
-            let mut writer = format.writer(&mut out, &info).unwrap();
-            let mut outputs = Vec::new();
+            // Straight to the writer, as the tracer's render loop does.
+            let mut writer = Direct(format.writer(&mut out, &info).unwrap());
             for ev in &events {
-                timeline.push(ev, &mut outputs);
-                for output in outputs.drain(..) {
-                    writer.write(&output).unwrap();
-                }
+                timeline.push(ev, &mut writer);
             }
-            timeline.finish(ts + 1, &mut outputs);
-            for output in outputs.drain(..) {
-                writer.write(&output).unwrap();
-            }
-            writer.finish(&serde_json::json!({})).unwrap();
+            timeline.finish(ts + 1, &mut writer);
+            writer.0.finish(&serde_json::json!({})).unwrap();
         }
         let cpu_ns = thread_cpu_ns() - started;
         let n = events.len() as f64;
@@ -399,6 +393,15 @@ fn render_rate() {
             bytes as f64 / n
         );
         assert!(bytes > 0);
+    }
+}
+
+/// Outputs written as they come (the render loop's `Writers`, one writer).
+struct Direct<'a>(Box<dyn crate::writer::TraceWriter + 'a>);
+
+impl crate::output::Outputs for Direct<'_> {
+    fn push(&mut self, output: TimelineOutput) {
+        self.0.write(&output).unwrap();
     }
 }
 

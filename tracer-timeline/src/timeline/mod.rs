@@ -41,13 +41,13 @@ mod thread;
 
 use std::collections::HashMap;
 
-use crate::FastMap;
+use crate::thread_index::ThreadIndex;
 
 use tracer_common::{Event, EventKind};
 
 use crate::counters::{CounterSample, RuntimeCounters};
 use crate::output::{
-    Sample, SliceStart, StackId, TaskEnd, ThreadName, TimelineOutput, Unpark, Waker,
+    Outputs, Sample, SliceStart, StackId, TaskEnd, ThreadName, TimelineOutput, Unpark, Waker,
 };
 pub use crate::output::{Slice, SliceKind};
 use crate::task_types::TaskTypes;
@@ -64,10 +64,7 @@ pub struct Timeline {
     /// in a stable, meaningful order.
     threads: Vec<(u32, ThreadState)>,
     /// tid -> position in `threads`.
-    index_by_tid: FastMap<u32, usize>,
-    /// The last event's thread and its position: events come in runs on
-    /// one thread (a poll's start, its wakes, its end), so most skip the map.
-    last_thread: Option<(u32, usize)>,
+    index_by_tid: ThreadIndex,
     tasks: TaskTracker,
     counters: RuntimeCounters,
     unmatched_ends: u64,
@@ -111,14 +108,14 @@ impl Timeline {
         tid: u32,
         task_id: u64,
         stack: StackId,
-        out: &mut Vec<TimelineOutput>,
+        out: &mut impl Outputs,
     ) {
         let site = match task_id {
             // tokio < 1.23 keeps no task id: the poll open on the thread.
             0 => self
                 .index_by_tid
-                .get(&tid)
-                .and_then(|&index| self.threads[index].1.open_polls.last())
+                .get(tid)
+                .and_then(|index| self.threads[index].1.open_polls.last())
                 .map(|poll| poll.site),
             id => self.tasks.site_of(id),
         };
@@ -133,7 +130,7 @@ impl Timeline {
 
     /// The name given to `tid`'s track, once it was seen.
     pub fn thread_name(&self, tid: u32) -> Option<&str> {
-        let index = *self.index_by_tid.get(&tid)?;
+        let index = self.index_by_tid.peek(tid)?;
         Some(self.threads[index].1.name.as_str())
     }
 
@@ -144,7 +141,7 @@ impl Timeline {
     /// Events of an unknown kind are counted in
     /// [`unknown_kinds`](Self::unknown_kinds) and otherwise ignored (they do
     /// not register a thread).
-    pub fn push(&mut self, ev: &Event, out: &mut Vec<TimelineOutput>) -> bool {
+    pub fn push(&mut self, ev: &Event, out: &mut impl Outputs) -> bool {
         let Some(kind) = EventKind::from_u32(ev.kind) else {
             self.unknown_kinds += 1;
             return false;
@@ -244,7 +241,7 @@ impl Timeline {
     /// Closes every open slice at `end_ns`, marked `truncated`, and emits the
     /// counters' last values. Innermost polls come out first, then the park,
     /// per thread in first-seen order.
-    pub fn finish(&mut self, end_ns: u64, out: &mut Vec<TimelineOutput>) {
+    pub fn finish(&mut self, end_ns: u64, out: &mut impl Outputs) {
         for index in 0..self.threads.len() {
             let before = self.threads[index].1.activity(&self.types);
             let end = PollEnding {
@@ -290,8 +287,8 @@ impl Timeline {
     /// its track "blocking #n"). Known for sure only once recording ended.
     pub fn is_blocking_pool_thread(&self, tid: u32) -> bool {
         self.index_by_tid
-            .get(&tid)
-            .is_some_and(|&index| self.threads[index].1.stats.is_blocking_pool())
+            .peek(tid)
+            .is_some_and(|index| self.threads[index].1.stats.is_blocking_pool())
     }
 
     /// Totals of the tasks alive now (ended tasks were reported in
@@ -338,7 +335,7 @@ impl Timeline {
         self.unknown_kinds
     }
 
-    fn poll_start(&mut self, index: usize, ev: &Event, out: &mut Vec<TimelineOutput>) {
+    fn poll_start(&mut self, index: usize, ev: &Event, out: &mut impl Outputs) {
         // A task is never polled inside its own poll: an open poll of the
         // same task means that poll's end event was lost.
         let thread = &self.threads[index].1;
@@ -388,7 +385,7 @@ impl Timeline {
 
     /// Closes the innermost open poll of thread `index`. Returns false if
     /// none was open.
-    fn close_poll(&mut self, index: usize, end: PollEnding, out: &mut Vec<TimelineOutput>) -> bool {
+    fn close_poll(&mut self, index: usize, end: PollEnding, out: &mut impl Outputs) -> bool {
         let (tid, thread) = &mut self.threads[index];
         let blocking = |site| self.types.is_blocking(site);
         let Some((slice, after_task_end)) = thread.close_poll(*tid, end, blocking) else {
@@ -430,7 +427,7 @@ impl Timeline {
         index: usize,
         from: usize,
         now_ns: u64,
-        out: &mut Vec<TimelineOutput>,
+        out: &mut impl Outputs,
     ) {
         let (tid, thread) = &mut self.threads[index];
         if from >= thread.open_polls.len() {
@@ -478,7 +475,7 @@ impl Timeline {
         (waker, innermost.is_some())
     }
 
-    fn flush_ended(&mut self, out: &mut Vec<TimelineOutput>) {
+    fn flush_ended(&mut self, out: &mut impl Outputs) {
         // Called a few times an event; tasks end rarely.
         if self.ended.is_empty() {
             return;
@@ -493,22 +490,14 @@ impl Timeline {
     /// The position of `tid` in `threads`, created on first sight. The bool
     /// is true if it was just created.
     fn thread_index(&mut self, tid: u32, first_ns: u64) -> (usize, bool) {
-        if let Some((last, index)) = self.last_thread
-            && last == tid
-        {
+        if let Some(index) = self.index_by_tid.get(tid) {
             return (index, false);
         }
-        let mut first_seen = false;
-        let index = *self.index_by_tid.entry(tid).or_insert_with(|| {
-            first_seen = true;
-            self.threads.len()
-        });
-        if first_seen {
-            let mut state = ThreadState::default();
-            state.stats.first_ns = first_ns;
-            self.threads.push((tid, state));
-        }
-        self.last_thread = Some((tid, index));
-        (index, first_seen)
+        let index = self.threads.len();
+        let mut state = ThreadState::default();
+        state.stats.first_ns = first_ns;
+        self.threads.push((tid, state));
+        self.index_by_tid.insert(tid, index);
+        (index, true)
     }
 }

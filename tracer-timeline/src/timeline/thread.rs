@@ -9,7 +9,7 @@
 
 use crate::counters::Activity;
 use crate::histogram::Histogram;
-use crate::output::{Slice, SliceKind, TimelineOutput};
+use crate::output::{Outputs, Slice, SliceKind, TimelineOutput};
 use crate::task_types::TaskTypes;
 
 /// Per-thread totals, updated as slices close.
@@ -173,7 +173,7 @@ impl ThreadState {
         tid: u32,
         end_ns: u64,
         truncated: bool,
-        out: &mut Vec<TimelineOutput>,
+        out: &mut impl Outputs,
     ) -> bool {
         let Some(park) = &mut self.open_park else {
             return false;

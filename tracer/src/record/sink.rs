@@ -14,12 +14,12 @@ use anyhow::{Context, Result};
 use serde_json::json;
 use tracer_probes::ProbePlan;
 use tracer_timeline::findings::Finding;
-use tracer_timeline::output::TimelineOutput;
+use tracer_timeline::output::{Outputs, TimelineOutput};
 use tracer_timeline::summary::{SchedulerSummary, Summary, TracerCost, WorkerSummary};
 use tracer_timeline::task_types::{TaskName, TaskTypes};
 use tracer_timeline::timeline::Timeline;
 use tracer_timeline::watch::{WatchWindow, output_ts};
-use tracer_timeline::writer::TraceInfo;
+use tracer_timeline::writer::{TraceInfo, TraceWriter};
 
 use super::drain::Recording;
 use super::loader::KernelCounters;
@@ -61,7 +61,7 @@ pub fn render(
     // CPU time too: the wall time says little on a loaded machine.
     let render_cpu_start = process_cpu_ns();
     let Recording {
-        events,
+        mut events,
         samples,
         stacks,
         thread_comms,
@@ -111,32 +111,22 @@ pub fn render(
     let mut timeline =
         Timeline::with_task_types(info.types.clone()).with_thread_comms(thread_comms);
     let mut progress = Progress::new(events.remaining());
-    let mut outputs = Vec::new();
-    let mut folded: HashMap<(String, StackId), u64> = HashMap::new();
-    let mut sample_count = 0u64;
-    let mut event_count = 0u64;
-    let mut write_outputs = |outputs: &mut Vec<TimelineOutput>| -> Result<()> {
-        for output in outputs.drain(..) {
-            if let TimelineOutput::Sample(sample) = &output {
-                sample_count += 1;
-                let task = info.types.short_name(sample.site);
-                *folded.entry((task, sample.stack)).or_default() += 1;
-            }
-            for writer in &mut writers {
-                writer.write(&output)?;
-            }
-        }
-        Ok(())
+    let mut out = Writers {
+        writers,
+        types: &info.types,
+        folded: HashMap::new(),
+        samples: 0,
+        error: None,
     };
+    let mut event_count = 0u64;
     let mut samples = samples.into_iter().peekable();
-    for event in events {
-        let event = event?;
+    while let Some(event) = events.next_event()? {
         // The window's findings and health records made meanwhile.
         while tail
             .front()
             .is_some_and(|output| output_ts(output).is_some_and(|ts| ts < event.ts_ns))
         {
-            outputs.extend(tail.pop_front());
+            out.extend(tail.pop_front());
         }
         // A sample sees the tasks polled before it, as it did live.
         while let Some(sample) = samples.next_if(|sample| sample.ts_ns < event.ts_ns) {
@@ -145,11 +135,11 @@ pub fn render(
                 sample.tid,
                 sample.task_id,
                 sample.stack,
-                &mut outputs,
+                &mut out,
             );
         }
-        timeline.push(&event, &mut outputs);
-        write_outputs(&mut outputs)?;
+        timeline.push(event, &mut out);
+        out.check()?;
         event_count += 1;
         progress.update(event_count);
     }
@@ -159,12 +149,18 @@ pub fn render(
             sample.tid,
             sample.task_id,
             sample.stack,
-            &mut outputs,
+            &mut out,
         );
     }
-    outputs.extend(tail);
-    timeline.finish(input.end_ns, &mut outputs);
-    write_outputs(&mut outputs)?;
+    out.extend(tail);
+    timeline.finish(input.end_ns, &mut out);
+    out.check()?;
+    let Writers {
+        writers,
+        folded,
+        samples: sample_count,
+        ..
+    } = out;
     progress.finish();
 
     let counters = input.counters;
@@ -241,6 +237,49 @@ pub fn render(
     }
 
     Ok(summary)
+}
+
+/// The trace writers as the timeline's [`Outputs`]: each output goes to
+/// every writer as the timeline makes it (no `Vec` in between), and CPU
+/// samples are also counted for the folded stacks. `Outputs::push` cannot
+/// fail: a writer's error is kept, nothing more is written, and the render
+/// loop returns it ([`check`](Self::check)) after the event.
+struct Writers<'a> {
+    writers: Vec<Box<dyn TraceWriter + 'a>>,
+    types: &'a TaskTypes,
+    folded: HashMap<(String, StackId), u64>,
+    samples: u64,
+    error: Option<anyhow::Error>,
+}
+
+impl Outputs for Writers<'_> {
+    #[inline]
+    fn push(&mut self, output: TimelineOutput) {
+        if self.error.is_some() {
+            return;
+        }
+        if let TimelineOutput::Sample(sample) = &output {
+            self.samples += 1;
+            let task = self.types.short_name(sample.site);
+            *self.folded.entry((task, sample.stack)).or_default() += 1;
+        }
+        for writer in &mut self.writers {
+            if let Err(err) = writer.write(&output) {
+                self.error = Some(err);
+                return;
+            }
+        }
+    }
+}
+
+impl Writers<'_> {
+    /// The first error a writer returned, if any.
+    fn check(&mut self) -> Result<()> {
+        match self.error.take() {
+            Some(err) => Err(err),
+            None => Ok(()),
+        }
+    }
 }
 
 /// The task type of each probe site, by site index (the cookie the eBPF side

@@ -17,7 +17,8 @@ use tracer_timeline::writer::Format;
 use crate::output_file::{OutputFile, Temporary, TemporaryName};
 
 /// Large enough that writes reach the kernel in big chunks even at millions
-/// of events per second.
+/// of events per second. The Perfetto writer hands over chunks of this size
+/// (its `PENDING_BYTES`), which `BufWriter` passes on without copying them.
 const BUFFER_BYTES: usize = 1 << 20;
 
 pub struct TraceFile {
