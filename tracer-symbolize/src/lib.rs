@@ -20,7 +20,7 @@ mod maps;
 mod symbolize;
 mod unwind;
 
-pub use debuginfo::{DebugFile, DebugInfoLocator};
+pub use debuginfo::{DebugFile, DebugInfoLocator, is_c_library};
 pub use maps::{Mapping, Module, ProcessMaps};
 pub use symbolize::{Frame, Symbolizer};
 pub use unwind::{CapturedStack, Unwinder};

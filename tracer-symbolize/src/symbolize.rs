@@ -17,7 +17,7 @@ use std::sync::Arc;
 use anyhow::Context as _;
 use object::{Object, ObjectSymbol};
 
-use crate::debuginfo::{DebugFile, DebugInfoLocator};
+use crate::debuginfo::{DebugFile, DebugInfoLocator, is_c_library};
 use crate::maps::{ProcessMaps, load_bias};
 
 /// One function at an address; an address gives several when functions were
@@ -368,6 +368,7 @@ impl Symbolizer {
         // with it): a short-lived command's stacks then had symbols only.
         let own = PathBuf::from(format!("/proc/self/fd/{}", file.as_raw_fd()));
         let dwarf = match debug_file {
+            _ if is_c_library(name) => None,
             Some(Itself) => addr2line::Loader::new(self.dwarf_path(name, open_path, own)).ok(),
             Some(Separate(path)) => addr2line::Loader::new(path).ok(),
             None => None,

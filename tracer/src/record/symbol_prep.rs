@@ -11,9 +11,10 @@
 //! drain; the eBPF side keeps recording whatever it does) and
 //! [`stacks`](super::stacks) adopts it at the stop. Prepared: the main
 //! binary (the tasks' code) and the C library (every thread's outermost
-//! frames, so every stack reaches it; its debug package, when installed,
-//! was most of that fixed cost on the HTTP bench, whose binary has a symbol
-//! table only).
+//! frames, so every stack reaches it: its symbol table only, see
+//! `tracer_symbolize::is_c_library`; its DWARF, from its debug package,
+//! was ~300 ms of this thread's CPU, which on a loaded machine a nice-19
+//! thread had not had by the stop: the stop then paid it).
 //!
 //! Then the thread looks up every address of each new distinct stack (and
 //! each new spawn call site) as the drain interns it, until the stop, which
@@ -50,7 +51,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crate::clock::thread_cpu_ns;
-use tracer_symbolize::{ProcessMaps, Symbolizer};
+use tracer_symbolize::{ProcessMaps, Symbolizer, is_c_library};
 
 /// How often the maps are read while the binary is not mapped yet (a
 /// launched command is released just before this starts, and execs then).
@@ -248,35 +249,4 @@ fn load_main_module(pid: u32, exe: &Path, stopping: &AtomicBool) -> Option<Symbo
         }
     }
     (loaded > 0).then_some(symbolizer)
-}
-
-/// The C library (glibc, with libpthread before 2.34; musl): every thread's
-/// outermost frames are there (`start_thread`, `clone3`), so every stack
-/// reaches it, and with its debug package installed its DWARF was most of
-/// the fixed cost (the HTTP bench server has a symbol table only).
-fn is_c_library(path: &str) -> bool {
-    let name = path.rsplit('/').next().unwrap_or(path);
-    [
-        "libc.so",
-        "libc-",
-        "libpthread.so",
-        "libpthread-",
-        "ld-musl-",
-    ]
-    .iter()
-    .any(|prefix| name.starts_with(prefix))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn knows_the_c_library() {
-        assert!(is_c_library("/usr/lib/x86_64-linux-gnu/libc.so.6"));
-        assert!(is_c_library("/lib/x86_64-linux-gnu/libpthread-2.31.so"));
-        assert!(is_c_library("/lib/ld-musl-x86_64.so.1"));
-        assert!(!is_c_library("/usr/lib/x86_64-linux-gnu/libcrypto.so.3"));
-        assert!(!is_c_library("/usr/lib/x86_64-linux-gnu/libcap.so.2"));
-    }
 }
