@@ -20,6 +20,8 @@ pub mod chrome;
 pub mod counters;
 pub mod findings;
 pub mod histogram;
+#[cfg(test)]
+mod hog_tests;
 pub mod json;
 pub mod output;
 pub mod perfetto;
