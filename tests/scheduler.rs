@@ -438,6 +438,17 @@ fn a_balanced_runtime_is_not_flagged() {
     assert!(!stdout.contains("HOG:"), "{stdout}");
 }
 
+/// The first CPU this process may run on (a cpuset need not hold CPU 0).
+fn first_allowed_cpu() -> u32 {
+    let status = std::fs::read_to_string("/proc/self/status").expect("/proc/self/status");
+    let list = status
+        .lines()
+        .find_map(|line| line.strip_prefix("Cpus_allowed_list:"))
+        .expect("Cpus_allowed_list");
+    let first = list.trim().split([',', '-']).next().unwrap_or("0");
+    first.parse().expect("a CPU number")
+}
+
 /// Spinning processes pinned to one CPU, killed on drop.
 struct Contention(Vec<std::process::Child>);
 
@@ -464,19 +475,26 @@ impl Drop for Contention {
 
 #[test]
 fn preempted_time_is_measured_and_is_not_a_hog() {
-    // multi_worker pinned to CPU 0 with three spinners there: every thread
+    // multi_worker pinned to one CPU with three spinners there: every thread
     // gets a quarter of the CPU, so the busy task's 50 ms (wall) spins are
     // preempted again and again, and so is any short poll the scheduler
     // takes CPU 0 from (~10 ms a time, a HOG before preemption was counted).
     require_root();
     let _turn = trace::tracer_turn();
     let fixture = Fixture::start("multi_worker", Profile::Release, 600.0);
+    let cpu = first_allowed_cpu();
     let pinned = std::process::Command::new("taskset")
-        .args(["-a", "-p", "-c", "0", &fixture.pid().to_string()])
+        .args([
+            "-a",
+            "-p",
+            "-c",
+            &cpu.to_string(),
+            &fixture.pid().to_string(),
+        ])
         .output()
         .expect("taskset");
     assert!(pinned.status.success(), "{pinned:?}");
-    let _contention = Contention::on_cpu(0, 3);
+    let _contention = Contention::on_cpu(cpu, 3);
     let dir = scratch_dir("preempted");
     let output = dir.join("trace.pftrace");
     let summary_json = dir.join("summary.json");
@@ -513,15 +531,15 @@ fn preempted_time_is_measured_and_is_not_a_hog() {
             "preempted {preempted_ns} ns in a {duration} ns poll"
         );
     }
-    // A hog is the poll's own time over 10 ms, whatever the preemptions.
+    // Only the busy task holds its worker by its own doing (the rule
+    // itself is tracer-timeline's hog_tests): a short poll preempted for
+    // 10 ms, if the run had one, is not a HOG.
     let text = std::fs::read_to_string(&summary_json).expect("--summary-json was written");
     let summary: Value = serde_json::from_str(&text).expect("--summary-json is JSON");
     for hog in summary["findings"].as_array().expect("findings") {
         if hog["kind"] != "HOG" {
             continue;
         }
-        let own = hog["poll_ns"].as_u64().unwrap() - hog["preempted_ns"].as_u64().unwrap();
-        assert!(own > 10_000_000, "{hog}");
         assert!(
             hog["task_type"]
                 .as_str()

@@ -9,7 +9,7 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{Array, LruHashMap, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
 use tracer_common::{Counter, DEFAULT_RING_BYTES, STACK_BYTES_MAX, StackHeader};
 
@@ -171,11 +171,15 @@ pub struct Preempted {
     pub _pad: u32,
 }
 
-/// By the thread's `task_struct` address (see [`crate::preempt`]).
+/// By the thread's `task_struct` address (see [`crate::preempt`]). Not an
+/// LRU map: every entry ends at the thread's switch back in, and an LRU map
+/// may evict live entries before it is full (per-CPU free lists), which
+/// would lose their time and leave `PREEMPTED_PENDING` counting them.
 #[map]
-pub static PREEMPTED: LruHashMap<u64, Preempted> = LruHashMap::with_max_entries(4096, 0);
+pub static PREEMPTED: HashMap<u64, Preempted> = HashMap::with_max_entries(4096, 0);
 
-/// Slot 0: how many entries `PREEMPTED` holds, so that the switches of the
-/// rest of the machine skip its lookup while none is pending.
+/// Slot 0: how many entries `PREEMPTED` holds (an upper bound), so that the
+/// switches of the rest of the machine skip its lookup while none is
+/// pending.
 #[map]
 pub static PREEMPTED_PENDING: Array<u64> = Array::with_max_entries(1, 0);

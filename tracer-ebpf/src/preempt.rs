@@ -13,7 +13,14 @@
 //!
 //! Every context switch of the machine runs it, so the common case exits
 //! early: no target thread preempted in a poll is pending
-//! (`PREEMPTED_PENDING` is 0) and `prev` is not in the target. The switch
+//! (`PREEMPTED_PENDING` is 0) and `prev` is not in the target: two map
+//! loads and the current pid, no clock read.
+//!
+//! It reads `sched_switch`'s fourth argument (`prev_state`), which kernels
+//! before 5.18 do not pass: there the verifier refuses the program, the
+//! tracer warns, and polls are timed without it (as the watch tier's
+//! `watch_switch` needs 5.18 too). A poll still running at the stop ends
+//! there by wall time (its preemptions are not read back). The switch
 //! back in is known by `next`'s `task_struct` address only (its thread id
 //! can't be read without the struct's layout), hence that key.
 
@@ -36,9 +43,8 @@ pub fn poll_preempted(ctx: BtfTracePointContext) -> u32 {
     let Some(pending) = PREEMPTED_PENDING.get_ptr_mut(0) else {
         return 0;
     };
-    let now = unsafe { bpf_ktime_get_ns() };
-    // Back in: a thread we saw preempted in a poll. It has not run since,
-    // so its own probes can't be touching its slot meanwhile.
+    // Back in: a thread we saw preempted in a poll. Only this program
+    // writes `preempted_ns`, and the thread is not running.
     if unsafe { core::ptr::read_volatile(pending) } != 0 {
         let next: u64 = ctx.arg(2);
         if let Some(out) = unsafe { PREEMPTED.get(&next) } {
@@ -46,6 +52,7 @@ pub fn poll_preempted(ctx: BtfTracePointContext) -> u32 {
             if PREEMPTED.remove(&next).is_ok() {
                 atomic_add(pending, u64::MAX);
             }
+            let now = unsafe { bpf_ktime_get_ns() };
             if let Some(slot) = CURRENT_TASK.get_ptr_mut(&out.tid) {
                 unsafe { (*slot).preempted_ns += now.saturating_sub(out.ts_ns) };
             }
@@ -68,7 +75,7 @@ pub fn poll_preempted(ctx: BtfTracePointContext) -> u32 {
     }
     let prev: u64 = ctx.arg(1);
     let out = Preempted {
-        ts_ns: now,
+        ts_ns: unsafe { bpf_ktime_get_ns() },
         tid,
         _pad: 0,
     };

@@ -113,16 +113,22 @@ impl fmt::Display for Finding {
                 format_permille(i.others_parked_permille)
             ),
             Finding::Hog(h) => {
+                let held = h.poll_ns.saturating_sub(h.preempted_ns);
                 write!(
                     f,
                     "HOG: {} {} held worker {} for {} in one poll",
                     task_label(h.task_id, h.task),
                     h.task_type,
                     h.worker,
-                    human_duration(h.poll_ns)
+                    human_duration(held)
                 )?;
                 if h.preempted_ns > 0 {
-                    write!(f, " ({} of it preempted)", human_duration(h.preempted_ns))?;
+                    write!(
+                        f,
+                        " ({} long, {} of it preempted)",
+                        human_duration(h.poll_ns),
+                        human_duration(h.preempted_ns)
+                    )?;
                 }
                 Ok(())
             }

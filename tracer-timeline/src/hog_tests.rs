@@ -75,7 +75,7 @@ fn a_poll_is_a_hog_by_its_time_less_its_preemptions() {
     assert_eq!(hogs.len(), 1, "{text}");
     assert!(
         hogs[0].contains("task 2")
-            && hogs[0].contains("30.0 ms in one poll (5.0 ms of it preempted)"),
+            && hogs[0].contains("for 25.0 ms in one poll (30.0 ms long, 5.0 ms of it preempted)"),
         "{text}"
     );
     assert!(text.contains("12.0 ms (11.0 ms preempted)"), "{text}");

@@ -334,7 +334,7 @@ impl TaskTracker {
             tid: poll.tid,
             start_ns: poll.start_ns,
             duration_ns: duration,
-            preempted_ns: poll.preempted_ns.min(duration),
+            preempted_ns: poll.preempted_ns,
             truncated: poll.truncated,
         };
         let end_pending = task.end_pending;

@@ -132,6 +132,9 @@ impl ThreadState {
         is_blocking: impl Fn(u32) -> bool,
     ) -> Option<(Slice, bool)> {
         let poll = self.open_polls.pop()?;
+        // Never end before the start: `finish` may be given an end time
+        // taken from another thread's clock reading.
+        let end_ns = end.end_ns.max(poll.start_ns);
         let slice = Slice {
             tid,
             kind: SliceKind::Poll {
@@ -141,12 +144,12 @@ impl ThreadState {
                 await_key: end.await_key,
             },
             start_ns: poll.start_ns,
-            // Never end before the start: `finish` may be given an end time
-            // taken from another thread's clock reading.
-            end_ns: end.end_ns.max(poll.start_ns),
+            end_ns,
             truncated: end.truncated,
             end_lost: false,
-            preempted_ns: end.preempted_ns,
+            // At most the poll: the end probe can itself be preempted
+            // between its clock read and its reading of the slot.
+            preempted_ns: end.preempted_ns.min(end_ns - poll.start_ns),
         };
         let duration = slice.duration_ns();
         let outermost = self.open_polls.is_empty();

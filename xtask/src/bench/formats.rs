@@ -7,8 +7,9 @@
 //! Bytes per event depend on the workload only; the rate and the memory are
 //! timings on a shared machine (see the note the table carries). The 5 s
 //! Perfetto row, the one the rendering target is judged on, is run several
-//! times (`--runs`, default 3) and shows the median run with the range: one
-//! run's rendering rate varied by ±25 % here from one minute to the next.
+//! times (`--runs`, default 3) and shows the median run (the upper of the
+//! two middle ones for an even count) with the range: one run's rendering
+//! rate varied by ±25 % here from one minute to the next.
 
 use std::fmt::Write as _;
 use std::fs;
