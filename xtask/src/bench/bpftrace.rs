@@ -57,10 +57,15 @@ pub(super) fn write_script(binary: &Path) -> Result<Script> {
 }
 
 /// The first word of the script's lines for a kind (one word, so that the
-/// harness can tell lines apart), and its count map's stem.
+/// harness can tell lines apart), and its count map's stem (a bpftrace
+/// identifier: a space there is a syntax error).
 fn word(kind: SiteKind) -> &'static str {
     match kind {
         SiteKind::TaskEnd => "task_end",
+        SiteKind::RootPark => "root_park",
+        SiteKind::BlockOnPark => "block_on_park",
+        SiteKind::RootWake => "root_wake",
+        SiteKind::RootPoll => "root_poll",
         kind => kind.name(),
     }
 }
@@ -162,6 +167,32 @@ fn instant_probe(target: &str, site: &ProbeSite) -> String {
 mod tests {
     use super::*;
     use tracer_probes::Cost;
+
+    #[test]
+    fn every_kind_is_one_identifier() {
+        use SiteKind::*;
+        let kinds = [
+            Poll,
+            Park,
+            Spawn,
+            Wake,
+            TaskEnd,
+            Unpark,
+            AwaitPoint,
+            BlockOn,
+            RootPark,
+            BlockOnPark,
+            RootWake,
+            RootPoll,
+        ];
+        for kind in kinds {
+            let word = word(kind);
+            assert!(
+                !word.is_empty() && word.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'),
+                "{kind:?}: {word:?}"
+            );
+        }
+    }
 
     fn site(
         kind: SiteKind,
