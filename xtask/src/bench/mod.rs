@@ -86,6 +86,7 @@ pub fn run(options: &Options) -> Result<()> {
     let plan = Plan::new(options, &tools.tracer)?;
     if plan.conditions.contains(&Condition::Bpftrace) {
         ensure_tool("bpftrace")?;
+        tools::ensure_tracefs()?;
     }
     eprintln!(
         "conditions: {}; {} runs each, interleaved",

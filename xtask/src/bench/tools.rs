@@ -29,6 +29,19 @@ pub(super) fn ensure_tool(program: &str) -> Result<()> {
         .with_context(|| format!("{program} is needed: try `apt-get update` first"))
 }
 
+/// Mounts tracefs where it is missing (it is not mounted at boot on some
+/// machines): bpftrace attaches its uprobes through
+/// `/sys/kernel/tracing/uprobe_events` (rt-ebpf-trace needs none of it).
+pub(super) fn ensure_tracefs() -> Result<()> {
+    let tracing = Path::new("/sys/kernel/tracing");
+    if tracing.join("uprobe_events").exists() {
+        return Ok(());
+    }
+    step("mounting tracefs for bpftrace (mount -t tracefs nodev /sys/kernel/tracing)");
+    cmd::run(Command::new("mount").args(["-t", "tracefs", "nodev", "/sys/kernel/tracing"]))
+        .context("bpftrace needs tracefs at /sys/kernel/tracing")
+}
+
 /// The programs a run uses.
 pub(super) struct Tools {
     pub tracer: PathBuf,
