@@ -146,6 +146,17 @@ struct Target {
     stdout: BufReader<ChildStdout>,
 }
 
+/// A run that fails (a tracer that can't attach) must not leave the
+/// workload's server running behind it.
+impl Drop for Target {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
 impl Target {
     fn read_line(&mut self) -> Result<String> {
         let mut line = String::new();
