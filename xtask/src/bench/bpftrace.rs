@@ -140,7 +140,7 @@ fn render(binary: &Path, sites: &[ProbeSite]) -> String {
                  printf(\"park %d %llu %llu\\n\", tid, @park_start[tid], nsecs);\n  \
                  delete(@park_start[tid]); @parks = count();\n}}\n"
             ),
-            _ => instant_probe(&target, site),
+            _ => instant_probe(&binary.to_string(), site),
         };
         script.push_str(&body);
     }
@@ -148,14 +148,27 @@ fn render(binary: &Path, sites: &[ProbeSite]) -> String {
     script
 }
 
-/// One probe printing a line per hit: `KIND tid [header] nsecs`.
-fn instant_probe(target: &str, site: &ProbeSite) -> String {
+/// One probe printing a line per hit: `KIND tid [header] nsecs`; none for
+/// an entry probe that rt-ebpf-trace places past the function's first
+/// instruction. The kernel refuses some first instructions
+/// (`clone_arc_raw` starts with a `lock incq`), which made bpftrace refuse
+/// the whole script (`-p` installs the breakpoints at once), and this
+/// bpftrace can't probe inside a function ("compiled without uprobe
+/// offset support"). Left out, they make the baseline cheaper, not dearer.
+fn instant_probe(binary: &str, site: &ProbeSite) -> String {
     let word = word(site.kind);
+    if !on_return(site) && site.probe_offset != site.file_offset {
+        return format!(
+            "// {word} at {:#x}: placed inside the function, left out\n",
+            site.address
+        );
+    }
     let (probe, task) = if on_return(site) {
         ("uretprobe", Some("retval"))
     } else {
         ("uprobe", header_on_entry(site.task_arg))
     };
+    let target = format!("{binary}:{:#x}", site.address);
     let print = match task {
         Some(task) => format!("printf(\"{word} %d %llx %llu\\n\", tid, {task}, nsecs);"),
         None => format!("printf(\"{word} %d %llu\\n\", tid, nsecs);"),
