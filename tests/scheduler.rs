@@ -345,24 +345,7 @@ fn a_task_hogging_its_worker_is_flagged() {
     // poll there reads as a HOG).
     let _turn = trace::tracer_turn();
     let fixture = Fixture::start("multi_worker", Profile::Release, 600.0);
-    let dir = scratch_dir("imbalance");
-    let output = dir.join("trace.pftrace");
-    let summary_json = dir.join("summary.json");
-    let result = trace::run_holding_turn(
-        tracer()
-            .args([
-                "--pid",
-                &fixture.pid().to_string(),
-                "--duration",
-                "2s",
-                "-o",
-            ])
-            .arg(&output)
-            .arg("--summary-json")
-            .arg(&summary_json),
-    );
-    assert!(result.status.success(), "{}", describe(&result));
-    let stdout = String::from_utf8_lossy(&result.stdout);
+    let (trace, summary, stdout) = record_for_2s(&fixture, "imbalance");
     assert!(stdout.contains("IMBALANCE: worker"), "{stdout}");
     assert!(
         stdout.contains("HOG: task") && stdout.contains("fixture_busy_task"),
@@ -370,8 +353,6 @@ fn a_task_hogging_its_worker_is_flagged() {
     );
 
     // The same findings, as data: in --summary-json...
-    let text = std::fs::read_to_string(&summary_json).expect("--summary-json was written");
-    let summary: Value = serde_json::from_str(&text).expect("--summary-json is JSON");
     let workers = summary["workers"].as_array().expect("workers");
     let polls: u64 = workers.iter().map(|w| w["polls"].as_u64().unwrap()).sum();
     assert!(polls > 100, "{summary}");
@@ -410,7 +391,6 @@ fn a_task_hogging_its_worker_is_flagged() {
     assert!(stdout.contains(hog["worker"].as_str().unwrap()), "{stdout}");
 
     // ...and in the trace's metadata (a JSON string in a Perfetto trace).
-    let trace = Trace::load(&output);
     let in_trace = match &trace.metadata()["findings"] {
         Value::String(text) => serde_json::from_str(text).expect("findings are JSON"),
         other => other.clone(),
@@ -436,6 +416,32 @@ fn a_balanced_runtime_is_not_flagged() {
     let (_, stdout) = trace_command("spawner", Profile::Lto, &["2000"]);
     assert!(!stdout.contains("IMBALANCE"), "{stdout}");
     assert!(!stdout.contains("HOG:"), "{stdout}");
+}
+
+/// Records the running `fixture` for 2 s (the caller holds the turn): its
+/// trace, `--summary-json` and the tracer's stdout.
+fn record_for_2s(fixture: &Fixture, scratch: &str) -> (Trace, Value, String) {
+    let dir = scratch_dir(scratch);
+    let output = dir.join("trace.pftrace");
+    let summary_json = dir.join("summary.json");
+    let result = trace::run_holding_turn(
+        tracer()
+            .args([
+                "--pid",
+                &fixture.pid().to_string(),
+                "--duration",
+                "2s",
+                "-o",
+            ])
+            .arg(&output)
+            .arg("--summary-json")
+            .arg(&summary_json),
+    );
+    assert!(result.status.success(), "{}", describe(&result));
+    let text = std::fs::read_to_string(&summary_json).expect("--summary-json was written");
+    let summary: Value = serde_json::from_str(&text).expect("--summary-json is JSON");
+    let stdout = String::from_utf8_lossy(&result.stdout).into_owned();
+    (Trace::load(&output), summary, stdout)
 }
 
 /// The first CPU this process may run on (a cpuset need not hold CPU 0).
@@ -495,24 +501,7 @@ fn preempted_time_is_measured_and_is_not_a_hog() {
         .expect("taskset");
     assert!(pinned.status.success(), "{pinned:?}");
     let _contention = Contention::on_cpu(cpu, 3);
-    let dir = scratch_dir("preempted");
-    let output = dir.join("trace.pftrace");
-    let summary_json = dir.join("summary.json");
-    let result = trace::run_holding_turn(
-        tracer()
-            .args([
-                "--pid",
-                &fixture.pid().to_string(),
-                "--duration",
-                "2s",
-                "-o",
-            ])
-            .arg(&output)
-            .arg("--summary-json")
-            .arg(&summary_json),
-    );
-    assert!(result.status.success(), "{}", describe(&result));
-    let trace = Trace::load(&output);
+    let (trace, summary, _) = record_for_2s(&fixture, "preempted");
     let preempted: Vec<(f64, u64)> = trace
         .polls()
         .iter()
@@ -534,8 +523,6 @@ fn preempted_time_is_measured_and_is_not_a_hog() {
     // Only the busy task holds its worker by its own doing (the rule
     // itself is tracer-timeline's hog_tests): a short poll preempted for
     // 10 ms, if the run had one, is not a HOG.
-    let text = std::fs::read_to_string(&summary_json).expect("--summary-json was written");
-    let summary: Value = serde_json::from_str(&text).expect("--summary-json is JSON");
     for hog in summary["findings"].as_array().expect("findings") {
         if hog["kind"] != "HOG" {
             continue;

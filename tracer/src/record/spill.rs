@@ -390,29 +390,8 @@ mod tests {
     #[ignore = "a measurement: run by hand in release mode"]
     fn read_rate() {
         let mut spill = writer();
-        let mut ts = 1_000_000_000u64;
-        for i in 0..1_000_000u64 {
-            let task = 0x7f3a_1c00_0000 + (i % 32) * 0x100;
-            for (kind, task, task_id, addr) in [
-                (6, task, 0, 0),
-                (4, 0, 0, 0),
-                (1, task, 100 + i % 32, 0),
-                (2, 0, 0, 0x5555_1234_5678),
-                (3, 0, 0, 0),
-            ] {
-                ts += 300 + (i * 7919) % 700;
-                let event = Event {
-                    ts_ns: ts,
-                    tid: 4000 + (i % 2) as u32,
-                    kind,
-                    site: (i % 2) as u32,
-                    task,
-                    task_id,
-                    addr,
-                    ..Event::default()
-                };
-                spill.push(&bytes(&[event])).expect("push");
-            }
+        for event in spill_codec::http_shaped_events(1_000_000) {
+            spill.push(&bytes(&[event])).expect("push");
         }
         let mut reader = spill.finish().expect("finish");
         let count = reader.remaining();

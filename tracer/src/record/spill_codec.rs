@@ -282,6 +282,37 @@ mod tests {
     }
 }
 
+/// `rounds` × 5 events shaped like the HTTP benchmark's (a wake, an unpark,
+/// a poll's start and end, a park; two threads, 32 tasks), for the
+/// measurements here and in `spill`.
+#[cfg(test)]
+pub(super) fn http_shaped_events(rounds: u64) -> impl Iterator<Item = Event> {
+    let mut ts = 1_000_000_000u64;
+    (0..rounds).flat_map(move |i| {
+        let task = 0x7f3a_1c00_0000 + (i % 32) * 0x100;
+        [
+            (6, task, 0, 0),
+            (4, 0, 0, 0),
+            (1, task, 100 + i % 32, 0),
+            (2, 0, 0, 0x5555_1234_5678),
+            (3, 0, 0, 0),
+        ]
+        .map(|(kind, task, task_id, addr)| {
+            ts += 300 + (i * 7919) % 700;
+            Event {
+                ts_ns: ts,
+                tid: 4000 + (i % 2) as u32,
+                kind,
+                site: (i % 2) as u32,
+                task,
+                task_id,
+                addr,
+                ..Event::default()
+            }
+        })
+    })
+}
+
 /// How fast records decode (`cargo test --release -p rt-ebpf-trace --lib --
 /// --ignored --nocapture decode_rate`).
 #[test]
@@ -289,32 +320,10 @@ mod tests {
 fn decode_rate() {
     let mut bytes = Vec::new();
     let mut context = Context::default();
-    let mut ts = 1_000_000_000u64;
     let mut count = 0u64;
-    for i in 0..400_000u64 {
-        let task = 0x7f3a_1c00_0000 + (i % 32) * 0x100;
-        let tid = 4000 + (i % 2) as u32;
-        for (kind, task, task_id, addr) in [
-            (6, task, 0, 0),
-            (4, 0, 0, 0),
-            (1, task, 100 + i % 32, 0),
-            (2, 0, 0, 0x5555_1234_5678),
-            (3, 0, 0, 0),
-        ] {
-            ts += 300 + (i * 7919) % 700;
-            let event = Event {
-                ts_ns: ts,
-                tid,
-                kind,
-                site: (i % 2) as u32,
-                task,
-                task_id,
-                addr,
-                ..Event::default()
-            };
-            encode(&mut context, &event, &mut bytes);
-            count += 1;
-        }
+    for event in http_shaped_events(400_000) {
+        encode(&mut context, &event, &mut bytes);
+        count += 1;
     }
     let started = std::time::Instant::now();
     let mut context = Context::default();
